@@ -1,0 +1,212 @@
+"""autoseg's Python API: one function per stage. The CLI is a thin layer over these.
+
+>>> from autoseg import api
+>>> api.plan("Dataset003_SpinalCordTiny", "work")                      # doctest: +SKIP
+>>> api.train("work", "3d_fullres", 0, epochs=5, iters_per_epoch=20)    # doctest: +SKIP
+>>> api.predict("work", "imagesTs", "predictions", folds=[0])           # doctest: +SKIP
+>>> api.evaluate("labelsTs", "predictions", "dataset.json")             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from autoseg.errors import AutosegError, PlansError
+from autoseg.fingerprint import Fingerprint, compute_fingerprint
+from autoseg.io.dataset import discover_cases, load_dataset_json
+from autoseg.jsonio import read_json, write_json
+from autoseg.layout import WorkDir
+from autoseg.planning.planner import make_plans
+from autoseg.planning.plans import Plans
+from autoseg.preprocessing.pipeline import preprocess_dataset
+from autoseg.settings import InferenceSettings, load_settings
+
+Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+def _under(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def plan(
+    dataset_dir: str | Path,
+    workdir: str | Path,
+    gpu_memory_gb: float = 8.0,
+    workers: int = 2,
+    configurations: tuple[str, ...] | None = None,
+    clean: bool = False,
+    progress: Progress | None = None,
+) -> Plans:
+    """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
+
+    Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
+    (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped.
+    """
+    dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
+    if _under(work.root, dataset_dir):
+        raise AutosegError(f"{work.root}: WORK must not be inside the dataset folder {dataset_dir}")
+    spec = load_dataset_json(dataset_dir / "dataset.json")
+    cases = discover_cases(dataset_dir, spec)
+    work.root.mkdir(parents=True, exist_ok=True)
+    _check_same_dataset(work, spec, dataset_dir)
+
+    from autoseg.fingerprint import dataset_hash
+
+    fp = None
+    if work.fingerprint.is_file() and not clean:
+        try:
+            cached = Fingerprint.from_json(read_json(work.fingerprint))
+            if cached.dataset_hash == dataset_hash(cases, spec):
+                fp = cached
+        except (KeyError, TypeError, ValueError):
+            fp = None
+    if fp is None:
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress:
+                progress("fingerprint", done[0], len(cases))
+
+        fp = compute_fingerprint(cases, spec, workers=workers, progress=tick)
+        write_json(work.fingerprint, fp.to_json())
+    plans = make_plans(spec, fp, gpu_memory_gb=gpu_memory_gb)
+    old = Plans.load(work.plans) if work.plans.is_file() else None
+    if clean or (old is not None and old.to_json() != plans.to_json()):
+        # stale preprocessed data must not be mixed with new plans
+        shutil.rmtree(work.root / "preprocessed", ignore_errors=True)
+    plans.save(work.plans)
+    write_json(work.dataset_json, {**spec.to_json(), "source": str(dataset_dir.resolve())})
+    _copy_labels(cases, work.gt_segmentations)
+
+    wanted = configurations or tuple(plans.configurations)
+    for data_id in sorted({plans.configuration(c).data_identifier for c in wanted}):
+        config = next(c for c in plans.configurations.values() if c.data_identifier == data_id)
+        count = [0]
+
+        def step(_case: str) -> None:
+            count[0] += 1
+            if progress:
+                progress(f"preprocess {data_id}", count[0], len(cases))
+
+        preprocess_dataset(cases, spec, plans, config, work.preprocessed(data_id), workers=workers, progress=step)
+    return plans
+
+
+def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
+    if not work.dataset_json.is_file():
+        return
+    try:
+        prev = read_json(work.dataset_json)
+    except ValueError:
+        return
+    if prev.get("labels") != spec.to_json()["labels"] or prev.get("channel_names") != spec.to_json()["channel_names"]:
+        raise AutosegError(
+            f"{work.root}: this WORK folder holds another dataset ({prev.get('source', '?')}); use a new --workdir"
+        )
+
+
+def _copy_labels(cases, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        target = dest / case.label.name
+        if target.is_file() and target.stat().st_size == case.label.stat().st_size:
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=dest)
+        os.close(fd)
+        try:
+            shutil.copyfile(case.label, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def train(
+    workdir: str | Path,
+    config: str,
+    fold: int | str,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    config_file: str | Path | None = None,
+    on_iteration=None,
+    on_epoch=None,
+    **overrides,
+) -> Path:
+    """Train one fold (0..4 or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields."""
+    from autoseg.inference.predictor import resolve_device
+    from autoseg.training.loop import train_fold
+
+    train_settings, infer_settings = load_settings(config_file, **overrides)
+    work = WorkDir(Path(workdir))
+    return train_fold(
+        work, config, fold, train_settings, resolve_device(device), resume=resume, inference=infer_settings,
+        on_iteration=on_iteration, on_epoch=on_epoch,
+    )
+
+
+def predict(
+    workdir: str | Path,
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    config: str = "3d_fullres",
+    folds: list[int | str] | None = None,
+    step_size: float = 0.5,
+    mirroring: bool = True,
+    device: str = "auto",
+    continue_: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Predict a folder (or one file) with the given folds of ``config``; folds default to every trained fold."""
+    from autoseg.inference.predictor import Predictor, resolve_device
+
+    work = WorkDir(Path(workdir))
+    plans = Plans.load(work.plans)
+    plans.configuration(config)
+    if not folds:
+        folds = available_folds(work, config)
+        if not folds:
+            raise PlansError(f"{work.root / 'results' / config}: no trained fold (checkpoint_final.pt) found")
+    predictor = Predictor(
+        work, config, folds, resolve_device(device), InferenceSettings(step_size=step_size, mirroring=mirroring),
+        plans=plans,
+    )
+    return predictor.predict_folder(Path(input_path), Path(output_dir), continue_=continue_, overwrite=overwrite,
+                                    progress=progress)
+
+
+def available_folds(work: WorkDir, config: str) -> list[int | str]:
+    out: list[int | str] = []
+    for k in range(5):
+        if (work.fold_dir(config, k) / "checkpoint_final.pt").is_file():
+            out.append(k)
+    if not out and (work.fold_dir(config, "all") / "checkpoint_final.pt").is_file():
+        out.append("all")
+    return out
+
+
+def evaluate(
+    reference_dir: str | Path,
+    prediction_dir: str | Path,
+    dataset_json: str | Path,
+    output: str | Path | None = None,
+    workers: int = 2,
+) -> dict:
+    """Score predictions against references; writes ``summary.json`` and ``per_case.csv`` beside ``output``."""
+    from autoseg.evaluation.evaluate import evaluate_folders
+
+    spec = load_dataset_json(Path(dataset_json))
+    out = Path(output) if output else Path(prediction_dir) / "summary.json"
+    return evaluate_folders(Path(reference_dir), Path(prediction_dir), spec, out, out.with_name("per_case.csv"),
+                            workers=workers)

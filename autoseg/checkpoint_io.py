@@ -1,0 +1,51 @@
+"""Checkpoint files (shared by training and inference): torch state dicts plus plain metadata, written atomically, loaded with ``weights_only=True``.
+
+A checkpoint holds ``network`` (state dict), ``optimizer`` (state dict), ``epoch`` (number of finished
+epochs), ``config`` and ``topology`` (to refuse a checkpoint from another configuration or architecture),
+``rng`` (numpy global state as tensors, torch CPU state, the sampler's generator state as JSON text) and
+``best_ema`` (exponential moving average of the validation pseudo-Dice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from autoseg.errors import CheckpointError
+
+
+def save_checkpoint(path: Path, state: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        raise CheckpointError(f"{path}: not a readable autoseg checkpoint ({type(exc).__name__})") from None
+
+
+def check_compatible(ckpt: dict, path: Path, config: str, topology: dict) -> None:
+    """Raise :class:`CheckpointError` if ``ckpt`` was trained for another configuration or network."""
+    if ckpt.get("config") != config:
+        raise CheckpointError(f"{path}: checkpoint is for configuration '{ckpt.get('config')}', not '{config}'")
+    saved = json.loads(ckpt.get("topology", "{}"))
+    if saved != topology:
+        raise CheckpointError(f"{path}: checkpoint network does not match the plans (architecture or topology changed)")

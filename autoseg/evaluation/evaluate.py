@@ -1,0 +1,329 @@
+"""Score predicted label maps against reference label maps: per case, per label and region, then summarised.
+
+``evaluate_case`` and ``summarize`` are pure; ``evaluate_folders`` is the I/O edge that the CLI calls. It pairs
+``<case><file_ending>`` files of a prediction folder with the same names in a reference folder, checks their
+geometry, scores the cases in parallel threads and writes ``summary.json`` and a CSV atomically.
+
+Every foreground label of ``dataset.json`` is evaluated as ``label_map == value`` and every region as
+``label_map in values``; background (0) is never scored. Metrics and their empty-mask rules are those of
+:mod:`autoseg.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.errors import AutosegError
+from autoseg.evaluation.metrics import MetricValue, binary_metrics
+from autoseg.io.dataset import DatasetSpec, load_label
+
+SCHEMA_VERSION = 1
+
+METRIC_KEYS = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+    "reference_volume_ml",
+    "predicted_volume_ml",
+    "hd95_mm",
+    "assd_mm",
+)
+CSV_COLUMNS = ("case", "label", *METRIC_KEYS)
+SUMMARIZED_METRICS = tuple(k for k in METRIC_KEYS if k not in ("tp", "fp", "fn", "tn"))
+"""The float metrics that get a mean and median; the integer counts are reported per case only."""
+
+EMPTY_RULES = (
+    "A metric is null where it is not defined; means and medians leave it out and count it in n_excluded. "
+    "Both masks empty: dice, iou, precision, recall, hd95_mm and assd_mm are null. "
+    "Reference empty only: dice 0, iou 0, precision 0, recall null, hd95_mm and assd_mm null. "
+    "Prediction empty only: dice 0, iou 0, precision null, recall 0, hd95_mm and assd_mm null."
+)
+
+# Same tolerances as the dataset's image/label check (autoseg.io.dataset.check_case_geometry).
+_SPACING_RTOL, _SPACING_ATOL = 1e-3, 1e-4
+_ORIGIN_ATOL_MM, _DIRECTION_ATOL = 1e-2, 1e-3
+_MAX_CASES_NAMED = 5
+
+CaseMetrics = dict[str, dict[str, MetricValue]]
+"""Metrics of one case: ``{label or region name: binary_metrics(...)}``."""
+
+
+def structures(
+    labels: Mapping[str, int], regions: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The structures to score: ``{name: label values}``, foreground labels by value, then regions.
+
+    Background (value 0) is skipped. A region named like a label with exactly that label's value (BraTS
+    "enhancing_tumor" = [4]) is the same structure and is scored once; a region named like a label but with
+    other values raises ``ValueError``, since the two could not be told apart in the results.
+    """
+    result = {
+        name: (value,) for name, value in sorted(labels.items(), key=lambda item: item[1]) if value != 0
+    }
+    for name, values in (regions or {}).items():
+        values = tuple(int(v) for v in values)
+        if name in labels:
+            if values != (labels[name],):
+                raise ValueError(
+                    f"region '{name}' {list(values)} has the name of label '{name}' (value {labels[name]})"
+                )
+            continue
+        result[name] = values
+    return result
+
+
+def evaluate_case(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    spacing_mm: Sequence[float],
+    labels: Mapping[str, int],
+    regions: Mapping[str, Sequence[int]] | None = None,
+) -> CaseMetrics:
+    """Metrics of each foreground label and each region of one case.
+
+    ``reference`` and ``prediction`` are integer label maps of the same shape; ``spacing_mm`` is in the same
+    axis order. ``labels`` maps names to values (the value 0, background, is skipped); ``regions`` maps names to
+    the label values they unite. Returns ``{name: binary_metrics(...)}`` in the order of :func:`structures`.
+    A structure absent from both maps gets the "both empty" metrics (see the metrics module).
+    Raises ``ValueError`` on mismatched shapes or a region that clashes with a label (see :func:`structures`).
+    """
+    reference = np.asarray(reference)
+    prediction = np.asarray(prediction)
+    if reference.shape != prediction.shape:
+        raise ValueError(
+            f"reference shape {reference.shape} differs from prediction shape {prediction.shape}"
+        )
+    result: CaseMetrics = {}
+    for name, values in structures(labels, regions).items():
+        if len(values) == 1:
+            result[name] = binary_metrics(reference == values[0], prediction == values[0], spacing_mm)
+        else:
+            result[name] = binary_metrics(np.isin(reference, values), np.isin(prediction, values), spacing_mm)
+    return result
+
+
+def summarize(per_case: Mapping[str, CaseMetrics], dice_labels: Sequence[str] | None = None) -> dict:
+    """Mean and median of each float metric per label (or region) over the cases where it is defined.
+
+    ``per_case`` maps case ids to :func:`evaluate_case` results. Returns::
+
+        {"mean": {label: {"n_cases": int,
+                          metric: {"mean": float | None, "median": float | None,
+                                   "n_excluded": int, "excluded_reason": str | None}, ...}},
+         "mean_dice": float | None}
+
+    ``n_excluded`` counts the cases whose value is ``None`` and ``excluded_reason`` says which empty-mask rule
+    applied in which cases; a metric defined in no case has mean and median ``None``. ``mean_dice`` is the
+    mean over ``dice_labels`` (default: every name in ``per_case``) of their mean Dice, leaving out names whose
+    mean Dice is ``None``; it is ``None`` if none is left.
+    """
+    names: list[str] = []
+    for case_metrics in per_case.values():
+        names.extend(name for name in case_metrics if name not in names)
+    mean: dict[str, dict] = {}
+    for name in names:
+        cases = {case: metrics[name] for case, metrics in per_case.items() if name in metrics}
+        entry: dict = {"n_cases": len(cases)}
+        for metric in SUMMARIZED_METRICS:
+            values = [m[metric] for m in cases.values() if m[metric] is not None]
+            excluded = [case for case, m in cases.items() if m[metric] is None]
+            entry[metric] = {
+                "mean": float(np.mean(values)) if values else None,
+                "median": float(np.median(values)) if values else None,
+                "n_excluded": len(excluded),
+                "excluded_reason": _excluded_reason({case: cases[case] for case in excluded}),
+            }
+        mean[name] = entry
+    dice_means = [
+        mean[name]["dice"]["mean"]
+        for name in (names if dice_labels is None else dice_labels)
+        if name in mean and mean[name]["dice"]["mean"] is not None
+    ]
+    return {"mean": mean, "mean_dice": float(np.mean(dice_means)) if dice_means else None}
+
+
+def evaluate_folders(
+    reference_dir: str | os.PathLike,
+    prediction_dir: str | os.PathLike,
+    spec: DatasetSpec,
+    output_json: str | os.PathLike | None = None,
+    output_csv: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> dict:
+    """Evaluate every prediction ``<case><spec.file_ending>`` in ``prediction_dir`` against ``reference_dir``.
+
+    Only predicted cases are evaluated; references without a prediction are ignored. Each pair must have the
+    same shape, spacing (relative tolerance 1e-3), origin (0.01 mm) and direction (1e-3); label maps must hold
+    whole numbers declared in ``spec.labels`` (float storage is fine). Labels and ``spec.regions`` are scored
+    per case with :func:`evaluate_case`, ``workers`` cases at a time in threads.
+
+    Returns the summary that is written to ``output_json`` (if given)::
+
+        {"schema_version": 1, "empty_rules": str,
+         "per_case": [{"case": id, "label": name, <metrics>}, ...],   # cases sorted, labels then regions
+         "mean": {name: ...},            # see summarize()
+         "mean_dice": float | None,      # mean of the foreground labels' mean Dice (regions not included)
+         "mean_dice_labels": [name, ...]}
+
+    ``output_csv`` (if given) gets one row per case and name with columns :data:`CSV_COLUMNS`, empty cells
+    for undefined metrics. Both files are written atomically. Raises :class:`AutosegError` with one line
+    naming the file or folder for missing folders, no predictions, a prediction without reference,
+    mismatched geometry, undeclared label values, or a region that clashes with a label.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    try:
+        structures(spec.labels, spec.regions)
+    except ValueError as exc:
+        raise AutosegError(f"dataset.json: {exc}") from None
+    pairs = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending)
+    allowed = set(spec.labels.values())
+
+    def evaluate_pair(pair: tuple[str, Path, Path]) -> CaseMetrics:
+        _, reference_path, prediction_path = pair
+        reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
+        return evaluate_case(reference, prediction, spacing_mm, spec.labels, spec.regions)
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        results = list(pool.map(evaluate_pair, pairs))
+    finally:
+        # On an error, do not read the remaining cases only to throw their results away.
+        pool.shutdown(wait=True, cancel_futures=True)
+    per_case = {case: metrics for (case, _, _), metrics in zip(pairs, results)}
+
+    dice_labels = [
+        name for name, value in sorted(spec.labels.items(), key=lambda item: item[1]) if value != 0
+    ]
+    stats = summarize(per_case, dice_labels=dice_labels)
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "empty_rules": EMPTY_RULES,
+        "per_case": [
+            {"case": case, "label": name, **metrics}
+            for case, case_metrics in per_case.items()
+            for name, metrics in case_metrics.items()
+        ],
+        "mean": stats["mean"],
+        "mean_dice": stats["mean_dice"],
+        "mean_dice_labels": dice_labels,
+    }
+    if output_json is not None:
+        _write_text_atomic(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    if output_csv is not None:
+        _write_text_atomic(Path(output_csv), _csv_text(summary["per_case"]))
+    return summary
+
+
+def _pair_files(reference_dir: Path, prediction_dir: Path, ending: str) -> list[tuple[str, Path, Path]]:
+    """``(case, reference, prediction)`` for every prediction file, sorted by case id."""
+    for folder, role in ((reference_dir, "reference"), (prediction_dir, "prediction")):
+        if not folder.is_dir():
+            raise AutosegError(f"{folder}: {role} folder not found")
+    predictions = sorted(
+        f
+        for f in prediction_dir.iterdir()
+        if f.is_file() and f.name.endswith(ending) and not f.name.startswith(".")
+    )
+    if not predictions:
+        raise AutosegError(f"{prediction_dir}: no predictions ending in '{ending}' to evaluate")
+    pairs = []
+    for prediction in predictions:
+        reference = reference_dir / prediction.name
+        if not reference.is_file():
+            raise AutosegError(f"{prediction}: no reference {reference} to compare it with")
+        pairs.append((prediction.name[: -len(ending)], reference, prediction))
+    return pairs
+
+
+def _load_pair(
+    reference_path: Path, prediction_path: Path, allowed: set[int]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Both label maps and the spacing, after checking the prediction's geometry against the reference's."""
+    reference, ref_geom = load_label(reference_path, allowed)
+    prediction, pred_geom = load_label(prediction_path, allowed)
+    if pred_geom.shape != ref_geom.shape:
+        raise AutosegError(
+            f"{prediction_path}: shape {pred_geom.shape} differs from reference {reference_path} {ref_geom.shape}"
+        )
+    if not np.allclose(pred_geom.spacing_mm, ref_geom.spacing_mm, rtol=_SPACING_RTOL, atol=_SPACING_ATOL):
+        raise AutosegError(
+            f"{prediction_path}: spacing {_fmt(pred_geom.spacing_mm)} mm differs from reference "
+            f"{reference_path} {_fmt(ref_geom.spacing_mm)} mm"
+        )
+    # A flipped or shifted prediction would otherwise score as a poor segmentation instead of failing.
+    if not np.allclose(pred_geom.origin_mm, ref_geom.origin_mm, atol=_ORIGIN_ATOL_MM) or not np.allclose(
+        pred_geom.direction, ref_geom.direction, atol=_DIRECTION_ATOL
+    ):
+        raise AutosegError(
+            f"{prediction_path}: origin/direction differ from reference {reference_path} "
+            f"(tolerance {_ORIGIN_ATOL_MM} mm, {_DIRECTION_ATOL})"
+        )
+    return reference, prediction, ref_geom.spacing_mm
+
+
+def _excluded_reason(excluded: Mapping[str, Mapping[str, MetricValue]]) -> str | None:
+    """Which empty-mask rule left each excluded case out, e.g. ``both masks empty: case02``."""
+    if not excluded:
+        return None
+    by_rule: dict[str, list[str]] = {}
+    for case, m in excluded.items():
+        reference_empty = m["tp"] + m["fn"] == 0
+        prediction_empty = m["tp"] + m["fp"] == 0
+        if reference_empty and prediction_empty:
+            rule = "both masks empty"
+        elif reference_empty:
+            rule = "reference empty"
+        elif prediction_empty:
+            rule = "prediction empty"
+        else:
+            rule = "value missing"
+        by_rule.setdefault(rule, []).append(case)
+    parts = []
+    for rule, cases in by_rule.items():
+        named = ", ".join(cases[:_MAX_CASES_NAMED])
+        more = f" and {len(cases) - _MAX_CASES_NAMED} more" if len(cases) > _MAX_CASES_NAMED else ""
+        parts.append(f"{rule}: {named}{more}")
+    return "not defined where " + "; ".join(parts)
+
+
+def _csv_text(rows: Sequence[Mapping[str, object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` under a temporary name in ``path``'s folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        # open(..., "x") rather than mkstemp, so the file gets the usual permissions (mkstemp's are 0600).
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

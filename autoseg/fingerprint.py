@@ -1,0 +1,184 @@
+"""Dataset fingerprint: what the planner needs to know about a dataset, computed once.
+
+Per case: spacing, shape before and after cropping to the nonzero region, fraction kept by the crop, voxel
+count per label. Per channel: mean, std, median, min, max and 0.5/99.5 percentiles of intensities over
+foreground (label > 0) voxels, pooled over cases from a seeded sample of at most ``samples_per_case`` voxels
+each, so the fingerprint is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
+from autoseg.io.volume import read_volume
+from autoseg.preprocessing.crop import crop_to_nonzero
+
+FINGERPRINT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    case_id: str
+    spacing_mm: tuple[float, ...]
+    shape_before_crop: tuple[int, ...]
+    shape_after_crop: tuple[int, ...]
+    crop_fraction_kept: float
+    label_voxels: dict[str, int]
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    mean: float
+    std: float
+    median: float
+    min: float
+    max: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    schema_version: int
+    dataset_hash: str
+    cases: list[CaseFingerprint]
+    intensity: list[IntensityStats]  # one per channel
+
+    @property
+    def spacings(self) -> np.ndarray:
+        return np.array([c.spacing_mm for c in self.cases], dtype=float)
+
+    @property
+    def shapes_after_crop(self) -> np.ndarray:
+        return np.array([c.shape_after_crop for c in self.cases], dtype=float)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Fingerprint":
+        return cls(
+            schema_version=int(d["schema_version"]),
+            dataset_hash=str(d["dataset_hash"]),
+            cases=[
+                CaseFingerprint(
+                    case_id=c["case_id"],
+                    spacing_mm=tuple(c["spacing_mm"]),
+                    shape_before_crop=tuple(c["shape_before_crop"]),
+                    shape_after_crop=tuple(c["shape_after_crop"]),
+                    crop_fraction_kept=float(c["crop_fraction_kept"]),
+                    label_voxels={k: int(v) for k, v in c["label_voxels"].items()},
+                )
+                for c in d["cases"]
+            ],
+            intensity=[IntensityStats(**s) for s in d["intensity"]],
+        )
+
+
+def dataset_hash(cases: list[Case], spec: DatasetSpec) -> str:
+    """Content hash of the dataset's file list, sizes and mtimes (plus dataset.json's content)."""
+    h = hashlib.sha256(repr(sorted(spec.to_json().items())).encode())
+    for case in cases:
+        for f in (*case.images, case.label):
+            if f is None:
+                continue
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def case_fingerprint(
+    case: Case, spec: DatasetSpec, samples_per_case: int = 10_000, seed: int = 1234
+) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    """Fingerprint one case; also returns a seeded sample of foreground intensities per channel."""
+    geom = check_case_geometry(case)
+    image = np.stack([read_volume(f).array for f in case.images])
+    label, _ = load_label(case.label, set(spec.labels.values()))
+    _check_finite(image, case)
+    cropped, label_c, _, _ = crop_to_nonzero(image, label)
+    fg = label_c > 0
+    # a per-case seed derived from the case id keeps the sample independent of processing order
+    rng = np.random.default_rng([seed, int(hashlib.sha256(case.case_id.encode()).hexdigest()[:8], 16)])
+    samples = []
+    for c in range(cropped.shape[0]):
+        vals = cropped[c][fg]
+        if vals.size > samples_per_case:
+            vals = rng.choice(vals, samples_per_case, replace=False)
+        samples.append(vals.astype(np.float32))
+    counts = np.bincount(label.ravel().astype(np.int64), minlength=spec.num_classes)
+    names = {v: k for k, v in spec.labels.items()}
+    fp = CaseFingerprint(
+        case_id=case.case_id,
+        spacing_mm=tuple(float(s) for s in geom.spacing_mm),
+        shape_before_crop=tuple(int(s) for s in image.shape[1:]),
+        shape_after_crop=tuple(int(s) for s in cropped.shape[1:]),
+        crop_fraction_kept=float(np.prod(cropped.shape[1:]) / np.prod(image.shape[1:])),
+        label_voxels={names[v]: int(counts[v]) for v in sorted(names) if v != 0},
+    )
+    return fp, samples
+
+
+def _check_finite(image: np.ndarray, case: Case) -> None:
+    from autoseg.errors import DatasetError
+
+    for c in range(image.shape[0]):
+        if not np.all(np.isfinite(image[c])):
+            n = int((~np.isfinite(image[c])).sum())
+            raise DatasetError(f"{case.images[c]}: {n} NaN/Inf intensity value(s)")
+
+
+def _stats(values: np.ndarray) -> IntensityStats:
+    if values.size == 0:
+        return IntensityStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    v = values.astype(np.float64)
+    p005, p50, p995 = np.percentile(v, [0.5, 50.0, 99.5])
+    return IntensityStats(
+        mean=float(v.mean()),
+        std=float(v.std()),
+        median=float(p50),
+        min=float(v.min()),
+        max=float(v.max()),
+        percentile_00_5=float(p005),
+        percentile_99_5=float(p995),
+    )
+
+
+def _case_job(args: tuple) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    case, spec, samples = args
+    return case_fingerprint(case, spec, samples)
+
+
+def compute_fingerprint(
+    cases: list[Case], spec: DatasetSpec, workers: int = 1, samples_per_case: int = 10_000, progress=None
+) -> Fingerprint:
+    """Fingerprint all cases (in ``workers`` processes); ``progress`` is called once per finished case."""
+    jobs = [(c, spec, samples_per_case) for c in cases]
+    if workers > 1 and len(cases) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = []
+            for r in pool.map(_case_job, jobs):
+                results.append(r)
+                if progress:
+                    progress()
+    else:
+        results = []
+        for j in jobs:
+            results.append(_case_job(j))
+            if progress:
+                progress()
+    per_case = [r[0] for r in results]
+    intensity = [
+        _stats(np.concatenate([r[1][c] for r in results])) for c in range(spec.num_channels)
+    ]
+    return Fingerprint(
+        schema_version=FINGERPRINT_SCHEMA_VERSION,
+        dataset_hash=dataset_hash(cases, spec),
+        cases=per_case,
+        intensity=intensity,
+    )

@@ -1,0 +1,33 @@
+"""Undo preprocessing: probabilities on the resampled grid → label map with the input's exact geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.io.volume import write_volume
+from autoseg.planning.plans import Plans
+from autoseg.preprocessing.crop import uncrop
+from autoseg.preprocessing.pipeline import CaseProperties
+from autoseg.preprocessing.resample import resample_probabilities
+
+
+def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
+    """``probs`` ``(K, *shape_resampled)`` → uint8 label map of the original image's shape ``(z, y, x)``.
+
+    Probabilities are resampled linearly to the cropped grid (coarse axis separately, as in preprocessing),
+    then argmax, transposed back and placed into the nonzero bounding box; outside it is background.
+    """
+    bbox = props.bbox
+    cropped = [b - a for a, b in bbox]
+    cropped_t = [cropped[a] for a in plans.transpose_forward]
+    probs = resample_probabilities(probs, tuple(props.spacing_transposed), tuple(cropped_t))
+    seg = np.argmax(probs, axis=0).astype(np.uint8)
+    seg = seg.transpose(plans.transpose_backward)
+    return uncrop(seg, [tuple(b) for b in bbox], props.geometry.shape, fill=0)
+
+
+def write_segmentation(seg: np.ndarray, props: CaseProperties, path: Path) -> Path:
+    """Write ``seg`` atomically with the original image's spacing, origin and direction."""
+    return write_volume(seg, props.geometry, path)

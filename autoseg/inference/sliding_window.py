@@ -1,0 +1,101 @@
+"""Gaussian-weighted sliding-window inference over a preprocessed volume.
+
+The volume ``(C, Z, Y, X)`` is tiled with patches overlapping by ``1 - step_size`` (tiles evenly spread so
+the first and last touch the borders); each tile's softmax probabilities are weighted by a Gaussian
+importance map (σ = patch / 8, so the centre of a tile counts more than its edges) and accumulated; the sum is
+divided by the accumulated weights. 2D networks run on slices along axis 0 (patch ``[1, py, px]``). With
+mirroring, each tile is also predicted flipped along every combination of the given axes and the results are
+averaged. Volumes smaller than the patch are padded with 0 and cropped back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+
+def gaussian_importance(patch: list[int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """Gaussian weights over ``patch``, max 1, never 0 (min clipped to the smallest positive value)."""
+    tmp = np.zeros(patch, dtype=np.float32)
+    tmp[tuple(p // 2 for p in patch)] = 1
+    g = gaussian_filter(tmp, [p * sigma_scale for p in patch], mode="constant", cval=0)
+    g = g / g.max()
+    g[g == 0] = g[g > 0].min()
+    return g.astype(np.float32)
+
+
+def tile_starts(size: int, patch: int, step_size: float) -> list[int]:
+    """Start offsets along one axis: as few tiles as give steps <= ``step_size * patch``, evenly spread."""
+    if size <= patch:
+        return [0]
+    n = int(math.ceil((size - patch) / (patch * step_size))) + 1
+    span = size - patch
+    return [int(round(i * span / (n - 1))) for i in range(n)]
+
+
+def predict_sliding_window(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    patch_size: list[int],
+    num_classes: int,
+    device: torch.device,
+    step_size: float = 0.5,
+    mirror_axes: tuple[int, ...] = (),
+    tile_batch: int = 2,
+    amp: bool = False,
+) -> np.ndarray:
+    """Class probabilities ``(K, Z, Y, X)`` float32 for ``image`` ``(C, Z, Y, X)``.
+
+    ``patch_size`` has 2 (2D network, slices along axis 0) or 3 entries. ``mirror_axes`` index the
+    network's spatial axes (0..dim-1).
+    """
+    dim = len(patch_size)
+    patch3 = [1] + list(patch_size) if dim == 2 else list(patch_size)
+    spatial = image.shape[1:]
+    pad = [max(0, p - s) for p, s in zip(patch3, spatial)]
+    pad_before = [p // 2 for p in pad]
+    if any(pad):
+        image = np.pad(image, [(0, 0)] + [(b, p - b) for b, p in zip(pad_before, pad)], mode="constant")
+    shape = image.shape[1:]
+    starts = [tile_starts(s, p, step_size) for s, p in zip(shape, patch3)]
+    tiles = list(itertools.product(*starts))
+    weight_np = gaussian_importance(list(patch_size))
+    weight = torch.from_numpy(weight_np.reshape(patch3)).to(device)
+    acc = torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)
+    norm = torch.zeros(shape, dtype=torch.float32, device=device)
+    img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+    network.eval()
+    with torch.inference_mode():
+        for i in range(0, len(tiles), tile_batch):
+            chunk = tiles[i : i + tile_batch]
+            sls = [tuple(slice(s, s + p) for s, p in zip(t, patch3)) for t in chunk]
+            x = torch.stack([img_t[(slice(None),) + sl] for sl in sls]).to(device)
+            if dim == 2:
+                x = x[:, :, 0]
+            probs = None
+            for flip in flips:
+                axes = [a + 2 for a in flip]
+                xin = torch.flip(x, axes) if axes else x
+                with torch.autocast(device.type, enabled=amp):
+                    out = network(xin)
+                if isinstance(out, (list, tuple)):
+                    out = out[0]
+                p = torch.softmax(out.float(), dim=1)
+                p = torch.flip(p, axes) if axes else p
+                probs = p if probs is None else probs + p
+            probs = probs / len(flips)
+            if dim == 2:
+                probs = probs[:, :, None]
+            for b, sl in enumerate(sls):
+                acc[(slice(None),) + sl] += probs[b] * weight
+                norm[sl] += weight
+    acc /= norm
+    out = acc.cpu().numpy()
+    if any(pad):
+        out = out[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))]
+    return np.ascontiguousarray(out)

@@ -1,0 +1,317 @@
+"""The nnU-Net v2 raw dataset layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``.
+
+``DatasetSpec`` is what ``dataset.json`` says; ``discover_cases`` pairs image channels with labels and
+``validate_dataset`` checks every case's headers (and, optionally, label values) before any work starts, so
+a bad file is reported in one line that names it, instead of hours later deep inside numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.errors import DatasetError
+from autoseg.io.volume import SUPPORTED_ENDINGS, Geometry, file_ending, read_header, read_volume
+
+_REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The parsed ``dataset.json``.
+
+    ``labels`` maps a name to an integer value (``background`` must be 0). ``channel_names`` is ordered by
+    channel index. ``regions`` (optional) maps a region name to the label values it unites, e.g. BraTS whole
+    tumour ``[1, 2, 3, 4]``; they are evaluated as extra binary structures.
+    """
+
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    file_ending: str
+    num_training: int | None = None
+    name: str = ""
+    regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def foreground_labels(self) -> dict[str, int]:
+        return {k: v for k, v in self.labels.items() if v != 0}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of network output classes, background included."""
+        return max(self.labels.values()) + 1
+
+    def to_json(self) -> dict:
+        d = {
+            "channel_names": {str(i): n for i, n in enumerate(self.channel_names)},
+            "labels": dict(self.labels),
+            "file_ending": self.file_ending,
+            "numTraining": self.num_training,
+            "name": self.name,
+        }
+        if self.regions:
+            d["regions"] = {k: list(v) for k, v in self.regions.items()}
+        return d
+
+
+def load_dataset_json(path: str | Path) -> DatasetSpec:
+    """Parse and check ``dataset.json``; raises :class:`DatasetError` naming the file and the problem."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{path}: dataset.json not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    return parse_dataset_json(raw, path)
+
+
+def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> DatasetSpec:
+    """Validate a decoded ``dataset.json`` object (see :func:`load_dataset_json`)."""
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: top level must be a JSON object")
+    for key in _REQUIRED_KEYS:
+        if key not in raw:
+            raise DatasetError(f"{path}: required key '{key}' is missing")
+    channels = raw["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        raise DatasetError(f"{path}: 'channel_names' must be a non-empty object like {{\"0\": \"CT\"}}")
+    try:
+        idx = sorted(int(k) for k in channels)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: 'channel_names' keys must be channel indices 0, 1, ...") from None
+    if idx != list(range(len(idx))):
+        raise DatasetError(f"{path}: 'channel_names' keys must be 0..{len(idx) - 1} without gaps, got {idx}")
+    channel_names = tuple(str(channels[str(i)]) for i in idx)
+
+    labels_raw = raw["labels"]
+    if not isinstance(labels_raw, dict) or not labels_raw:
+        raise DatasetError(f"{path}: 'labels' must be a non-empty object like {{\"background\": 0, \"organ\": 1}}")
+    labels: dict[str, int] = {}
+    regions: dict[str, tuple[int, ...]] = {}
+    for name, value in labels_raw.items():
+        if isinstance(value, list):
+            # nnU-Net region syntax: a label that is a list of values. Kept as an evaluation region.
+            if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise DatasetError(f"{path}: label '{name}' must be an integer or a list of integers")
+            if len(value) == 1:
+                labels[name] = int(value[0])
+            else:
+                regions[name] = tuple(int(v) for v in value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
+        labels[name] = int(value)
+    values = sorted(labels.values())
+    if 0 not in values:
+        raise DatasetError(f"{path}: 'labels' must contain background with value 0")
+    if values != list(range(len(values))):
+        raise DatasetError(f"{path}: label values must be consecutive integers from 0, got {values}")
+    if len(set(labels.values())) != len(labels):
+        raise DatasetError(f"{path}: two labels share one value: {labels}")
+
+    # BraTS-style extra key in our shared data: 'brats_regions' / nnU-Net-free 'regions'.
+    for key in ("regions", "brats_regions"):
+        extra = raw.get(key)
+        if isinstance(extra, dict):
+            for name, vals in extra.items():
+                if isinstance(vals, list) and vals and all(isinstance(v, int) for v in vals):
+                    regions.setdefault(str(name), tuple(int(v) for v in vals))
+
+    ending = raw["file_ending"]
+    if not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS:
+        raise DatasetError(
+            f"{path}: file_ending {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"
+        )
+    num = raw.get("numTraining")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 0):
+        raise DatasetError(f"{path}: 'numTraining' must be a non-negative integer, got {num!r}")
+    return DatasetSpec(
+        channel_names=channel_names,
+        labels=labels,
+        file_ending=ending,
+        num_training=num,
+        name=str(raw.get("name", "")),
+        regions=regions,
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: its id, channel files (ordered by channel index) and label file (or None)."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def group_images(folder: Path, spec: DatasetSpec, *, strict: bool = True) -> dict[str, tuple[Path, ...]]:
+    """Group ``<case>_<cccc><ending>`` files of ``folder`` by case id, checking every channel is there.
+
+    With ``strict``, a file with another ending or not matching the pattern is an error (stray file).
+    """
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: folder not found")
+    ending = spec.file_ending
+    found: dict[str, dict[int, Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if not f.name.endswith(ending):
+            if strict:
+                raise DatasetError(f"{f}: unexpected file (dataset.json says file_ending is '{ending}')")
+            continue
+        stem = f.name[: -len(ending)]
+        m = _CHANNEL_RE.match(stem)
+        if not m:
+            if strict:
+                raise DatasetError(f"{f}: name must be <case>_<channel as 4 digits>{ending}, e.g. case01_0000{ending}")
+            continue
+        ch = int(m.group("ch"))
+        if ch >= spec.num_channels:
+            raise DatasetError(
+                f"{f}: channel {ch} but dataset.json declares {spec.num_channels} channel(s) {list(spec.channel_names)}"
+            )
+        found.setdefault(m.group("case"), {})[ch] = f
+    out: dict[str, tuple[Path, ...]] = {}
+    for case_id, chans in found.items():
+        missing = [c for c in range(spec.num_channels) if c not in chans]
+        if missing:
+            names = ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
+            raise DatasetError(f"{folder}: case '{case_id}' is missing channel file(s) {names}")
+        out[case_id] = tuple(chans[c] for c in range(spec.num_channels))
+    return out
+
+
+def discover_cases(dataset_dir: str | Path, spec: DatasetSpec | None = None) -> list[Case]:
+    """List the training cases of a raw dataset folder, each with all channels and its label."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    spec = spec or load_dataset_json(root / "dataset.json")
+    images = group_images(root / "imagesTr", spec)
+    labels_dir = root / "labelsTr"
+    if not labels_dir.is_dir():
+        raise DatasetError(f"{labels_dir}: folder not found")
+    label_files = {}
+    for f in sorted(labels_dir.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if not f.name.endswith(spec.file_ending):
+            raise DatasetError(f"{f}: unexpected file (dataset.json says file_ending is '{spec.file_ending}')")
+        label_files[f.name[: -len(spec.file_ending)]] = f
+    for case_id in images:
+        if case_id not in label_files:
+            raise DatasetError(f"{labels_dir / (case_id + spec.file_ending)}: label file missing for case '{case_id}'")
+    for case_id, f in label_files.items():
+        if case_id not in images:
+            raise DatasetError(f"{f}: label without images (no {case_id}_0000{spec.file_ending} in imagesTr)")
+    if not images:
+        raise DatasetError(f"{root / 'imagesTr'}: no images found with ending '{spec.file_ending}'")
+    if spec.num_training is not None and spec.num_training != len(images):
+        raise DatasetError(
+            f"{root / 'dataset.json'}: numTraining is {spec.num_training} but imagesTr holds {len(images)} case(s)"
+        )
+    return [Case(cid, images[cid], label_files[cid]) for cid in sorted(images)]
+
+
+def check_case_geometry(case: Case) -> Geometry:
+    """All channels and the label of ``case`` must share shape; spacing/origin/direction must agree closely.
+
+    Returns the geometry of the first channel. Raises :class:`DatasetError` naming the mismatching file.
+    """
+    ref = read_header(case.images[0])
+    others = list(case.images[1:]) + ([case.label] if case.label is not None else [])
+    for f in others:
+        g = read_header(f)
+        if g.shape != ref.shape:
+            raise DatasetError(f"{f}: shape {g.shape} differs from {case.images[0].name} {ref.shape}")
+        if not np.allclose(g.spacing_mm, ref.spacing_mm, rtol=1e-3, atol=1e-4):
+            raise DatasetError(
+                f"{f}: spacing {_fmt(g.spacing_mm)} mm differs from {case.images[0].name} {_fmt(ref.spacing_mm)} mm"
+            )
+        if not np.allclose(g.origin_mm, ref.origin_mm, atol=1e-2) or not np.allclose(
+            g.direction, ref.direction, atol=1e-3
+        ):
+            raise DatasetError(
+                f"{f}: origin/direction differ from {case.images[0].name} (tolerance 0.01 mm, 0.001)"
+            )
+    return ref
+
+
+def load_label(path: Path, allowed: set[int]) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as uint8/int16, checking values are integral and declared in dataset.json."""
+    vol = read_volume(path, dtype=None)
+    arr = vol.array
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)):
+            raise DatasetError(f"{path}: label map contains NaN or Inf")
+        rounded = np.rint(arr)
+        if not np.array_equal(rounded, arr):
+            bad = arr[rounded != arr][:3]
+            raise DatasetError(f"{path}: label map has non-integer values (e.g. {bad.tolist()})")
+        arr = rounded
+    values = set(np.unique(arr).astype(np.int64).tolist())
+    unknown = sorted(values - allowed)
+    if unknown:
+        raise DatasetError(f"{path}: label values {unknown} are not declared in dataset.json labels {sorted(allowed)}")
+    dtype = np.uint8 if max(allowed) < 256 else np.int16
+    return arr.astype(dtype), vol.geometry
+
+
+def _fmt(t: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in t) + ")"
+
+
+def discover_inputs(input_path: str | Path, num_channels: int) -> list[Case]:
+    """Cases to predict: a folder of ``<case>_<cccc><ending>`` files (any supported ending), or one image file
+    (only for one-channel models; its case id is the name without ending and without a ``_0000`` suffix)."""
+    p = Path(input_path)
+    if p.is_file():
+        ending = file_ending(p)
+        if not ending:
+            raise DatasetError(f"{p}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+        if num_channels != 1:
+            raise DatasetError(f"{p}: the model needs {num_channels} channels; give a folder of <case>_<cccc> files")
+        stem = p.name[: -len(ending)]
+        m = _CHANNEL_RE.match(stem)
+        return [Case(m.group("case") if m else stem, (p,), None)]
+    if not p.is_dir():
+        raise DatasetError(f"{p}: input not found")
+    found: dict[str, dict[int, Path]] = {}
+    for f in sorted(p.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        ending = file_ending(f)
+        if not ending:
+            continue  # not an image (e.g. a README); ignored
+        m = _CHANNEL_RE.match(f.name[: -len(ending)])
+        if not m:
+            raise DatasetError(f"{f}: name must be <case>_<channel as 4 digits>{ending}, e.g. case01_0000{ending}")
+        ch = int(m.group("ch"))
+        if ch >= num_channels:
+            raise DatasetError(f"{f}: channel {ch}, but the model was trained with {num_channels} channel(s)")
+        found.setdefault(m.group("case"), {})[ch] = f
+    if not found:
+        raise DatasetError(f"{p}: no images found (expected <case>_0000{'.nii.gz'} and so on)")
+    cases = []
+    for case_id in sorted(found):
+        chans = found[case_id]
+        missing = [c for c in range(num_channels) if c not in chans]
+        if missing:
+            raise DatasetError(f"{p}: case '{case_id}' lacks channel(s) {missing}; the model needs {num_channels}")
+        cases.append(Case(case_id, tuple(chans[c] for c in range(num_channels)), None))
+    return cases

@@ -1,0 +1,203 @@
+"""Volumes with geometry: read and write NIfTI / MHA / NRRD through SimpleITK.
+
+Axis order
+----------
+Arrays are kept in SimpleITK's numpy order, ``(z, y, x)`` for 3D volumes, i.e. the *reverse* of the
+physical index order (i, j, k) used by ``Image.GetSpacing()``. Every spacing stored by autoseg
+(``Volume.spacing_mm``, plans, fingerprints) is in the same array order, so ``spacing_mm[a]`` is the
+voxel size along ``array.shape[a]``. Origin and direction stay in SimpleITK's physical convention
+(x, y, z; row-major 3×3 direction cosines), because they are only ever handed back to SimpleITK.
+
+No reorientation is done: the network sees voxels as stored, and outputs are written with the exact
+geometry of the input, so any orientation (RAS, LPS, PSR, ...) round-trips unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from autoseg.errors import DatasetError
+
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid sits in physical space.
+
+    ``spacing_mm`` and ``shape`` are in array order ``(z, y, x)``; ``origin_mm`` and ``direction`` are in
+    SimpleITK's physical order (x, y, z) with ``direction`` the flattened 3×3 cosine matrix.
+    """
+
+    shape: tuple[int, ...]
+    spacing_mm: tuple[float, ...]
+    origin_mm: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "spacing_mm": list(self.spacing_mm),
+            "origin_mm": list(self.origin_mm),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Geometry":
+        return cls(
+            shape=tuple(int(v) for v in d["shape"]),
+            spacing_mm=tuple(float(v) for v in d["spacing_mm"]),
+            origin_mm=tuple(float(v) for v in d["origin_mm"]),
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+    def matches(self, other: "Geometry", tol: float = 1e-3) -> bool:
+        """Same shape and (within a relative ``tol``) same spacing, origin and direction."""
+        if self.shape != other.shape:
+            return False
+        return (
+            np.allclose(self.spacing_mm, other.spacing_mm, rtol=tol, atol=tol)
+            and np.allclose(self.origin_mm, other.origin_mm, rtol=tol, atol=max(tol, 1e-2))
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+
+@dataclass
+class Volume:
+    """A 3D array with its geometry. ``array`` has shape ``geometry.shape`` in ``(z, y, x)`` order."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def spacing_mm(self) -> tuple[float, ...]:
+        return self.geometry.spacing_mm
+
+
+def file_ending(path: str | os.PathLike) -> str:
+    """The supported ending of ``path`` (``.nii.gz`` counts as one), or ``""`` if none matches."""
+    name = Path(path).name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return ""
+
+
+def _geometry_of(img: sitk.Image) -> Geometry:
+    return Geometry(
+        shape=tuple(int(s) for s in reversed(img.GetSize())),
+        spacing_mm=tuple(float(s) for s in reversed(img.GetSpacing())),
+        origin_mm=tuple(float(v) for v in img.GetOrigin()),
+        direction=tuple(float(v) for v in img.GetDirection()),
+    )
+
+
+def read_header(path: str | os.PathLike) -> Geometry:
+    """Read only the header of an image (fast), raising :class:`DatasetError` on unreadable files."""
+    path = Path(path)
+    _check_file(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
+    geom = Geometry(
+        shape=tuple(int(s) for s in reversed(reader.GetSize())),
+        spacing_mm=tuple(float(s) for s in reversed(reader.GetSpacing())),
+        origin_mm=tuple(float(v) for v in reader.GetOrigin()),
+        direction=tuple(float(v) for v in reader.GetDirection()),
+    )
+    _check_geometry(path, geom, reader.GetNumberOfComponents())
+    return geom
+
+
+def read_volume(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32) -> Volume:
+    """Read a 3D image. Raises :class:`DatasetError` naming the file for anything malformed.
+
+    ``dtype=None`` keeps the stored data type.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
+    geom = _geometry_of(img)
+    _check_geometry(path, geom, img.GetNumberOfComponentsPerPixel())
+    arr = sitk.GetArrayFromImage(img)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    return Volume(array=arr, geometry=geom, path=path)
+
+
+def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """Wrap ``array`` (array order) into a SimpleITK image with ``geometry``."""
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(tuple(reversed(geometry.spacing_mm)))
+    img.SetOrigin(geometry.origin_mm)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+    """Write ``array`` with ``geometry`` to ``path`` atomically (temporary name in the same folder, then rename).
+
+    The format follows the ending of ``path``. A crash mid-write never leaves a file at ``path``.
+    """
+    path = Path(path)
+    ending = file_ending(path)
+    if not ending:
+        raise ValueError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(ending)]}.", suffix=".tmp" + ending, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(to_sitk(array, geometry), tmp, useCompression=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DatasetError(f"{path}: file not found")
+    if not path.is_file():
+        raise DatasetError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: file is empty (0 bytes)")
+    if not file_ending(path):
+        raise DatasetError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+
+
+def _check_geometry(path: Path, geom: Geometry, components: int) -> None:
+    if components != 1:
+        raise DatasetError(f"{path}: has {components} components per voxel; expected a scalar image")
+    if len(geom.shape) != 3:
+        raise DatasetError(f"{path}: is {len(geom.shape)}D with shape {geom.shape}; expected a 3D volume")
+    if any(s <= 0 or not np.isfinite(s) or s > 100 for s in geom.spacing_mm):
+        raise DatasetError(f"{path}: implausible voxel spacing {geom.spacing_mm} mm (must be in (0, 100])")
+
+
+def _short(exc: BaseException) -> str:
+    """First meaningful line of a SimpleITK/ITK exception, which are many lines long."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if "description:" in low:
+            return ln.split(":", 1)[1].strip()
+    for ln in reversed(lines):
+        if not ln.startswith(("File", "itk::", "sitk::")):
+            return ln[:200]
+    return "unreadable"

@@ -1,0 +1,57 @@
+"""WorkDir: the only module that knows the on-disk tree of a WORK folder.
+
+::
+
+    WORK/
+      dataset.json            copy of the dataset's dataset.json (what the plans were made for)
+      fingerprint.json        dataset fingerprint (autoseg.fingerprint)
+      plans.json              plans (autoseg.planning.plans)
+      splits.json             5-fold split over case ids (user-editable)
+      gt_segmentations/       copies of labelsTr (reference for validation scores)
+      preprocessed/<data_id>/ <case>.npy (C,Z,Y,X float32), <case>_seg.npy (Z,Y,X uint8),
+                              <case>.json (properties), <case>_fg.npz (foreground locations)
+      results/<config>/fold_<k>/
+          checkpoint_latest.pt, checkpoint_final.pt, log.jsonl, settings.json
+          validation/<case><ending>, validation/summary.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.root / "dataset.json"
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.root / "fingerprint.json"
+
+    @property
+    def plans(self) -> Path:
+        return self.root / "plans.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def gt_segmentations(self) -> Path:
+        """Copies of the dataset's label files (original geometry), the reference for validation."""
+        return self.root / "gt_segmentations"
+
+    def preprocessed(self, data_identifier: str) -> Path:
+        return self.root / "preprocessed" / data_identifier
+
+    def fold_dir(self, config: str, fold: int | str) -> Path:
+        name = "fold_all" if str(fold) == "all" else f"fold_{int(fold)}"
+        return self.root / "results" / config / name

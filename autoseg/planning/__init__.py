@@ -1,0 +1,1 @@
+"""Planning: typed plans (JSON with schema version) and the pure rules that derive them."""

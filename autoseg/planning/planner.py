@@ -1,0 +1,169 @@
+"""Planner: fingerprint + dataset spec + settings -> Plans. Orchestration only; the rules live in
+``spacing``, ``topology`` and ``memory``. Every decision is recorded with its reason for ``--explain``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from autoseg.fingerprint import Fingerprint
+from autoseg.io.dataset import DatasetSpec
+from autoseg.planning import memory, topology
+from autoseg.planning.plans import Configuration, NetworkTopology, Plans
+from autoseg.planning.spacing import target_spacing, transpose_coarse_first
+from autoseg.preprocessing.normalize import ChannelNormalization
+
+MIN_BATCH = 2
+MAX_DATASET_FRACTION_PER_BATCH = 0.05
+MASK_NORMALIZATION_CROP_FRACTION = 0.75  # z-score inside the nonzero mask if the crop keeps less than this
+
+
+def plan_normalization(spec: DatasetSpec, fp: Fingerprint, reasons: list[str]) -> list[ChannelNormalization]:
+    """CT channels: clip to the foreground 0.5/99.5 percentiles then z-score with the foreground mean/std.
+    Other channels: z-score per image, inside the nonzero mask when cropping removed a quarter or more."""
+    kept = float(np.median([c.crop_fraction_kept for c in fp.cases]))
+    use_mask = kept < MASK_NORMALIZATION_CROP_FRACTION
+    out = []
+    for c, name in enumerate(spec.channel_names):
+        st = fp.intensity[c]
+        if name.strip().upper() == "CT":
+            out.append(
+                ChannelNormalization("ct", False, st.percentile_00_5, st.percentile_99_5, st.mean, max(st.std, 1e-8))
+            )
+            reasons.append(
+                f"channel {c} '{name}': CT -> clip to [{st.percentile_00_5:.1f}, {st.percentile_99_5:.1f}] "
+                f"(foreground 0.5/99.5 percentiles), z-score with foreground mean {st.mean:.1f}, std {st.std:.1f}"
+            )
+        else:
+            out.append(ChannelNormalization("zscore", use_mask))
+            where = (
+                f"inside the nonzero mask (crop keeps {kept:.0%} < {MASK_NORMALIZATION_CROP_FRACTION:.0%})"
+                if use_mask
+                else f"over the whole cropped image (crop keeps {kept:.0%})"
+            )
+            reasons.append(f"channel {c} '{name}': per-image z-score {where}")
+    return out
+
+
+def plan_configuration(
+    name: str,
+    dim: int,
+    spacing: list[float],
+    median_shape: list[float],
+    dataset_voxels: float,
+    in_channels: int,
+    num_classes: int,
+    budget_bytes: int,
+    architecture: str,
+    data_identifier: str,
+    reasons: list[str],
+) -> Configuration:
+    """Patch, topology and batch for one configuration under ``budget_bytes`` (see module docstrings).
+
+    ``dataset_voxels`` (cases × median image voxels) caps the batch at 5 % of the dataset per step.
+    """
+    patch = topology.initial_patch_size(spacing, median_shape, dim)
+    start = list(patch)
+    while True:
+        strides, kernels = topology.pooling_and_kernels(patch, spacing)
+        patch_r = topology.round_up_to_stride(patch, strides)
+        feats = topology.features_per_stage(len(strides), dim)
+        mem = memory.estimate_step_bytes(patch_r, MIN_BATCH, strides, kernels, feats, in_channels, num_classes)
+        if mem <= budget_bytes:
+            break
+        ratios = [p / m for p, m in zip(patch_r, median_shape)]
+        axis = int(np.argmax(ratios))
+        ts = topology.total_stride(strides)
+        shrunk = patch_r[axis] - ts[axis]
+        if shrunk < 4:  # nothing left to shrink sensibly; accept the smallest patch
+            break
+        patch = list(patch_r)
+        patch[axis] = shrunk
+    patch = patch_r
+    per_sample = (
+        memory.estimate_step_bytes(patch, 2, strides, kernels, feats, in_channels, num_classes)
+        - memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes)
+    )
+    fixed = memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes) - per_sample
+    fit = max(MIN_BATCH, int((budget_bytes - fixed) // max(per_sample, 1)))
+    cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
+    batch = max(MIN_BATCH, min(fit, cap))
+    est = memory.estimate_step_bytes(patch, batch, strides, kernels, feats, in_channels, num_classes)
+    reasons.append(
+        f"{name}: spacing {_fmt(spacing)} mm, median shape {_fmt(median_shape, 0)}; patch starts at "
+        f"{_fmt(start, 0)} ({'256^3' if dim == 3 else '2048^2'} voxels, isotropic in mm, clipped to the median shape) and ends at "
+        f"{_fmt(patch, 0)} (divisible by total stride {_fmt(topology.total_stride(strides), 0)}); "
+        f"{len(strides)} stages; batch {batch} (memory allows {fit}, 5% of the dataset's voxels allows {cap}, "
+        f"at least {MIN_BATCH}); estimated {est / 1024**3:.2f} GB of {budget_bytes / 1024**3:.1f} GB"
+    )
+    return Configuration(
+        name=name,
+        dim=dim,
+        data_identifier=data_identifier,
+        spacing=[float(s) for s in spacing] if dim == 3 else [],
+        median_shape=[int(round(m)) for m in median_shape],
+        patch_size=[int(p) for p in patch],
+        batch_size=int(batch),
+        network=NetworkTopology(
+            architecture=architecture,
+            dim=dim,
+            strides=strides,
+            kernel_sizes=kernels,
+            features_per_stage=feats,
+        ),
+        estimated_memory_gb=round(est / 1024**3, 3),
+        batch_dice=dim == 3,
+    )
+
+
+def make_plans(
+    spec: DatasetSpec, fp: Fingerprint, gpu_memory_gb: float = 8.0, architecture: str = "unet"
+) -> Plans:
+    """Derive plans for ``2d`` and ``3d_fullres`` from the fingerprint."""
+    reasons: list[str] = []
+    spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
+    reasons.append(f"target spacing {_fmt(spacing)} mm (array order z,y,x): {why}")
+    transpose = transpose_coarse_first(spacing)
+    if transpose != [0, 1, 2]:
+        reasons.append(f"axes transposed by {transpose} so the coarsest axis comes first (2D slices along it)")
+    resampled = fp.shapes_after_crop * fp.spacings / np.asarray(spacing)[None]
+    median = np.median(resampled, axis=0)
+    spacing_t = [spacing[a] for a in transpose]
+    median_t = [float(median[a]) for a in transpose]
+    norms = plan_normalization(spec, fp, reasons)
+    budget = int(gpu_memory_gb * 1024**3)
+    n = len(fp.cases)
+    common = dict(
+        dataset_voxels=n * math.prod(median_t),
+        in_channels=spec.num_channels,
+        num_classes=spec.num_classes,
+        budget_bytes=budget,
+        architecture=architecture,
+        data_identifier="fullres",
+        reasons=reasons,
+    )
+    cfg3d = plan_configuration("3d_fullres", 3, spacing_t, median_t, **common)
+    cfg2d = plan_configuration("2d", 2, spacing_t[1:], median_t[1:], **common)
+    # 2D data is the same preprocessed volume; keep its full 3-axis spacing for export
+    cfg2d = Configuration(**{**cfg2d.__dict__, "spacing": [float(s) for s in spacing_t],
+                             "median_shape": [int(round(m)) for m in median_t]})
+    return Plans(
+        dataset_name=spec.name,
+        dataset_hash=fp.dataset_hash,
+        channel_names=list(spec.channel_names),
+        labels=dict(spec.labels),
+        regions={k: list(v) for k, v in spec.regions.items()},
+        file_ending=spec.file_ending,
+        transpose_forward=transpose,
+        normalization=norms,
+        configurations={"2d": cfg2d, "3d_fullres": cfg3d},
+        gpu_memory_gb=float(gpu_memory_gb),
+        reasons=reasons,
+    )
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if digits == 0:
+        return "×".join(str(int(round(x))) for x in v)
+    return "×".join(f"{x:.{digits}g}" for x in v)

@@ -1,0 +1,146 @@
+"""Plans: the typed, versioned artifact that ``autoseg plan`` writes and every later stage reads.
+
+All spatial lists (``spacing``, ``patch_size``, ``strides``, ``kernel_sizes``) are in the *transposed* array
+order used for training: arrays read from disk in ``(z, y, x)`` order are permuted by ``transpose_forward``
+so that the coarsest axis comes first (2D configurations then slice along axis 0). For 2D configurations the
+spatial lists have two entries (the in-plane axes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from autoseg.errors import PlansError
+from autoseg.jsonio import read_json, write_json
+from autoseg.preprocessing.normalize import ChannelNormalization
+
+PLANS_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NetworkTopology:
+    """What ``autoseg.networks.build_network`` needs. One entry per stage in each list."""
+
+    architecture: str  # registry name, e.g. "unet"
+    dim: int  # 2 or 3
+    strides: list[list[int]]  # stride of the first conv of each stage; stage 0 is all ones
+    kernel_sizes: list[list[int]]
+    features_per_stage: list[int]
+    n_conv_per_stage: int = 2
+    deep_supervision: bool = True
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.strides)
+
+    def total_stride(self) -> list[int]:
+        out = [1] * self.dim
+        for s in self.strides:
+            out = [a * b for a, b in zip(out, s)]
+        return out
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str  # "2d" | "3d_fullres" | "3d_lowres"
+    dim: int
+    data_identifier: str  # folder under WORK/preprocessed shared by configurations with the same spacing
+    spacing: list[float]  # target spacing of the preprocessed data, 3 entries (transposed order), mm
+    median_shape: list[int]  # median image shape at that spacing (transposed order)
+    patch_size: list[int]  # dim entries
+    batch_size: int
+    network: NetworkTopology
+    estimated_memory_gb: float
+    batch_dice: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Configuration":
+        d = dict(d)
+        d["network"] = NetworkTopology(**d["network"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Plans:
+    dataset_name: str
+    dataset_hash: str
+    channel_names: list[str]
+    labels: dict[str, int]
+    regions: dict[str, list[int]]
+    file_ending: str
+    transpose_forward: list[int]  # permutation applied to (z, y, x) arrays before training
+    normalization: list[ChannelNormalization]  # one per channel
+    configurations: dict[str, Configuration]
+    gpu_memory_gb: float
+    reasons: list[str] = field(default_factory=list)  # human-readable planning decisions (--explain)
+    schema_version: int = PLANS_SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels.values()) + 1
+
+    @property
+    def transpose_backward(self) -> list[int]:
+        return [self.transpose_forward.index(i) for i in range(len(self.transpose_forward))]
+
+    def configuration(self, name: str) -> Configuration:
+        if name not in self.configurations:
+            raise PlansError(
+                f"configuration '{name}' is not in the plans (available: {', '.join(self.configurations)})"
+            )
+        return self.configurations[name]
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "dataset_name": self.dataset_name,
+            "dataset_hash": self.dataset_hash,
+            "channel_names": list(self.channel_names),
+            "labels": dict(self.labels),
+            "regions": {k: list(v) for k, v in self.regions.items()},
+            "file_ending": self.file_ending,
+            "transpose_forward": list(self.transpose_forward),
+            "normalization": [n.to_json() for n in self.normalization],
+            "gpu_memory_gb": self.gpu_memory_gb,
+            "configurations": {k: c.to_json() for k, c in self.configurations.items()},
+            "reasons": list(self.reasons),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plans":
+        version = d.get("schema_version")
+        if version != PLANS_SCHEMA_VERSION:
+            raise PlansError(f"plans schema_version {version!r} is not supported (expected {PLANS_SCHEMA_VERSION})")
+        return cls(
+            schema_version=version,
+            dataset_name=d["dataset_name"],
+            dataset_hash=d["dataset_hash"],
+            channel_names=list(d["channel_names"]),
+            labels={k: int(v) for k, v in d["labels"].items()},
+            regions={k: list(v) for k, v in d.get("regions", {}).items()},
+            file_ending=d["file_ending"],
+            transpose_forward=[int(v) for v in d["transpose_forward"]],
+            normalization=[ChannelNormalization.from_json(n) for n in d["normalization"]],
+            gpu_memory_gb=float(d["gpu_memory_gb"]),
+            configurations={k: Configuration.from_json(c) for k, c in d["configurations"].items()},
+            reasons=list(d.get("reasons", [])),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plans":
+        path = Path(path)
+        if not path.is_file():
+            raise PlansError(f"{path}: plans not found (run 'autoseg plan DATASET --workdir WORK' first)")
+        try:
+            return cls.from_json(read_json(path))
+        except PlansError as exc:
+            raise PlansError(f"{path}: {exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PlansError(f"{path}: invalid plans ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,176 @@
+"""Per-case preprocessing (crop → normalize → transpose → resample) and the resumable dataset pipeline.
+
+The same :func:`preprocess_image` serves training (with a label) and inference (without), so the network
+always sees data prepared the same way. Outputs per case, in ``WORK/preprocessed/<data_identifier>/``:
+
+- ``<case>.npy``      image ``(C, Z', Y', X')`` float32 in the transposed, resampled grid (memory-mappable)
+- ``<case>_seg.npy``  label ``(Z', Y', X')`` uint8 (training only)
+- ``<case>_fg.npz``   per foreground label value ``label_<v>``: ``(N, 3)`` int32 voxel coordinates, a seeded
+                      sample used for foreground oversampling
+- ``<case>.json``     :class:`CaseProperties`, written last: its presence marks the case as finished
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
+from autoseg.io.volume import Geometry, read_volume
+from autoseg.jsonio import read_json, save_npy, save_npz, write_json
+from autoseg.planning.plans import Configuration, Plans
+from autoseg.preprocessing.crop import crop_to_nonzero
+from autoseg.preprocessing.normalize import normalize
+from autoseg.preprocessing.resample import new_shape, resample_image, resample_label
+
+MAX_FG_LOCATIONS = 10_000
+
+
+@dataclass(frozen=True)
+class CaseProperties:
+    """What is needed to map a preprocessed case back to its original image."""
+
+    case_id: str
+    geometry: Geometry  # of the original image
+    bbox: list[list[int]]  # nonzero crop in original (z, y, x) array order, half-open
+    spacing_transposed: list[float]  # original spacing in the transposed order
+    shape_resampled: list[int]  # shape after resampling (transposed order)
+
+    def to_json(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "geometry": self.geometry.to_json(),
+            "bbox": self.bbox,
+            "spacing_transposed": self.spacing_transposed,
+            "shape_resampled": self.shape_resampled,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CaseProperties":
+        return cls(
+            case_id=d["case_id"],
+            geometry=Geometry.from_json(d["geometry"]),
+            bbox=[list(b) for b in d["bbox"]],
+            spacing_transposed=[float(v) for v in d["spacing_transposed"]],
+            shape_resampled=[int(v) for v in d["shape_resampled"]],
+        )
+
+
+def read_channels(files: tuple[Path, ...] | list[Path]) -> tuple[np.ndarray, Geometry]:
+    """Read and stack the channel files of one case into ``(C, Z, Y, X)`` float32."""
+    vols = [read_volume(f) for f in files]
+    ref = vols[0].geometry
+    for v in vols[1:]:
+        if v.geometry.shape != ref.shape:
+            from autoseg.errors import DatasetError
+
+            raise DatasetError(f"{v.path}: shape {v.geometry.shape} differs from {files[0]} {ref.shape}")
+    image = np.stack([v.array for v in vols])
+    if not np.all(np.isfinite(image)):
+        from autoseg.errors import DatasetError
+
+        bad = next(f for f, v in zip(files, vols) if not np.all(np.isfinite(v.array)))
+        raise DatasetError(f"{bad}: contains NaN/Inf intensities")
+    return image, ref
+
+
+def preprocess_image(
+    image: np.ndarray,
+    geometry: Geometry,
+    plans: Plans,
+    config: Configuration,
+    label: np.ndarray | None = None,
+    case_id: str = "",
+) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    """Crop, normalize, transpose and resample one case. ``image`` is ``(C, Z, Y, X)`` in file order."""
+    image, label, mask, bbox = crop_to_nonzero(image, label)
+    image = normalize(image, plans.normalization, mask)
+    tf = plans.transpose_forward
+    image = image.transpose([0] + [a + 1 for a in tf])
+    spacing_t = [geometry.spacing_mm[a] for a in tf]
+    target = config.spacing
+    out_shape = new_shape(image.shape[1:], spacing_t, target)
+    image = resample_image(np.ascontiguousarray(image), spacing_t, target, out_shape)
+    if label is not None:
+        label = resample_label(np.ascontiguousarray(label.transpose(tf)), spacing_t, target, out_shape)
+    props = CaseProperties(
+        case_id=case_id,
+        geometry=geometry,
+        bbox=[list(b) for b in bbox],
+        spacing_transposed=[float(s) for s in spacing_t],
+        shape_resampled=[int(s) for s in out_shape],
+    )
+    return np.ascontiguousarray(image, dtype=np.float32), label, props
+
+
+def foreground_locations(label: np.ndarray, values: list[int], case_id: str) -> dict[str, np.ndarray]:
+    """A seeded sample of at most ``MAX_FG_LOCATIONS`` voxel coordinates per foreground label value."""
+    rng = np.random.default_rng(int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16))
+    out = {}
+    for v in values:
+        coords = np.argwhere(label == v)
+        if len(coords) > MAX_FG_LOCATIONS:
+            coords = coords[np.sort(rng.choice(len(coords), MAX_FG_LOCATIONS, replace=False))]
+        out[f"label_{v}"] = coords.astype(np.int32)
+    return out
+
+
+def case_is_done(out_dir: Path, case_id: str) -> bool:
+    return (out_dir / f"{case_id}.json").is_file() and (out_dir / f"{case_id}.npy").is_file()
+
+
+def preprocess_training_case(case: Case, spec: DatasetSpec, plans: Plans, config: Configuration, out_dir: Path) -> str:
+    """Preprocess one training case into ``out_dir`` (atomic writes; the JSON marker last)."""
+    check_case_geometry(case)
+    image, geom = read_channels(case.images)
+    label, _ = load_label(case.label, set(spec.labels.values()))
+    image, label, props = preprocess_image(image, geom, plans, config, label, case.case_id)
+    save_npy(out_dir / f"{case.case_id}.npy", image)
+    save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
+    save_npz(out_dir / f"{case.case_id}_fg.npz", **foreground_locations(label, sorted(spec.foreground_labels.values()), case.case_id))
+    write_json(out_dir / f"{case.case_id}.json", props.to_json())
+    return case.case_id
+
+
+def _job(args: tuple) -> str:
+    return preprocess_training_case(*args)
+
+
+def preprocess_dataset(
+    cases: list[Case],
+    spec: DatasetSpec,
+    plans: Plans,
+    config: Configuration,
+    out_dir: Path,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Preprocess every case not already finished in ``out_dir`` (resumable). Returns the ids processed now."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in cases if not case_is_done(out_dir, c.case_id)]
+    for c in cases:
+        if c not in todo and progress:
+            progress(c.case_id)
+    done: list[str] = []
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_job, (c, spec, plans, config, out_dir)) for c in todo]
+            for fut in as_completed(futures):
+                done.append(fut.result())
+                if progress:
+                    progress(done[-1])
+    else:
+        for c in todo:
+            done.append(_job((c, spec, plans, config, out_dir)))
+            if progress:
+                progress(done[-1])
+    return done
+
+
+def load_case_properties(out_dir: Path, case_id: str) -> CaseProperties:
+    return CaseProperties.from_json(read_json(out_dir / f"{case_id}.json"))

@@ -1,0 +1,107 @@
+"""Settings for training and inference: frozen dataclasses with defaults from ``configs/default.toml``.
+
+Settings are always passed in (never read from environment variables). ``load_settings`` merges, in order:
+the defaults below, an optional TOML file, then explicit overrides (e.g. from the command line).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from autoseg.errors import AutosegError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class AugmentationSettings:
+    p_rotation: float = 0.2
+    rotation_deg: float = 30.0
+    p_scale: float = 0.2
+    scale_min: float = 0.7
+    scale_max: float = 1.4
+    p_noise: float = 0.1
+    p_blur: float = 0.2
+    p_brightness: float = 0.15
+    p_contrast: float = 0.15
+    p_lowres: float = 0.25
+    p_gamma: float = 0.3
+    p_gamma_inverted: float = 0.1
+    p_mirror: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1000
+    iters_per_epoch: int = 250
+    val_iters: int = 50
+    initial_lr: float = 1e-2
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0
+    oversample_foreground: float = 0.33
+    deep_supervision: bool = True
+    seed: int = 12345
+    num_folds: int = 5
+    loader_threads: int = 1
+    augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    step_size: float = 0.5
+    mirroring: bool = True
+    tile_batch: int = 2
+
+
+def _merge(obj, values: dict, where: str):
+    known = {f.name: f for f in fields(obj)}
+    updates = {}
+    for key, val in values.items():
+        if key not in known:
+            raise AutosegError(f"{where}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if hasattr(current, "__dataclass_fields__"):
+            updates[key] = _merge(current, val, f"{where}.{key}")
+        else:
+            updates[key] = type(current)(val) if current is not None and not isinstance(val, type(current)) else val
+    return replace(obj, **updates)
+
+
+def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSettings, InferenceSettings]:
+    """Defaults ← TOML file (sections ``[train]``, ``[augmentation]``, ``[inference]``) ← ``overrides``.
+
+    ``overrides`` with value ``None`` are ignored; keys may name train or inference fields.
+    """
+    train, infer = TrainSettings(), InferenceSettings()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise AutosegError(f"{path}: cannot read settings ({exc})") from None
+        if "augmentation" in data:
+            data.setdefault("train", {})["augmentation"] = data.pop("augmentation")
+        unknown = set(data) - {"train", "inference"}
+        if unknown:
+            raise AutosegError(f"{path}: unknown section(s) {sorted(unknown)}")
+        train = _merge(train, data.get("train", {}), str(path))
+        infer = _merge(infer, data.get("inference", {}), str(path))
+    tnames = {f.name for f in fields(TrainSettings)}
+    inames = {f.name for f in fields(InferenceSettings)}
+    tvals = {k: v for k, v in overrides.items() if v is not None and k in tnames}
+    ivals = {k: v for k, v in overrides.items() if v is not None and k in inames}
+    bad = [k for k in overrides if k not in tnames | inames]
+    if bad:
+        raise AutosegError(f"unknown setting(s) {bad}")
+    return _merge(train, tvals, "override"), _merge(infer, ivals, "override")

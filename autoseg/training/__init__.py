@@ -1,0 +1,1 @@
+"""Training stage: splits, sampling, augmentation, losses, schedule, checkpoint, and the loop that composes them."""

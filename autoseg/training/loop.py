@@ -1,0 +1,278 @@
+"""The training loop for one fold: a composition of sampling, augmentation, loss, schedule and checkpoints.
+
+Per epoch: ``iters_per_epoch`` augmented batches (produced by a background thread, exactly one epoch's worth,
+so random states at epoch boundaries are exact and a resumed run continues identically), then ``val_iters``
+unaugmented batches from the validation cases for a pseudo-Dice, a line in ``log.jsonl`` and an atomic
+``checkpoint_latest.pt``. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are
+predicted with the full sliding-window predictor and scored into ``validation/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from autoseg.checkpoint_io import check_compatible, load_checkpoint, save_checkpoint
+from autoseg.errors import AutosegError, PlansError
+from autoseg.evaluation.evaluate import evaluate_folders
+from autoseg.inference.export import write_segmentation
+from autoseg.inference.predictor import Predictor, topology_key
+from autoseg.io.dataset import load_dataset_json
+from autoseg.jsonio import write_json
+from autoseg.layout import WorkDir
+from autoseg.networks import build_network
+from autoseg.planning.plans import Plans
+from autoseg.preprocessing.pipeline import load_case_properties
+from autoseg.settings import InferenceSettings, TrainSettings
+from autoseg.training.augmentation import augmentation_patch_size, build_train_transforms, center_crop
+from autoseg.training.checkpoint import capture_rng, restore_rng
+from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.sampling import CaseStore, PatchSampler
+from autoseg.training.schedule import poly_lr, set_lr
+from autoseg.training.splits import fold_cases, load_or_create_splits
+
+EMA_DECAY = 0.9
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float | None
+    pseudo_dice: dict[str, float]
+    ema_dice: float | None
+    lr: float
+    seconds: float
+
+
+def _batches(sampler: PatchSampler, transforms, n: int, out: queue.Queue) -> None:
+    """Produce exactly ``n`` augmented batches into ``out`` (then ``None``); errors are passed on."""
+    try:
+        for _ in range(n):
+            out.put(transforms(**sampler.next_batch()))
+        out.put(None)
+    except BaseException as exc:  # surfaced in the training thread
+        out.put(exc)
+
+
+def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, k: int) -> np.ndarray:
+    """Per foreground class (tp, fp, fn) summed over the batch, from the argmax."""
+    pred = logits.argmax(1)
+    tgt = target[:, 0].long()
+    rows = []
+    for c in range(1, k):
+        p, t = pred == c, tgt == c
+        rows.append([(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()])
+    return np.array(rows, dtype=np.float64)
+
+
+def train_fold(
+    work: WorkDir,
+    config_name: str,
+    fold: int | str,
+    settings: TrainSettings,
+    device: torch.device,
+    resume: bool = False,
+    inference: InferenceSettings = InferenceSettings(),
+    on_iteration: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> Path:
+    """Train ``config_name`` on ``fold`` (0..4 or ``all``) and validate; returns the fold folder."""
+    plans = Plans.load(work.plans)
+    config = plans.configuration(config_name)
+    data_dir = work.preprocessed(config.data_identifier)
+    case_ids = sorted(p.stem for p in data_dir.glob("*.json"))
+    if not case_ids:
+        raise PlansError(f"{data_dir}: no preprocessed cases (run 'autoseg plan' first)")
+    splits = load_or_create_splits(work.splits, case_ids, settings.num_folds, settings.seed)
+    train_ids, val_ids = fold_cases(splits, fold, case_ids)
+    out_dir = work.fold_dir(config_name, fold)
+    latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
+    if latest.exists() and not resume:
+        raise AutosegError(f"{latest}: this fold already has a run; use --resume to continue it (or delete {out_dir})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "settings.json", {"train": settings.to_json(), "config": config_name, "fold": str(fold)})
+
+    fold_index = 5 if str(fold) == "all" else int(fold)
+    np.random.seed((settings.seed + fold_index) % 2**32)
+    torch.manual_seed(settings.seed + fold_index)
+    sampler_rng = np.random.default_rng([settings.seed, fold_index])
+
+    k = plans.num_classes
+    in_ch = len(plans.channel_names)
+    network = build_network(config.network, in_ch, k).to(device)
+    optimizer = torch.optim.SGD(
+        network.parameters(),
+        lr=settings.initial_lr,
+        momentum=settings.momentum,
+        nesterov=settings.nesterov,
+        weight_decay=settings.weight_decay,
+    )
+    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=config.batch_dice))
+    amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    key = topology_key(plans, config_name)
+
+    start_epoch, best_ema, ema = 0, -1.0, None
+    if resume and latest.exists():
+        ckpt = load_checkpoint(latest, map_location=device)
+        check_compatible(ckpt, latest, config_name, key)
+        network.load_state_dict(ckpt["network"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt["rng"], sampler_rng)
+        start_epoch = int(ckpt["epoch"])
+        best_ema = float(ckpt.get("best_ema", -1.0))
+        ema = ckpt.get("ema")
+    _truncate_log(out_dir / "log.jsonl", start_epoch)
+
+    patch = config.patch_size
+    store = CaseStore(data_dir, train_ids)
+    sampler = PatchSampler(
+        store, augmentation_patch_size(patch, settings.augmentation), config.batch_size, config.dim,
+        settings.oversample_foreground, sampler_rng,
+    )
+    transforms = build_train_transforms(patch, settings.augmentation)
+    label_names = {v: n for n, v in plans.labels.items()}
+
+    def state(epoch: int) -> dict:
+        return {
+            "network": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "epoch": epoch,
+            "config": config_name,
+            "topology": json.dumps(key),
+            "rng": capture_rng(sampler_rng),
+            "best_ema": best_ema,
+            "ema": ema,
+        }
+
+    for epoch in range(start_epoch, settings.epochs):
+        t0 = time.perf_counter()
+        lr = poly_lr(settings.initial_lr, epoch, settings.epochs, settings.poly_exponent)
+        set_lr(optimizer, lr)
+        network.train()
+        q: queue.Queue = queue.Queue(maxsize=2)
+        producer = threading.Thread(target=_batches, args=(sampler, transforms, settings.iters_per_epoch, q), daemon=True)
+        producer.start()
+        losses = []
+        for it in range(settings.iters_per_epoch):
+            batch = q.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
+            y = torch.from_numpy(batch["seg"]).to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss = loss_fn(network(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            if on_iteration:
+                on_iteration(it + 1, settings.iters_per_epoch, losses[-1])
+        q.get()  # the producer's end marker
+        producer.join()
+
+        val_loss, dice = _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k)
+        mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
+        if mean_dice is not None:
+            ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
+        report = EpochReport(
+            epoch=epoch + 1,
+            epochs=settings.epochs,
+            train_loss=float(np.mean(losses)),
+            val_loss=val_loss,
+            pseudo_dice={label_names[c]: d for c, d in dice.items()},
+            ema_dice=ema,
+            lr=lr,
+            seconds=time.perf_counter() - t0,
+        )
+        with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(report)) + "\n")
+        if ema is not None and ema > best_ema:
+            best_ema = ema
+            save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch + 1))
+        save_checkpoint(latest, state(epoch + 1))
+        if on_epoch:
+            on_epoch(report)
+
+    save_checkpoint(final, state(settings.epochs))
+    if val_ids:
+        validate_fold(work, plans, config_name, fold, val_ids, device, inference)
+    return out_dir
+
+
+def _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k):
+    """Pseudo-Dice on ``val_iters`` unaugmented patches (foreground-oversampled like training)."""
+    if not val_ids or settings.val_iters <= 0:
+        return None, {}
+    # a fresh generator per epoch: validation never disturbs the training random state
+    rng = np.random.default_rng([settings.seed, 999, epoch])
+    sampler = PatchSampler(CaseStore(data_dir, val_ids), config.patch_size, config.batch_size, config.dim,
+                           settings.oversample_foreground, rng)
+    network.eval()
+    counts = np.zeros((k - 1, 3))
+    losses = []
+    with torch.no_grad():
+        for _ in range(settings.val_iters):
+            batch = center_crop(sampler.next_batch(), config.patch_size)
+            x = torch.from_numpy(batch["data"]).to(device)
+            y = torch.from_numpy(batch["seg"]).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                out = network(x)
+                losses.append(float(loss_fn(out, y)))
+            counts += _pseudo_dice(out.float(), y, k)
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    denom = 2 * tp + fp + fn
+    dice = {c + 1: (float(2 * tp[c] / denom[c]) if denom[c] > 0 else float("nan")) for c in range(k - 1)}
+    return float(np.mean(losses)), dice
+
+
+def validate_fold(
+    work: WorkDir, plans: Plans, config_name: str, fold: int | str, val_ids: list[str],
+    device: torch.device, inference: InferenceSettings,
+) -> dict:
+    """Predict the fold's validation cases from their preprocessed arrays with the final checkpoint, export
+    them in the original geometry to ``validation/`` and score them against ``WORK/gt_segmentations``."""
+    config = plans.configuration(config_name)
+    predictor = Predictor(work, config_name, [fold], device, inference, plans=plans)
+    data_dir = work.preprocessed(config.data_identifier)
+    out = work.fold_dir(config_name, fold) / "validation"
+    for case_id in val_ids:
+        image = np.load(data_dir / f"{case_id}.npy")
+        props = load_case_properties(data_dir, case_id)
+        seg = predictor.segment_preprocessed(image, props)
+        write_segmentation(seg, props, out / f"{case_id}{plans.file_ending}")
+    spec = load_dataset_json(work.dataset_json)
+    return evaluate_folders(work.gt_segmentations, out, spec, out / "summary.json", out / "per_case.csv")
+
+
+def _truncate_log(path: Path, start_epoch: int) -> None:
+    """Drop log lines of epochs that will be (re)done: a kill between log and checkpoint leaves one behind."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["epoch"] <= start_epoch:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by a kill
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    tmp.replace(path)
