@@ -4,8 +4,8 @@ The grid keeps its physical extent: a shape ``n`` at spacing ``s`` becomes ``rou
 ``t`` (voxel edges aligned, ``grid_mode=True``). Images use third-order splines. For anisotropic data (one axis
 more than 3× coarser than the finest) the coarse axis is resampled separately and linearly, so that the
 spline does not ring across thick slices. Label maps are resampled one label at a time as soft masks (linear)
-and recombined by argmax, so the output only holds values that were in the input and thin structures survive
-better than with nearest neighbour.
+and recombined by argmax (each output voxel takes the label that covers most of it), so the output only
+holds values that were in the input and boundaries are smooth rather than staircased.
 """
 
 from __future__ import annotations
