@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -103,7 +104,9 @@ def train_fold(
     write_json(out_dir / "settings.json", {"train": settings.to_json(), "config": config_name, "fold": str(fold)})
 
     fold_index = 5 if str(fold) == "all" else int(fold)
+    # batchgenerators draws from the global numpy and Python generators: seed both for reproducible runs
     np.random.seed((settings.seed + fold_index) % 2**32)
+    random.seed(settings.seed + fold_index)
     torch.manual_seed(settings.seed + fold_index)
     sampler_rng = np.random.default_rng([settings.seed, fold_index])
 

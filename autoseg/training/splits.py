@@ -38,7 +38,7 @@ def load_or_create_splits(path: Path, case_ids: list[str], num_folds: int = 5, s
         splits = read_json(path)
         known = set(case_ids)
         for k, fold in enumerate(splits):
-            unknown = sorted(set(fold.get("train", [])) | set(fold.get("val", [])) - known)
+            unknown = sorted((set(fold.get("train", [])) | set(fold.get("val", []))) - known)
             if unknown or not fold.get("train") or "val" not in fold:
                 raise PlansError(f"{path}: fold {k} is invalid (unknown cases {unknown[:3]} or empty train list)")
         return splits

@@ -1,0 +1,69 @@
+"""Sliding window: tiling, Gaussian weights, a known model reproduced exactly, mirroring, padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.inference.sliding_window import gaussian_importance, predict_sliding_window, tile_starts
+
+
+def test_tile_starts_cover_the_axis_with_the_given_step():
+    assert tile_starts(10, 16, 0.5) == [0]
+    assert tile_starts(16, 16, 0.5) == [0]
+    assert tile_starts(32, 16, 0.5) == [0, 8, 16]
+    starts = tile_starts(100, 30, 0.5)
+    assert starts[0] == 0 and starts[-1] == 70
+    assert max(b - a for a, b in zip(starts, starts[1:])) <= 15
+
+
+def test_gaussian_importance_peaks_in_the_centre_and_is_positive():
+    g = gaussian_importance([9, 17, 17])
+    assert g.max() == pytest.approx(1.0) and g.min() > 0
+    assert g[4, 8, 8] == g.max()
+    assert g[0, 0, 0] < g[4, 8, 8]
+
+
+class Threshold(torch.nn.Module):
+    """Pointwise 'network': logits from the input, so any tiling must reproduce the same probabilities."""
+
+    def forward(self, x):
+        return torch.cat([-x[:, :1] * 10, x[:, :1] * 10], dim=1)
+
+
+@pytest.mark.parametrize("patch", [[8, 16, 16], [16, 16]])
+def test_pointwise_model_is_reproduced_exactly_by_tiling(patch):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 13, 37, 29)).astype(np.float32)  # not a multiple of the patch
+    probs = predict_sliding_window(Threshold(), image, patch, 2, torch.device("cpu"), step_size=0.5,
+                                   mirror_axes=tuple(range(len(patch))))
+    expected = torch.softmax(torch.from_numpy(np.concatenate([-image * 10, image * 10])), 0).numpy()
+    assert probs.shape == (2, 13, 37, 29)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_volume_smaller_than_the_patch_is_padded_and_cropped_back():
+    image = np.ones((1, 3, 5, 7), np.float32)
+    probs = predict_sliding_window(Threshold(), image, [8, 8, 8], 2, torch.device("cpu"))
+    assert probs.shape == (2, 3, 5, 7)
+    assert (probs[1] > 0.99).all()
+
+
+class LeftBiased(torch.nn.Module):
+    """Predicts class 1 on the left half of every tile: mirroring along the last axis must average it."""
+
+    def forward(self, x):
+        n = x.shape[-1]
+        logit = torch.full_like(x[:, :1], -10.0)
+        logit[..., : n // 2] = 10
+        return torch.cat([torch.zeros_like(logit), logit], dim=1)
+
+
+def test_mirroring_averages_flipped_predictions():
+    image = np.zeros((1, 4, 8, 8), np.float32)
+    plain = predict_sliding_window(LeftBiased(), image, [4, 8, 8], 2, torch.device("cpu"))
+    mirrored = predict_sliding_window(LeftBiased(), image, [4, 8, 8], 2, torch.device("cpu"), mirror_axes=(2,))
+    assert plain[1, :, :, 0].min() > 0.99 and plain[1, :, :, -1].max() < 0.01
+    # averaged with its flip, every voxel is once on the left half (p=1) and once on the right (p=0)
+    np.testing.assert_allclose(mirrored[1], 0.5, atol=1e-4)
