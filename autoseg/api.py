@@ -17,7 +17,7 @@ from typing import Callable
 
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
-from autoseg.io.dataset import discover_cases, load_dataset_json
+from autoseg.io.dataset import discover_cases, discover_inputs, load_dataset_json
 from autoseg.jsonio import read_json, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
@@ -174,6 +174,7 @@ def predict(
     work = WorkDir(Path(workdir))
     plans = Plans.load(work.plans)
     plans.configuration(config)
+    discover_inputs(Path(input_path), len(plans.channel_names))  # bad input is reported before loading models
     if not folds:
         folds = available_folds(work, config)
         if not folds:

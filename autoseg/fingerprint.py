@@ -1,6 +1,7 @@
 """Dataset fingerprint: what the planner needs to know about a dataset, computed once.
 
-Per case: spacing, shape before and after cropping to the nonzero region, fraction kept by the crop, voxel
+Volumes are read in the canonical orientation (``autoseg.io.volume.CANONICAL_ORIENTATION``), so spacings
+and shapes are in the array order that preprocessing and training see. Per case: spacing, shape before and after cropping to the nonzero region, fraction kept by the crop, voxel
 count per label. Per channel: mean, std, median, min, max and 0.5/99.5 percentiles of intensities over
 foreground (label > 0) voxels, pooled over cases from a seeded sample of at most ``samples_per_case`` voxels
 each, so the fingerprint is deterministic.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
-from autoseg.io.volume import read_volume
+from autoseg.io.volume import CANONICAL_ORIENTATION, read_volume
 from autoseg.preprocessing.crop import crop_to_nonzero
 
 FINGERPRINT_SCHEMA_VERSION = 1
@@ -97,9 +98,11 @@ def case_fingerprint(
     case: Case, spec: DatasetSpec, samples_per_case: int = 10_000, seed: int = 1234
 ) -> tuple[CaseFingerprint, list[np.ndarray]]:
     """Fingerprint one case; also returns a seeded sample of foreground intensities per channel."""
-    geom = check_case_geometry(case)
-    image = np.stack([read_volume(f).array for f in case.images])
-    label, _ = load_label(case.label, set(spec.labels.values()))
+    check_case_geometry(case)
+    vols = [read_volume(f, orientation=CANONICAL_ORIENTATION) for f in case.images]
+    geom = vols[0].geometry  # spacing in the canonical array order, as preprocessing will see it
+    image = np.stack([v.array for v in vols])
+    label, _ = load_label(case.label, set(spec.labels.values()), CANONICAL_ORIENTATION)
     _check_finite(image, case)
     cropped, label_c, _, _ = crop_to_nonzero(image, label)
     fg = label_c > 0

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The main job, end to end: plan -> train -> predict -> evaluate.
-#   scripts/demo.sh                 on a synthetic phantom dataset that autoseg generates itself
-#   scripts/demo.sh DATASET_DIR     on a dataset in the nnU-Net v2 raw layout
-# Creates .venv on first use (CPU build of torch pinned). Work goes to demo_work/ (or $2 if given).
-# Training length: DEMO_EPOCHS / DEMO_ITERS are read by this script only (autoseg itself never reads env vars).
+#   scripts/demo.sh                   on a synthetic phantom dataset that autoseg generates itself
+#   scripts/demo.sh DATASET_DIR       on a dataset in the nnU-Net v2 raw layout
+# Options: --epochs N (3)  --iters N (12)  --config 3d_fullres|2d  --work DIR (demo_work/)
+# Creates .venv on first use (CPU build of torch pinned). Trains fold 0, predicts its validation cases
+# from the raw images, and scores them against the dataset's labels.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-DATASET="${1:-}"
-WORK="${2:-$ROOT/demo_work}"
-EPOCHS="${DEMO_EPOCHS:-3}"
-ITERS="${DEMO_ITERS:-12}"
-CONFIG="${DEMO_CONFIG:-3d_fullres}"
+DATASET="" EPOCHS=3 ITERS=12 CONFIG=3d_fullres WORK="$ROOT/demo_work"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --epochs) EPOCHS="$2"; shift 2 ;;
+        --iters) ITERS="$2"; shift 2 ;;
+        --config) CONFIG="$2"; shift 2 ;;
+        --work) WORK="$2"; shift 2 ;;
+        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        *) DATASET="$1"; shift ;;
+    esac
+done
+start=$(date +%s)
 if [ -z "$DATASET" ]; then
     DATASET="$WORK/phantom_dataset"
     if [ ! -f "$DATASET/dataset.json" ]; then
@@ -19,13 +27,11 @@ if [ -z "$DATASET" ]; then
         autoseg phantom "$DATASET" --cases 10 --seed 0
     fi
 fi
-start=$(date +%s)
 echo "== plan $DATASET"
 autoseg plan "$DATASET" --workdir "$WORK/work" --workers 2
 echo "== train $CONFIG fold 0 ($EPOCHS epochs x $ITERS iterations)"
-fold_dir="$WORK/work/results/$CONFIG/fold_0"
 resume=""
-[ -f "$fold_dir/checkpoint_latest.pt" ] && resume="--resume"
+[ -f "$WORK/work/results/$CONFIG/fold_0/checkpoint_latest.pt" ] && resume="--resume"
 autoseg train "$WORK/work" "$CONFIG" 0 --epochs "$EPOCHS" --iters-per-epoch "$ITERS" --val-iters 4 $resume
 echo "== predict fold 0's validation cases from the raw images"
 rm -rf "$WORK/val_images" "$WORK/predictions"
@@ -42,4 +48,4 @@ autoseg predict "$WORK/work" "$WORK/val_images" "$WORK/predictions" --config "$C
 echo "== evaluate"
 autoseg evaluate "$DATASET/labelsTr" "$WORK/predictions" --dataset-json "$DATASET/dataset.json" \
     --output "$WORK/evaluation/summary.json"
-echo "demo finished in $(( $(date +%s) - start )) s (after set-up); results in $WORK"
+echo "demo finished in $(( $(date +%s) - start )) s; results in $WORK"

@@ -75,12 +75,13 @@ def _round_trip_dice(work: WorkDir, dataset) -> list[float]:
     spec = load_dataset_json(dataset)
     out = []
     for case in discover_cases(dataset, spec):
-        image, geom = read_channels(case.images)
-        label, _ = load_label(case.label, set(spec.labels.values()))
-        _, lab_pp, props = preprocess_image(image, geom, plans, config, label, case.case_id)
+        image, geom, source = read_channels(case.images, plans.orientation)
+        label, _ = load_label(case.label, set(spec.labels.values()), plans.orientation)
+        _, lab_pp, props = preprocess_image(image, geom, source, plans, config, label, case.case_id)
+        label, _ = load_label(case.label, set(spec.labels.values()))  # as stored, to compare with the export
         probs = np.stack([(lab_pp == k).astype(np.float32) for k in range(plans.num_classes)])
         seg = probabilities_to_segmentation(probs, props, plans)
-        assert seg.shape == geom.shape
+        assert seg.shape == source.shape
         for k in spec.foreground_labels.values():
             a, b = seg == k, label == k
             if b.any():
@@ -92,7 +93,8 @@ def test_phantom_geometry_round_trip(planned_phantom, phantom_dataset):
     dice = _round_trip_dice(planned_phantom, phantom_dataset)
     assert min(dice) > 0.9, dice
     props = load_case_properties(planned_phantom.preprocessed("fullres"), "phantom_001")
-    assert props.geometry.direction[0] == -1.0  # the flipped phantom case keeps its direction
+    assert props.source_geometry.direction[0] == -1.0  # the flipped phantom case keeps its direction
+    assert props.geometry.direction[0] == 1.0  # ... and is flipped to LPS for training
 
 
 @pytest.mark.realdata

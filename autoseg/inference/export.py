@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.io.volume import write_volume
+from autoseg.io.volume import reorient_to, write_volume
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.crop import uncrop
 from autoseg.preprocessing.pipeline import CaseProperties
@@ -14,10 +14,11 @@ from autoseg.preprocessing.resample import resample_probabilities
 
 
 def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
-    """``probs`` ``(K, *shape_resampled)`` → uint8 label map of the original image's shape ``(z, y, x)``.
+    """``probs`` ``(K, *shape_resampled)`` → uint8 label map in the array order of the file as stored.
 
     Probabilities are resampled linearly to the cropped grid (coarse axis separately, as in preprocessing),
-    then argmax, transposed back and placed into the nonzero bounding box; outside it is background.
+    then argmax, transposed back, placed into the nonzero bounding box (outside it is background), and turned
+    back from the plans' orientation to the file's own.
     """
     bbox = props.bbox
     cropped = [b - a for a, b in bbox]
@@ -25,9 +26,10 @@ def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plan
     probs = resample_probabilities(probs, tuple(props.spacing_transposed), tuple(cropped_t))
     seg = np.argmax(probs, axis=0).astype(np.uint8)
     seg = seg.transpose(plans.transpose_backward)
-    return uncrop(seg, [tuple(b) for b in bbox], props.geometry.shape, fill=0)
+    seg = uncrop(seg, [tuple(b) for b in bbox], props.geometry.shape, fill=0)
+    return reorient_to(seg, props.geometry, props.source_geometry)
 
 
 def write_segmentation(seg: np.ndarray, props: CaseProperties, path: Path) -> Path:
     """Write ``seg`` atomically with the original image's spacing, origin and direction."""
-    return write_volume(seg, props.geometry, path)
+    return write_volume(seg, props.source_geometry, path)

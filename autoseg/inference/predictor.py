@@ -105,8 +105,8 @@ class Predictor:
         return probabilities_to_segmentation(self.predict_preprocessed(image), props, self.plans)
 
     def predict_case(self, case: Case) -> tuple[np.ndarray, CaseProperties]:
-        image, geom = read_channels(case.images)
-        image, _, props = preprocess_image(image, geom, self.plans, self.config, None, case.case_id)
+        image, geom, source = read_channels(case.images, self.plans.orientation)
+        image, _, props = preprocess_image(image, geom, source, self.plans, self.config, None, case.case_id)
         return self.segment_preprocessed(image, props), props
 
     def predict_folder(

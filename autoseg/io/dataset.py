@@ -252,9 +252,9 @@ def check_case_geometry(case: Case) -> Geometry:
     return ref
 
 
-def load_label(path: Path, allowed: set[int]) -> tuple[np.ndarray, Geometry]:
+def load_label(path: Path, allowed: set[int], orientation: str | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a label map as uint8/int16, checking values are integral and declared in dataset.json."""
-    vol = read_volume(path, dtype=None)
+    vol = read_volume(path, dtype=None, orientation=orientation)
     arr = vol.array
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.isfinite(arr)):

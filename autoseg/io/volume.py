@@ -8,8 +8,11 @@ physical index order (i, j, k) used by ``Image.GetSpacing()``. Every spacing sto
 voxel size along ``array.shape[a]``. Origin and direction stay in SimpleITK's physical convention
 (x, y, z; row-major 3×3 direction cosines), because they are only ever handed back to SimpleITK.
 
-No reorientation is done: the network sees voxels as stored, and outputs are written with the exact
-geometry of the input, so any orientation (RAS, LPS, PSR, ...) round-trips unchanged.
+Orientation: readers may ask for a canonical orientation (autoseg uses ``LPS``, the identity direction in
+ITK's physical frame, so array axes are (S, P, L) -> (z, y, x)). Reorienting only permutes and flips axes
+(``sitk.DICOMOrient``): no interpolation, exactly invertible. Datasets that mix orientations (RAS, LPS, PSR
+cases side by side) then present anatomy along the same array axes to the network, and every output is
+turned back to the orientation of its input and written with the input's exact geometry.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import SimpleITK as sitk
 from autoseg.errors import DatasetError
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".mhd")
+CANONICAL_ORIENTATION = "LPS"
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,15 @@ class Geometry:
 
 @dataclass
 class Volume:
-    """A 3D array with its geometry. ``array`` has shape ``geometry.shape`` in ``(z, y, x)`` order."""
+    """A 3D array with its geometry. ``array`` has shape ``geometry.shape`` in ``(z, y, x)`` order.
+
+    ``source_geometry`` is the geometry as stored in the file (differs from ``geometry`` after reorienting).
+    """
 
     array: np.ndarray
     geometry: Geometry
     path: Path | None = field(default=None, compare=False)
+    source_geometry: Geometry | None = field(default=None, compare=False)
 
     @property
     def spacing_mm(self) -> tuple[float, ...]:
@@ -119,10 +127,18 @@ def read_header(path: str | os.PathLike) -> Geometry:
     return geom
 
 
-def read_volume(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32) -> Volume:
+def orientation_code(geometry: Geometry) -> str:
+    """Three-letter orientation (e.g. ``RAS``, ``LPS``, ``PSR``) closest to the geometry's direction."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
+
+
+def read_volume(
+    path: str | os.PathLike, dtype: np.dtype | type | None = np.float32, orientation: str | None = None
+) -> Volume:
     """Read a 3D image. Raises :class:`DatasetError` naming the file for anything malformed.
 
-    ``dtype=None`` keeps the stored data type.
+    ``dtype=None`` keeps the stored data type. With ``orientation`` (e.g. ``"LPS"``) the image is permuted and
+    flipped to that orientation; ``source_geometry`` keeps the geometry as stored.
     """
     path = Path(path)
     _check_file(path)
@@ -130,12 +146,26 @@ def read_volume(path: str | os.PathLike, dtype: np.dtype | type | None = np.floa
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
-    geom = _geometry_of(img)
-    _check_geometry(path, geom, img.GetNumberOfComponentsPerPixel())
+    source = _geometry_of(img)
+    _check_geometry(path, source, img.GetNumberOfComponentsPerPixel())
+    if orientation is not None and orientation_code(source) != orientation:
+        img = sitk.DICOMOrient(img, orientation)
     arr = sitk.GetArrayFromImage(img)
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
-    return Volume(array=arr, geometry=geom, path=path)
+    return Volume(array=arr, geometry=_geometry_of(img), path=path, source_geometry=source)
+
+
+def reorient_to(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
+    """Permute/flip ``array`` (with ``geometry``) into the orientation of ``target`` and check it then has
+    ``target``'s shape: the exact inverse of reading with ``orientation=...``."""
+    if orientation_code(geometry) == orientation_code(target):
+        out = array
+    else:
+        out = sitk.GetArrayFromImage(sitk.DICOMOrient(to_sitk(array, geometry), orientation_code(target)))
+    if tuple(out.shape) != tuple(target.shape):
+        raise ValueError(f"reoriented shape {out.shape} does not match the target shape {target.shape}")
+    return out
 
 
 def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:

@@ -9,6 +9,7 @@ import numpy as np
 
 from autoseg.fingerprint import Fingerprint
 from autoseg.io.dataset import DatasetSpec
+from autoseg.io.volume import CANONICAL_ORIENTATION
 from autoseg.planning import memory, topology
 from autoseg.planning.plans import Configuration, NetworkTopology, Plans
 from autoseg.planning.spacing import target_spacing, transpose_coarse_first
@@ -123,6 +124,10 @@ def make_plans(
     """Derive plans for ``2d`` and ``3d_fullres`` from the fingerprint."""
     reasons: list[str] = []
     spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
+    reasons.append(
+        f"volumes are reoriented to {CANONICAL_ORIENTATION} (lossless permute/flip) so that every case presents its "
+        "anatomy along the same array axes; outputs are turned back to each input's orientation"
+    )
     reasons.append(f"target spacing {_fmt(spacing)} mm (array order z,y,x): {why}")
     transpose = transpose_coarse_first(spacing)
     if transpose != [0, 1, 2]:
@@ -160,6 +165,7 @@ def make_plans(
         configurations={"2d": cfg2d, "3d_fullres": cfg3d},
         gpu_memory_gb=float(gpu_memory_gb),
         reasons=reasons,
+        orientation=CANONICAL_ORIENTATION,
     )
 
 

@@ -1,7 +1,8 @@
 """Plans: the typed, versioned artifact that ``autoseg plan`` writes and every later stage reads.
 
 All spatial lists (``spacing``, ``patch_size``, ``strides``, ``kernel_sizes``) are in the *transposed* array
-order used for training: arrays read from disk in ``(z, y, x)`` order are permuted by ``transpose_forward``
+order used for training: volumes are first reoriented to ``orientation`` (a lossless permute/flip), then
+their ``(z, y, x)`` arrays are permuted by ``transpose_forward``
 so that the coarsest axis comes first (2D configurations then slice along axis 0). For 2D configurations the
 spatial lists have two entries (the in-plane axes).
 """
@@ -77,6 +78,7 @@ class Plans:
     configurations: dict[str, Configuration]
     gpu_memory_gb: float
     reasons: list[str] = field(default_factory=list)  # human-readable planning decisions (--explain)
+    orientation: str = "LPS"  # every volume is permuted/flipped to this orientation before preprocessing
     schema_version: int = PLANS_SCHEMA_VERSION
 
     @property
@@ -103,6 +105,7 @@ class Plans:
             "labels": dict(self.labels),
             "regions": {k: list(v) for k, v in self.regions.items()},
             "file_ending": self.file_ending,
+            "orientation": self.orientation,
             "transpose_forward": list(self.transpose_forward),
             "normalization": [n.to_json() for n in self.normalization],
             "gpu_memory_gb": self.gpu_memory_gb,
@@ -123,6 +126,7 @@ class Plans:
             labels={k: int(v) for k, v in d["labels"].items()},
             regions={k: list(v) for k, v in d.get("regions", {}).items()},
             file_ending=d["file_ending"],
+            orientation=str(d["orientation"]),
             transpose_forward=[int(v) for v in d["transpose_forward"]],
             normalization=[ChannelNormalization.from_json(n) for n in d["normalization"]],
             gpu_memory_gb=float(d["gpu_memory_gb"]),

@@ -36,8 +36,9 @@ class CaseProperties:
     """What is needed to map a preprocessed case back to its original image."""
 
     case_id: str
-    geometry: Geometry  # of the original image
-    bbox: list[list[int]]  # nonzero crop in original (z, y, x) array order, half-open
+    geometry: Geometry  # of the image in the plans' orientation (what was cropped and resampled)
+    source_geometry: Geometry  # of the image as stored in its file (what outputs are written with)
+    bbox: list[list[int]]  # nonzero crop in the reoriented (z, y, x) array, half-open
     spacing_transposed: list[float]  # original spacing in the transposed order
     shape_resampled: list[int]  # shape after resampling (transposed order)
 
@@ -45,6 +46,7 @@ class CaseProperties:
         return {
             "case_id": self.case_id,
             "geometry": self.geometry.to_json(),
+            "source_geometry": self.source_geometry.to_json(),
             "bbox": self.bbox,
             "spacing_transposed": self.spacing_transposed,
             "shape_resampled": self.shape_resampled,
@@ -55,15 +57,19 @@ class CaseProperties:
         return cls(
             case_id=d["case_id"],
             geometry=Geometry.from_json(d["geometry"]),
+            source_geometry=Geometry.from_json(d["source_geometry"]),
             bbox=[list(b) for b in d["bbox"]],
             spacing_transposed=[float(v) for v in d["spacing_transposed"]],
             shape_resampled=[int(v) for v in d["shape_resampled"]],
         )
 
 
-def read_channels(files: tuple[Path, ...] | list[Path]) -> tuple[np.ndarray, Geometry]:
-    """Read and stack the channel files of one case into ``(C, Z, Y, X)`` float32."""
-    vols = [read_volume(f) for f in files]
+def read_channels(
+    files: tuple[Path, ...] | list[Path], orientation: str | None
+) -> tuple[np.ndarray, Geometry, Geometry]:
+    """Read the channel files of one case, reoriented to ``orientation``, stacked into ``(C, Z, Y, X)``
+    float32. Returns ``(image, geometry after reorienting, geometry as stored)``."""
+    vols = [read_volume(f, orientation=orientation) for f in files]
     ref = vols[0].geometry
     for v in vols[1:]:
         if v.geometry.shape != ref.shape:
@@ -76,18 +82,20 @@ def read_channels(files: tuple[Path, ...] | list[Path]) -> tuple[np.ndarray, Geo
 
         bad = next(f for f, v in zip(files, vols) if not np.all(np.isfinite(v.array)))
         raise DatasetError(f"{bad}: contains NaN/Inf intensities")
-    return image, ref
+    return image, ref, vols[0].source_geometry
 
 
 def preprocess_image(
     image: np.ndarray,
     geometry: Geometry,
+    source_geometry: Geometry,
     plans: Plans,
     config: Configuration,
     label: np.ndarray | None = None,
     case_id: str = "",
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
-    """Crop, normalize, transpose and resample one case. ``image`` is ``(C, Z, Y, X)`` in file order."""
+    """Crop, normalize, transpose and resample one case. ``image`` is ``(C, Z, Y, X)`` as returned by
+    :func:`read_channels` (already in the plans' orientation, with ``geometry``)."""
     image, label, mask, bbox = crop_to_nonzero(image, label)
     image = normalize(image, plans.normalization, mask)
     tf = plans.transpose_forward
@@ -101,6 +109,7 @@ def preprocess_image(
     props = CaseProperties(
         case_id=case_id,
         geometry=geometry,
+        source_geometry=source_geometry,
         bbox=[list(b) for b in bbox],
         spacing_transposed=[float(s) for s in spacing_t],
         shape_resampled=[int(s) for s in out_shape],
@@ -127,9 +136,9 @@ def case_is_done(out_dir: Path, case_id: str) -> bool:
 def preprocess_training_case(case: Case, spec: DatasetSpec, plans: Plans, config: Configuration, out_dir: Path) -> str:
     """Preprocess one training case into ``out_dir`` (atomic writes; the JSON marker last)."""
     check_case_geometry(case)
-    image, geom = read_channels(case.images)
-    label, _ = load_label(case.label, set(spec.labels.values()))
-    image, label, props = preprocess_image(image, geom, plans, config, label, case.case_id)
+    image, geom, source = read_channels(case.images, plans.orientation)
+    label, _ = load_label(case.label, set(spec.labels.values()), plans.orientation)
+    image, label, props = preprocess_image(image, geom, source, plans, config, label, case.case_id)
     save_npy(out_dir / f"{case.case_id}.npy", image)
     save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
     save_npz(out_dir / f"{case.case_id}_fg.npz", **foreground_locations(label, sorted(spec.foreground_labels.values()), case.case_id))
