@@ -82,6 +82,14 @@ def test_pooling_waits_for_the_coarse_axis():
     assert kernels[:3] == [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
 
 
+def test_a_short_axis_does_not_stop_the_others():
+    # 8x64x64 at 1 mm: z halves once (8 -> 4) and then is too short; y and x go on 32 > 16 > 8 > 4 although
+    # their spacing (2, 4, 8, 16 mm) leaves z's 2 mm behind: only axes that can still be pooled are compared.
+    strides, kernels = topology.pooling_and_kernels([8, 64, 64], [1.0, 1.0, 1.0])
+    assert strides == [[1, 1, 1], [2, 2, 2], [1, 2, 2], [1, 2, 2], [1, 2, 2]]
+    assert kernels == [[3, 3, 3]] * 5  # once 3-wide, an axis keeps its 3-wide kernel
+
+
 def test_features_are_capped():
     assert topology.features_per_stage(7, 3) == [32, 64, 128, 256, 320, 320, 320]
     assert topology.features_per_stage(8, 2)[-1] == 512

@@ -114,7 +114,7 @@ def plan_configuration(
             features_per_stage=feats,
         ),
         estimated_memory_gb=round(est / 1024**3, 3),
-        batch_dice=dim == 3,
+        batch_dice=dim == 2,  # as nnU-Net v2: batch Dice for 2D, per-sample Dice for 3D
     )
 
 

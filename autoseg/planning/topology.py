@@ -19,34 +19,38 @@ def pooling_and_kernels(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Strides and kernel sizes per stage for ``patch_size`` at ``spacing``.
 
-    Stage 0 has stride 1. Each further stage halves every axis whose feature map would still be >=
-    ``MIN_FEATURE_MAP`` voxels and whose current spacing is within ``SPACING_RATIO`` of the finest current
-    spacing; stages stop when no axis can be pooled or ``max_stages`` is reached. Kernels are 3 along axes
-    within ``SPACING_RATIO`` of the finest spacing and 1 along axes still too coarse (so a 3-wide kernel does
-    not mix distant slices before in-plane pooling has caught up).
+    Stage 0 has stride 1. At each further stage, the axes whose feature map would still be >=
+    ``MIN_FEATURE_MAP`` voxels after halving are candidates; among them, those whose current spacing is within
+    ``SPACING_RATIO`` of the finest candidate's spacing are halved (an axis too short to pool does not hold the
+    others back). Stages stop when no axis can be pooled or ``max_stages`` is reached. Kernels are 1 along an
+    axis while it is still more than ``SPACING_RATIO`` coarser than the finest axis (a 3-wide kernel would mix
+    distant slices) and 3 from the stage where in-plane pooling has caught up, for good.
     """
     dim = len(patch_size)
     max_stages = max_stages or MAX_STAGES[dim]
     size = [int(s) for s in patch_size]
     sp = [float(s) for s in spacing]
+    kern = [1] * dim
 
-    def kernel(current: list[float]) -> list[int]:
+    def update_kernel(current: list[float]) -> list[int]:
         finest = min(current)
-        return [3 if s <= SPACING_RATIO * finest else 1 for s in current]
+        for a in range(dim):
+            if kern[a] == 1 and current[a] <= SPACING_RATIO * finest:
+                kern[a] = 3
+        return list(kern)
 
     strides = [[1] * dim]
-    kernels = [kernel(sp)]
+    kernels = [update_kernel(sp)]
     while len(strides) < max_stages:
-        finest = min(sp)
-        stride = [
-            2 if size[a] // 2 >= MIN_FEATURE_MAP and sp[a] <= SPACING_RATIO * finest else 1 for a in range(dim)
-        ]
-        if all(s == 1 for s in stride):
+        candidates = [a for a in range(dim) if size[a] // 2 >= MIN_FEATURE_MAP]
+        if not candidates:
             break
+        finest = min(sp[a] for a in candidates)
+        stride = [2 if a in candidates and sp[a] <= SPACING_RATIO * finest else 1 for a in range(dim)]
         size = [n // s for n, s in zip(size, stride)]
         sp = [v * s for v, s in zip(sp, stride)]
         strides.append(stride)
-        kernels.append(kernel(sp))
+        kernels.append(update_kernel(sp))
     return strides, kernels
 
 
