@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
@@ -90,15 +90,28 @@ def plan(
     wanted = configurations or tuple(plans.configurations)
     for data_id in sorted({plans.configuration(c).data_identifier for c in wanted}):
         config = next(c for c in plans.configurations.values() if c.data_identifier == data_id)
-        count = [0]
-
-        def step(_case: str) -> None:
-            count[0] += 1
-            if progress:
-                progress(f"preprocess {data_id}", count[0], len(cases))
-
-        preprocess_dataset(cases, spec, plans, config, work.preprocessed(data_id), workers=workers, progress=step)
+        preprocess_dataset(
+            cases,
+            spec,
+            plans,
+            config,
+            work.preprocessed(data_id),
+            workers=workers,
+            progress=_counter(progress, f"preprocess {data_id}", len(cases)),
+        )
     return plans
+
+
+def _counter(progress: Progress | None, stage: str, total: int) -> Callable[[str], None]:
+    """A per-case callback that reports ``(stage, done, total)`` to ``progress``."""
+    done = [0]
+
+    def step(_case: str) -> None:
+        done[0] += 1
+        if progress:
+            progress(stage, done[0], total)
+
+    return step
 
 
 def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
@@ -108,7 +121,10 @@ def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
         prev = read_json(work.dataset_json)
     except ValueError:
         return
-    if prev.get("labels") != spec.to_json()["labels"] or prev.get("channel_names") != spec.to_json()["channel_names"]:
+    if (
+        prev.get("labels") != spec.to_json()["labels"]
+        or prev.get("channel_names") != spec.to_json()["channel_names"]
+    ):
         raise AutosegError(
             f"{work.root}: this WORK folder holds another dataset ({prev.get('source', '?')}); use a new --workdir"
         )
@@ -149,8 +165,15 @@ def train(
     train_settings, infer_settings = load_settings(config_file, **overrides)
     work = WorkDir(Path(workdir))
     return train_fold(
-        work, config, fold, train_settings, resolve_device(device), resume=resume, inference=infer_settings,
-        on_iteration=on_iteration, on_epoch=on_epoch,
+        work,
+        config,
+        fold,
+        train_settings,
+        resolve_device(device),
+        resume=resume,
+        inference=infer_settings,
+        on_iteration=on_iteration,
+        on_epoch=on_epoch,
     )
 
 
@@ -180,11 +203,16 @@ def predict(
         if not folds:
             raise PlansError(f"{work.root / 'results' / config}: no trained fold (checkpoint_final.pt) found")
     predictor = Predictor(
-        work, config, folds, resolve_device(device), InferenceSettings(step_size=step_size, mirroring=mirroring),
+        work,
+        config,
+        folds,
+        resolve_device(device),
+        InferenceSettings(step_size=step_size, mirroring=mirroring),
         plans=plans,
     )
-    return predictor.predict_folder(Path(input_path), Path(output_dir), continue_=continue_, overwrite=overwrite,
-                                    progress=progress)
+    return predictor.predict_folder(
+        Path(input_path), Path(output_dir), continue_=continue_, overwrite=overwrite, progress=progress
+    )
 
 
 def available_folds(work: WorkDir, config: str) -> list[int | str]:
@@ -209,5 +237,6 @@ def evaluate(
 
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
-    return evaluate_folders(Path(reference_dir), Path(prediction_dir), spec, out, out.with_name("per_case.csv"),
-                            workers=workers)
+    return evaluate_folders(
+        Path(reference_dir), Path(prediction_dir), spec, out, out.with_name("per_case.csv"), workers=workers
+    )

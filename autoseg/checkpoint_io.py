@@ -45,7 +45,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def check_compatible(ckpt: dict, path: Path, config: str, topology: dict) -> None:
     """Raise :class:`CheckpointError` if ``ckpt`` was trained for another configuration or network."""
     if ckpt.get("config") != config:
-        raise CheckpointError(f"{path}: checkpoint is for configuration '{ckpt.get('config')}', not '{config}'")
+        raise CheckpointError(
+            f"{path}: checkpoint is for configuration '{ckpt.get('config')}', not '{config}'"
+        )
     saved = json.loads(ckpt.get("topology", "{}"))
     if saved != topology:
-        raise CheckpointError(f"{path}: checkpoint network does not match the plans (architecture or topology changed)")
+        raise CheckpointError(
+            f"{path}: checkpoint network does not match the plans (architecture or topology changed)"
+        )

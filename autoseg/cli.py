@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from autoseg import api
@@ -26,8 +33,14 @@ out = Console()
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
     )
 
 
@@ -44,23 +57,41 @@ def _stage_progress(bar: Progress):
 
 @app.command()
 def plan(
-    dataset_dir: Annotated[Path, typer.Argument(help="Raw dataset folder (dataset.json, imagesTr, labelsTr)")],
+    dataset_dir: Annotated[
+        Path, typer.Argument(help="Raw dataset folder (dataset.json, imagesTr, labelsTr)")
+    ],
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for everything derived")],
-    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="GPU memory budget of a training step, GB")] = 8.0,
+    gpu_memory: Annotated[
+        float, typer.Option("--gpu-memory", help="GPU memory budget of a training step, GB")
+    ] = 8.0,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel processes")] = 2,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
-    explain: Annotated[bool, typer.Option("--explain", help="Print every planning decision and its reason")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Print every planning decision and its reason")
+    ] = False,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
-        plans = api.plan(dataset_dir, workdir, gpu_memory_gb=gpu_memory, workers=workers, clean=clean,
-                         progress=_stage_progress(bar))
+        plans = api.plan(
+            dataset_dir,
+            workdir,
+            gpu_memory_gb=gpu_memory,
+            workers=workers,
+            clean=clean,
+            progress=_stage_progress(bar),
+        )
     table = Table(title=f"plans for {plans.dataset_name or dataset_dir.name}")
     for col in ("configuration", "spacing (mm)", "patch", "batch", "stages", "est. memory (GB)"):
         table.add_column(col)
     for name, c in plans.configurations.items():
-        table.add_row(name, "×".join(f"{s:.3g}" for s in c.spacing), "×".join(map(str, c.patch_size)),
-                      str(c.batch_size), str(c.network.n_stages), f"{c.estimated_memory_gb:.2f}")
+        table.add_row(
+            name,
+            "×".join(f"{s:.3g}" for s in c.spacing),
+            "×".join(map(str, c.patch_size)),
+            str(c.batch_size),
+            str(c.network.n_stages),
+            f"{c.estimated_memory_gb:.2f}",
+        )
     out.print(table)
     if explain:
         for r in plans.reasons:
@@ -73,13 +104,19 @@ def train(
     workdir: Annotated[Path, typer.Argument(help="WORK folder made by 'autoseg plan'")],
     config: Annotated[str, typer.Argument(help="Configuration: 2d or 3d_fullres")],
     fold: Annotated[str, typer.Argument(help="Fold 0-4, or 'all' to train on every case")],
-    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (default 1000)")] = None,
-    iters_per_epoch: Annotated[Optional[int], typer.Option(help="Iterations per epoch (default 250)")] = None,
-    val_iters: Annotated[Optional[int], typer.Option(help="Validation iterations per epoch (default 50)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs (default 1000)")] = None,
+    iters_per_epoch: Annotated[int | None, typer.Option(help="Iterations per epoch (default 250)")] = None,
+    val_iters: Annotated[
+        int | None, typer.Option(help="Validation iterations per epoch (default 50)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt")] = False,
-    config_file: Annotated[Optional[Path], typer.Option("--config-file", help="TOML settings (see configs/default.toml)")] = None,
-    no_mirroring: Annotated[bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")] = False,
+    config_file: Annotated[
+        Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
+    ] = None,
+    no_mirroring: Annotated[
+        bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
+    ] = False,
 ) -> None:
     """Train one fold of a configuration, then predict and score its validation cases."""
     if fold != "all" and fold not in {"0", "1", "2", "3", "4"}:
@@ -102,9 +139,17 @@ def train(
             bar.update(task, description=f"epoch {r.epoch + 1}", completed=0)
 
         fold_dir = api.train(
-            workdir, config, fold, device=device, resume=resume, config_file=config_file,
-            on_iteration=on_iteration, on_epoch=on_epoch,
-            epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+            workdir,
+            config,
+            fold,
+            device=device,
+            resume=resume,
+            config_file=config_file,
+            on_iteration=on_iteration,
+            on_epoch=on_epoch,
+            epochs=epochs,
+            iters_per_epoch=iters_per_epoch,
+            val_iters=val_iters,
             mirroring=False if no_mirroring else None,
         )
     summary = fold_dir / "validation" / "summary.json"
@@ -116,10 +161,14 @@ def train(
 @app.command()
 def predict(
     workdir: Annotated[Path, typer.Argument(help="WORK folder with trained folds")],
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Folder of <case>_<cccc> images, or one image")],
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="Folder of <case>_<cccc> images, or one image")
+    ],
     output: Annotated[Path, typer.Argument(help="Output folder for <case><ending> label maps")],
     config: Annotated[str, typer.Option("--config", "-c")] = "3d_fullres",
-    folds: Annotated[Optional[list[str]], typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")] = None,
+    folds: Annotated[
+        list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")
+    ] = None,
     step: Annotated[float, typer.Option("--step", help="Tile step as a fraction of the patch")] = 0.5,
     no_mirroring: Annotated[bool, typer.Option("--no-mirroring")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
@@ -132,9 +181,19 @@ def predict(
         fold_list = ["all" if f == "all" else int(f) for f in folds]
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")
-        written = api.predict(workdir, input_path, output, config=config, folds=fold_list, step_size=step,
-                              mirroring=not no_mirroring, device=device, continue_=continue_, overwrite=overwrite,
-                              progress=lambda case: bar.update(task, advance=1, info=case))
+        written = api.predict(
+            workdir,
+            input_path,
+            output,
+            config=config,
+            folds=fold_list,
+            step_size=step,
+            mirroring=not no_mirroring,
+            device=device,
+            continue_=continue_,
+            overwrite=overwrite,
+            progress=lambda case: bar.update(task, advance=1, info=case),
+        )
     out.print(f"{len(written)} prediction(s) written to {output}")
 
 
@@ -143,7 +202,7 @@ def evaluate(
     reference_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps")],
     prediction_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps")],
     dataset_json: Annotated[Path, typer.Option("--dataset-json", help="The dataset's dataset.json")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="summary.json path")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="summary.json path")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
 ) -> None:
     """Dice, IoU, surface distances per case and label; summary.json and per_case.csv."""
@@ -174,14 +233,16 @@ def _print_summary(path: Path) -> None:
     table.add_column("IoU")
     table.add_column("HD95 (mm)")
     for label, m in s.get("mean", {}).items():
-        def val(key: str) -> str:
-            v = m.get(key, {})
-            v = v.get("mean") if isinstance(v, dict) else v
-            return "n/a" if v is None else f"{v:.4f}"
-        table.add_row(label, val("dice"), val("iou"), val("hd95_mm"))
+        table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95_mm")))
     out.print(table)
     if s.get("mean_dice") is not None:
         out.print(f"mean Dice {s['mean_dice']:.4f}")
+
+
+def _mean_of(metrics: dict, key: str) -> str:
+    v = metrics.get(key, {})
+    v = v.get("mean") if isinstance(v, dict) else v
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

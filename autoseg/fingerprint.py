@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -63,7 +62,7 @@ class Fingerprint:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Fingerprint":
+    def from_json(cls, d: dict) -> Fingerprint:
         return cls(
             schema_version=int(d["schema_version"]),
             dataset_hash=str(d["dataset_hash"]),
@@ -176,9 +175,7 @@ def compute_fingerprint(
             if progress:
                 progress()
     per_case = [r[0] for r in results]
-    intensity = [
-        _stats(np.concatenate([r[1][c] for r in results])) for c in range(spec.num_channels)
-    ]
+    intensity = [_stats(np.concatenate([r[1][c] for r in results])) for c in range(spec.num_channels)]
     return Fingerprint(
         schema_version=FINGERPRINT_SCHEMA_VERSION,
         dataset_hash=dataset_hash(cases, spec),

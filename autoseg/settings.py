@@ -74,7 +74,9 @@ def _merge(obj, values: dict, where: str):
         if hasattr(current, "__dataclass_fields__"):
             updates[key] = _merge(current, val, f"{where}.{key}")
         else:
-            updates[key] = type(current)(val) if current is not None and not isinstance(val, type(current)) else val
+            updates[key] = (
+                type(current)(val) if current is not None and not isinstance(val, type(current)) else val
+            )
     return replace(obj, **updates)
 
 

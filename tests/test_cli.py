@@ -25,8 +25,22 @@ def test_full_pipeline_through_the_cli(phantom_dataset, tmp_path, capsys):
     code, out, _ = _run(capsys, "plan", phantom_dataset, "--workdir", work, "--workers", "1", "--explain")
     assert code == 0 and "3d_fullres" in out and "target spacing" in out
     shrink_network(WorkDir(work))
-    code, out, _ = _run(capsys, "train", work, "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "2",
-                        "--val-iters", "1", "--device", "cpu", "--no-mirroring")
+    code, out, _ = _run(
+        capsys,
+        "train",
+        work,
+        "3d_fullres",
+        "0",
+        "--epochs",
+        "1",
+        "--iters-per-epoch",
+        "2",
+        "--val-iters",
+        "1",
+        "--device",
+        "cpu",
+        "--no-mirroring",
+    )
     assert code == 0, out
     assert (work / "results/3d_fullres/fold_0/validation/summary.json").is_file()
 
@@ -36,7 +50,9 @@ def test_full_pipeline_through_the_cli(phantom_dataset, tmp_path, capsys):
         shutil.copy(f, inputs / f.name)
     before = sorted(p.name for p in inputs.iterdir())
     preds = tmp_path / "preds"
-    code, out, err = _run(capsys, "predict", work, inputs, preds, "--folds", "0", "--device", "cpu", "--no-mirroring")
+    code, out, err = _run(
+        capsys, "predict", work, inputs, preds, "--folds", "0", "--device", "cpu", "--no-mirroring"
+    )
     assert code == 0, err
     assert sorted(p.name for p in inputs.iterdir()) == before  # the input folder is untouched
     for case in ("phantom_000", "phantom_001"):  # phantom_001 has a flipped direction
@@ -54,8 +70,16 @@ def test_full_pipeline_through_the_cli(phantom_dataset, tmp_path, capsys):
     assert code == 0
 
     summary = tmp_path / "eval" / "summary.json"
-    code, out, _ = _run(capsys, "evaluate", phantom_dataset / "labelsTr", preds, "--dataset-json",
-                        phantom_dataset / "dataset.json", "--output", summary)
+    code, out, _ = _run(
+        capsys,
+        "evaluate",
+        phantom_dataset / "labelsTr",
+        preds,
+        "--dataset-json",
+        phantom_dataset / "dataset.json",
+        "--output",
+        summary,
+    )
     assert code == 0 and "organ" in out
     data = json.loads(summary.read_text())
     assert {row["case"] for row in data["per_case"]} == {"phantom_000", "phantom_001"}

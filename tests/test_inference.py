@@ -36,8 +36,9 @@ class Threshold(torch.nn.Module):
 def test_pointwise_model_is_reproduced_exactly_by_tiling(patch):
     rng = np.random.default_rng(0)
     image = rng.normal(size=(1, 13, 37, 29)).astype(np.float32)  # not a multiple of the patch
-    probs = predict_sliding_window(Threshold(), image, patch, 2, torch.device("cpu"), step_size=0.5,
-                                   mirror_axes=tuple(range(len(patch))))
+    probs = predict_sliding_window(
+        Threshold(), image, patch, 2, torch.device("cpu"), step_size=0.5, mirror_axes=tuple(range(len(patch)))
+    )
     expected = torch.softmax(torch.from_numpy(np.concatenate([-image * 10, image * 10])), 0).numpy()
     assert probs.shape == (2, 13, 37, 29)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -63,7 +64,9 @@ class LeftBiased(torch.nn.Module):
 def test_mirroring_averages_flipped_predictions():
     image = np.zeros((1, 4, 8, 8), np.float32)
     plain = predict_sliding_window(LeftBiased(), image, [4, 8, 8], 2, torch.device("cpu"))
-    mirrored = predict_sliding_window(LeftBiased(), image, [4, 8, 8], 2, torch.device("cpu"), mirror_axes=(2,))
+    mirrored = predict_sliding_window(
+        LeftBiased(), image, [4, 8, 8], 2, torch.device("cpu"), mirror_axes=(2,)
+    )
     assert plain[1, :, :, 0].min() > 0.99 and plain[1, :, :, -1].max() < 0.01
     # averaged with its flip, every voxel is once on the left half (p=1) and once on the right (p=0)
     np.testing.assert_allclose(mirrored[1], 0.5, atol=1e-4)

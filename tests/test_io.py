@@ -23,8 +23,12 @@ from autoseg.io.dataset import (
 from autoseg.io.volume import Geometry, read_header, read_volume, write_volume
 from tests.conftest import real_dataset
 
-GEOM = Geometry(shape=(4, 5, 6), spacing_mm=(3.0, 0.5, 0.7), origin_mm=(10.0, -5.0, 2.5),
-                direction=(0.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, 0.0))
+GEOM = Geometry(
+    shape=(4, 5, 6),
+    spacing_mm=(3.0, 0.5, 0.7),
+    origin_mm=(10.0, -5.0, 2.5),
+    direction=(0.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, 0.0),
+)
 
 
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".mha", ".nrrd"])
@@ -50,12 +54,19 @@ def _write(path: Path, arr, spacing=(1.0, 1.0, 1.0)):
 def _dataset(root: Path, n=2, channels=2, label_dtype=np.uint8):
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    spec = {"channel_names": {str(c): f"MR{c}" for c in range(channels)}, "labels": {"background": 0, "a": 1},
-            "numTraining": n, "file_ending": ".nii.gz"}
+    spec = {
+        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+        "labels": {"background": 0, "a": 1},
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(spec))
     for i in range(n):
         for c in range(channels):
-            _write(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", np.random.default_rng(i).random((4, 5, 6), dtype=np.float32))
+            _write(
+                root / "imagesTr" / f"case{i}_{c:04d}.nii.gz",
+                np.random.default_rng(i).random((4, 5, 6), dtype=np.float32),
+            )
         lab = np.zeros((4, 5, 6), label_dtype)
         lab[1:3, 1:3, 1:3] = 1
         _write(root / "labelsTr" / f"case{i}.nii.gz", lab)
@@ -75,12 +86,22 @@ def test_discover_cases_pairs_channels_and_labels(tmp_path):
     [
         ([], "top level must be a JSON object"),
         ({"labels": {"background": 0}, "file_ending": ".nii.gz"}, "required key 'channel_names' is missing"),
-        ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 2}, "file_ending": ".nii.gz"},
-         "consecutive integers from 0"),
-        ({"channel_names": {"0": "CT"}, "labels": {"a": 1}, "file_ending": ".nii.gz"}, "background with value 0"),
-        ({"channel_names": {"1": "CT"}, "labels": {"background": 0}, "file_ending": ".nii.gz"}, "without gaps"),
-        ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1.5}, "file_ending": ".nii.gz"},
-         "must be integers"),
+        (
+            {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 2}, "file_ending": ".nii.gz"},
+            "consecutive integers from 0",
+        ),
+        (
+            {"channel_names": {"0": "CT"}, "labels": {"a": 1}, "file_ending": ".nii.gz"},
+            "background with value 0",
+        ),
+        (
+            {"channel_names": {"1": "CT"}, "labels": {"background": 0}, "file_ending": ".nii.gz"},
+            "without gaps",
+        ),
+        (
+            {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1.5}, "file_ending": ".nii.gz"},
+            "must be integers",
+        ),
         ({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "file_ending": ".png"}, "not supported"),
     ],
 )

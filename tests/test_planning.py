@@ -27,11 +27,13 @@ def _fingerprint(spacings, shapes, n_channels=1) -> Fingerprint:
 
 
 def _spec(channels=("MRI",), labels=("a",)):
-    return parse_dataset_json({
-        "channel_names": {str(i): c for i, c in enumerate(channels)},
-        "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}},
-        "file_ending": ".nii.gz",
-    })
+    return parse_dataset_json(
+        {
+            "channel_names": {str(i): c for i, c in enumerate(channels)},
+            "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}},
+            "file_ending": ".nii.gz",
+        }
+    )
 
 
 def test_target_spacing_is_the_median_for_isotropic_data():
@@ -171,7 +173,9 @@ def test_plan_is_deterministic(phantom_dataset, tmp_path):
     a = api.plan(phantom_dataset, tmp_path / "a", workers=1, configurations=("3d_fullres",))
     b = api.plan(phantom_dataset, tmp_path / "b", workers=2, configurations=("3d_fullres",))
     assert a.to_json() == b.to_json()
-    assert (tmp_path / "a" / "fingerprint.json").read_text() == (tmp_path / "b" / "fingerprint.json").read_text()
+    assert (tmp_path / "a" / "fingerprint.json").read_text() == (
+        tmp_path / "b" / "fingerprint.json"
+    ).read_text()
 
 
 @pytest.mark.realdata

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from autoseg.inference.export import probabilities_to_segmentation
+from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
 from autoseg.io.dataset import discover_cases, load_dataset_json, load_label
+from autoseg.io.volume import orientation_code
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.crop import bbox_of, crop_to_nonzero, uncrop
@@ -32,11 +34,15 @@ def test_normalization_schemes():
     x = np.array([[[0.0, 1.0, 2.0, 3.0]]], np.float32)
     z = normalize_channel(x, ChannelNormalization("zscore"))
     assert z.mean() == pytest.approx(0) and z.std() == pytest.approx(1, rel=1e-5)
-    ct = normalize_channel(np.array([[[-2000.0, 0.0, 50.0, 3000.0]]]),
-                           ChannelNormalization("ct", False, -100.0, 200.0, 50.0, 10.0))
+    ct = normalize_channel(
+        np.array([[[-2000.0, 0.0, 50.0, 3000.0]]]),
+        ChannelNormalization("ct", False, -100.0, 200.0, 50.0, 10.0),
+    )
     np.testing.assert_allclose(ct.ravel(), [-15.0, -5.0, 0.0, 15.0])
     mask = np.array([[[False, True, True, False]]])
-    m = normalize_channel(np.array([[[9.0, 1.0, 3.0, 9.0]]]), ChannelNormalization("zscore", use_mask=True), mask)
+    m = normalize_channel(
+        np.array([[[9.0, 1.0, 3.0, 9.0]]]), ChannelNormalization("zscore", use_mask=True), mask
+    )
     np.testing.assert_allclose(m.ravel(), [0.0, -1.0, 1.0, 0.0])
 
 
@@ -68,8 +74,11 @@ def test_image_resampling_is_smooth_and_preserves_constants():
     np.testing.assert_allclose(out, 7.0, rtol=1e-5)
 
 
-def _round_trip_dice(work: WorkDir, dataset) -> list[float]:
-    """Preprocess each case's label as a one-hot 'prediction', export it back, compare with the original."""
+def _round_trip_dice(work: WorkDir, dataset, out_dir=None) -> list[float]:
+    """Preprocess each case's label as a one-hot 'prediction', export it back, compare with the original.
+
+    With ``out_dir``, each export is also written and read back with SimpleITK, whose geometry must be the
+    source image's."""
     plans = Plans.load(work.plans)
     config = plans.configuration("3d_fullres")
     spec = load_dataset_json(dataset)
@@ -82,6 +91,14 @@ def _round_trip_dice(work: WorkDir, dataset) -> list[float]:
         probs = np.stack([(lab_pp == k).astype(np.float32) for k in range(plans.num_classes)])
         seg = probabilities_to_segmentation(probs, props, plans)
         assert seg.shape == source.shape
+        if out_dir is not None:
+            written = sitk.ReadImage(str(write_segmentation(seg, props, out_dir / f"{case.case_id}.nii.gz")))
+            original = sitk.ReadImage(str(case.images[0]))
+            assert written.GetSize() == original.GetSize()
+            np.testing.assert_allclose(written.GetSpacing(), original.GetSpacing(), rtol=1e-6)
+            np.testing.assert_allclose(written.GetOrigin(), original.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(written.GetDirection(), original.GetDirection(), atol=1e-6)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(written), seg)
         for k in spec.foreground_labels.values():
             a, b = seg == k, label == k
             if b.any():
@@ -112,5 +129,8 @@ def test_spinal_cord_preprocess_and_round_trip(tmp_path):
         seg = np.load(data / f"{case.case_id}_seg.npy")
         assert img.dtype == np.float32 and img.shape[1:] == seg.shape
         assert set(np.unique(seg)) == {0, 1}
-    dice = _round_trip_dice(work, dataset)
+    dice = _round_trip_dice(work, dataset, out_dir=tmp_path / "exported")
     assert min(dice) > 0.85, dice
+    # the PSR case is trained in LPS and written back in PSR
+    props = load_case_properties(work.preprocessed("fullres"), "sct_errsm30_t2w")
+    assert orientation_code(props.source_geometry) == "PSR" and orientation_code(props.geometry) == "LPS"

@@ -6,9 +6,9 @@ Folds are ensembled by averaging softmax probabilities on the preprocessed grid,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -62,7 +62,9 @@ class Predictor:
         self.config = self.plans.configuration(config)
         self.device = device
         self.settings = settings
-        self.network = build_network(self.config.network, len(self.plans.channel_names), self.plans.num_classes)
+        self.network = build_network(
+            self.config.network, len(self.plans.channel_names), self.plans.num_classes
+        )
         self.network.to(device)
         key = topology_key(self.plans, config)
         self.states = []

@@ -85,7 +85,7 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
             raise DatasetError(f"{path}: required key '{key}' is missing")
     channels = raw["channel_names"]
     if not isinstance(channels, dict) or not channels:
-        raise DatasetError(f"{path}: 'channel_names' must be a non-empty object like {{\"0\": \"CT\"}}")
+        raise DatasetError(f'{path}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}')
     try:
         idx = sorted(int(k) for k in channels)
     except (TypeError, ValueError):
@@ -96,7 +96,9 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
 
     labels_raw = raw["labels"]
     if not isinstance(labels_raw, dict) or not labels_raw:
-        raise DatasetError(f"{path}: 'labels' must be a non-empty object like {{\"background\": 0, \"organ\": 1}}")
+        raise DatasetError(
+            f'{path}: \'labels\' must be a non-empty object like {{"background": 0, "organ": 1}}'
+        )
     labels: dict[str, int] = {}
     regions: dict[str, tuple[int, ...]] = {}
     for name, value in labels_raw.items():
@@ -178,7 +180,9 @@ def group_images(folder: Path, spec: DatasetSpec, *, strict: bool = True) -> dic
         m = _CHANNEL_RE.match(stem)
         if not m:
             if strict:
-                raise DatasetError(f"{f}: name must be <case>_<channel as 4 digits>{ending}, e.g. case01_0000{ending}")
+                raise DatasetError(
+                    f"{f}: name must be <case>_<channel as 4 digits>{ending}, e.g. case01_0000{ending}"
+                )
             continue
         ch = int(m.group("ch"))
         if ch >= spec.num_channels:
@@ -211,11 +215,15 @@ def discover_cases(dataset_dir: str | Path, spec: DatasetSpec | None = None) -> 
         if f.name.startswith("."):
             continue
         if not f.name.endswith(spec.file_ending):
-            raise DatasetError(f"{f}: unexpected file (dataset.json says file_ending is '{spec.file_ending}')")
+            raise DatasetError(
+                f"{f}: unexpected file (dataset.json says file_ending is '{spec.file_ending}')"
+            )
         label_files[f.name[: -len(spec.file_ending)]] = f
     for case_id in images:
         if case_id not in label_files:
-            raise DatasetError(f"{labels_dir / (case_id + spec.file_ending)}: label file missing for case '{case_id}'")
+            raise DatasetError(
+                f"{labels_dir / (case_id + spec.file_ending)}: label file missing for case '{case_id}'"
+            )
     for case_id, f in label_files.items():
         if case_id not in images:
             raise DatasetError(f"{f}: label without images (no {case_id}_0000{spec.file_ending} in imagesTr)")
@@ -267,7 +275,9 @@ def load_label(path: Path, allowed: set[int], orientation: str | None = None) ->
     values = set(np.unique(arr).astype(np.int64).tolist())
     unknown = sorted(values - allowed)
     if unknown:
-        raise DatasetError(f"{path}: label values {unknown} are not declared in dataset.json labels {sorted(allowed)}")
+        raise DatasetError(
+            f"{path}: label values {unknown} are not declared in dataset.json labels {sorted(allowed)}"
+        )
     dtype = np.uint8 if max(allowed) < 256 else np.int16
     return arr.astype(dtype), vol.geometry
 
@@ -285,7 +295,9 @@ def discover_inputs(input_path: str | Path, num_channels: int) -> list[Case]:
         if not ending:
             raise DatasetError(f"{p}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
         if num_channels != 1:
-            raise DatasetError(f"{p}: the model needs {num_channels} channels; give a folder of <case>_<cccc> files")
+            raise DatasetError(
+                f"{p}: the model needs {num_channels} channels; give a folder of <case>_<cccc> files"
+            )
         stem = p.name[: -len(ending)]
         m = _CHANNEL_RE.match(stem)
         return [Case(m.group("case") if m else stem, (p,), None)]
@@ -300,7 +312,9 @@ def discover_inputs(input_path: str | Path, num_channels: int) -> list[Case]:
             continue  # not an image (e.g. a README); ignored
         m = _CHANNEL_RE.match(f.name[: -len(ending)])
         if not m:
-            raise DatasetError(f"{f}: name must be <case>_<channel as 4 digits>{ending}, e.g. case01_0000{ending}")
+            raise DatasetError(
+                f"{f}: name must be <case>_<channel as 4 digits>{ending}, e.g. case01_0000{ending}"
+            )
         ch = int(m.group("ch"))
         if ch >= num_channels:
             raise DatasetError(f"{f}: channel {ch}, but the model was trained with {num_channels} channel(s)")
@@ -312,6 +326,8 @@ def discover_inputs(input_path: str | Path, num_channels: int) -> list[Case]:
         chans = found[case_id]
         missing = [c for c in range(num_channels) if c not in chans]
         if missing:
-            raise DatasetError(f"{p}: case '{case_id}' lacks channel(s) {missing}; the model needs {num_channels}")
+            raise DatasetError(
+                f"{p}: case '{case_id}' lacks channel(s) {missing}; the model needs {num_channels}"
+            )
         cases.append(Case(case_id, tuple(chans[c] for c in range(num_channels)), None))
     return cases

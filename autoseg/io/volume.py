@@ -53,7 +53,7 @@ class Geometry:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Geometry":
+    def from_json(cls, d: dict) -> Geometry:
         return cls(
             shape=tuple(int(v) for v in d["shape"]),
             spacing_mm=tuple(float(v) for v in d["spacing_mm"]),
@@ -61,7 +61,7 @@ class Geometry:
             direction=tuple(float(v) for v in d["direction"]),
         )
 
-    def matches(self, other: "Geometry", tol: float = 1e-3) -> bool:
+    def matches(self, other: Geometry, tol: float = 1e-3) -> bool:
         """Same shape and (within a relative ``tol``) same spacing, origin and direction."""
         if self.shape != other.shape:
             return False
@@ -189,7 +189,9 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     if not ending:
         raise ValueError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(ending)]}.", suffix=".tmp" + ending, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name[: -len(ending)]}.", suffix=".tmp" + ending, dir=path.parent
+    )
     os.close(fd)
     try:
         sitk.WriteImage(to_sitk(array, geometry), tmp, useCompression=True)

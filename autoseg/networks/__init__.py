@@ -6,7 +6,7 @@ with deep supervision, a list of logits highest resolution first; in eval mode, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -29,7 +29,9 @@ def available() -> list[str]:
 
 def build_network(topology: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:
     if topology.architecture not in _REGISTRY:
-        raise ValueError(f"unknown architecture {topology.architecture!r} (available: {', '.join(available())})")
+        raise ValueError(
+            f"unknown architecture {topology.architecture!r} (available: {', '.join(available())})"
+        )
     return _REGISTRY[topology.architecture](topology, in_channels, num_classes)
 
 

@@ -33,7 +33,9 @@ class UNet(nn.Module):
         for s in range(topo.n_stages - 1, 0, -1):
             st = topo.strides[s]
             self.up.append(transp_conv_cls(dim)(feats[s], feats[s - 1], st, stride=st))
-            self.decoder.append(StackedConvs(dim, 2 * feats[s - 1], feats[s - 1], topo.kernel_sizes[s - 1], [1] * dim, n))
+            self.decoder.append(
+                StackedConvs(dim, 2 * feats[s - 1], feats[s - 1], topo.kernel_sizes[s - 1], [1] * dim, n)
+            )
             self.heads.append(conv_cls(dim)(feats[s - 1], num_classes, 1))
 
     def forward(self, x: torch.Tensor):

@@ -26,8 +26,15 @@ WORKSPACE_BYTES = 1.0 * 1024**3
 BYTES_PER_PARAM = 16
 
 
-def count_parameters(dim: int, kernels: list[list[int]], features: list[int], in_channels: int,
-                     num_classes: int, strides: list[list[int]], n_conv: int = 2) -> int:
+def count_parameters(
+    dim: int,
+    kernels: list[list[int]],
+    features: list[int],
+    in_channels: int,
+    num_classes: int,
+    strides: list[list[int]],
+    n_conv: int = 2,
+) -> int:
     """Number of weights of the plain U-Net in ``autoseg.networks.unet`` (norm affine params included)."""
     total = 0
     prev = in_channels
@@ -48,8 +55,9 @@ def count_parameters(dim: int, kernels: list[list[int]], features: list[int], in
     return total
 
 
-def activation_elements(patch_size: list[int], strides: list[list[int]], features: list[int],
-                        num_classes: int, n_conv: int = 2) -> int:
+def activation_elements(
+    patch_size: list[int], strides: list[list[int]], features: list[int], num_classes: int, n_conv: int = 2
+) -> int:
     """Activation elements kept for backward for one sample (see module docstring)."""
     size = list(patch_size)
     total = 0
@@ -63,9 +71,16 @@ def activation_elements(patch_size: list[int], strides: list[list[int]], feature
     return total
 
 
-def estimate_step_bytes(patch_size: list[int], batch_size: int, strides: list[list[int]],
-                        kernels: list[list[int]], features: list[int], in_channels: int,
-                        num_classes: int, amp: bool = True) -> int:
+def estimate_step_bytes(
+    patch_size: list[int],
+    batch_size: int,
+    strides: list[list[int]],
+    kernels: list[list[int]],
+    features: list[int],
+    in_channels: int,
+    num_classes: int,
+    amp: bool = True,
+) -> int:
     """Estimated peak bytes of one training step (forward + backward + optimizer)."""
     if any(p % t for p, t in zip(patch_size, total_stride(strides))):
         raise ValueError(f"patch {patch_size} not divisible by total stride {total_stride(strides)}")

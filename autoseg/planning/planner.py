@@ -30,7 +30,9 @@ def plan_normalization(spec: DatasetSpec, fp: Fingerprint, reasons: list[str]) -
         st = fp.intensity[c]
         if name.strip().upper() == "CT":
             out.append(
-                ChannelNormalization("ct", False, st.percentile_00_5, st.percentile_99_5, st.mean, max(st.std, 1e-8))
+                ChannelNormalization(
+                    "ct", False, st.percentile_00_5, st.percentile_99_5, st.mean, max(st.std, 1e-8)
+                )
             )
             reasons.append(
                 f"channel {c} '{name}': CT -> clip to [{st.percentile_00_5:.1f}, {st.percentile_99_5:.1f}] "
@@ -70,7 +72,9 @@ def plan_configuration(
         strides, kernels = topology.pooling_and_kernels(patch, spacing)
         patch_r = topology.round_up_to_stride(patch, strides)
         feats = topology.features_per_stage(len(strides), dim)
-        mem = memory.estimate_step_bytes(patch_r, MIN_BATCH, strides, kernels, feats, in_channels, num_classes)
+        mem = memory.estimate_step_bytes(
+            patch_r, MIN_BATCH, strides, kernels, feats, in_channels, num_classes
+        )
         if mem <= budget_bytes:
             break
         ratios = [p / m for p, m in zip(patch_r, median_shape)]
@@ -82,11 +86,12 @@ def plan_configuration(
         patch = list(patch_r)
         patch[axis] = shrunk
     patch = patch_r
-    per_sample = (
-        memory.estimate_step_bytes(patch, 2, strides, kernels, feats, in_channels, num_classes)
-        - memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes)
+    per_sample = memory.estimate_step_bytes(
+        patch, 2, strides, kernels, feats, in_channels, num_classes
+    ) - memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes)
+    fixed = (
+        memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes) - per_sample
     )
-    fixed = memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes) - per_sample
     fit = max(MIN_BATCH, int((budget_bytes - fixed) // max(per_sample, 1)))
     cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
     batch = max(MIN_BATCH, min(fit, cap))
@@ -131,7 +136,9 @@ def make_plans(
     reasons.append(f"target spacing {_fmt(spacing)} mm (array order z,y,x): {why}")
     transpose = transpose_coarse_first(spacing)
     if transpose != [0, 1, 2]:
-        reasons.append(f"axes transposed by {transpose} so the coarsest axis comes first (2D slices along it)")
+        reasons.append(
+            f"axes transposed by {transpose} so the coarsest axis comes first (2D slices along it)"
+        )
     resampled = fp.shapes_after_crop * fp.spacings / np.asarray(spacing)[None]
     median = np.median(resampled, axis=0)
     spacing_t = [spacing[a] for a in transpose]
@@ -151,8 +158,13 @@ def make_plans(
     cfg3d = plan_configuration("3d_fullres", 3, spacing_t, median_t, **common)
     cfg2d = plan_configuration("2d", 2, spacing_t[1:], median_t[1:], **common)
     # 2D data is the same preprocessed volume; keep its full 3-axis spacing for export
-    cfg2d = Configuration(**{**cfg2d.__dict__, "spacing": [float(s) for s in spacing_t],
-                             "median_shape": [int(round(m)) for m in median_t]})
+    cfg2d = Configuration(
+        **{
+            **cfg2d.__dict__,
+            "spacing": [float(s) for s in spacing_t],
+            "median_shape": [int(round(m)) for m in median_t],
+        }
+    )
     return Plans(
         dataset_name=spec.name,
         dataset_hash=fp.dataset_hash,

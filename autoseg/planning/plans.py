@@ -59,7 +59,7 @@ class Configuration:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Configuration":
+    def from_json(cls, d: dict) -> Configuration:
         d = dict(d)
         d["network"] = NetworkTopology(**d["network"])
         return cls(**d)
@@ -114,10 +114,12 @@ class Plans:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Plans":
+    def from_json(cls, d: dict) -> Plans:
         version = d.get("schema_version")
         if version != PLANS_SCHEMA_VERSION:
-            raise PlansError(f"plans schema_version {version!r} is not supported (expected {PLANS_SCHEMA_VERSION})")
+            raise PlansError(
+                f"plans schema_version {version!r} is not supported (expected {PLANS_SCHEMA_VERSION})"
+            )
         return cls(
             schema_version=version,
             dataset_name=d["dataset_name"],
@@ -138,7 +140,7 @@ class Plans:
         return write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plans":
+    def load(cls, path: str | Path) -> Plans:
         path = Path(path)
         if not path.is_file():
             raise PlansError(f"{path}: plans not found (run 'autoseg plan DATASET --workdir WORK' first)")

@@ -29,11 +29,13 @@ class ChannelNormalization:
         return {k: v for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ChannelNormalization":
+    def from_json(cls, d: dict) -> ChannelNormalization:
         return cls(**d)
 
 
-def normalize_channel(x: np.ndarray, norm: ChannelNormalization, mask: np.ndarray | None = None) -> np.ndarray:
+def normalize_channel(
+    x: np.ndarray, norm: ChannelNormalization, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Return a float32 normalized copy of one channel ``x`` ``(Z, Y, X)``."""
     x = x.astype(np.float32, copy=True)
     if norm.scheme == "none":

@@ -13,10 +13,10 @@ always sees data prepared the same way. Outputs per case, in ``WORK/preprocessed
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class CaseProperties:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "CaseProperties":
+    def from_json(cls, d: dict) -> CaseProperties:
         return cls(
             case_id=d["case_id"],
             geometry=Geometry.from_json(d["geometry"]),
@@ -133,7 +133,9 @@ def case_is_done(out_dir: Path, case_id: str) -> bool:
     return (out_dir / f"{case_id}.json").is_file() and (out_dir / f"{case_id}.npy").is_file()
 
 
-def preprocess_training_case(case: Case, spec: DatasetSpec, plans: Plans, config: Configuration, out_dir: Path) -> str:
+def preprocess_training_case(
+    case: Case, spec: DatasetSpec, plans: Plans, config: Configuration, out_dir: Path
+) -> str:
     """Preprocess one training case into ``out_dir`` (atomic writes; the JSON marker last)."""
     check_case_geometry(case)
     image, geom, source = read_channels(case.images, plans.orientation)
@@ -141,7 +143,10 @@ def preprocess_training_case(case: Case, spec: DatasetSpec, plans: Plans, config
     image, label, props = preprocess_image(image, geom, source, plans, config, label, case.case_id)
     save_npy(out_dir / f"{case.case_id}.npy", image)
     save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
-    save_npz(out_dir / f"{case.case_id}_fg.npz", **foreground_locations(label, sorted(spec.foreground_labels.values()), case.case_id))
+    save_npz(
+        out_dir / f"{case.case_id}_fg.npz",
+        **foreground_locations(label, sorted(spec.foreground_labels.values()), case.case_id),
+    )
     write_json(out_dir / f"{case.case_id}.json", props.to_json())
     return case.case_id
 

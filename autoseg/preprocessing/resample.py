@@ -16,7 +16,9 @@ from scipy import ndimage
 ANISOTROPY_RATIO = 3.0
 
 
-def new_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
+def new_shape(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> tuple[int, ...]:
     """Shape of a grid of ``shape`` voxels at ``spacing`` after resampling to ``target`` spacing."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
 
@@ -57,7 +59,10 @@ def resample_channel(
 
 
 def resample_image(
-    image: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...], out_shape: tuple[int, ...] | None = None
+    image: np.ndarray,
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    out_shape: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """Resample every channel of ``image`` ``(C, Z, Y, X)`` from ``spacing`` to ``target`` (order 3)."""
     out_shape = out_shape or new_shape(image.shape[1:], spacing, target)
@@ -67,7 +72,10 @@ def resample_image(
 
 
 def resample_label(
-    label: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...], out_shape: tuple[int, ...] | None = None
+    label: np.ndarray,
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    out_shape: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """Resample a label map ``(Z, Y, X)``; output values are a subset of the input's values."""
     out_shape = out_shape or new_shape(label.shape, spacing, target)
@@ -93,5 +101,8 @@ def resample_probabilities(
     if tuple(probs.shape[1:]) == tuple(out_shape):
         return probs
     return np.stack(
-        [resample_channel(probs[k], out_shape, spacing, order=1, order_coarse=1) for k in range(probs.shape[0])]
+        [
+            resample_channel(probs[k], out_shape, spacing, order=1, order_coarse=1)
+            for k in range(probs.shape[0])
+        ]
     )

@@ -64,9 +64,7 @@ def build_train_transforms(patch_size: list[int], settings: AugmentationSettings
     dim = len(patch_size)
     aniso = is_anisotropic_patch(patch_size)
     rot = math.radians(settings.rotation_deg)
-    if dim == 2:
-        angles = dict(angle_x=(-rot, rot), angle_y=(0, 0), angle_z=(0, 0))
-    elif aniso:
+    if dim == 2 or aniso:
         angles = dict(angle_x=(-rot, rot), angle_y=(0, 0), angle_z=(0, 0))
     else:
         angles = dict(angle_x=(-rot, rot), angle_y=(-rot, rot), angle_z=(-rot, rot))
@@ -106,10 +104,16 @@ def build_train_transforms(patch_size: list[int], settings: AugmentationSettings
             p_per_sample=settings.p_lowres,
             ignore_axes=(0,) if aniso else None,
         ),
-        GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True,
-                       p_per_sample=settings.p_gamma_inverted),
-        GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True,
-                       p_per_sample=settings.p_gamma),
+        GammaTransform(
+            (0.7, 1.5),
+            invert_image=True,
+            per_channel=True,
+            retain_stats=True,
+            p_per_sample=settings.p_gamma_inverted,
+        ),
+        GammaTransform(
+            (0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=settings.p_gamma
+        ),
     ]
     if settings.p_mirror > 0:
         transforms.append(MirrorTransform(axes=tuple(range(dim))))

@@ -14,9 +14,9 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -99,9 +99,13 @@ def train_fold(
     out_dir = work.fold_dir(config_name, fold)
     latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
     if latest.exists() and not resume:
-        raise AutosegError(f"{latest}: this fold already has a run; use --resume to continue it (or delete {out_dir})")
+        raise AutosegError(
+            f"{latest}: this fold already has a run; use --resume to continue it (or delete {out_dir})"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "settings.json", {"train": settings.to_json(), "config": config_name, "fold": str(fold)})
+    write_json(
+        out_dir / "settings.json", {"train": settings.to_json(), "config": config_name, "fold": str(fold)}
+    )
 
     fold_index = 5 if str(fold) == "all" else int(fold)
     # batchgenerators draws from the global numpy and Python generators: seed both for reproducible runs
@@ -143,8 +147,12 @@ def train_fold(
     patch = config.patch_size
     store = CaseStore(data_dir, train_ids)
     sampler = PatchSampler(
-        store, augmentation_patch_size(patch, settings.augmentation), config.batch_size, config.dim,
-        settings.oversample_foreground, sampler_rng,
+        store,
+        augmentation_patch_size(patch, settings.augmentation),
+        config.batch_size,
+        config.dim,
+        settings.oversample_foreground,
+        sampler_rng,
     )
     transforms = build_train_transforms(patch, settings.augmentation)
     label_names = {v: n for n, v in plans.labels.items()}
@@ -168,7 +176,9 @@ def train_fold(
         set_lr(optimizer, lr)
         network.train()
         q: queue.Queue = queue.Queue(maxsize=2)
-        producer = threading.Thread(target=_batches, args=(sampler, transforms, settings.iters_per_epoch, q), daemon=True)
+        producer = threading.Thread(
+            target=_batches, args=(sampler, transforms, settings.iters_per_epoch, q), daemon=True
+        )
         producer.start()
         losses = []
         for it in range(settings.iters_per_epoch):
@@ -191,7 +201,9 @@ def train_fold(
         q.get()  # the producer's end marker
         producer.join()
 
-        val_loss, dice = _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k)
+        val_loss, dice = _validate(
+            network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k
+        )
         mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
         if mean_dice is not None:
             ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
@@ -226,8 +238,14 @@ def _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, devi
         return None, {}
     # a fresh generator per epoch: validation never disturbs the training random state
     rng = np.random.default_rng([settings.seed, 999, epoch])
-    sampler = PatchSampler(CaseStore(data_dir, val_ids), config.patch_size, config.batch_size, config.dim,
-                           settings.oversample_foreground, rng)
+    sampler = PatchSampler(
+        CaseStore(data_dir, val_ids),
+        config.patch_size,
+        config.batch_size,
+        config.dim,
+        settings.oversample_foreground,
+        rng,
+    )
     network.eval()
     counts = np.zeros((k - 1, 3))
     losses = []
@@ -247,8 +265,13 @@ def _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, devi
 
 
 def validate_fold(
-    work: WorkDir, plans: Plans, config_name: str, fold: int | str, val_ids: list[str],
-    device: torch.device, inference: InferenceSettings,
+    work: WorkDir,
+    plans: Plans,
+    config_name: str,
+    fold: int | str,
+    val_ids: list[str],
+    device: torch.device,
+    inference: InferenceSettings,
 ) -> dict:
     """Predict the fold's validation cases from their preprocessed arrays with the final checkpoint, export
     them in the original geometry to ``validation/`` and score them against ``WORK/gt_segmentations``."""

@@ -34,7 +34,7 @@ class CaseStore:
 
 def _crop_padded(arr: np.ndarray, start: list[int], size: list[int], fill: float) -> np.ndarray:
     """``arr[..., start:start+size]`` over the last ``len(size)`` axes, padding with ``fill`` outside."""
-    spatial = arr.shape[-len(size):]
+    spatial = arr.shape[-len(size) :]
     lead = arr.shape[: arr.ndim - len(size)]
     out = np.full(lead + tuple(size), fill, dtype=arr.dtype)
     src, dst = [], []

@@ -32,7 +32,9 @@ def make_splits(case_ids: list[str], num_folds: int = 5, seed: int = 12345) -> l
     return out
 
 
-def load_or_create_splits(path: Path, case_ids: list[str], num_folds: int = 5, seed: int = 12345) -> list[dict]:
+def load_or_create_splits(
+    path: Path, case_ids: list[str], num_folds: int = 5, seed: int = 12345
+) -> list[dict]:
     """Read ``splits.json`` if present (checking it names known cases), else create and write it."""
     if path.is_file():
         splits = read_json(path)
@@ -40,7 +42,9 @@ def load_or_create_splits(path: Path, case_ids: list[str], num_folds: int = 5, s
         for k, fold in enumerate(splits):
             unknown = sorted((set(fold.get("train", [])) | set(fold.get("val", []))) - known)
             if unknown or not fold.get("train") or "val" not in fold:
-                raise PlansError(f"{path}: fold {k} is invalid (unknown cases {unknown[:3]} or empty train list)")
+                raise PlansError(
+                    f"{path}: fold {k} is invalid (unknown cases {unknown[:3]} or empty train list)"
+                )
         return splits
     splits = make_splits(case_ids, num_folds, seed)
     write_json(path, splits)
