@@ -189,7 +189,7 @@ def predict(
     device: str = "auto",
     continue_: bool = False,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Path]:
     """Predict a folder (or one file) with the given folds of ``config``; folds default to every trained fold."""
     from autoseg.inference.predictor import Predictor, resolve_device

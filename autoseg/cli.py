@@ -192,7 +192,7 @@ def predict(
             device=device,
             continue_=continue_,
             overwrite=overwrite,
-            progress=lambda case: bar.update(task, advance=1, info=case),
+            progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
         )
     out.print(f"{len(written)} prediction(s) written to {output}")
 
@@ -246,26 +246,17 @@ def _mean_of(metrics: dict, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
+    """Entry point: user errors print one line and exit 2 (usage errors too); Ctrl-C exits 130."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)  # handles usage errors and --help itself, then exits
     except AutosegError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except typer.Exit as exc:
-        return exc.exit_code
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
-        raise
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 

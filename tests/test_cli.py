@@ -130,3 +130,50 @@ def test_predict_rejects_wrong_channel_count(planned_phantom, tmp_path, capsys):
     msg = _one_line_error(code, err)
     assert "sct_errsm30_t2w_0000.nii.gz: the model needs 2 channels" in msg
     assert not fold.exists()
+
+
+@pytest.mark.realdata
+def test_spinal_cord_train_predict_keeps_every_orientation(tmp_path, capsys):
+    """Dataset003 through the CLI with a narrow network: the PSR and RAS cases come back in their own geometry."""
+    dataset = real_dataset("Dataset003_SpinalCordTiny")
+    work = tmp_path / "work"
+    assert _run(capsys, "plan", dataset, "--workdir", work, "--workers", "2")[0] == 0
+    shrink_network(WorkDir(work))
+    code, out, _ = _run(
+        capsys,
+        "train",
+        work,
+        "3d_fullres",
+        "all",
+        "--epochs",
+        "1",
+        "--iters-per-epoch",
+        "2",
+        "--val-iters",
+        "0",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, out
+    preds = tmp_path / "preds"
+    code, _, err = _run(
+        capsys,
+        "predict",
+        work,
+        dataset / "imagesTr",
+        preds,
+        "--folds",
+        "all",
+        "--device",
+        "cpu",
+        "--no-mirroring",
+    )
+    assert code == 0, err
+    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
+        src = sitk.ReadImage(str(image))
+        pred = sitk.ReadImage(str(preds / image.name.replace("_0000", "")))
+        assert pred.GetSize() == src.GetSize()
+        # NIfTI stores the direction as a quaternion: equal up to float rounding, not bit for bit
+        np.testing.assert_allclose(pred.GetSpacing(), src.GetSpacing(), rtol=1e-6)
+        np.testing.assert_allclose(pred.GetOrigin(), src.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(pred.GetDirection(), src.GetDirection(), atol=1e-7)

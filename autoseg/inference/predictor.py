@@ -117,9 +117,11 @@ class Predictor:
         output_dir: Path,
         continue_: bool = False,
         overwrite: bool = False,
-        progress: Callable[[str], None] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> list[Path]:
-        """Predict every case of ``input_path`` into ``output_dir`` as ``<case><input ending>``."""
+        """Predict every case of ``input_path`` into ``output_dir`` as ``<case><input ending>``.
+
+        ``progress(case_id, done, total)`` is called after each case (written or skipped)."""
         cases = discover_inputs(input_path, len(self.plans.channel_names))
         output_dir = Path(output_dir)
         in_dir = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
@@ -132,13 +134,10 @@ class Predictor:
                 f"{existing[0]}: already exists ({len(existing)} output(s)); use --continue to skip them or --overwrite"
             )
         written = []
-        for case, target in zip(cases, targets):
-            if continue_ and target.exists():
-                if progress:
-                    progress(case.case_id)
-                continue
-            seg, props = self.predict_case(case)
-            written.append(write_segmentation(seg, props, target))
+        for i, (case, target) in enumerate(zip(cases, targets)):
+            if not (continue_ and target.exists()):
+                seg, props = self.predict_case(case)
+                written.append(write_segmentation(seg, props, target))
             if progress:
-                progress(case.case_id)
+                progress(case.case_id, i + 1, len(cases))
         return written
