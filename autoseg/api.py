@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import discover_cases, discover_inputs, load_dataset_json
-from autoseg.jsonio import read_json, write_json
+from autoseg.jsonio import read_json, temp_path_for, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
@@ -44,11 +43,13 @@ def plan(
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
     progress: Progress | None = None,
+    architecture: str = "unet",
 ) -> Plans:
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
     Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
-    (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped.
+    (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``
+    (``unet``, ``resenc`` or ``vnet``) is the network every configuration is planned and sized for.
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
     if _under(work.root, dataset_dir):
@@ -58,15 +59,18 @@ def plan(
     work.root.mkdir(parents=True, exist_ok=True)
     _check_same_dataset(work, spec, dataset_dir)
 
-    from autoseg.fingerprint import dataset_hash
+    from autoseg.fingerprint import FINGERPRINT_SCHEMA_VERSION, dataset_hash
 
     fp = None
     if work.fingerprint.is_file() and not clean:
         try:
-            cached = Fingerprint.from_json(read_json(work.fingerprint))
-            if cached.dataset_hash == dataset_hash(cases, spec):
-                fp = cached
-        except (KeyError, TypeError, ValueError):
+            raw = read_json(work.fingerprint)
+            # an older schema lacks fields that a newer planner may use: recompute rather than guess them
+            if raw.get("schema_version") == FINGERPRINT_SCHEMA_VERSION:
+                cached = Fingerprint.from_json(raw)
+                if cached.dataset_hash == dataset_hash(cases, spec):
+                    fp = cached
+        except (KeyError, TypeError, ValueError, AttributeError):
             fp = None
     if fp is None:
         done = [0]
@@ -78,7 +82,7 @@ def plan(
 
         fp = compute_fingerprint(cases, spec, workers=workers, progress=tick)
         write_json(work.fingerprint, fp.to_json())
-    plans = make_plans(spec, fp, gpu_memory_gb=gpu_memory_gb)
+    plans = make_plans(spec, fp, gpu_memory_gb=gpu_memory_gb, architecture=architecture)
     old = Plans.load(work.plans) if work.plans.is_file() else None
     if clean or (old is not None and old.to_json() != plans.to_json()):
         # stale preprocessed data must not be mixed with new plans
@@ -136,8 +140,7 @@ def _copy_labels(cases, dest: Path) -> None:
         target = dest / case.label.name
         if target.is_file() and target.stat().st_size == case.label.stat().st_size:
             continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=dest)
-        os.close(fd)
+        tmp = temp_path_for(target)
         try:
             shutil.copyfile(case.label, tmp)
             os.replace(tmp, target)

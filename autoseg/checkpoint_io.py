@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from autoseg.errors import CheckpointError
+from autoseg.jsonio import temp_path_for
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path_for(path)
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)

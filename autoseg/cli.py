@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from autoseg import api
 from autoseg.errors import AutosegError
+from autoseg.planning.memory import ARCHITECTURES
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +31,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
+# the architectures the planner has a memory model for (each is registered in autoseg.networks)
+Architecture = Enum("Architecture", {name: name for name in ARCHITECTURES}, type=str)
 
 
 def _progress() -> Progress:
@@ -69,6 +73,9 @@ def plan(
     explain: Annotated[
         bool, typer.Option("--explain", help="Print every planning decision and its reason")
     ] = False,
+    architecture: Annotated[
+        Architecture, typer.Option("--architecture", help="Network to plan and size for")
+    ] = Architecture.unet,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
@@ -79,6 +86,7 @@ def plan(
             workers=workers,
             clean=clean,
             progress=_stage_progress(bar),
+            architecture=architecture.value,
         )
     table = Table(title=f"plans for {plans.dataset_name or dataset_dir.name}")
     for col in ("configuration", "spacing (mm)", "patch", "batch", "stages", "est. memory (GB)"):

@@ -1,8 +1,10 @@
 """Dataset fingerprint: what the planner needs to know about a dataset, computed once.
 
 Volumes are read in the canonical orientation (``autoseg.io.volume.CANONICAL_ORIENTATION``), so spacings
-and shapes are in the array order that preprocessing and training see. Per case: spacing, shape before and after cropping to the nonzero region, fraction kept by the crop, voxel
-count per label. Per channel: mean, std, median, min, max and 0.5/99.5 percentiles of intensities over
+and shapes are in the array order that preprocessing and training see. Per case: spacing, shape before and
+after cropping to the nonzero region, fraction kept by the crop, the orientation code as stored in the file
+(before reorienting), and per foreground label its voxel count and number of connected components
+(26-connectivity). Per channel: mean, std, median, min, max and 0.5/99.5 percentiles of intensities over
 foreground (label > 0) voxels, pooled over cases from a seeded sample of at most ``samples_per_case`` voxels
 each, so the fingerprint is deterministic.
 """
@@ -11,25 +13,36 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
-from autoseg.io.volume import CANONICAL_ORIENTATION, read_volume
+from autoseg.io.volume import CANONICAL_ORIENTATION, orientation_code, read_volume
 from autoseg.preprocessing.crop import crop_to_nonzero
 
-FINGERPRINT_SCHEMA_VERSION = 1
+# 2: per case ``orientation`` and ``label_components``. An older fingerprint.json is recomputed, not upgraded.
+FINGERPRINT_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
 class CaseFingerprint:
+    """One case. Spacings and shapes in the canonical array order ``(z, y, x)``. ``label_voxels`` and
+    ``label_components`` are keyed by foreground label name (every label of dataset.json but background; 0
+    when absent from the case). ``orientation`` is the file's own three-letter code (e.g. ``RAS``) before
+    reorienting. The last two default to "unknown" (empty) only so that synthetic fingerprints in planner
+    tests need not state them; :func:`case_fingerprint` always fills them.
+    """
+
     case_id: str
     spacing_mm: tuple[float, ...]
     shape_before_crop: tuple[int, ...]
     shape_after_crop: tuple[int, ...]
     crop_fraction_kept: float
     label_voxels: dict[str, int]
+    label_components: dict[str, int] = field(default_factory=dict)
+    orientation: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,8 @@ class Fingerprint:
                     shape_after_crop=tuple(c["shape_after_crop"]),
                     crop_fraction_kept=float(c["crop_fraction_kept"]),
                     label_voxels={k: int(v) for k, v in c["label_voxels"].items()},
+                    label_components={k: int(v) for k, v in c["label_components"].items()},
+                    orientation=str(c["orientation"]),
                 )
                 for c in d["cases"]
             ],
@@ -101,10 +116,10 @@ def case_fingerprint(
     vols = [read_volume(f, orientation=CANONICAL_ORIENTATION) for f in case.images]
     geom = vols[0].geometry  # spacing in the canonical array order, as preprocessing will see it
     image = np.stack([v.array for v in vols])
-    label, _ = load_label(case.label, set(spec.labels.values()), CANONICAL_ORIENTATION)
+    label, _ = load_label(case.label, spec.allowed_values, CANONICAL_ORIENTATION)
     _check_finite(image, case)
     cropped, label_c, _, _ = crop_to_nonzero(image, label)
-    fg = label_c > 0
+    fg = (label_c > 0) & (label_c != spec.ignore_label) if spec.ignore_label is not None else label_c > 0
     # a per-case seed derived from the case id keeps the sample independent of processing order
     rng = np.random.default_rng([seed, int(hashlib.sha256(case.case_id.encode()).hexdigest()[:8], 16)])
     samples = []
@@ -113,17 +128,28 @@ def case_fingerprint(
         if vals.size > samples_per_case:
             vals = rng.choice(vals, samples_per_case, replace=False)
         samples.append(vals.astype(np.float32))
-    counts = np.bincount(label.ravel().astype(np.int64), minlength=spec.num_classes)
-    names = {v: k for k, v in spec.labels.items()}
+    counts = np.bincount(label.ravel().astype(np.int64), minlength=max(spec.allowed_values) + 1)
+    # named labels; label values that only regions name (region-based datasets) are keyed by their value
+    names = {v: str(v) for v in spec.foreground_values} | {v: k for k, v in spec.foreground_labels.items()}
+    foreground = spec.foreground_values
     fp = CaseFingerprint(
         case_id=case.case_id,
         spacing_mm=tuple(float(s) for s in geom.spacing_mm),
         shape_before_crop=tuple(int(s) for s in image.shape[1:]),
         shape_after_crop=tuple(int(s) for s in cropped.shape[1:]),
         crop_fraction_kept=float(np.prod(cropped.shape[1:]) / np.prod(image.shape[1:])),
-        label_voxels={names[v]: int(counts[v]) for v in sorted(names) if v != 0},
+        label_voxels={names[v]: int(counts[v]) for v in foreground},
+        label_components={names[v]: count_components(label == v) if counts[v] else 0 for v in foreground},
+        orientation=orientation_code(vols[0].source_geometry),
     )
     return fp, samples
+
+
+def count_components(mask: np.ndarray) -> int:
+    """Number of connected components of a boolean mask, full connectivity (26 neighbours in 3D, 8 in 2D);
+    0 for an empty mask."""
+    _, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    return int(n)
 
 
 def _check_finite(image: np.ndarray, case: Case) -> None:

@@ -10,6 +10,7 @@
       gt_segmentations/       copies of labelsTr (reference for validation scores)
       preprocessed/<data_id>/ <case>.npy (C,Z,Y,X float32), <case>_seg.npy (Z,Y,X uint8),
                               <case>.json (properties), <case>_fg.npz (foreground locations)
+      predicted_next_stage/<config>/<case>.npy   a lowres stage's validation predictions on the fullres grid
       results/<config>/fold_<k>/
           checkpoint_latest.pt, checkpoint_final.pt, log.jsonl, settings.json
           validation/<case><ending>, validation/summary.json
@@ -48,6 +49,10 @@ class WorkDir:
     def gt_segmentations(self) -> Path:
         """Copies of the dataset's label files (original geometry), the reference for validation."""
         return self.root / "gt_segmentations"
+
+    def next_stage(self, config: str) -> Path:
+        """Cross-validation predictions of ``config`` on the full-resolution grid (inputs of a cascade)."""
+        return self.root / "predicted_next_stage" / config
 
     def preprocessed(self, data_identifier: str) -> Path:
         return self.root / "preprocessed" / data_identifier

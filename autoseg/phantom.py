@@ -26,11 +26,8 @@ further randomness except the noise fields, which come from a seed that is itsel
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +36,7 @@ from scipy import ndimage
 
 from autoseg.errors import AutosegError
 from autoseg.io.volume import Geometry, write_volume
+from autoseg.jsonio import write_json
 
 PHANTOM_VERSION = 1
 DATASET_NAME = "AutosegPhantom"
@@ -379,17 +377,5 @@ def make_phantom_dataset(out_dir: Path, n_cases: int = 10, seed: int = 0, overwr
         for ch, image in enumerate(case.images):
             write_volume(image, case.geometry, out_dir / "imagesTr" / f"{case.case_id}_{ch:04d}{FILE_ENDING}")
         write_volume(case.label, case.geometry, out_dir / "labelsTr" / f"{case.case_id}{FILE_ENDING}")
-    _write_json_atomic(dataset_json(n_cases, seed), out_dir / "dataset.json")
+    write_json(out_dir / "dataset.json", dataset_json(n_cases, seed))
     return out_dir
-
-
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

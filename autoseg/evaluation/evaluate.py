@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from autoseg.errors import AutosegError
 from autoseg.evaluation.metrics import MetricValue, binary_metrics
 from autoseg.io.dataset import DatasetSpec, load_label
+from autoseg.jsonio import write_text
 
 SCHEMA_VERSION = 1
 
@@ -92,13 +92,15 @@ def evaluate_case(
     spacing_mm: Sequence[float],
     labels: Mapping[str, int],
     regions: Mapping[str, Sequence[int]] | None = None,
+    ignore_label: int | None = None,
 ) -> CaseMetrics:
     """Metrics of each foreground label and each region of one case.
 
     ``reference`` and ``prediction`` are integer label maps of the same shape; ``spacing_mm`` is in the same
     axis order. ``labels`` maps names to values (the value 0, background, is skipped); ``regions`` maps names to
     the label values they unite. Returns ``{name: binary_metrics(...)}`` in the order of :func:`structures`.
-    A structure absent from both maps gets the "both empty" metrics (see the metrics module).
+    A structure absent from both maps gets the "both empty" metrics (see the metrics module). Voxels where the
+    reference holds ``ignore_label`` are left out: they count as background in both maps.
     Raises ``ValueError`` on mismatched shapes or a region that clashes with a label (see :func:`structures`).
     """
     reference = np.asarray(reference)
@@ -107,6 +109,11 @@ def evaluate_case(
         raise ValueError(
             f"reference shape {reference.shape} differs from prediction shape {prediction.shape}"
         )
+    if ignore_label is not None:
+        ignored = reference == ignore_label
+        if ignored.any():
+            reference = np.where(ignored, 0, reference)
+            prediction = np.where(ignored, 0, prediction)
     result: CaseMetrics = {}
     for name, values in structures(labels, regions).items():
         if len(values) == 1:
@@ -186,17 +193,18 @@ def evaluate_folders(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    labels = spec.foreground_labels  # background and the ignore label are never scored
     try:
-        structures(spec.labels, spec.regions)
+        structures(labels, spec.regions)
     except ValueError as exc:
         raise AutosegError(f"dataset.json: {exc}") from None
     pairs = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending)
-    allowed = set(spec.labels.values())
+    allowed = spec.allowed_values
 
     def evaluate_pair(pair: tuple[str, Path, Path]) -> CaseMetrics:
         _, reference_path, prediction_path = pair
         reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
-        return evaluate_case(reference, prediction, spacing_mm, spec.labels, spec.regions)
+        return evaluate_case(reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label)
 
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
@@ -206,9 +214,12 @@ def evaluate_folders(
         pool.shutdown(wait=True, cancel_futures=True)
     per_case = {case: metrics for (case, _, _), metrics in zip(pairs, results)}
 
-    dice_labels = [
-        name for name, value in sorted(spec.labels.items(), key=lambda item: item[1]) if value != 0
-    ]
+    # the overall mean Dice is over what the network predicts: labels, or regions for region-based datasets
+    dice_labels = (
+        list(spec.regions)
+        if spec.region_based
+        else [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+    )
     stats = summarize(per_case, dice_labels=dice_labels)
     summary = {
         "schema_version": SCHEMA_VERSION,
@@ -223,9 +234,9 @@ def evaluate_folders(
         "mean_dice_labels": dice_labels,
     }
     if output_json is not None:
-        _write_text_atomic(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        write_text(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if output_csv is not None:
-        _write_text_atomic(Path(output_csv), _csv_text(summary["per_case"]))
+        write_text(Path(output_csv), _csv_text(summary["per_case"]))
     return summary
 
 
@@ -308,21 +319,6 @@ def _csv_text(rows: Sequence[Mapping[str, object]]) -> str:
     for row in rows:
         writer.writerow({key: "" if row.get(key) is None else row[key] for key in CSV_COLUMNS})
     return buffer.getvalue()
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` under a temporary name in ``path``'s folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # open(..., "x") rather than mkstemp, so the file gets the usual permissions (mkstemp's are 0600).
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -13,6 +13,18 @@ from autoseg.preprocessing.pipeline import CaseProperties
 from autoseg.preprocessing.resample import resample_probabilities
 
 
+def probabilities_to_labels(probs: np.ndarray, plans: Plans) -> np.ndarray:
+    """``(K, ...)`` probabilities → uint8 label map: argmax over classes, or for region-based plans each
+    region with probability > 0.5 painted in turn with its value from ``regions_class_order`` (later regions,
+    usually nested inside earlier ones, overwrite)."""
+    if not plans.region_based:
+        return np.argmax(probs, axis=0).astype(np.uint8)
+    seg = np.zeros(probs.shape[1:], dtype=np.uint8)
+    for channel, value in enumerate(plans.regions_class_order):
+        seg[probs[channel] > 0.5] = value
+    return seg
+
+
 def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
     """``probs`` ``(K, *shape_resampled)`` → uint8 label map in the array order of the file as stored.
 
@@ -24,7 +36,7 @@ def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plan
     cropped = [b - a for a, b in bbox]
     cropped_t = [cropped[a] for a in plans.transpose_forward]
     probs = resample_probabilities(probs, tuple(props.spacing_transposed), tuple(cropped_t))
-    seg = np.argmax(probs, axis=0).astype(np.uint8)
+    seg = probabilities_to_labels(probs, plans)
     seg = seg.transpose(plans.transpose_backward)
     seg = uncrop(seg, [tuple(b) for b in bbox], props.geometry.shape, fill=0)
     return reorient_to(seg, props.geometry, props.source_geometry)

@@ -15,6 +15,7 @@ import torch
 
 from autoseg.checkpoint_io import check_compatible, load_checkpoint
 from autoseg.errors import CheckpointError, DatasetError
+from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
 from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
 from autoseg.inference.sliding_window import predict_sliding_window
 from autoseg.io.dataset import Case, discover_inputs
@@ -56,14 +57,17 @@ class Predictor:
         settings: InferenceSettings = InferenceSettings(),
         checkpoint_name: str = "checkpoint_final.pt",
         plans: Plans | None = None,
+        with_previous_stage: bool = True,
     ):
+        """Load ``folds`` of ``config``. A cascade configuration also loads the same folds of its previous
+        stage (unless ``with_previous_stage`` is False: the caller then supplies its prediction)."""
         self.work = work
         self.plans = plans or Plans.load(work.plans)
         self.config = self.plans.configuration(config)
         self.device = device
         self.settings = settings
         self.network = build_network(
-            self.config.network, len(self.plans.channel_names), self.plans.num_classes
+            self.config.network, self.plans.input_channels(config), self.plans.num_outputs
         )
         self.network.to(device)
         key = topology_key(self.plans, config)
@@ -79,6 +83,11 @@ class Predictor:
             self.states.append(ckpt["network"])
         if not self.states:
             raise CheckpointError("no folds given to predict with")
+        self.previous: Predictor | None = None
+        if self.config.previous_stage and with_previous_stage:
+            self.previous = Predictor(
+                work, self.config.previous_stage, folds, device, settings, checkpoint_name, self.plans
+            )
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:
@@ -93,12 +102,13 @@ class Predictor:
                 self.network,
                 image,
                 self.config.patch_size,
-                self.plans.num_classes,
+                self.plans.num_outputs,
                 self.device,
                 step_size=self.settings.step_size,
                 mirror_axes=self.mirror_axes,
                 tile_batch=self.settings.tile_batch,
                 amp=self.device.type == "cuda",
+                activation="sigmoid" if self.plans.region_based else "softmax",
             )
             total = probs if total is None else total + probs
         return total / len(self.states)
@@ -107,8 +117,14 @@ class Predictor:
         return probabilities_to_segmentation(self.predict_preprocessed(image), props, self.plans)
 
     def predict_case(self, case: Case) -> tuple[np.ndarray, CaseProperties]:
-        image, geom, source = read_channels(case.images, self.plans.orientation)
-        image, _, props = preprocess_image(image, geom, source, self.plans, self.config, None, case.case_id)
+        raw, geom, source = read_channels(case.images, self.plans.orientation)
+        image, _, props = preprocess_image(raw, geom, source, self.plans, self.config, None, case.case_id)
+        if self.previous is not None:
+            prev_cfg = self.previous.config
+            low, _, _ = preprocess_image(raw, geom, source, self.plans, prev_cfg, None, case.case_id)
+            low_probs = self.previous.predict_preprocessed(low)
+            prev = next_stage_segmentation(low_probs, prev_cfg.spacing, props.shape_resampled, self.plans)
+            image = append_previous_stage(image, prev, self.plans.num_classes)
         return self.segment_preprocessed(image, props), props
 
     def predict_folder(

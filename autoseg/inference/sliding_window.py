@@ -47,8 +47,10 @@ def predict_sliding_window(
     mirror_axes: tuple[int, ...] = (),
     tile_batch: int = 2,
     amp: bool = False,
+    activation: str = "softmax",
 ) -> np.ndarray:
-    """Class probabilities ``(K, Z, Y, X)`` float32 for ``image`` ``(C, Z, Y, X)``.
+    """Probabilities ``(K, Z, Y, X)`` float32 for ``image`` ``(C, Z, Y, X)``: class probabilities with
+    ``activation="softmax"``, independent per-channel (region) probabilities with ``"sigmoid"``.
 
     ``patch_size`` has 2 (2D network, slices along axis 0) or 3 entries. ``mirror_axes`` index the
     network's spatial axes (0..dim-1).
@@ -85,7 +87,11 @@ def predict_sliding_window(
                     out = network(xin)
                 if isinstance(out, (list, tuple)):
                     out = out[0]
-                p = torch.softmax(out.float(), dim=1)
+                p = (
+                    torch.softmax(out.float(), dim=1)
+                    if activation == "softmax"
+                    else torch.sigmoid(out.float())
+                )
                 p = torch.flip(p, axes) if axes else p
                 probs = p if probs is None else probs + p
             probs = probs / len(flips)

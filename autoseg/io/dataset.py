@@ -25,8 +25,19 @@ class DatasetSpec:
     """The parsed ``dataset.json``.
 
     ``labels`` maps a name to an integer value (``background`` must be 0). ``channel_names`` is ordered by
-    channel index. ``regions`` (optional) maps a region name to the label values it unites, e.g. BraTS whole
-    tumour ``[1, 2, 3, 4]``; they are evaluated as extra binary structures.
+    channel index. ``regions`` maps a region name to the label values it unites, e.g. BraTS whole tumour
+    ``[1, 2, 3, 4]``.
+
+    Two nnU-Net conventions are supported:
+
+    - **Region-based training**: when labels are given as lists of values (``"whole_tumor": [1, 2, 3, 4]``)
+      with ``regions_class_order``, every non-background label is a region, the network predicts each region
+      with a sigmoid, and predictions are painted back into a label map region by region in that order
+      (region ``i`` writes value ``regions_class_order[i]``). ``labels`` then holds only background (and
+      ignore). Without list labels, ``regions`` (from a ``regions`` or ``brats_regions`` key) are only
+      evaluated as extra structures.
+    - **Ignore label**: a label named ``ignore`` (any case) with the largest value marks voxels that are left
+      out of the loss and the metrics; it is never predicted.
     """
 
     channel_names: tuple[str, ...]
@@ -35,29 +46,54 @@ class DatasetSpec:
     num_training: int | None = None
     name: str = ""
     regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    regions_class_order: tuple[int, ...] = ()
+    ignore_label: int | None = None
 
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
 
     @property
+    def region_based(self) -> bool:
+        return bool(self.regions_class_order)
+
+    @property
+    def allowed_values(self) -> set[int]:
+        """Every value a label file may hold."""
+        values = set(self.labels.values())
+        for vals in self.regions.values():
+            values.update(vals)
+        return values
+
+    @property
+    def foreground_values(self) -> list[int]:
+        """Label values that count as foreground (for sampling): not background, not ignore."""
+        return sorted(v for v in self.allowed_values if v not in (0, self.ignore_label))
+
+    @property
     def foreground_labels(self) -> dict[str, int]:
-        return {k: v for k, v in self.labels.items() if v != 0}
+        """Named foreground labels (background and ignore excluded)."""
+        return {k: v for k, v in self.labels.items() if v not in (0, self.ignore_label)}
 
     @property
     def num_classes(self) -> int:
-        """Number of network output classes, background included."""
-        return max(self.labels.values()) + 1
+        """Number of label-map values a prediction can hold, background included (ignore excluded)."""
+        return max(self.foreground_values, default=0) + 1
 
     def to_json(self) -> dict:
+        labels: dict = dict(self.labels)
+        if self.region_based:  # nnU-Net's region syntax, so the result parses back to the same spec
+            labels.update({k: list(v) for k, v in self.regions.items()})
         d = {
             "channel_names": {str(i): n for i, n in enumerate(self.channel_names)},
-            "labels": dict(self.labels),
+            "labels": labels,
             "file_ending": self.file_ending,
             "numTraining": self.num_training,
             "name": self.name,
         }
-        if self.regions:
+        if self.region_based:
+            d["regions_class_order"] = list(self.regions_class_order)
+        elif self.regions:
             d["regions"] = {k: list(v) for k, v in self.regions.items()}
         return d
 
@@ -101,31 +137,52 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         )
     labels: dict[str, int] = {}
     regions: dict[str, tuple[int, ...]] = {}
+    ignore: int | None = None
+    region_syntax = any(isinstance(v, list) for v in labels_raw.values())
     for name, value in labels_raw.items():
         if isinstance(value, list):
-            # nnU-Net region syntax: a label that is a list of values. Kept as an evaluation region.
-            if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise DatasetError(f"{path}: label '{name}' must be an integer or a list of integers")
-            if len(value) == 1:
-                labels[name] = int(value[0])
-            else:
-                regions[name] = tuple(int(v) for v in value)
+            if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                raise DatasetError(
+                    f"{path}: label '{name}' must be an integer or a list of positive integers"
+                )
+            regions[name] = tuple(int(v) for v in value)
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
             raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
+        if int(value) < 0:
+            raise DatasetError(f"{path}: label '{name}' has negative value {int(value)}")
+        if name.lower() == "ignore":
+            ignore = int(value)
+        elif region_syntax and int(value) != 0:
+            regions[name] = (int(value),)  # with region syntax, a plain label is a one-value region
+            continue
         labels[name] = int(value)
-    values = sorted(labels.values())
+    values = sorted(v for v in labels.values() if v != ignore)
     if 0 not in values:
         raise DatasetError(f"{path}: 'labels' must contain background with value 0")
-    if values != list(range(len(values))):
-        raise DatasetError(f"{path}: label values must be consecutive integers from 0, got {values}")
     if len(set(labels.values())) != len(labels):
         raise DatasetError(f"{path}: two labels share one value: {labels}")
+    order: tuple[int, ...] = ()
+    if region_syntax:
+        raw_order = raw.get("regions_class_order")
+        if not isinstance(raw_order, list) or len(raw_order) != len(regions):
+            raise DatasetError(
+                f"{path}: labels given as lists (regions) need 'regions_class_order', one label value per region "
+                f"({len(regions)}), saying which value each predicted region is written as"
+            )
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw_order):
+            raise DatasetError(f"{path}: 'regions_class_order' must list positive integers, got {raw_order}")
+        order = tuple(int(v) for v in raw_order)
+    elif values != list(range(len(values))):
+        raise DatasetError(f"{path}: label values must be consecutive integers from 0, got {values}")
+    all_values = set(values) | {v for vals in regions.values() for v in vals}
+    if ignore is not None and ignore <= max(all_values):
+        raise DatasetError(f"{path}: the 'ignore' label ({ignore}) must have the largest value")
 
-    # BraTS-style extra key in our shared data: 'brats_regions' / nnU-Net-free 'regions'.
+    # evaluation-only regions: a 'regions' key, or the 'brats_regions' key of our shared BraTS data
     for key in ("regions", "brats_regions"):
         extra = raw.get(key)
-        if isinstance(extra, dict):
+        if isinstance(extra, dict) and not region_syntax:
             for name, vals in extra.items():
                 if isinstance(vals, list) and vals and all(isinstance(v, int) for v in vals):
                     regions.setdefault(str(name), tuple(int(v) for v in vals))
@@ -145,6 +202,8 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         num_training=num,
         name=str(raw.get("name", "")),
         regions=regions,
+        regions_class_order=order,
+        ignore_label=ignore,
     )
 
 

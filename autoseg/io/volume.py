@@ -18,7 +18,6 @@ turned back to the orientation of its input and written with the input's exact g
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.errors import DatasetError
+from autoseg.jsonio import temp_path_for
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".mhd")
 CANONICAL_ORIENTATION = "LPS"
@@ -188,11 +188,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     ending = file_ending(path)
     if not ending:
         raise ValueError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name[: -len(ending)]}.", suffix=".tmp" + ending, dir=path.parent
-    )
-    os.close(fd)
+    tmp = temp_path_for(path, ".tmp" + ending)  # SimpleITK picks the format from the ending
     try:
         sitk.WriteImage(to_sitk(array, geometry), tmp, useCompression=True)
         os.replace(tmp, path)

@@ -35,4 +35,6 @@ def build_network(topology: NetworkTopology, in_channels: int, num_classes: int)
     return _REGISTRY[topology.architecture](topology, in_channels, num_classes)
 
 
+from autoseg.networks import resenc as _resenc  # noqa: E402,F401  (registers "resenc")
 from autoseg.networks import unet as _unet  # noqa: E402,F401  (registers "unet")
+from autoseg.networks import vnet as _vnet  # noqa: E402,F401  (registers "vnet")

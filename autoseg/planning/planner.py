@@ -73,7 +73,7 @@ def plan_configuration(
         patch_r = topology.round_up_to_stride(patch, strides)
         feats = topology.features_per_stage(len(strides), dim)
         mem = memory.estimate_step_bytes(
-            patch_r, MIN_BATCH, strides, kernels, feats, in_channels, num_classes
+            patch_r, MIN_BATCH, strides, kernels, feats, in_channels, num_classes, architecture=architecture
         )
         if mem <= budget_bytes:
             break
@@ -87,15 +87,22 @@ def plan_configuration(
         patch[axis] = shrunk
     patch = patch_r
     per_sample = memory.estimate_step_bytes(
-        patch, 2, strides, kernels, feats, in_channels, num_classes
-    ) - memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes)
+        patch, 2, strides, kernels, feats, in_channels, num_classes, architecture=architecture
+    ) - memory.estimate_step_bytes(
+        patch, 1, strides, kernels, feats, in_channels, num_classes, architecture=architecture
+    )
     fixed = (
-        memory.estimate_step_bytes(patch, 1, strides, kernels, feats, in_channels, num_classes) - per_sample
+        memory.estimate_step_bytes(
+            patch, 1, strides, kernels, feats, in_channels, num_classes, architecture=architecture
+        )
+        - per_sample
     )
     fit = max(MIN_BATCH, int((budget_bytes - fixed) // max(per_sample, 1)))
     cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
     batch = max(MIN_BATCH, min(fit, cap))
-    est = memory.estimate_step_bytes(patch, batch, strides, kernels, feats, in_channels, num_classes)
+    est = memory.estimate_step_bytes(
+        patch, batch, strides, kernels, feats, in_channels, num_classes, architecture=architecture
+    )
     reasons.append(
         f"{name}: spacing {_fmt(spacing)} mm, median shape {_fmt(median_shape, 0)}; patch starts at "
         f"{_fmt(start, 0)} ({'256^3' if dim == 3 else '2048^2'} voxels, isotropic in mm, clipped to the median shape) and ends at "
@@ -123,10 +130,65 @@ def plan_configuration(
     )
 
 
+LOWRES_MIN_COVERAGE = 0.25  # plan 3d_lowres when the fullres patch covers less than this of the median image
+LOWRES_SPACING_STEP = 1.05
+LOWRES_MAX_VOXEL_FRACTION = 0.5  # drop lowres unless it has at most half the voxels of fullres
+
+
+def plan_lowres(
+    spacing: list[float], median_shape: list[float], fullres: Configuration, common: dict, reasons: list[str]
+) -> dict[str, Configuration]:
+    """``3d_lowres`` and ``3d_cascade_fullres`` when the fullres patch sees too little of an image.
+
+    The spacing is raised by 5 % per step (only on axes finer than half the coarsest spacing, so anisotropic
+    data first becomes less anisotropic; all axes once none is) until the patch planned at that spacing covers
+    at least a quarter of the median image. The pair is dropped if lowres would keep more than half of
+    fullres's voxels (too little gained for a second network).
+    """
+    coverage = math.prod(fullres.patch_size) / math.prod(median_shape)
+    if coverage >= LOWRES_MIN_COVERAGE:
+        reasons.append(
+            f"no 3d_lowres: the fullres patch covers {coverage:.0%} of the median image "
+            f"(>= {LOWRES_MIN_COVERAGE:.0%})"
+        )
+        return {}
+    sp = list(spacing)
+    quiet: list[str] = []  # candidate configurations' reasons are not reported
+    for _ in range(200):
+        coarse = max(sp)
+        grow = [a for a in range(3) if sp[a] < coarse / 2] or [0, 1, 2]
+        sp = [v * LOWRES_SPACING_STEP if a in grow else v for a, v in enumerate(sp)]
+        shape = [m * s0 / s1 for m, s0, s1 in zip(median_shape, spacing, sp)]
+        lowres_common = {
+            **common,
+            "data_identifier": "lowres",
+            "dataset_voxels": common["dataset_voxels"] * math.prod(shape) / math.prod(median_shape),
+        }
+        cfg = plan_configuration("3d_lowres", 3, sp, shape, **{**lowres_common, "reasons": quiet})
+        if math.prod(cfg.patch_size) / math.prod(shape) >= LOWRES_MIN_COVERAGE:
+            break
+    kept = math.prod(shape) / math.prod(median_shape)
+    if kept > LOWRES_MAX_VOXEL_FRACTION:
+        reasons.append(
+            f"no 3d_lowres: the fullres patch covers {coverage:.0%} of the median image, but a lowres stage "
+            f"covering {LOWRES_MIN_COVERAGE:.0%} would keep {kept:.0%} of the voxels (> {LOWRES_MAX_VOXEL_FRACTION:.0%})"
+        )
+        return {}
+    plan_configuration("3d_lowres", 3, sp, shape, **lowres_common)  # again, to record its reason
+    cascade = Configuration(
+        **{**fullres.__dict__, "name": "3d_cascade_fullres", "previous_stage": "3d_lowres"}
+    )
+    reasons.append(
+        f"3d_lowres at {_fmt(sp)} mm ({kept:.0%} of the fullres voxels) because the fullres patch covers only "
+        f"{coverage:.0%} of the median image; 3d_cascade_fullres refines its prediction at full resolution"
+    )
+    return {"3d_lowres": cfg, "3d_cascade_fullres": cascade}
+
+
 def make_plans(
     spec: DatasetSpec, fp: Fingerprint, gpu_memory_gb: float = 8.0, architecture: str = "unet"
 ) -> Plans:
-    """Derive plans for ``2d`` and ``3d_fullres`` from the fingerprint."""
+    """Derive plans for ``2d``, ``3d_fullres`` and, where useful, ``3d_lowres`` + ``3d_cascade_fullres``."""
     reasons: list[str] = []
     spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
     reasons.append(
@@ -149,13 +211,14 @@ def make_plans(
     common = dict(
         dataset_voxels=n * math.prod(median_t),
         in_channels=spec.num_channels,
-        num_classes=spec.num_classes,
+        num_classes=len(spec.regions) if spec.region_based else spec.num_classes,  # network outputs
         budget_bytes=budget,
         architecture=architecture,
         data_identifier="fullres",
         reasons=reasons,
     )
     cfg3d = plan_configuration("3d_fullres", 3, spacing_t, median_t, **common)
+    lowres = plan_lowres(spacing_t, median_t, cfg3d, common, reasons)
     cfg2d = plan_configuration("2d", 2, spacing_t[1:], median_t[1:], **common)
     # 2D data is the same preprocessed volume; keep its full 3-axis spacing for export
     cfg2d = Configuration(
@@ -174,10 +237,12 @@ def make_plans(
         file_ending=spec.file_ending,
         transpose_forward=transpose,
         normalization=norms,
-        configurations={"2d": cfg2d, "3d_fullres": cfg3d},
+        configurations={"2d": cfg2d, "3d_fullres": cfg3d, **lowres},
         gpu_memory_gb=float(gpu_memory_gb),
         reasons=reasons,
         orientation=CANONICAL_ORIENTATION,
+        regions_class_order=list(spec.regions_class_order),
+        ignore_label=spec.ignore_label,
     )
 
 

@@ -54,6 +54,7 @@ class Configuration:
     network: NetworkTopology
     estimated_memory_gb: float
     batch_dice: bool = False
+    previous_stage: str | None = None  # cascade: configuration whose predictions are extra input channels
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -79,15 +80,39 @@ class Plans:
     gpu_memory_gb: float
     reasons: list[str] = field(default_factory=list)  # human-readable planning decisions (--explain)
     orientation: str = "LPS"  # every volume is permuted/flipped to this orientation before preprocessing
+    regions_class_order: list[int] = field(default_factory=list)  # non-empty: region-based (sigmoid) training
+    ignore_label: int | None = None  # voxels with this label are left out of loss and metrics
     schema_version: int = PLANS_SCHEMA_VERSION
 
     @property
+    def region_based(self) -> bool:
+        return bool(self.regions_class_order)
+
+    @property
+    def training_regions(self) -> list[list[int]]:
+        """Label values of each predicted region, in output-channel order (region-based plans only)."""
+        return [list(v) for v in self.regions.values()] if self.region_based else []
+
+    @property
     def num_classes(self) -> int:
-        return max(self.labels.values()) + 1
+        """Values a predicted label map can hold, background included (the ignore label excluded)."""
+        values = set(self.labels.values()) | {v for vals in self.regions.values() for v in vals}
+        return max(v for v in values if v != self.ignore_label) + 1
+
+    @property
+    def num_outputs(self) -> int:
+        """Network output channels: one per region (sigmoid) or one per class (softmax)."""
+        return len(self.regions) if self.region_based else self.num_classes
 
     @property
     def transpose_backward(self) -> list[int]:
         return [self.transpose_forward.index(i) for i in range(len(self.transpose_forward))]
+
+    def input_channels(self, name: str) -> int:
+        """Network input channels of configuration ``name``: the image channels, plus one one-hot channel per
+        foreground class for a cascade stage (the previous stage's segmentation)."""
+        extra = self.num_classes - 1 if self.configuration(name).previous_stage else 0
+        return len(self.channel_names) + extra
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
@@ -106,6 +131,8 @@ class Plans:
             "regions": {k: list(v) for k, v in self.regions.items()},
             "file_ending": self.file_ending,
             "orientation": self.orientation,
+            "regions_class_order": list(self.regions_class_order),
+            "ignore_label": self.ignore_label,
             "transpose_forward": list(self.transpose_forward),
             "normalization": [n.to_json() for n in self.normalization],
             "gpu_memory_gb": self.gpu_memory_gb,
@@ -129,6 +156,8 @@ class Plans:
             regions={k: list(v) for k, v in d.get("regions", {}).items()},
             file_ending=d["file_ending"],
             orientation=str(d["orientation"]),
+            regions_class_order=[int(v) for v in d.get("regions_class_order", [])],
+            ignore_label=d.get("ignore_label"),
             transpose_forward=[int(v) for v in d["transpose_forward"]],
             normalization=[ChannelNormalization.from_json(n) for n in d["normalization"]],
             gpu_memory_gb=float(d["gpu_memory_gb"]),

@@ -139,13 +139,13 @@ def preprocess_training_case(
     """Preprocess one training case into ``out_dir`` (atomic writes; the JSON marker last)."""
     check_case_geometry(case)
     image, geom, source = read_channels(case.images, plans.orientation)
-    label, _ = load_label(case.label, set(spec.labels.values()), plans.orientation)
+    label, _ = load_label(case.label, spec.allowed_values, plans.orientation)
     image, label, props = preprocess_image(image, geom, source, plans, config, label, case.case_id)
     save_npy(out_dir / f"{case.case_id}.npy", image)
     save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
     save_npz(
         out_dir / f"{case.case_id}_fg.npz",
-        **foreground_locations(label, sorted(spec.foreground_labels.values()), case.case_id),
+        **foreground_locations(label, spec.foreground_values, case.case_id),
     )
     write_json(out_dir / f"{case.case_id}.json", props.to_json())
     return case.case_id
@@ -164,8 +164,16 @@ def preprocess_dataset(
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Preprocess every case not already finished in ``out_dir`` (resumable). Returns the ids processed now."""
+    """Preprocess every case not already finished in ``out_dir`` (resumable). Returns the ids processed now.
+
+    Temporary files (``.``-prefixed, from the atomic writes of ``autoseg.jsonio``) left by a killed run are
+    deleted first; so two runs must not write into the same ``out_dir`` at once.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp*"):
+        # a killed worker never renamed it; the case it belonged to has no marker and is redone below
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
     todo = [c for c in cases if not case_is_done(out_dir, c.case_id)]
     for c in cases:
         if c not in todo and progress:

@@ -24,10 +24,11 @@ import torch
 from autoseg.checkpoint_io import check_compatible, load_checkpoint, save_checkpoint
 from autoseg.errors import AutosegError, PlansError
 from autoseg.evaluation.evaluate import evaluate_folders
-from autoseg.inference.export import write_segmentation
+from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
+from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
 from autoseg.inference.predictor import Predictor, topology_key
 from autoseg.io.dataset import load_dataset_json
-from autoseg.jsonio import write_json
+from autoseg.jsonio import save_npy, write_json
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
 from autoseg.planning.plans import Plans
@@ -35,7 +36,7 @@ from autoseg.preprocessing.pipeline import load_case_properties
 from autoseg.settings import InferenceSettings, TrainSettings
 from autoseg.training.augmentation import augmentation_patch_size, build_train_transforms, center_crop
 from autoseg.training.checkpoint import capture_rng, restore_rng
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from autoseg.training.sampling import CaseStore, PatchSampler
 from autoseg.training.schedule import poly_lr, set_lr
 from autoseg.training.splits import fold_cases, load_or_create_splits
@@ -55,25 +56,62 @@ class EpochReport:
     seconds: float
 
 
-def _batches(sampler: PatchSampler, transforms, n: int, out: queue.Queue) -> None:
+def _network_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """A cascade batch carries the previous stage as seg channel 1: move it into the data as one-hot."""
+    if batch["seg"].shape[1] == 1:
+        return batch
+    data = np.stack(
+        [append_previous_stage(d, s[1], num_classes) for d, s in zip(batch["data"], batch["seg"])]
+    )
+    return {"data": data, "seg": np.ascontiguousarray(batch["seg"][:, :1])}
+
+
+def _batches(sampler: PatchSampler, transforms, n: int, num_classes: int, out: queue.Queue) -> None:
     """Produce exactly ``n`` augmented batches into ``out`` (then ``None``); errors are passed on."""
     try:
         for _ in range(n):
-            out.put(transforms(**sampler.next_batch()))
+            out.put(_network_batch(transforms(**sampler.next_batch()), num_classes))
         out.put(None)
     except BaseException as exc:  # surfaced in the training thread
         out.put(exc)
 
 
-def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, k: int) -> np.ndarray:
-    """Per foreground class (tp, fp, fn) summed over the batch, from the argmax."""
-    pred = logits.argmax(1)
+def output_structures(plans: Plans) -> list[tuple[str, list[int]]]:
+    """What the network's outputs stand for: regions (region-based plans) or foreground classes."""
+    if plans.region_based:
+        return [(name, list(values)) for name, values in plans.regions.items()]
+    names = {v: n for n, v in plans.labels.items()}
+    return [(names.get(c, str(c)), [c]) for c in range(1, plans.num_classes)]
+
+
+def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, plans: Plans) -> np.ndarray:
+    """Per output structure (tp, fp, fn) summed over the batch: argmax for classes, sigmoid > 0.5 for
+    regions; ignore-label voxels are left out."""
     tgt = target[:, 0].long()
+    valid = (
+        tgt != plans.ignore_label
+        if plans.ignore_label is not None
+        else torch.ones_like(tgt, dtype=torch.bool)
+    )
     rows = []
-    for c in range(1, k):
-        p, t = pred == c, tgt == c
-        rows.append([(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()])
+    for i, (_, values) in enumerate(output_structures(plans)):
+        truth = torch.isin(tgt, torch.tensor(values, device=tgt.device)) & valid
+        if plans.region_based:
+            pred = (logits[:, i] > 0) & valid
+        else:
+            pred = (logits.argmax(1) == values[0]) & valid
+        rows.append([(pred & truth).sum().item(), (pred & ~truth).sum().item(), (~pred & truth).sum().item()])
     return np.array(rows, dtype=np.float64)
+
+
+def make_loss(plans: Plans, batch_dice: bool) -> DeepSupervisionLoss:
+    if plans.region_based:
+        inner = RegionDiceBCELoss(
+            plans.training_regions, batch_dice=batch_dice, ignore_label=plans.ignore_label
+        )
+    else:
+        inner = DiceCELoss(batch_dice=batch_dice, ignore_label=plans.ignore_label)
+    return DeepSupervisionLoss(inner)
 
 
 def train_fold(
@@ -94,8 +132,11 @@ def train_fold(
     case_ids = sorted(p.stem for p in data_dir.glob("*.json"))
     if not case_ids:
         raise PlansError(f"{data_dir}: no preprocessed cases (run 'autoseg plan' first)")
-    splits = load_or_create_splits(work.splits, case_ids, settings.num_folds, settings.seed)
-    train_ids, val_ids = fold_cases(splits, fold, case_ids)
+    if str(fold) == "all":  # every case, no validation: needs no split (works for a one-case dataset)
+        train_ids, val_ids = list(case_ids), []
+    else:
+        splits = load_or_create_splits(work.splits, case_ids, settings.num_folds, settings.seed)
+        train_ids, val_ids = fold_cases(splits, fold, case_ids)
     out_dir = work.fold_dir(config_name, fold)
     latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
     if latest.exists() and not resume:
@@ -115,8 +156,9 @@ def train_fold(
     sampler_rng = np.random.default_rng([settings.seed, fold_index])
 
     k = plans.num_classes
-    in_ch = len(plans.channel_names)
-    network = build_network(config.network, in_ch, k).to(device)
+    in_ch = plans.input_channels(config_name)
+    previous_dir = _previous_stage_dir(work, config, train_ids + val_ids)
+    network = build_network(config.network, in_ch, plans.num_outputs).to(device)
     optimizer = torch.optim.SGD(
         network.parameters(),
         lr=settings.initial_lr,
@@ -124,7 +166,7 @@ def train_fold(
         nesterov=settings.nesterov,
         weight_decay=settings.weight_decay,
     )
-    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=config.batch_dice))
+    loss_fn = make_loss(plans, config.batch_dice)
     amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
@@ -145,7 +187,7 @@ def train_fold(
     _truncate_log(out_dir / "log.jsonl", start_epoch)
 
     patch = config.patch_size
-    store = CaseStore(data_dir, train_ids)
+    store = CaseStore(data_dir, train_ids, previous_dir)
     sampler = PatchSampler(
         store,
         augmentation_patch_size(patch, settings.augmentation),
@@ -155,7 +197,6 @@ def train_fold(
         sampler_rng,
     )
     transforms = build_train_transforms(patch, settings.augmentation)
-    label_names = {v: n for n, v in plans.labels.items()}
 
     def state(epoch: int) -> dict:
         return {
@@ -177,7 +218,7 @@ def train_fold(
         network.train()
         q: queue.Queue = queue.Queue(maxsize=2)
         producer = threading.Thread(
-            target=_batches, args=(sampler, transforms, settings.iters_per_epoch, q), daemon=True
+            target=_batches, args=(sampler, transforms, settings.iters_per_epoch, k, q), daemon=True
         )
         producer.start()
         losses = []
@@ -202,7 +243,19 @@ def train_fold(
         producer.join()
 
         val_loss, dice = _validate(
-            network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k
+            work,
+            plans,
+            network,
+            loss_fn,
+            data_dir,
+            val_ids,
+            config,
+            settings,
+            epoch,
+            device,
+            amp,
+            amp_dtype,
+            k,
         )
         mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
         if mean_dice is not None:
@@ -212,7 +265,7 @@ def train_fold(
             epochs=settings.epochs,
             train_loss=float(np.mean(losses)),
             val_loss=val_loss,
-            pseudo_dice={label_names[c]: d for c, d in dice.items()},
+            pseudo_dice=dice,
             ema_dice=ema,
             lr=lr,
             seconds=time.perf_counter() - t0,
@@ -232,14 +285,16 @@ def train_fold(
     return out_dir
 
 
-def _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k):
+def _validate(
+    work, plans, network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k
+):
     """Pseudo-Dice on ``val_iters`` unaugmented patches (foreground-oversampled like training)."""
     if not val_ids or settings.val_iters <= 0:
         return None, {}
     # a fresh generator per epoch: validation never disturbs the training random state
     rng = np.random.default_rng([settings.seed, 999, epoch])
     sampler = PatchSampler(
-        CaseStore(data_dir, val_ids),
+        CaseStore(data_dir, val_ids, _previous_stage_dir(work, config, val_ids)),
         config.patch_size,
         config.batch_size,
         config.dim,
@@ -247,20 +302,24 @@ def _validate(network, loss_fn, data_dir, val_ids, config, settings, epoch, devi
         rng,
     )
     network.eval()
-    counts = np.zeros((k - 1, 3))
+    structures = output_structures(plans)
+    counts = np.zeros((len(structures), 3))
     losses = []
     with torch.no_grad():
         for _ in range(settings.val_iters):
-            batch = center_crop(sampler.next_batch(), config.patch_size)
+            batch = _network_batch(center_crop(sampler.next_batch(), config.patch_size), k)
             x = torch.from_numpy(batch["data"]).to(device)
             y = torch.from_numpy(batch["seg"]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out = network(x)
                 losses.append(float(loss_fn(out, y)))
-            counts += _pseudo_dice(out.float(), y, k)
+            counts += _pseudo_dice(out.float(), y, plans)
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     denom = 2 * tp + fp + fn
-    dice = {c + 1: (float(2 * tp[c] / denom[c]) if denom[c] > 0 else float("nan")) for c in range(k - 1)}
+    dice = {
+        name: (float(2 * tp[i] / denom[i]) if denom[i] > 0 else float("nan"))
+        for i, (name, _) in enumerate(structures)
+    }
     return float(np.mean(losses)), dice
 
 
@@ -276,16 +335,45 @@ def validate_fold(
     """Predict the fold's validation cases from their preprocessed arrays with the final checkpoint, export
     them in the original geometry to ``validation/`` and score them against ``WORK/gt_segmentations``."""
     config = plans.configuration(config_name)
-    predictor = Predictor(work, config_name, [fold], device, inference, plans=plans)
+    predictor = Predictor(
+        work, config_name, [fold], device, inference, plans=plans, with_previous_stage=False
+    )
     data_dir = work.preprocessed(config.data_identifier)
+    previous_dir = _previous_stage_dir(work, config, val_ids)
+    # a stage that feeds a cascade also exports its validation predictions onto the cascade's grid
+    feeds = [c for c in plans.configurations.values() if c.previous_stage == config_name]
     out = work.fold_dir(config_name, fold) / "validation"
     for case_id in val_ids:
         image = np.load(data_dir / f"{case_id}.npy")
         props = load_case_properties(data_dir, case_id)
-        seg = predictor.segment_preprocessed(image, props)
-        write_segmentation(seg, props, out / f"{case_id}{plans.file_ending}")
+        if previous_dir is not None:
+            image = append_previous_stage(image, np.load(previous_dir / f"{case_id}.npy"), plans.num_classes)
+        probs = predictor.predict_preprocessed(image)
+        write_segmentation(
+            probabilities_to_segmentation(probs, props, plans), props, out / f"{case_id}{plans.file_ending}"
+        )
+        for nxt in feeds:
+            target = load_case_properties(work.preprocessed(nxt.data_identifier), case_id).shape_resampled
+            seg = next_stage_segmentation(probs, config.spacing, target, plans)
+            save_npy(work.next_stage(config_name) / f"{case_id}.npy", seg)
     spec = load_dataset_json(work.dataset_json)
     return evaluate_folders(work.gt_segmentations, out, spec, out / "summary.json", out / "per_case.csv")
+
+
+def _previous_stage_dir(work: WorkDir, config, case_ids: list[str]) -> Path | None:
+    """Folder of the previous stage's predictions for a cascade configuration (None otherwise); every case
+    needed must be there, or the user is told which folds of the previous stage to train first."""
+    if not config.previous_stage:
+        return None
+    folder = work.next_stage(config.previous_stage)
+    missing = [c for c in case_ids if not (folder / f"{c}.npy").is_file()]
+    if missing:
+        raise AutosegError(
+            f"{folder}: no {config.previous_stage} prediction for {len(missing)} case(s) (e.g. {missing[0]}); "
+            f"train all five folds of {config.previous_stage} first: their validation predictions feed "
+            f"{config.name}"
+        )
+    return folder
 
 
 def _truncate_log(path: Path, start_epoch: int) -> None:

@@ -5,6 +5,9 @@ sample or, with ``batch_dice``, over the whole batch as one volume; ``smooth = 1
 ``CE - mean Dice`` (so a perfect prediction reaches ``-1``). Deep supervision weights the decoder outputs
 ``1, 1/2, 1/4, ...`` (highest resolution first), gives the lowest resolution weight 0, and normalises to 1.
 Targets for lower resolutions are the label map downsampled with nearest neighbour.
+
+Region-based plans use :class:`RegionDiceBCELoss` instead: one sigmoid output per region (a union of label
+values), binary cross-entropy plus soft Dice per region. Voxels of the ignore label count in neither term.
 """
 
 from __future__ import annotations
@@ -14,25 +17,87 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _soft_dice(probs: torch.Tensor, truth: torch.Tensor, batch_dice: bool, smooth: float) -> torch.Tensor:
+    """Mean soft Dice over channels of ``probs``/``truth`` ``(B, C, *spatial)`` (already masked)."""
+    axes = tuple(range(2, probs.ndim))
+    if batch_dice:
+        axes = (0,) + axes
+    intersect = (probs * truth).sum(axes)
+    denom = probs.sum(axes) + truth.sum(axes)
+    return ((2 * intersect + smooth) / (denom + smooth).clamp_min(1e-8)).mean()
+
+
 class DiceCELoss(nn.Module):
-    def __init__(self, batch_dice: bool = False, smooth: float = 1e-5):
+    """Softmax cross-entropy + soft Dice over the foreground classes; ``ignore_label`` voxels are masked."""
+
+    def __init__(self, batch_dice: bool = False, smooth: float = 1e-5, ignore_label: int | None = None):
         super().__init__()
         self.batch_dice = batch_dice
         self.smooth = smooth
+        self.ignore_label = ignore_label
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``logits`` ``(B, K, *spatial)``; ``target`` ``(B, 1, *spatial)`` integer labels in ``[0, K)``."""
+        """``logits`` ``(B, K, *spatial)``; ``target`` ``(B, 1, *spatial)`` integer labels in ``[0, K)`` (or the
+        ignore label)."""
         target = target[:, 0].long()
-        ce = F.cross_entropy(logits, target)
+        k = logits.shape[1]
+        if self.ignore_label is not None:
+            valid = target != self.ignore_label
+            ce = (
+                F.cross_entropy(logits, target, ignore_index=self.ignore_label)
+                if valid.any()
+                else logits.sum() * 0
+            )
+            target = torch.where(valid, target, torch.zeros_like(target))
+        else:
+            valid = None
+            ce = F.cross_entropy(logits, target)
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
-        onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
-        axes = tuple(range(2, logits.ndim))
-        if self.batch_dice:
-            axes = (0,) + axes
-        intersect = (probs * onehot).sum(axes)
-        denom = probs.sum(axes) + onehot.sum(axes)
-        dice = (2 * intersect + self.smooth) / (denom + self.smooth).clamp_min(1e-8)
-        return ce - dice.mean()
+        onehot = F.one_hot(target, k).movedim(-1, 1)[:, 1:].to(probs.dtype)
+        if valid is not None:
+            mask = valid[:, None].to(probs.dtype)
+            probs, onehot = probs * mask, onehot * mask
+        return ce - _soft_dice(probs, onehot, self.batch_dice, self.smooth)
+
+
+def region_targets(target: torch.Tensor, regions: list[list[int]]) -> torch.Tensor:
+    """``(B, 1, *spatial)`` label map → ``(B, R, *spatial)`` float masks, one per region (union of values)."""
+    t = target[:, 0]
+    return torch.stack([torch.isin(t, torch.tensor(r, device=t.device)) for r in regions], dim=1).float()
+
+
+class RegionDiceBCELoss(nn.Module):
+    """Sigmoid per region: binary cross-entropy + soft Dice; ``ignore_label`` voxels are masked."""
+
+    def __init__(
+        self,
+        regions: list[list[int]],
+        batch_dice: bool = False,
+        smooth: float = 1e-5,
+        ignore_label: int | None = None,
+    ):
+        super().__init__()
+        self.regions = [list(r) for r in regions]
+        self.batch_dice = batch_dice
+        self.smooth = smooth
+        self.ignore_label = ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``(B, R, *spatial)``; ``target`` ``(B, 1, *spatial)`` integer label map."""
+        truth = region_targets(target, self.regions)
+        logits = logits.float()
+        if self.ignore_label is not None:
+            mask = (target != self.ignore_label).to(logits.dtype).expand_as(logits)
+            bce = F.binary_cross_entropy_with_logits(
+                logits, truth, weight=mask, reduction="sum"
+            ) / mask.sum().clamp_min(1)
+        else:
+            mask = None
+            bce = F.binary_cross_entropy_with_logits(logits, truth)
+        probs = torch.sigmoid(logits)
+        if mask is not None:
+            probs, truth = probs * mask, truth * mask
+        return bce - _soft_dice(probs, truth, self.batch_dice, self.smooth)
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

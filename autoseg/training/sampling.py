@@ -15,17 +15,26 @@ import numpy as np
 
 
 class CaseStore:
-    """Lazy, memory-mapped access to the preprocessed cases of one data folder."""
+    """Lazy, memory-mapped access to the preprocessed cases of one data folder.
 
-    def __init__(self, data_dir: Path, case_ids: list[str]):
+    With ``previous_dir`` (cascade), each case's previous-stage label map ``<case>.npy`` from that folder is
+    stacked under the label as a second ``seg`` channel, so spatial augmentation moves it with the label.
+    """
+
+    def __init__(self, data_dir: Path, case_ids: list[str], previous_dir: Path | None = None):
         self.data_dir = Path(data_dir)
         self.case_ids = list(case_ids)
+        self.previous_dir = Path(previous_dir) if previous_dir is not None else None
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]] = {}
 
     def get(self, case_id: str) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        """``(image (C, ...), seg (S, ...), foreground locations)`` with S = 1, or 2 with a previous stage."""
         if case_id not in self._cache:
             img = np.load(self.data_dir / f"{case_id}.npy", mmap_mode="r")
-            seg = np.load(self.data_dir / f"{case_id}_seg.npy", mmap_mode="r")
+            seg = np.load(self.data_dir / f"{case_id}_seg.npy", mmap_mode="r")[None]
+            if self.previous_dir is not None:
+                prev = np.load(self.previous_dir / f"{case_id}.npy")
+                seg = np.concatenate([np.asarray(seg), prev[None].astype(seg.dtype)])
             with np.load(self.data_dir / f"{case_id}_fg.npz", allow_pickle=False) as z:
                 fg = {int(k.split("_")[1]): z[k] for k in z.files}
             self._cache[case_id] = (img, seg, fg)
@@ -50,7 +59,8 @@ def _crop_padded(arr: np.ndarray, start: list[int], size: list[int], fill: float
 
 
 class PatchSampler:
-    """Draws training batches ``{"data": (B, C, *patch), "seg": (B, 1, *patch)}`` as float32 / int16 arrays.
+    """Draws training batches ``{"data": (B, C, *patch), "seg": (B, S, *patch)}`` as float32 / int16 arrays
+    (S = 2 for a cascade: label, previous stage).
 
     ``patch_size`` is the size to extract (the augmentation's enlarged patch); ``dim`` is 2 or 3.
     """
@@ -78,7 +88,7 @@ class PatchSampler:
 
     def sample_one(self, case_id: str, force_fg: bool) -> tuple[np.ndarray, np.ndarray]:
         img, seg, fg = self.store.get(case_id)
-        shape = list(seg.shape)
+        shape = list(seg.shape[1:])
         center = None
         if force_fg:
             present = [v for v, locs in fg.items() if len(locs)]
@@ -88,7 +98,7 @@ class PatchSampler:
                 center = [int(c) for c in locs[self.rng.integers(len(locs))]]
         if self.dim == 2:
             z = center[0] if center is not None else int(self.rng.integers(shape[0]))
-            img, seg = img[:, z], seg[z]
+            img, seg = img[:, z], seg[:, z]
             shape = shape[1:]
             center = center[1:] if center is not None else None
         start = []
@@ -116,5 +126,5 @@ class PatchSampler:
             # the last n_fg samples of each batch are foreground-centred (as in nnU-Net)
             x, y = self.sample_one(case_id, force_fg=b >= self.batch_size - n_fg)
             data.append(x)
-            segs.append(y[None])
+            segs.append(y)
         return {"data": np.stack(data).astype(np.float32), "seg": np.stack(segs).astype(np.int16)}
