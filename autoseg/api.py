@@ -38,7 +38,8 @@ def _under(child: Path, parent: Path) -> bool:
 def plan(
     dataset_dir: str | Path,
     workdir: str | Path,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
+    device: str | None = None,
     workers: int = 2,
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
@@ -82,7 +83,9 @@ def plan(
 
         fp = compute_fingerprint(cases, spec, workers=workers, progress=tick)
         write_json(work.fingerprint, fp.to_json())
-    plans = make_plans(spec, fp, gpu_memory_gb=gpu_memory_gb, architecture=architecture)
+    budget, why = memory_budget(gpu_memory_gb, device)
+    plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture)
+    plans.reasons.insert(0, f"memory budget {budget:.3g} GB: {why}")
     old = Plans.load(work.plans) if work.plans.is_file() else None
     if clean or (old is not None and old.to_json() != plans.to_json()):
         # stale preprocessed data must not be mixed with new plans
@@ -104,6 +107,30 @@ def plan(
             progress=_counter(progress, f"preprocess {data_id}", len(cases)),
         )
     return plans
+
+
+DEFAULT_GPU_MEMORY_GB = 8.0
+
+
+def memory_budget(gpu_memory_gb: float | None, device: str | None) -> tuple[float, str]:
+    """The GPU memory budget to plan for, and why: an explicit value wins; ``device="cuda"`` (or ``auto`` on a
+    machine with CUDA) reads the GPU's memory and keeps 10 % headroom; otherwise nnU-Net's 8 GB."""
+    if gpu_memory_gb is not None:
+        if gpu_memory_gb <= 1.0:
+            raise AutosegError(f"--gpu-memory {gpu_memory_gb:g}: a training step needs more than 1 GB")
+        return float(gpu_memory_gb), "given with --gpu-memory"
+    if device in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            total = props.total_memory / 1024**3
+            return round(0.9 * total, 1), f"90 % of the {total:.0f} GB of {props.name}"
+        if device == "cuda":
+            raise AutosegError("--device cuda: no CUDA GPU is visible to torch on this machine")
+    if device not in (None, "auto", "cpu", "cuda"):
+        raise AutosegError(f"--device {device}: use cpu, cuda or auto")
+    return DEFAULT_GPU_MEMORY_GB, "nnU-Net's default of 8 GB (a training step that fits a common GPU)"
 
 
 def _counter(progress: Progress | None, stage: str, total: int) -> Callable[[str], None]:

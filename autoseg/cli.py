@@ -66,8 +66,15 @@ def plan(
     ],
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for everything derived")],
     gpu_memory: Annotated[
-        float, typer.Option("--gpu-memory", help="GPU memory budget of a training step, GB")
-    ] = 8.0,
+        float | None,
+        typer.Option(
+            "--gpu-memory", help="GPU memory budget of a training step, GB (default 8, or --device's)"
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel processes")] = 2,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
     explain: Annotated[
@@ -83,15 +90,20 @@ def plan(
             dataset_dir,
             workdir,
             gpu_memory_gb=gpu_memory,
+            device=device,
             workers=workers,
             clean=clean,
             progress=_stage_progress(bar),
             architecture=architecture.value,
         )
-    table = Table(title=f"plans for {plans.dataset_name or dataset_dir.name}")
-    for col in ("configuration", "spacing (mm)", "patch", "batch", "stages", "est. memory (GB)"):
+    table = Table(
+        title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"
+    )
+    columns = ("config", "spacing mm", "patch", "batch", "stages", "memory GB", "step s GPU/CPU")
+    for col in columns:
         table.add_column(col)
     for name, c in plans.configurations.items():
+        step = c.estimated_step_seconds
         table.add_row(
             name,
             "×".join(f"{s:.3g}" for s in c.spacing),
@@ -99,6 +111,7 @@ def plan(
             str(c.batch_size),
             str(c.network.n_stages),
             f"{c.estimated_memory_gb:.2f}",
+            f"{step.get('gpu', float('nan')):.3f}/{step.get('cpu', float('nan')):.1f}",
         )
     out.print(table)
     if explain:

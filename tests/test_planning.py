@@ -196,3 +196,30 @@ def test_brats_plans_fit_the_budget(tmp_path):
     assert plans.configurations["2d"].batch_size > c3.batch_size
     # BraTS intensities were z-scored by the distributors: the background is not zero, nothing is cropped
     assert all(c.crop_fraction_kept > 0.99 for c in fp.cases)
+
+
+def test_forward_flops_by_hand():
+    # patch 4^3, two stages (features 2, 4), 3^3 kernels, 1 input channel, 2 classes, 2 convs per stage:
+    # encoder 0: 64 vox * 27 * (1*2 + 2*2) * 2 = 20736; encoder 1: 8 * 27 * (2*4 + 4*4) * 2 = 10368;
+    # decoder: transposed conv 64 * 4*2 * 2 = 1024, convs 64 * 27 * (4*2 + 2*2) * 2 = 41472, head 64*2*2*2 = 512
+    from autoseg.planning import speed
+
+    flops = speed.forward_flops([4, 4, 4], [[1, 1, 1], [2, 2, 2]], [[3, 3, 3]] * 2, [2, 4], 1, 2)
+    assert flops == 20736 + 10368 + 1024 + 41472 + 512
+    assert speed.estimate_step_seconds(flops, 2, "cpu") == pytest.approx(3 * flops * 2 / speed.CPU_FLOPS)
+
+
+def test_memory_budget_precedence():
+    from autoseg.api import memory_budget
+    from autoseg.errors import AutosegError
+
+    assert memory_budget(11.0, "cuda") == (11.0, "given with --gpu-memory")
+    assert memory_budget(None, None)[0] == 8.0
+    assert memory_budget(None, "cpu")[0] == 8.0
+    with pytest.raises(AutosegError, match="more than 1 GB"):
+        memory_budget(0.5, None)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(AutosegError, match="no CUDA GPU is visible"):
+            memory_budget(None, "cuda")

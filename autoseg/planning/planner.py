@@ -10,7 +10,7 @@ import numpy as np
 from autoseg.fingerprint import Fingerprint
 from autoseg.io.dataset import DatasetSpec
 from autoseg.io.volume import CANONICAL_ORIENTATION
-from autoseg.planning import memory, topology
+from autoseg.planning import memory, speed, topology
 from autoseg.planning.plans import Configuration, NetworkTopology, Plans
 from autoseg.planning.spacing import target_spacing, transpose_coarse_first
 from autoseg.preprocessing.normalize import ChannelNormalization
@@ -100,6 +100,7 @@ def plan_configuration(
     fit = max(MIN_BATCH, int((budget_bytes - fixed) // max(per_sample, 1)))
     cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
     batch = max(MIN_BATCH, min(fit, cap))
+    flops = speed.forward_flops(patch, strides, kernels, feats, in_channels, num_classes)
     est = memory.estimate_step_bytes(
         patch, batch, strides, kernels, feats, in_channels, num_classes, architecture=architecture
     )
@@ -126,6 +127,9 @@ def plan_configuration(
             features_per_stage=feats,
         ),
         estimated_memory_gb=round(est / 1024**3, 3),
+        estimated_step_seconds={
+            device: round(speed.estimate_step_seconds(flops, batch, device), 3) for device in ("gpu", "cpu")
+        },
         batch_dice=dim == 2,  # as nnU-Net v2: batch Dice for 2D, per-sample Dice for 3D
     )
 

@@ -55,6 +55,7 @@ class Configuration:
     estimated_memory_gb: float
     batch_dice: bool = False
     previous_stage: str | None = None  # cascade: configuration whose predictions are extra input channels
+    estimated_step_seconds: dict[str, float] = field(default_factory=dict)  # {"gpu": s, "cpu": s}, rough
 
     def to_json(self) -> dict:
         return asdict(self)
