@@ -223,3 +223,20 @@ def test_memory_budget_precedence():
     if not torch.cuda.is_available():
         with pytest.raises(AutosegError, match="no CUDA GPU is visible"):
             memory_budget(None, "cuda")
+
+
+def test_lowres_is_planned_only_when_it_pays():
+    # 300x512x512 at 1 mm: the fullres patch (80x160x160) covers 3 % of the image -> spacing is raised by 5 %
+    # steps until the lowres patch covers >= 25 %, which leaves about a tenth of the voxels: planned.
+    fp = _fingerprint([[1, 1, 1]] * 20, [[300, 512, 512]] * 20)
+    plans = make_plans(_spec(), fp)
+    low = plans.configurations["3d_lowres"]
+    cas = plans.configurations["3d_cascade_fullres"]
+    assert low.data_identifier == "lowres" and low.spacing[0] == pytest.approx(1.05**16, rel=1e-6)
+    assert np.prod(low.patch_size) / np.prod(low.median_shape) >= 0.25
+    assert cas.previous_stage == "3d_lowres" and cas.patch_size == plans.configurations["3d_fullres"].patch_size
+    # BraTS-like 155x240x240: fullres covers 22 %, but reaching 25 % keeps 86 % of the voxels: not worth it
+    fp = _fingerprint([[1, 1, 1]] * 20, [[155, 240, 240]] * 20)
+    plans = make_plans(_spec(), fp)
+    assert "3d_lowres" not in plans.configurations
+    assert any("would keep 86% of the voxels" in r for r in plans.reasons)
