@@ -40,6 +40,7 @@ def plan(
     workdir: str | Path,
     gpu_memory_gb: float | None = None,
     device: str | None = None,
+    resample_device: str | None = None,
     workers: int = 2,
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
@@ -105,6 +106,7 @@ def plan(
             work.preprocessed(data_id),
             workers=workers,
             progress=_counter(progress, f"preprocess {data_id}", len(cases)),
+            resample_device=resample_device,
         )
     return plans
 

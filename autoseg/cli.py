@@ -76,6 +76,10 @@ def plan(
         typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel processes")] = 2,
+    resample_device: Annotated[
+        str | None,
+        typer.Option("--resample-device", help="cpu or cuda: resample with torch (faster) instead of scipy"),
+    ] = None,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
     explain: Annotated[
         bool, typer.Option("--explain", help="Print every planning decision and its reason")
@@ -91,6 +95,7 @@ def plan(
             workdir,
             gpu_memory_gb=gpu_memory,
             device=device,
+            resample_device=resample_device,
             workers=workers,
             clean=clean,
             progress=_stage_progress(bar),

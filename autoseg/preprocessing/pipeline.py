@@ -93,9 +93,13 @@ def preprocess_image(
     config: Configuration,
     label: np.ndarray | None = None,
     case_id: str = "",
+    resample_device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalize, transpose and resample one case. ``image`` is ``(C, Z, Y, X)`` as returned by
-    :func:`read_channels` (already in the plans' orientation, with ``geometry``)."""
+    :func:`read_channels` (already in the plans' orientation, with ``geometry``).
+
+    ``resample_device`` (``cpu``, ``cuda``) resamples with the torch implementation on that device (same
+    results as scipy to float32 rounding, faster for images); ``None`` uses scipy."""
     image, label, mask, bbox = crop_to_nonzero(image, label)
     image = normalize(image, plans.normalization, mask)
     tf = plans.transpose_forward
@@ -103,9 +107,20 @@ def preprocess_image(
     spacing_t = [geometry.spacing_mm[a] for a in tf]
     target = config.spacing
     out_shape = new_shape(image.shape[1:], spacing_t, target)
-    image = resample_image(np.ascontiguousarray(image), spacing_t, target, out_shape)
+    if resample_device is None:
+        image = resample_image(np.ascontiguousarray(image), spacing_t, target, out_shape)
+    else:
+        from autoseg.preprocessing import resample_torch
+
+        image = resample_torch.resample_image(image, spacing_t, target, out_shape, device=resample_device)
     if label is not None:
-        label = resample_label(np.ascontiguousarray(label.transpose(tf)), spacing_t, target, out_shape)
+        label = np.ascontiguousarray(label.transpose(tf))
+        if resample_device is None:
+            label = resample_label(label, spacing_t, target, out_shape)
+        else:
+            from autoseg.preprocessing import resample_torch
+
+            label = resample_torch.resample_label(label, spacing_t, target, out_shape, device=resample_device)
     props = CaseProperties(
         case_id=case_id,
         geometry=geometry,
@@ -134,13 +149,20 @@ def case_is_done(out_dir: Path, case_id: str) -> bool:
 
 
 def preprocess_training_case(
-    case: Case, spec: DatasetSpec, plans: Plans, config: Configuration, out_dir: Path
+    case: Case,
+    spec: DatasetSpec,
+    plans: Plans,
+    config: Configuration,
+    out_dir: Path,
+    resample_device: str | None = None,
 ) -> str:
     """Preprocess one training case into ``out_dir`` (atomic writes; the JSON marker last)."""
     check_case_geometry(case)
     image, geom, source = read_channels(case.images, plans.orientation)
     label, _ = load_label(case.label, spec.allowed_values, plans.orientation)
-    image, label, props = preprocess_image(image, geom, source, plans, config, label, case.case_id)
+    image, label, props = preprocess_image(
+        image, geom, source, plans, config, label, case.case_id, resample_device
+    )
     save_npy(out_dir / f"{case.case_id}.npy", image)
     save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
     save_npz(
@@ -163,6 +185,7 @@ def preprocess_dataset(
     out_dir: Path,
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
+    resample_device: str | None = None,
 ) -> list[str]:
     """Preprocess every case not already finished in ``out_dir`` (resumable). Returns the ids processed now.
 
@@ -181,14 +204,14 @@ def preprocess_dataset(
     done: list[str] = []
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_job, (c, spec, plans, config, out_dir)) for c in todo]
+            futures = [pool.submit(_job, (c, spec, plans, config, out_dir, resample_device)) for c in todo]
             for fut in as_completed(futures):
                 done.append(fut.result())
                 if progress:
                     progress(done[-1])
     else:
         for c in todo:
-            done.append(_job((c, spec, plans, config, out_dir)))
+            done.append(_job((c, spec, plans, config, out_dir, resample_device)))
             if progress:
                 progress(done[-1])
     return done
