@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from autoseg.networks import register
-from autoseg.networks.blocks import ConvNormAct, StackedConvs, conv_cls, norm_cls, transp_conv_cls
+from autoseg.networks.blocks import ConvNormAct, conv_cls, norm_cls
+from autoseg.networks.unet import UNet
 from autoseg.planning.memory import resenc_blocks_per_stage
 from autoseg.planning.plans import NetworkTopology
 
@@ -43,59 +44,25 @@ class ResidualBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-class ResEncUNet(nn.Module):
-    """U-Net whose encoder stages are stacks of :class:`ResidualBlock` (the first block of a stage carries its
-    stride); the decoder is the plain one of :class:`autoseg.networks.unet.UNet` (transposed conv with kernel =
-    stride, concatenation with the skip, ``n_conv_per_stage`` ConvNormAct, a 1×1 head per decoder stage).
+def residual_encoder(topo: NetworkTopology, in_channels: int) -> nn.ModuleList:
+    """Encoder stages made of :class:`ResidualBlock` stacks (the first block of a stage carries its stride).
 
     Blocks per encoder stage: 1, 3, 4, 6, 6, 6 (then 6), as nnU-Net's residual-encoder presets
     (``autoseg.planning.memory.RESENC_BLOCKS_PER_STAGE``, shared with the memory model). There is no stem: the
-    first block of stage 0 projects the input channels onto its shortcut with a 1×1 convolution.
-
-    ``forward(x)`` with ``x`` of shape ``(B, C, *patch)``: with deep supervision in training mode, a list of
-    logits ``(B, K, ...)`` highest resolution first (one per decoder stage); otherwise logits at full resolution.
+    first block of stage 0 projects the input channels onto its shortcut with a 1×1 convolution. The decoder is
+    the plain one of :class:`autoseg.networks.unet.UNet`.
     """
-
-    def __init__(self, topo: NetworkTopology, in_channels: int, num_classes: int):
-        super().__init__()
-        dim, feats, n = topo.dim, topo.features_per_stage, topo.n_conv_per_stage
-        self.deep_supervision = topo.deep_supervision
-        self.encoder = nn.ModuleList()
-        cin = in_channels
-        for s, blocks in enumerate(resenc_blocks_per_stage(topo.n_stages)):
-            k, f = topo.kernel_sizes[s], feats[s]
-            stage = [ResidualBlock(dim, cin, f, k, topo.strides[s])]
-            stage += [ResidualBlock(dim, f, f, k) for _ in range(blocks - 1)]
-            self.encoder.append(nn.Sequential(*stage))
-            cin = f
-        self.up = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        self.heads = nn.ModuleList()
-        for s in range(topo.n_stages - 1, 0, -1):
-            st = topo.strides[s]
-            self.up.append(transp_conv_cls(dim)(feats[s], feats[s - 1], st, stride=st))
-            self.decoder.append(
-                StackedConvs(dim, 2 * feats[s - 1], feats[s - 1], topo.kernel_sizes[s - 1], [1] * dim, n)
-            )
-            self.heads.append(conv_cls(dim)(feats[s - 1], num_classes, 1))
-
-    def forward(self, x: torch.Tensor):
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = skips.pop()
-        outputs = []
-        want_all = self.deep_supervision and self.training
-        for i, (up, dec) in enumerate(zip(self.up, self.decoder)):
-            x = dec(torch.cat([up(x), skips.pop()], dim=1))
-            if want_all or i == len(self.decoder) - 1:
-                outputs.append(self.heads[i](x))
-        if want_all:
-            return outputs[::-1]  # highest resolution first
-        return outputs[-1]
+    stages = nn.ModuleList()
+    cin = in_channels
+    for s, blocks in enumerate(resenc_blocks_per_stage(topo.n_stages)):
+        k, f = topo.kernel_sizes[s], topo.features_per_stage[s]
+        stage = [ResidualBlock(topo.dim, cin, f, k, topo.strides[s])]
+        stage += [ResidualBlock(topo.dim, f, f, k) for _ in range(blocks - 1)]
+        stages.append(nn.Sequential(*stage))
+        cin = f
+    return stages
 
 
 @register("resenc")
 def build_resenc(topo: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:
-    return ResEncUNet(topo, in_channels, num_classes)
+    return UNet(topo, in_channels, num_classes, encoder=residual_encoder(topo, in_channels))

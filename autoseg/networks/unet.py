@@ -18,15 +18,21 @@ class UNet(nn.Module):
     logits ``(B, K, ...)`` highest resolution first (one per decoder stage); otherwise logits at full resolution.
     """
 
-    def __init__(self, topo: NetworkTopology, in_channels: int, num_classes: int):
+    def __init__(
+        self, topo: NetworkTopology, in_channels: int, num_classes: int, encoder: nn.ModuleList | None = None
+    ):
+        """``encoder`` (one module per stage, stage ``s`` giving ``features_per_stage[s]`` channels at its
+        stride) replaces the plain encoder; the residual-encoder U-Net is this class with such an encoder."""
         super().__init__()
         dim, feats, n = topo.dim, topo.features_per_stage, topo.n_conv_per_stage
         self.deep_supervision = topo.deep_supervision
-        self.encoder = nn.ModuleList()
-        cin = in_channels
-        for s in range(topo.n_stages):
-            self.encoder.append(StackedConvs(dim, cin, feats[s], topo.kernel_sizes[s], topo.strides[s], n))
-            cin = feats[s]
+        if encoder is None:
+            encoder = nn.ModuleList()
+            cin = in_channels
+            for s in range(topo.n_stages):
+                encoder.append(StackedConvs(dim, cin, feats[s], topo.kernel_sizes[s], topo.strides[s], n))
+                cin = feats[s]
+        self.encoder = encoder
         self.up = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.heads = nn.ModuleList()
