@@ -19,8 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
-from autoseg.io.volume import CANONICAL_ORIENTATION, orientation_code, read_volume
+from autoseg.io.volume import CANONICAL_ORIENTATION, orientation_code
 from autoseg.preprocessing.crop import crop_to_nonzero
+from autoseg.preprocessing.pipeline import read_channels
 
 # 2: per case ``orientation`` and ``label_components``. An older fingerprint.json is recomputed, not upgraded.
 FINGERPRINT_SCHEMA_VERSION = 2
@@ -113,11 +114,9 @@ def case_fingerprint(
 ) -> tuple[CaseFingerprint, list[np.ndarray]]:
     """Fingerprint one case; also returns a seeded sample of foreground intensities per channel."""
     check_case_geometry(case)
-    vols = [read_volume(f, orientation=CANONICAL_ORIENTATION) for f in case.images]
-    geom = vols[0].geometry  # spacing in the canonical array order, as preprocessing will see it
-    image = np.stack([v.array for v in vols])
+    # spacing in the canonical array order, as preprocessing will see it; NaN/Inf are reported by file
+    image, geom, source = read_channels(case.images, CANONICAL_ORIENTATION)
     label, _ = load_label(case.label, spec.allowed_values, CANONICAL_ORIENTATION)
-    _check_finite(image, case)
     cropped, label_c, _, _ = crop_to_nonzero(image, label)
     fg = (label_c > 0) & (label_c != spec.ignore_label) if spec.ignore_label is not None else label_c > 0
     # a per-case seed derived from the case id keeps the sample independent of processing order
@@ -140,7 +139,7 @@ def case_fingerprint(
         crop_fraction_kept=float(np.prod(cropped.shape[1:]) / np.prod(image.shape[1:])),
         label_voxels={names[v]: int(counts[v]) for v in foreground},
         label_components={names[v]: count_components(label == v) if counts[v] else 0 for v in foreground},
-        orientation=orientation_code(vols[0].source_geometry),
+        orientation=orientation_code(source),
     )
     return fp, samples
 
@@ -150,15 +149,6 @@ def count_components(mask: np.ndarray) -> int:
     0 for an empty mask."""
     _, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
     return int(n)
-
-
-def _check_finite(image: np.ndarray, case: Case) -> None:
-    from autoseg.errors import DatasetError
-
-    for c in range(image.shape[0]):
-        if not np.all(np.isfinite(image[c])):
-            n = int((~np.isfinite(image[c])).sum())
-            raise DatasetError(f"{case.images[c]}: {n} NaN/Inf intensity value(s)")
 
 
 def _stats(values: np.ndarray) -> IntensityStats:

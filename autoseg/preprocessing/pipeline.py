@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.errors import DatasetError
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
 from autoseg.io.volume import Geometry, read_volume
 from autoseg.jsonio import read_json, save_npy, save_npz, write_json
@@ -73,16 +74,12 @@ def read_channels(
     ref = vols[0].geometry
     for v in vols[1:]:
         if v.geometry.shape != ref.shape:
-            from autoseg.errors import DatasetError
-
             raise DatasetError(f"{v.path}: shape {v.geometry.shape} differs from {files[0]} {ref.shape}")
-    image = np.stack([v.array for v in vols])
-    if not np.all(np.isfinite(image)):
-        from autoseg.errors import DatasetError
-
-        bad = next(f for f, v in zip(files, vols) if not np.all(np.isfinite(v.array)))
-        raise DatasetError(f"{bad}: contains NaN/Inf intensities")
-    return image, ref, vols[0].source_geometry
+    for f, v in zip(files, vols):
+        finite = np.isfinite(v.array)
+        if not finite.all():
+            raise DatasetError(f"{f}: contains {int((~finite).sum())} NaN/Inf intensity value(s)")
+    return np.stack([v.array for v in vols]), ref, vols[0].source_geometry
 
 
 def preprocess_image(

@@ -28,7 +28,7 @@ from autoseg.inference.cascade import append_previous_stage, next_stage_segmenta
 from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
 from autoseg.inference.predictor import Predictor, topology_key
 from autoseg.io.dataset import load_dataset_json
-from autoseg.jsonio import save_npy, write_json
+from autoseg.jsonio import save_npy, write_json, write_text
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
 from autoseg.planning.plans import Plans
@@ -188,6 +188,8 @@ def train_fold(
 
     patch = config.patch_size
     store = CaseStore(data_dir, train_ids, previous_dir)
+    # built once: its memory maps and previous-stage maps are reused every epoch
+    val_store = CaseStore(data_dir, val_ids, previous_dir) if val_ids else None
     sampler = PatchSampler(
         store,
         augmentation_patch_size(patch, settings.augmentation),
@@ -243,12 +245,10 @@ def train_fold(
         producer.join()
 
         val_loss, dice = _validate(
-            work,
             plans,
             network,
             loss_fn,
-            data_dir,
-            val_ids,
+            val_store,
             config,
             settings,
             epoch,
@@ -285,16 +285,14 @@ def train_fold(
     return out_dir
 
 
-def _validate(
-    work, plans, network, loss_fn, data_dir, val_ids, config, settings, epoch, device, amp, amp_dtype, k
-):
+def _validate(plans, network, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k):
     """Pseudo-Dice on ``val_iters`` unaugmented patches (foreground-oversampled like training)."""
-    if not val_ids or settings.val_iters <= 0:
+    if val_store is None or settings.val_iters <= 0:
         return None, {}
     # a fresh generator per epoch: validation never disturbs the training random state
     rng = np.random.default_rng([settings.seed, 999, epoch])
     sampler = PatchSampler(
-        CaseStore(data_dir, val_ids, _previous_stage_dir(work, config, val_ids)),
+        val_store,
         config.patch_size,
         config.batch_size,
         config.dim,
@@ -387,6 +385,4 @@ def _truncate_log(path: Path, start_epoch: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut short by a kill
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(k + "\n" for k in keep))
