@@ -222,8 +222,13 @@ def test_real_dataset_with_a_missing_label_is_reported(tmp_path):
 def test_region_syntax_and_ignore_label_round_trip():
     raw = {
         "channel_names": {"0": "FLAIR", "1": "T1c"},
-        "labels": {"background": 0, "whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 3, 4], "enhancing": 4,
-                   "ignore": 5},
+        "labels": {
+            "background": 0,
+            "whole_tumor": [1, 2, 3, 4],
+            "tumor_core": [1, 3, 4],
+            "enhancing": 4,
+            "ignore": 5,
+        },
         "regions_class_order": [2, 1, 4],
         "file_ending": ".nii.gz",
     }
@@ -237,8 +242,17 @@ def test_region_syntax_and_ignore_label_round_trip():
         parse_dataset_json({**raw, "regions_class_order": [1]})
     with pytest.raises(DatasetError, match="'ignore' label \\(3\\) must have the largest value"):
         parse_dataset_json(
-            {**raw, "labels": {"background": 0, "a": [1], "b": [4], "ignore": 3}, "regions_class_order": [1, 4]}
+            {
+                **raw,
+                "labels": {"background": 0, "a": [1], "b": [4], "ignore": 3},
+                "regions_class_order": [1, 4],
+            }
         )
-    plain = parse_dataset_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "ignore": 2},
-                                "file_ending": ".nii.gz"})
+    plain = parse_dataset_json(
+        {
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, "a": 1, "ignore": 2},
+            "file_ending": ".nii.gz",
+        }
+    )
     assert plain.ignore_label == 2 and plain.num_classes == 2 and plain.foreground_labels == {"a": 1}

@@ -234,7 +234,9 @@ def test_lowres_is_planned_only_when_it_pays():
     cas = plans.configurations["3d_cascade_fullres"]
     assert low.data_identifier == "lowres" and low.spacing[0] == pytest.approx(1.05**16, rel=1e-6)
     assert np.prod(low.patch_size) / np.prod(low.median_shape) >= 0.25
-    assert cas.previous_stage == "3d_lowres" and cas.patch_size == plans.configurations["3d_fullres"].patch_size
+    assert (
+        cas.previous_stage == "3d_lowres" and cas.patch_size == plans.configurations["3d_fullres"].patch_size
+    )
     # BraTS-like 155x240x240: fullres covers 22 %, but reaching 25 % keeps 86 % of the voxels: not worth it
     fp = _fingerprint([[1, 1, 1]] * 20, [[155, 240, 240]] * 20)
     plans = make_plans(_spec(), fp)

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from autoseg.checkpoint_io import load_checkpoint
@@ -129,3 +130,12 @@ def test_2d_training_runs_and_validates(work_copy):
     val = sorted((fold_dir / "validation").glob("*.nii.gz"))
     assert val and (fold_dir / "validation" / "summary.json").is_file()
     assert (fold_dir / "checkpoint_final.pt").is_file() and (fold_dir / "settings.json").is_file()
+    # saved probabilities (for find-best ensembling) are in the file's geometry and agree with the labels
+    for seg_path in val:
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_path)))
+        with np.load(seg_path.parent / (seg_path.name[: -len(".nii.gz")] + ".npz")) as z:
+            probs = z["probabilities"]
+        assert probs.dtype == np.float16 and probs.shape == (3, *seg.shape)
+        np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
+        agree = (probs.argmax(0) == seg).mean()
+        assert agree > 0.999, agree

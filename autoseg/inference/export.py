@@ -42,6 +42,23 @@ def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plan
     return reorient_to(seg, props.geometry, props.source_geometry)
 
 
+def probabilities_to_original(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
+    """``probs`` ``(K, *shape_resampled)`` → float16 ``(K, *file array shape)`` in the file's own orientation
+    and grid (what ``--save-probabilities`` and cross-validation ensembling store). Outside the nonzero bounding
+    box: background (probability 1 for class 0 of a softmax plan, 0 for every region of a sigmoid plan)."""
+    bbox = props.bbox
+    cropped = [b - a for a, b in bbox]
+    cropped_t = [cropped[a] for a in plans.transpose_forward]
+    probs = resample_probabilities(probs, tuple(props.spacing_transposed), tuple(cropped_t))
+    probs = probs.transpose((0, *[a + 1 for a in plans.transpose_backward])).astype(np.float32)
+    out = []
+    for k, channel in enumerate(probs):
+        fill = 1.0 if (k == 0 and not plans.region_based) else 0.0
+        full = uncrop(channel, [tuple(b) for b in bbox], props.geometry.shape, fill=fill)
+        out.append(reorient_to(full, props.geometry, props.source_geometry))
+    return np.stack(out).astype(np.float16)
+
+
 def write_segmentation(seg: np.ndarray, props: CaseProperties, path: Path) -> Path:
     """Write ``seg`` atomically with the original image's spacing, origin and direction."""
     return write_volume(seg, props.source_geometry, path)

@@ -25,10 +25,14 @@ from autoseg.checkpoint_io import check_compatible, load_checkpoint, save_checkp
 from autoseg.errors import AutosegError, PlansError
 from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
-from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
+from autoseg.inference.export import (
+    probabilities_to_original,
+    probabilities_to_segmentation,
+    write_segmentation,
+)
 from autoseg.inference.predictor import Predictor, topology_key
 from autoseg.io.dataset import load_dataset_json
-from autoseg.jsonio import save_npy, write_json, write_text
+from autoseg.jsonio import save_npy, save_npz, write_json, write_text
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
 from autoseg.planning.plans import Plans
@@ -347,6 +351,8 @@ def validate_fold(
         if previous_dir is not None:
             image = append_previous_stage(image, np.load(previous_dir / f"{case_id}.npy"), plans.num_classes)
         probs = predictor.predict_preprocessed(image)
+        # kept for find-best: ensembles of configurations are scored on these, in the original geometry
+        save_npz(out / f"{case_id}.npz", probabilities=probabilities_to_original(probs, props, plans))
         write_segmentation(
             probabilities_to_segmentation(probs, props, plans), props, out / f"{case_id}{plans.file_ending}"
         )
