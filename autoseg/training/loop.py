@@ -58,6 +58,10 @@ class EpochReport:
     ema_dice: float | None
     lr: float
     seconds: float
+    train_seconds: float = 0.0
+    """Time of the training iterations alone (without validation and checkpointing)."""
+    data_wait_seconds: float = 0.0
+    """Part of ``train_seconds`` the training loop spent waiting for the next batch."""
 
 
 def _network_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
@@ -228,8 +232,12 @@ def train_fold(
         )
         producer.start()
         losses = []
+        wait = 0.0
+        t_train = time.perf_counter()
         for it in range(settings.iters_per_epoch):
+            tw = time.perf_counter()
             batch = q.get()
+            wait += time.perf_counter() - tw
             if isinstance(batch, BaseException):
                 raise batch
             x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
@@ -245,6 +253,9 @@ def train_fold(
             losses.append(float(loss.detach()))
             if on_iteration:
                 on_iteration(it + 1, settings.iters_per_epoch, losses[-1])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t_train
         q.get()  # the producer's end marker
         producer.join()
 
@@ -273,6 +284,8 @@ def train_fold(
             ema_dice=ema,
             lr=lr,
             seconds=time.perf_counter() - t0,
+            train_seconds=train_seconds,
+            data_wait_seconds=wait,
         )
         with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(asdict(report)) + "\n")
