@@ -209,6 +209,23 @@ def train(
     )
 
 
+def join_torchrun(device: str = "auto") -> str:
+    """Join the process group of a ``torchrun`` launch (NCCL on CUDA, gloo otherwise); on CUDA each rank takes
+    GPU ``rank % device count``. Returns the device this rank trains on."""
+    import torch
+
+    from autoseg.inference.predictor import resolve_device
+    from autoseg.training import distributed
+
+    dev = resolve_device(device)
+    distributed.init(dev.type)
+    if dev.type == "cuda":
+        index = distributed.world().rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
+    return dev.type
+
+
 def predict(
     workdir: str | Path,
     input_path: str | Path,

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from autoseg import api
 from autoseg.errors import AutosegError
+from autoseg.layout import WorkDir
 from autoseg.planning.memory import ARCHITECTURES
 
 app = typer.Typer(
@@ -128,60 +129,135 @@ def plan(
 @app.command()
 def train(
     workdir: Annotated[Path, typer.Argument(help="WORK folder made by 'autoseg plan'")],
-    config: Annotated[str, typer.Argument(help="Configuration: 2d or 3d_fullres")],
-    fold: Annotated[str, typer.Argument(help="Fold 0-4, or 'all' to train on every case")],
+    config: Annotated[
+        str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
+    ],
+    fold: Annotated[
+        str,
+        typer.Argument(help="Fold 0-4; 'all-folds' for 0-4 one after another; 'all' to train on every case"),
+    ],
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (default 1000)")] = None,
     iters_per_epoch: Annotated[int | None, typer.Option(help="Iterations per epoch (default 250)")] = None,
     val_iters: Annotated[
         int | None, typer.Option(help="Validation iterations per epoch (default 50)")
     ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            min=0,
+            help="Minutes of training per fold: the epochs (at most --epochs) are fitted into it, "
+            "the learning rate still decays to its end",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-j", min=0, help="Augmentation processes (default: cores - 1)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt (or extend a finished run)")
+    ] = False,
     config_file: Annotated[
         Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
     ] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="No torch.compile on CUDA")] = False,
+    deterministic: Annotated[
+        bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
+    ] = False,
     no_mirroring: Annotated[
         bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
     ] = False,
 ) -> None:
-    """Train one fold of a configuration, then predict and score its validation cases."""
-    if fold != "all" and fold not in {"0", "1", "2", "3", "4"}:
-        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
-    interactive = err.is_terminal
+    """Train one fold of a configuration (or all five), then predict and score its validation cases.
+
+    Multi-GPU: torchrun --nproc_per_node N -m autoseg train WORK CONFIG FOLD (one process per GPU).
+    """
+    if fold not in {"all", "all-folds", "0", "1", "2", "3", "4"}:
+        raise AutosegError(f"fold must be 0-4, 'all-folds' or 'all', got '{fold}'")
+    from autoseg.training import distributed
+
+    if distributed.launched_by_torchrun():
+        device = api.join_torchrun(device)
+    main_rank = distributed.world().is_main
+    folds: list[str] = ["0", "1", "2", "3", "4"] if fold == "all-folds" else [fold]
+    overrides = dict(
+        epochs=epochs,
+        iters_per_epoch=iters_per_epoch,
+        val_iters=val_iters,
+        time_budget_minutes=time_budget,
+        loader_workers=workers,
+        compile=False if no_compile else None,
+        deterministic=True if deterministic else None,
+        mirroring=False if no_mirroring else None,
+    )
+    for f in folds:
+        done = WorkDir(Path(workdir)).fold_dir(config, f) / "checkpoint_final.pt"
+        if fold == "all-folds" and not resume and done.is_file():
+            if main_rank:
+                out.print(f"fold {f}: finished earlier ({done}), skipped")
+            continue
+        if fold == "all-folds" and main_rank:
+            out.print(f"[bold]fold {f}[/bold]")
+        fold_dir = _train_one(workdir, config, f, device, resume, config_file, overrides, main_rank)
+        summary = fold_dir / "validation" / "summary.json"
+        if main_rank and summary.is_file():
+            _print_summary(summary)
+        if main_rank:
+            out.print(f"results in {fold_dir}")
+
+
+def _train_one(workdir, config, fold, device, resume, config_file, overrides, show: bool) -> Path:
+    """One fold with a live display: iteration bar (loss, iterations/s, epoch ETA), a line per epoch
+    (losses, pseudo-Dice per structure, learning rate, seconds, ETA of the run)."""
+    import time
+
     with _progress() as bar:
-        task = bar.add_task("epoch", total=None, info="", visible=interactive)
+        task = bar.add_task("epoch 1", total=None, info="", visible=show and err.is_terminal)
+        started = {"t": time.perf_counter(), "epoch_seconds": []}
 
         def on_iteration(i: int, n: int, loss: float) -> None:
-            bar.update(task, completed=i, total=n, info=f"loss {loss:.3f}")
+            if i == 1:
+                started["t"] = time.perf_counter()
+            rate = (i - 1) / max(time.perf_counter() - started["t"], 1e-9) if i > 1 else 0.0
+            bar.update(task, completed=i, total=n, info=f"loss {loss:.3f}  {rate:.2f} it/s")
 
         def on_epoch(r) -> None:
-            dice = " ".join(f"{k} {v:.3f}" for k, v in r.pseudo_dice.items())
+            started["epoch_seconds"].append(r.seconds)
+            recent = started["epoch_seconds"][-10:]
+            eta = (r.epochs - r.epoch) * sum(recent) / len(recent)
+            dice = " ".join(f"{k} {v:.3f}" for k, v in r.pseudo_dice.items() if v == v)
             bar.console.print(
                 f"epoch {r.epoch}/{r.epochs}  train loss {r.train_loss:.4f}"
                 + (f"  val loss {r.val_loss:.4f}" if r.val_loss is not None else "")
                 + (f"  pseudo-Dice {dice}" if dice else "")
                 + f"  lr {r.lr:.2e}  {r.seconds:.1f}s"
+                + (
+                    f" (data wait {r.data_wait_seconds:.1f}s)"
+                    if r.data_wait_seconds > 0.05 * r.seconds
+                    else ""
+                )
+                + f"  ETA {_duration(eta)}"
             )
             bar.update(task, description=f"epoch {r.epoch + 1}", completed=0)
 
-        fold_dir = api.train(
+        return api.train(
             workdir,
             config,
             fold,
             device=device,
             resume=resume,
             config_file=config_file,
-            on_iteration=on_iteration,
-            on_epoch=on_epoch,
-            epochs=epochs,
-            iters_per_epoch=iters_per_epoch,
-            val_iters=val_iters,
-            mirroring=False if no_mirroring else None,
+            on_iteration=on_iteration if show else None,
+            on_epoch=on_epoch if show else None,
+            **overrides,
         )
-    summary = fold_dir / "validation" / "summary.json"
-    if summary.is_file():
-        _print_summary(summary)
-    out.print(f"results in {fold_dir}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 @app.command()

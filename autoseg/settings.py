@@ -50,7 +50,14 @@ class TrainSettings:
     deep_supervision: bool = True
     seed: int = 12345
     num_folds: int = 5
-    loader_threads: int = 1
+    loader_workers: int = -1
+    """Augmentation worker processes; -1: one per core but one (at most 12), 0: a thread in the trainer."""
+    time_budget_minutes: float = 0.0
+    """Wall-clock budget for the training epochs (0: none); the schedule is stretched to end with it."""
+    compile: bool = True
+    """torch.compile the network (CUDA only; never on CPU or MPS)."""
+    deterministic: bool = False
+    """Deterministic algorithms (torch.use_deterministic_algorithms); slower on a GPU."""
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
 
     def to_json(self) -> dict:

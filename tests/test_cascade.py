@@ -16,7 +16,7 @@ from autoseg.settings import InferenceSettings, TrainSettings
 from autoseg.training.loop import train_fold
 from tests.conftest import shrink_network
 
-TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=3)
+TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
 NO_TTA = InferenceSettings(mirroring=False)
 
 

@@ -20,7 +20,7 @@ from autoseg.training.loop import train_fold
 from autoseg.training.losses import DiceCELoss, RegionDiceBCELoss
 from tests.conftest import real_dataset, shrink_network
 
-TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=5)
+TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=5, loader_workers=0)
 NO_TTA = InferenceSettings(mirroring=False)
 
 

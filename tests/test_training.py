@@ -75,7 +75,7 @@ def test_foreground_oversampling(planned_phantom):
 
 
 def _tiny(**kw) -> TrainSettings:
-    base = dict(epochs=3, iters_per_epoch=2, val_iters=1, seed=7)
+    base = dict(epochs=3, iters_per_epoch=2, val_iters=1, seed=7, loader_workers=0)
     base.update(kw)
     return TrainSettings(**base)
 

@@ -1,18 +1,19 @@
-"""The training loop for one fold: a composition of sampling, augmentation, loss, schedule and checkpoints.
+"""The training loop for one fold: a composition of data loading, loss, schedule, checkpoints and logging.
 
-Per epoch: ``iters_per_epoch`` augmented batches (produced by a background thread, exactly one epoch's worth,
-so random states at epoch boundaries are exact and a resumed run continues identically), then ``val_iters``
-unaugmented batches from the validation cases for a pseudo-Dice, a line in ``log.jsonl`` and an atomic
-``checkpoint_latest.pt``. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are
-predicted with the full sliding-window predictor and scored into ``validation/summary.json``.
+Per epoch: ``iters_per_epoch`` augmented batches (made by :mod:`autoseg.training.dataloader` in worker
+processes, each batch a pure function of seed, fold, rank, epoch and iteration, so a resumed run continues
+exactly), then ``val_iters`` unaugmented batches from the validation cases for a pseudo-Dice, a line in
+``log.jsonl``, ``progress.png`` and an atomic ``checkpoint_latest.pt``. With a time budget the number of
+epochs is re-estimated after every epoch from the mean epoch time so far, and the learning-rate schedule
+follows it. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are predicted with
+the full sliding-window predictor and scored into ``validation/summary.json``.
+
+Under DDP (``torchrun``) every rank trains on its share of each batch; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,11 +39,13 @@ from autoseg.networks import build_network
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import load_case_properties
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.augmentation import augmentation_patch_size, build_train_transforms, center_crop
-from autoseg.training.checkpoint import capture_rng, restore_rng
+from autoseg.training import distributed
+from autoseg.training.augmentation import augmentation_patch_size, center_crop
+from autoseg.training.dataloader import BatchLoader, LoaderSpec, default_workers, network_batch
 from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+from autoseg.training.progress import plot_progress, read_log
 from autoseg.training.sampling import CaseStore, PatchSampler
-from autoseg.training.schedule import poly_lr, set_lr
+from autoseg.training.schedule import budget_epochs, poly_lr, set_lr
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
 EMA_DECAY = 0.9
@@ -62,26 +65,6 @@ class EpochReport:
     """Time of the training iterations alone (without validation and checkpointing)."""
     data_wait_seconds: float = 0.0
     """Part of ``train_seconds`` the training loop spent waiting for the next batch."""
-
-
-def _network_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
-    """A cascade batch carries the previous stage as seg channel 1: move it into the data as one-hot."""
-    if batch["seg"].shape[1] == 1:
-        return batch
-    data = np.stack(
-        [append_previous_stage(d, s[1], num_classes) for d, s in zip(batch["data"], batch["seg"])]
-    )
-    return {"data": data, "seg": np.ascontiguousarray(batch["seg"][:, :1])}
-
-
-def _batches(sampler: PatchSampler, transforms, n: int, num_classes: int, out: queue.Queue) -> None:
-    """Produce exactly ``n`` augmented batches into ``out`` (then ``None``); errors are passed on."""
-    try:
-        for _ in range(n):
-            out.put(_network_batch(transforms(**sampler.next_batch()), num_classes))
-        out.put(None)
-    except BaseException as exc:  # surfaced in the training thread
-        out.put(exc)
 
 
 def output_structures(plans: Plans) -> list[tuple[str, list[int]]]:
@@ -122,6 +105,20 @@ def make_loss(plans: Plans, batch_dice: bool) -> DeepSupervisionLoss:
     return DeepSupervisionLoss(inner)
 
 
+def configure_torch(settings: TrainSettings, device: torch.device) -> None:
+    """Seeds and algorithm choices for a run: deterministic algorithms when asked, else cuDNN autotuning."""
+    torch.manual_seed(settings.seed)
+    if settings.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        if device.type == "cuda":
+            import os  # cuBLAS reads this when it creates its workspace: set it, never read it
+
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def train_fold(
     work: WorkDir,
     config_name: str,
@@ -133,7 +130,11 @@ def train_fold(
     on_iteration: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> Path:
-    """Train ``config_name`` on ``fold`` (0..4 or ``all``) and validate; returns the fold folder."""
+    """Train ``config_name`` on ``fold`` (0..4 or ``all``) and validate; returns the fold folder.
+
+    ``on_iteration(done, total, loss)`` and ``on_epoch(report)`` are called on rank 0 only.
+    """
+    w = distributed.world()
     plans = Plans.load(work.plans)
     config = plans.configuration(config_name)
     data_dir = work.preprocessed(config.data_identifier)
@@ -151,22 +152,19 @@ def train_fold(
         raise AutosegError(
             f"{latest}: this fold already has a run; use --resume to continue it (or delete {out_dir})"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        out_dir / "settings.json", {"train": settings.to_json(), "config": config_name, "fold": str(fold)}
-    )
+    if w.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out_dir / "settings.json",
+            {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size},
+        )
 
     fold_index = 5 if str(fold) == "all" else int(fold)
-    # batchgenerators draws from the global numpy and Python generators: seed both for reproducible runs
-    np.random.seed((settings.seed + fold_index) % 2**32)
-    random.seed(settings.seed + fold_index)
-    torch.manual_seed(settings.seed + fold_index)
-    sampler_rng = np.random.default_rng([settings.seed, fold_index])
-
+    configure_torch(settings, device)
     k = plans.num_classes
-    in_ch = plans.input_channels(config_name)
     previous_dir = _previous_stage_dir(work, config, train_ids + val_ids)
-    network = build_network(config.network, in_ch, plans.num_outputs).to(device)
+    network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
+    network.deep_supervision = settings.deep_supervision
     optimizer = torch.optim.SGD(
         network.parameters(),
         lr=settings.initial_lr,
@@ -180,33 +178,59 @@ def train_fold(
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
     key = topology_key(plans, config_name)
 
-    start_epoch, best_ema, ema = 0, -1.0, None
+    start_epoch, best_ema, ema, elapsed, planned = 0, -1.0, None, 0.0, settings.epochs
     if resume and latest.exists():
         ckpt = load_checkpoint(latest, map_location=device)
         check_compatible(ckpt, latest, config_name, key)
         network.load_state_dict(ckpt["network"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and scaler.is_enabled():
+        if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt["rng"], sampler_rng)
+        if isinstance(ckpt.get("rng"), dict) and "torch" in ckpt["rng"]:
+            torch.set_rng_state(ckpt["rng"]["torch"])
         start_epoch = int(ckpt["epoch"])
         best_ema = float(ckpt.get("best_ema", -1.0))
         ema = ckpt.get("ema")
-    _truncate_log(out_dir / "log.jsonl", start_epoch)
+        elapsed = float(ckpt.get("elapsed_seconds", 0.0))
+        if settings.time_budget_minutes > 0 and "planned_epochs" in ckpt:
+            planned = min(settings.epochs, max(start_epoch, int(ckpt["planned_epochs"])))
+    summary = out_dir / "validation" / "summary.json"
+    if resume and final.exists() and start_epoch >= planned and (summary.exists() or not val_ids):
+        return out_dir  # finished earlier, nothing to extend
+    if w.is_main:
+        _truncate_log(out_dir / "log.jsonl", start_epoch)
 
-    patch = config.patch_size
-    store = CaseStore(data_dir, train_ids, previous_dir)
+    # the model that runs the batches: compiled on CUDA, wrapped for DDP; `network` keeps the weights
+    model: torch.nn.Module = network
+    if settings.compile and device.type == "cuda":
+        model = torch.compile(model)
+    if w.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # the lowest-resolution head has deep-supervision weight 0
+        )
+
+    spec = LoaderSpec(
+        data_dir=data_dir,
+        case_ids=tuple(train_ids),
+        previous_dir=previous_dir,
+        extract_size=tuple(augmentation_patch_size(config.patch_size, settings.augmentation)),
+        patch_size=tuple(config.patch_size),
+        batch_size=distributed.rank_batch_size(config.batch_size, w),
+        dim=config.dim,
+        oversample_foreground=settings.oversample_foreground,
+        augmentation=settings.augmentation,
+        num_classes=k,
+        seed=settings.seed,
+        fold_index=fold_index,
+        rank=w.rank,
+    )
+    workers = settings.loader_workers if settings.loader_workers >= 0 else default_workers()
+    if w.distributed and settings.loader_workers < 0:
+        workers = max(0, workers // w.size)
     # built once: its memory maps and previous-stage maps are reused every epoch
     val_store = CaseStore(data_dir, val_ids, previous_dir) if val_ids else None
-    sampler = PatchSampler(
-        store,
-        augmentation_patch_size(patch, settings.augmentation),
-        config.batch_size,
-        config.dim,
-        settings.oversample_foreground,
-        sampler_rng,
-    )
-    transforms = build_train_transforms(patch, settings.augmentation)
 
     def state(epoch: int) -> dict:
         return {
@@ -216,102 +240,106 @@ def train_fold(
             "epoch": epoch,
             "config": config_name,
             "topology": json.dumps(key),
-            "rng": capture_rng(sampler_rng),
+            "rng": {"torch": torch.get_rng_state()},
             "best_ema": best_ema,
             "ema": ema,
+            "elapsed_seconds": elapsed,
+            "planned_epochs": planned,
         }
 
-    for epoch in range(start_epoch, settings.epochs):
-        t0 = time.perf_counter()
-        lr = poly_lr(settings.initial_lr, epoch, settings.epochs, settings.poly_exponent)
-        set_lr(optimizer, lr)
-        network.train()
-        q: queue.Queue = queue.Queue(maxsize=2)
-        producer = threading.Thread(
-            target=_batches, args=(sampler, transforms, settings.iters_per_epoch, k, q), daemon=True
-        )
-        producer.start()
-        losses = []
-        wait = 0.0
-        t_train = time.perf_counter()
-        for it in range(settings.iters_per_epoch):
-            tw = time.perf_counter()
-            batch = q.get()
-            wait += time.perf_counter() - tw
-            if isinstance(batch, BaseException):
-                raise batch
-            x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
-            y = torch.from_numpy(batch["seg"]).to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss = loss_fn(network(x), y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.detach()))
-            if on_iteration:
-                on_iteration(it + 1, settings.iters_per_epoch, losses[-1])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - t_train
-        q.get()  # the producer's end marker
-        producer.join()
+    epoch = start_epoch
+    with BatchLoader(spec, workers) as loader:
+        while epoch < planned:
+            t0 = time.perf_counter()
+            lr = poly_lr(settings.initial_lr, epoch, planned, settings.poly_exponent)
+            set_lr(optimizer, lr)
+            model.train()
+            losses, wait = [], 0.0
+            t_train = time.perf_counter()
+            batches = loader.epoch(epoch, settings.iters_per_epoch)
+            for it in range(settings.iters_per_epoch):
+                tw = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - tw
+                x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
+                y = torch.from_numpy(batch["seg"]).to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                if on_iteration and w.is_main:
+                    on_iteration(it + 1, settings.iters_per_epoch, losses[-1])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds = time.perf_counter() - t_train
 
-        val_loss, dice = _validate(
-            plans,
-            network,
-            loss_fn,
-            val_store,
-            config,
-            settings,
-            epoch,
-            device,
-            amp,
-            amp_dtype,
-            k,
-        )
-        mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
-        if mean_dice is not None:
-            ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
-        report = EpochReport(
-            epoch=epoch + 1,
-            epochs=settings.epochs,
-            train_loss=float(np.mean(losses)),
-            val_loss=val_loss,
-            pseudo_dice=dice,
-            ema_dice=ema,
-            lr=lr,
-            seconds=time.perf_counter() - t0,
-            train_seconds=train_seconds,
-            data_wait_seconds=wait,
-        )
-        with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(report)) + "\n")
-        if ema is not None and ema > best_ema:
-            best_ema = ema
-            save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch + 1))
-        save_checkpoint(latest, state(epoch + 1))
-        if on_epoch:
-            on_epoch(report)
+            val_loss, dice = _validate(
+                plans, model, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w
+            )
+            train_loss = float(distributed.sum_over_ranks(np.array([np.mean(losses)]), w)[0] / w.size)
+            mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
+            if mean_dice is not None and np.isfinite(mean_dice):
+                ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
+            epoch += 1
+            seconds = time.perf_counter() - t0
+            elapsed += seconds
+            if settings.time_budget_minutes > 0:
+                planned = budget_epochs(settings.time_budget_minutes * 60, elapsed, epoch, settings.epochs)
+                planned = distributed.from_main(planned, w)
+            report = EpochReport(
+                epoch=epoch,
+                epochs=planned,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                pseudo_dice=dice,
+                ema_dice=ema,
+                lr=lr,
+                seconds=seconds,
+                train_seconds=train_seconds,
+                data_wait_seconds=wait,
+            )
+            if w.is_main:
+                _log_epoch(out_dir, report)
+                if ema is not None and ema > best_ema:
+                    best_ema = ema
+                    save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch))
+                save_checkpoint(latest, state(epoch))
+                if on_epoch:
+                    on_epoch(report)
 
-    save_checkpoint(final, state(settings.epochs))
+    if not w.is_main:
+        return out_dir
+    save_checkpoint(final, state(epoch))
     if val_ids:
         validate_fold(work, plans, config_name, fold, val_ids, device, inference)
     return out_dir
 
 
-def _validate(plans, network, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k):
-    """Pseudo-Dice on ``val_iters`` unaugmented patches (foreground-oversampled like training)."""
+def _log_epoch(out_dir: Path, report: EpochReport) -> None:
+    """Append the epoch to ``log.jsonl`` (NaN written as null: the file stays strict JSON) and redraw
+    ``progress.png``."""
+    record = json.loads(json.dumps(asdict(report)).replace("NaN", "null"))
+    with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, allow_nan=False) + "\n")
+    plot_progress(read_log(out_dir / "log.jsonl"), out_dir / "progress.png")
+
+
+def _validate(plans, network, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w):
+    """Pseudo-Dice on ``val_iters`` unaugmented patches (foreground-oversampled like training); under DDP
+    each rank scores its share and the counts are summed."""
     if val_store is None or settings.val_iters <= 0:
         return None, {}
     # a fresh generator per epoch: validation never disturbs the training random state
-    rng = np.random.default_rng([settings.seed, 999, epoch])
+    rng = np.random.default_rng([settings.seed, 999, w.rank, epoch])
     sampler = PatchSampler(
         val_store,
         config.patch_size,
-        config.batch_size,
+        distributed.rank_batch_size(config.batch_size, w),
         config.dim,
         settings.oversample_foreground,
         rng,
@@ -322,20 +350,22 @@ def _validate(plans, network, loss_fn, val_store, config, settings, epoch, devic
     losses = []
     with torch.no_grad():
         for _ in range(settings.val_iters):
-            batch = _network_batch(center_crop(sampler.next_batch(), config.patch_size), k)
+            batch = network_batch(center_crop(sampler.next_batch(), config.patch_size), k)
             x = torch.from_numpy(batch["data"]).to(device)
             y = torch.from_numpy(batch["seg"]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out = network(x)
                 losses.append(float(loss_fn(out, y)))
             counts += _pseudo_dice(out.float(), y, plans)
+    counts = distributed.sum_over_ranks(counts, w)
+    val_loss = float(distributed.sum_over_ranks(np.array([np.mean(losses)]), w)[0] / w.size)
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     denom = 2 * tp + fp + fn
     dice = {
         name: (float(2 * tp[i] / denom[i]) if denom[i] > 0 else float("nan"))
         for i, (name, _) in enumerate(structures)
     }
-    return float(np.mean(losses)), dice
+    return val_loss, dice
 
 
 def validate_fold(

@@ -12,3 +12,16 @@ def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def budget_epochs(budget_seconds: float, elapsed_seconds: float, epochs_done: int, max_epochs: int) -> int:
+    """Total epochs that fit a time budget: those done plus as many more as the remaining time holds at the
+    mean epoch time so far; never fewer than done, never more than
+    ``max_epochs``. The poly schedule is evaluated against this total, so the learning rate reaches its end
+    when the budget does."""
+    if epochs_done <= 0:
+        return max_epochs
+    per_epoch = elapsed_seconds / epochs_done
+    remaining = budget_seconds - elapsed_seconds
+    more = int(remaining // per_epoch) if per_epoch > 0 else max_epochs
+    return int(min(max_epochs, epochs_done + max(0, more)))

@@ -1,0 +1,242 @@
+"""Training as a process: worker-independent batches, time budget, progress files, SIGKILL + resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.checkpoint_io import load_checkpoint
+from autoseg.layout import WorkDir
+from autoseg.settings import AugmentationSettings, InferenceSettings, TrainSettings
+from autoseg.training.dataloader import BatchLoader, LoaderSpec
+from autoseg.training.loop import train_fold
+from autoseg.training.schedule import budget_epochs, poly_lr
+
+NO_TTA = InferenceSettings(mirroring=False)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def work_copy(planned_phantom, tmp_path) -> WorkDir:
+    dst = tmp_path / "work"
+    shutil.copytree(planned_phantom.root, dst, ignore=shutil.ignore_patterns("results"))
+    return WorkDir(dst)
+
+
+def _spec(work: WorkDir, rank: int = 0) -> LoaderSpec:
+    data = work.preprocessed("fullres")
+    ids = tuple(sorted(p.stem for p in data.glob("*.json")))
+    return LoaderSpec(
+        data_dir=data,
+        case_ids=ids,
+        previous_dir=None,
+        extract_size=(20, 40, 40),
+        patch_size=(16, 32, 32),
+        batch_size=2,
+        dim=3,
+        oversample_foreground=0.33,
+        augmentation=AugmentationSettings(),
+        num_classes=3,
+        seed=11,
+        fold_index=0,
+        rank=rank,
+    )
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(planned_phantom):
+    """Batch (epoch, i) is a function of seed, fold, rank, epoch and i alone: 0 or 2 worker processes, and
+    asking for epoch 1 without having made epoch 0 (a resumed run), give the same arrays."""
+    spec = _spec(planned_phantom)
+    with BatchLoader(spec, workers=0) as loader:
+        in_thread = [list(loader.epoch(e, 3)) for e in (0, 1)]
+    with BatchLoader(spec, workers=2) as loader:
+        resumed = list(loader.epoch(1, 3))
+        first = list(loader.epoch(0, 3))
+    for a, b in zip(in_thread[0] + in_thread[1], first + resumed):
+        np.testing.assert_array_equal(a["data"], b["data"])
+        np.testing.assert_array_equal(a["seg"], b["seg"])
+    assert not np.array_equal(in_thread[0][0]["data"], in_thread[0][1]["data"])
+    with BatchLoader(_spec(planned_phantom, rank=1), workers=0) as loader:
+        other_rank = next(loader.epoch(0, 1))
+    assert not np.array_equal(other_rank["data"], in_thread[0][0]["data"])
+
+
+def test_budget_epochs_fits_the_remaining_time():
+    # nothing measured yet: the maximum
+    assert budget_epochs(600, 0.0, 0, 1000) == 1000
+    # 2 epochs in 40 s → 20 s each; 560 s left hold 28 more
+    assert budget_epochs(600, 40.0, 2, 1000) == 30
+    # capped by --epochs, never below what is done
+    assert budget_epochs(600, 40.0, 2, 10) == 10
+    assert budget_epochs(600, 700.0, 5, 1000) == 5
+    # 3 epochs in 25 s: 35 s left hold 4 more (4.2 rounded down)
+    assert budget_epochs(60, 25.0, 3, 1000) == 7
+
+
+def test_time_budget_ends_the_schedule_with_the_budget(work_copy):
+    """With a budget of a few seconds and room for 200 epochs, training stops on time and the learning rate
+    of the last epoch is the schedule's last step for the number of epochs actually run."""
+    settings = TrainSettings(
+        epochs=200, iters_per_epoch=1, val_iters=1, seed=3, loader_workers=0, time_budget_minutes=0.25
+    )
+    t0 = time.perf_counter()
+    fold_dir = train_fold(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
+    log = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
+    n = len(log)
+    assert 2 <= n < 200
+    assert sum(r["seconds"] for r in log) < 0.25 * 60 + 2 * max(r["seconds"] for r in log)
+    assert log[-1]["epochs"] == n == load_checkpoint(fold_dir / "checkpoint_final.pt")["epoch"]
+    assert log[-1]["lr"] == pytest.approx(poly_lr(settings.initial_lr, n - 1, n), rel=1e-6)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_log_and_progress_plot_are_written_every_epoch(work_copy):
+    settings = TrainSettings(epochs=2, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
+    fold_dir = train_fold(work_copy, "2d", 0, settings, CPU, inference=NO_TTA)
+    lines = (fold_dir / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r) >= {"train_loss", "val_loss", "pseudo_dice", "lr", "seconds", "data_wait_seconds"}
+        assert 0 <= r["data_wait_seconds"] <= r["train_seconds"] <= r["seconds"]
+    png = (fold_dir / "progress.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_resume_extends_a_finished_run(work_copy):
+    short = TrainSettings(epochs=2, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
+    fold_dir = train_fold(work_copy, "3d_fullres", 0, short, CPU, inference=NO_TTA)
+    first = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    # resuming a finished run with the same settings does nothing
+    train_fold(work_copy, "3d_fullres", 0, short, CPU, resume=True, inference=NO_TTA)
+    assert load_checkpoint(fold_dir / "checkpoint_final.pt")["epoch"] == 2
+    longer = TrainSettings(epochs=4, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
+    train_fold(work_copy, "3d_fullres", 0, longer, CPU, resume=True, inference=NO_TTA)
+    extended = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert extended["epoch"] == 4
+    assert any(not torch.equal(first["network"][k], extended["network"][k]) for k in first["network"])
+    log = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "autoseg", *args]
+
+
+TRAIN_ARGS = (
+    "--epochs",
+    "8",
+    "--iters-per-epoch",
+    "2",
+    "--val-iters",
+    "1",
+    "--device",
+    "cpu",
+    "--no-mirroring",
+)
+
+
+def _log_epochs(fold_dir: Path) -> list[int]:
+    path = fold_dir / "log.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["epoch"])
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(work_copy, tmp_path):
+    """The training process is SIGKILLed twice at random moments (mid-epoch, during a checkpoint write, ...);
+    each ``--resume`` continues, and the run ends with the weights and loss curve of a run never killed."""
+    straight = WorkDir(tmp_path / "straight")
+    shutil.copytree(work_copy.root, straight.root)
+    subprocess.run(_cli("train", str(straight.root), "3d_fullres", "0", *TRAIN_ARGS, "-j", "1"), check=True)
+
+    fold_dir = work_copy.fold_dir("3d_fullres", 0)
+    rnd = random.Random()
+    kills = []
+    for attempt in range(2):
+        args = ("--resume",) if attempt else ()
+        proc = subprocess.Popen(
+            _cli("train", str(work_copy.root), "3d_fullres", "0", *TRAIN_ARGS, "-j", "1", *args)
+        )
+        target = len(_log_epochs(fold_dir)) + rnd.randint(1, 3)
+        deadline = time.time() + 120
+        while len(_log_epochs(fold_dir)) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rnd.uniform(0.0, 0.4))  # somewhere inside the next epoch or its checkpoint write
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills.append((len(_log_epochs(fold_dir)), proc.returncode))
+    assert any(code == -signal.SIGKILL for _, code in kills), f"never killed mid-run: {kills}"
+    assert not (fold_dir / "checkpoint_final.pt").exists() or kills[-1][1] == 0
+    subprocess.run(
+        _cli("train", str(work_copy.root), "3d_fullres", "0", *TRAIN_ARGS, "-j", "1", "--resume"), check=True
+    )
+
+    a = load_checkpoint(straight.fold_dir("3d_fullres", 0) / "checkpoint_final.pt")
+    b = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert a["epoch"] == b["epoch"] == 8
+    for key in a["network"]:
+        torch.testing.assert_close(a["network"][key], b["network"][key], rtol=0, atol=0)
+    log_a = [
+        json.loads(x) for x in (straight.fold_dir("3d_fullres", 0) / "log.jsonl").read_text().splitlines()
+    ]
+    log_b = [json.loads(x) for x in (fold_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log_b] == list(range(1, 9)), kills
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+    assert not list(fold_dir.glob(".*tmp*")), "a temporary file was left behind and not cleaned"
+
+
+def test_ddp_with_two_cpu_processes_gives_the_same_layout(work_copy, tmp_path):
+    """torchrun with 2 processes (gloo): trains, one writer, the same files as a single-process run."""
+    single = WorkDir(tmp_path / "single")
+    shutil.copytree(work_copy.root, single.root)
+    args = (
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "2",
+        "--val-iters",
+        "1",
+        "--device",
+        "cpu",
+        "--no-mirroring",
+        "-j",
+        "0",
+    )
+    subprocess.run(_cli("train", str(single.root), "3d_fullres", "0", *args), check=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "autoseg", "train", str(work_copy.root), "3d_fullres", "0", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def files(fold: Path) -> set[str]:
+        return {str(p.relative_to(fold)) for p in fold.rglob("*") if p.is_file()}
+
+    ddp_dir, single_dir = work_copy.fold_dir("3d_fullres", 0), single.fold_dir("3d_fullres", 0)
+    assert files(ddp_dir) == files(single_dir)
+    assert json.loads((ddp_dir / "settings.json").read_text())["processes"] == 2
+    assert [r["epoch"] for r in map(json.loads, (ddp_dir / "log.jsonl").read_text().splitlines())] == [1, 2]
+    ckpt = load_checkpoint(ddp_dir / "checkpoint_final.pt")
+    assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["network"])
+    # the two ranks drew different patches, so the weights differ from the single process's
+    ref = load_checkpoint(single_dir / "checkpoint_final.pt")
+    assert any(not torch.equal(ckpt["network"][k], ref["network"][k]) for k in ref["network"])
+    assert result.stdout.count("results in") == 1  # rank 0 alone reports
