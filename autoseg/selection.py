@@ -1,0 +1,398 @@
+"""find-best: pick the configuration, or pair of configurations, with the best cross-validation Dice.
+
+New paths in WORK (helpers :func:`crossval_dir`, :func:`instructions_path`; to move into ``layout.WorkDir``)::
+
+    WORK/results/crossval/<name>/                 cross-validation predictions of one configuration (hard
+                                                  links to results/<name>/fold_k/validation/<case><ending>) or
+                                                  of an ensemble ``ensemble__A__B``; summary.json, per_case.csv
+    WORK/results/crossval/<best>/postprocessed/   the best's predictions after the chosen postprocessing,
+                                                  with summary.json
+    WORK/inference_instructions.json              what ``autoseg predict`` should run (InferenceInstructions)
+
+Rules
+-----
+* **Candidates**: every configuration of the plans (or of ``configs``) whose every fold of ``splits.json`` has
+  ``validation/summary.json``. Others are *skipped* with the reason, e.g. ``fold 3 not trained``. A cascade's
+  lowres stage is a candidate like any other.
+* **Cases**: the union of the folds' validation cases; a case validated by several folds (fewer cases than
+  folds) is taken from the lowest such fold, for single configurations and ensembles alike.
+* **Score**: ``mean_dice`` of the candidate's cross-validation ``summary.json``: the mean over the foreground
+  labels (the regions, for region-based plans) of each one's mean Dice over cases. ``None`` ranks last.
+* **Ensembles**: every pair of candidates, in plans order. Per case the two ``<case>.npz`` probabilities (in
+  the label file's array order) are averaged, turned into labels with
+  :func:`autoseg.inference.export.probabilities_to_labels` and written with the geometry of the reference in
+  ``WORK/gt_segmentations``. A pair with a missing ``.npz`` is skipped with the reason.
+* **Best**: highest score. Exactly equal scores go to a single configuration over an ensemble, then to fewer
+  networks run at prediction (a cascade stage counts its previous stages too), then to plans order.
+* **Postprocessing** of the best: :func:`autoseg.postprocessing.decide_postprocessing`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shlex
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.errors import AutosegError, PlansError
+from autoseg.evaluation.evaluate import evaluate_folders
+from autoseg.inference.export import probabilities_to_labels
+from autoseg.io.dataset import DatasetSpec, load_dataset_json
+from autoseg.io.volume import read_header, write_volume
+from autoseg.jsonio import read_json, temp_path_for, write_json
+from autoseg.layout import WorkDir
+from autoseg.planning.plans import Plans
+from autoseg.postprocessing import Postprocessing, decide_postprocessing, structure_dice
+
+INSTRUCTIONS_SCHEMA_VERSION = 1
+ENSEMBLE_PREFIX = "ensemble__"
+DEFAULT_FOLDS = (0, 1, 2, 3, 4)
+"""The folds ``autoseg predict`` uses when none are given (every trained fold 0-4)."""
+
+
+def crossval_dir(work: WorkDir, name: str) -> Path:
+    """``WORK/results/crossval/<name>``: cross-validation predictions of a configuration or an ensemble."""
+    return work.root / "results" / "crossval" / name
+
+
+def instructions_path(work: WorkDir) -> Path:
+    """``WORK/inference_instructions.json``, written by :func:`find_best`."""
+    return work.root / "inference_instructions.json"
+
+
+def ensemble_name(configs: Sequence[str]) -> str:
+    """``ensemble__A__B`` for two configurations, the name itself for one."""
+    return configs[0] if len(configs) == 1 else ENSEMBLE_PREFIX + "__".join(configs)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One scored candidate: a configuration or an ensemble (``configs`` has two names)."""
+
+    name: str
+    configs: tuple[str, ...]
+    networks: int  # networks run at prediction for one fold: a cascade stage counts its previous stages
+    mean_dice: float | None
+    dice: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "configs": list(self.configs),
+            "networks": self.networks,
+            "mean_dice": self.mean_dice,
+            "dice": dict(self.dice),
+        }
+
+
+def rank(scored: Sequence[Scored]) -> list[Scored]:
+    """``scored`` best first: higher ``mean_dice`` (``None`` last), then one configuration before an
+    ensemble, then fewer networks, then the given order."""
+
+    def key(item: tuple[int, Scored]) -> tuple:
+        index, s = item
+        score = -s.mean_dice if s.mean_dice is not None else math.inf
+        return (score, len(s.configs), s.networks, index)
+
+    return [s for _, s in sorted(enumerate(scored), key=key)]
+
+
+@dataclass(frozen=True)
+class InferenceInstructions:
+    """``WORK/inference_instructions.json``: what to predict with, and how to postprocess.
+
+    ``configs`` (one name, or two to ensemble) with ``folds``; ``postprocessing`` to apply to the label
+    maps; ``scores`` of every candidate and ensemble (:meth:`Scored.to_json`) by name; ``skipped``: ``{"name",
+    "reason"}`` of configurations and ensembles that were not scored; ``predict``: the command line.
+    """
+
+    best: str
+    configs: tuple[str, ...]
+    folds: tuple[int, ...]
+    postprocessing: Postprocessing
+    mean_dice: float | None
+    mean_dice_postprocessed: float | None
+    scores: dict[str, dict]
+    skipped: tuple[dict, ...]
+    predict: str
+    dataset_hash: str
+    postprocessing_report: dict = field(default_factory=dict)
+    schema_version: int = INSTRUCTIONS_SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "best": self.best,
+            "configs": list(self.configs),
+            "folds": list(self.folds),
+            "postprocessing": self.postprocessing.to_json(),
+            "mean_dice": self.mean_dice,
+            "mean_dice_postprocessed": self.mean_dice_postprocessed,
+            "scores": self.scores,
+            "skipped": [dict(s) for s in self.skipped],
+            "predict": self.predict,
+            "dataset_hash": self.dataset_hash,
+            "postprocessing_report": self.postprocessing_report,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> InferenceInstructions:
+        version = d.get("schema_version")
+        if version != INSTRUCTIONS_SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {version!r} is not supported (expected {INSTRUCTIONS_SCHEMA_VERSION})"
+            )
+        configs = tuple(str(c) for c in d["configs"])
+        if not 1 <= len(configs) <= 2:
+            raise ValueError(f"'configs' must name one or two configurations, got {list(configs)}")
+        return cls(
+            best=str(d["best"]),
+            configs=configs,
+            folds=tuple(int(k) for k in d["folds"]),
+            postprocessing=Postprocessing.from_json(d["postprocessing"]),
+            mean_dice=d.get("mean_dice"),
+            mean_dice_postprocessed=d.get("mean_dice_postprocessed"),
+            scores=dict(d.get("scores", {})),
+            skipped=tuple(dict(s) for s in d.get("skipped", [])),
+            predict=str(d.get("predict", "")),
+            dataset_hash=str(d.get("dataset_hash", "")),
+            postprocessing_report=dict(d.get("postprocessing_report", {})),
+            schema_version=version,
+        )
+
+
+def load_instructions(work: WorkDir) -> InferenceInstructions:
+    """Read ``WORK/inference_instructions.json``; :class:`PlansError` naming the file if missing or invalid."""
+    path = instructions_path(work)
+    if not path.is_file():
+        raise PlansError(f"{path}: not found (run 'autoseg find-best {work.root}' first)")
+    try:
+        return InferenceInstructions.from_json(read_json(path))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PlansError(f"{path}: invalid inference instructions ({type(exc).__name__}: {exc})") from None
+
+
+def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = None, workers: int = 2) -> dict:
+    """Score every fully cross-validated configuration and every pair of them, choose the best and its
+    postprocessing, and write ``WORK/inference_instructions.json`` (see the module docstring for the rules).
+
+    ``configs`` limits the candidates (default: every configuration of the plans). Returns the written
+    instructions (:meth:`InferenceInstructions.to_json`). Raises :class:`AutosegError` naming the WORK folder
+    when no configuration has all folds trained, and :class:`PlansError` for unknown configurations or
+    missing plans / splits.
+    """
+    work = work if isinstance(work, WorkDir) else WorkDir(Path(work))
+    plans = Plans.load(work.plans)
+    spec = load_dataset_json(work.dataset_json)
+    splits = _load_splits(work)
+    names = list(dict.fromkeys(configs)) if configs else list(plans.configurations)
+    for name in names:
+        plans.configuration(name)  # unknown names are refused before any work
+    case_folds = _case_folds(splits)
+    skipped: list[dict] = []
+    candidates = []
+    for name in names:
+        problem = _candidate_problem(work, name, splits, case_folds, spec.file_ending)
+        if problem:
+            skipped.append({"name": name, "reason": problem})
+        else:
+            candidates.append(name)
+    if not candidates:
+        why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+        raise AutosegError(
+            f"{work.root}: no configuration has all {len(splits)} folds trained ({why}); "
+            f"train them with 'autoseg train {work.root} CONFIG FOLD'"
+        )
+    scored = [_score_config(work, name, plans, case_folds, spec, workers) for name in candidates]
+    for a, b in itertools.combinations(candidates, 2):
+        problem = _ensemble_problem(work, (a, b), case_folds)
+        if problem:
+            skipped.append({"name": ensemble_name((a, b)), "reason": problem})
+        else:
+            scored.append(_score_ensemble(work, (a, b), plans, case_folds, spec, workers))
+    best = rank(scored)[0]
+    best_dir = crossval_dir(work, best.name)
+    pp, report = decide_postprocessing(
+        work.gt_segmentations, best_dir, spec, best_dir / "postprocessed", workers
+    )
+    folds = tuple(range(len(splits)))
+    instructions = InferenceInstructions(
+        best=best.name,
+        configs=best.configs,
+        folds=folds,
+        postprocessing=pp,
+        mean_dice=best.mean_dice,
+        mean_dice_postprocessed=report["final"]["mean_dice"],
+        scores={s.name: s.to_json() for s in scored},
+        skipped=tuple(skipped),
+        predict=predict_command(work, best.configs, folds),
+        dataset_hash=plans.dataset_hash,
+        postprocessing_report=report,
+    )
+    out = instructions.to_json()
+    write_json(instructions_path(work), out)
+    return out
+
+
+def predict_command(work: WorkDir, configs: Sequence[str], folds: Sequence[int]) -> str:
+    """``autoseg predict WORK INPUT OUTPUT -c A [-c B]``, with ``-f k`` only for folds other than 0-4
+    (``predict`` uses every trained fold 0-4 by default)."""
+    parts = ["autoseg", "predict", shlex.quote(str(work.root)), "INPUT", "OUTPUT"]
+    for c in configs:
+        parts += ["-c", shlex.quote(c)]
+    if tuple(folds) != DEFAULT_FOLDS:
+        for k in folds:
+            parts += ["-f", str(k)]
+    return " ".join(parts)
+
+
+def _load_splits(work: WorkDir) -> list[dict]:
+    path = work.splits
+    if not path.is_file():
+        raise PlansError(f"{path}: splits.json not found (it is written when the first fold is trained)")
+    splits = read_json(path)
+    if (
+        not isinstance(splits, list)
+        or not splits
+        or not all(isinstance(f, dict) and isinstance(f.get("val"), list) for f in splits)
+    ):
+        raise PlansError(f"{path}: expected a list of folds like {{'train': [...], 'val': [...]}}")
+    return splits
+
+
+def _case_folds(splits: list[dict]) -> dict[str, int]:
+    """``{case: fold}``: the lowest fold that validates each case, cases sorted."""
+    out: dict[str, int] = {}
+    for k, fold in enumerate(splits):
+        for case in fold["val"]:
+            out.setdefault(str(case), k)
+    return dict(sorted(out.items()))
+
+
+def _validation(work: WorkDir, config: str, fold: int) -> Path:
+    return work.fold_dir(config, fold) / "validation"
+
+
+def _candidate_problem(
+    work: WorkDir, config: str, splits: list[dict], case_folds: dict[str, int], ending: str
+) -> str | None:
+    """Why ``config`` cannot be scored (``None`` if it can): an untrained fold or a missing prediction."""
+    for k in range(len(splits)):
+        if not (_validation(work, config, k) / "summary.json").is_file():
+            return f"fold {k} not trained"
+    for case, k in case_folds.items():
+        if not (_validation(work, config, k) / f"{case}{ending}").is_file():
+            return f"fold {k} has no validation prediction for {case} (splits.json changed after training?)"
+    return None
+
+
+def _ensemble_problem(work: WorkDir, configs: tuple[str, ...], case_folds: dict[str, int]) -> str | None:
+    for config in configs:
+        for case, k in case_folds.items():
+            if not (_validation(work, config, k) / f"{case}.npz").is_file():
+                return f"{config} fold {k} has no probabilities {case}.npz (validated by an older version?)"
+    return None
+
+
+def _networks(plans: Plans, config: str) -> int:
+    previous = plans.configuration(config).previous_stage
+    return 1 + (_networks(plans, previous) if previous else 0)
+
+
+def _score_config(
+    work: WorkDir, config: str, plans: Plans, case_folds: dict[str, int], spec: DatasetSpec, workers: int
+) -> Scored:
+    """Collect ``config``'s validation predictions into its crossval folder and score them."""
+    out = _fresh(crossval_dir(work, config), spec.file_ending)
+    for case, k in case_folds.items():
+        name = f"{case}{spec.file_ending}"
+        _link_or_copy(_validation(work, config, k) / name, out / name)
+    return _evaluate(work, config, (config,), _networks(plans, config), spec, workers)
+
+
+def _score_ensemble(
+    work: WorkDir,
+    configs: tuple[str, ...],
+    plans: Plans,
+    case_folds: dict[str, int],
+    spec: DatasetSpec,
+    workers: int,
+) -> Scored:
+    """Average the configurations' probabilities per case, write label maps, score them."""
+    name = ensemble_name(configs)
+    out = _fresh(crossval_dir(work, name), spec.file_ending)
+
+    def one(item: tuple[str, int]) -> None:
+        case, k = item
+        _ensemble_case(work, configs, case, k, plans, spec.file_ending, out)
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        list(pool.map(one, case_folds.items()))
+    networks = sum(_networks(plans, c) for c in configs)
+    return _evaluate(work, name, configs, networks, spec, workers)
+
+
+def _ensemble_case(
+    work: WorkDir, configs: tuple[str, ...], case: str, fold: int, plans: Plans, ending: str, out: Path
+) -> Path:
+    """Mean probabilities of ``configs`` for one case → label map with the reference's geometry."""
+    reference = work.gt_segmentations / f"{case}{ending}"
+    geometry = read_header(reference)
+    total: np.ndarray | None = None
+    for config in configs:
+        path = _validation(work, config, fold) / f"{case}.npz"
+        with np.load(path) as z:
+            probs = z["probabilities"].astype(np.float32)
+        if probs.shape[1:] != geometry.shape or (total is not None and probs.shape != total.shape):
+            raise AutosegError(
+                f"{path}: probabilities of shape {probs.shape} do not fit the reference {reference} "
+                f"{geometry.shape}"
+                + ("" if total is None else f" or the other configuration's {total.shape}")
+            )
+        total = probs if total is None else total + probs
+    assert total is not None
+    seg = probabilities_to_labels(total / len(configs), plans)
+    return write_volume(seg, geometry, out / f"{case}{ending}")
+
+
+def _evaluate(
+    work: WorkDir, name: str, configs: tuple[str, ...], networks: int, spec: DatasetSpec, workers: int
+) -> Scored:
+    folder = crossval_dir(work, name)
+    summary = evaluate_folders(
+        work.gt_segmentations, folder, spec, folder / "summary.json", folder / "per_case.csv", workers
+    )
+    return Scored(name, configs, networks, summary["mean_dice"], structure_dice(summary))
+
+
+def _fresh(folder: Path, ending: str) -> Path:
+    """``folder``, created, without label files of an earlier run (cases may have changed since)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file() and f.name.endswith(ending):
+            f.unlink()
+    return folder
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (a copy across file systems), replacing ``dst`` atomically.
+
+    Outputs are always written by rename, never in place, so a link never sees a later change of ``src``.
+    """
+    tmp = temp_path_for(dst, ".tmp")
+    try:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
