@@ -289,3 +289,11 @@ def evaluate(
     return evaluate_folders(
         Path(reference_dir), Path(prediction_dir), spec, out, out.with_name("per_case.csv"), workers=workers
     )
+
+
+def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = 2) -> dict:
+    """Score the cross-validation of every fully trained configuration and of their pairwise ensembles, pick
+    the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned)."""
+    from autoseg.selection import find_best as _find_best
+
+    return _find_best(WorkDir(Path(workdir)), configs, workers)

@@ -325,6 +325,47 @@ def phantom(
     out.print(f"phantom dataset with {cases} cases written to {out_dir}")
 
 
+@app.command("find-best")
+def find_best(
+    workdir: Annotated[Path, typer.Argument(help="WORK folder with cross-validated configurations")],
+    config: Annotated[
+        list[str] | None, typer.Option("--config", "-c", help="Only these configurations (default: all)")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
+) -> None:
+    """Choose the best configuration or ensemble by cross-validation Dice, and its postprocessing."""
+    result = api.find_best(workdir, config or None, workers)
+    table = Table(title="cross-validation (mean Dice over cases)")
+    table.add_column("configuration")
+    table.add_column("mean Dice")
+    names = sorted({n for s in result["scores"].values() for n in s["dice"]})
+    for n in names:
+        table.add_column(n)
+    for name, s in sorted(result["scores"].items(), key=lambda kv: -(kv[1]["mean_dice"] or -1)):
+        mark = " *" if name == result["best"] else ""
+        table.add_row(
+            name + mark,
+            _num(s["mean_dice"]),
+            *(_num(s["dice"].get(n)) for n in names),
+        )
+    out.print(table)
+    for s in result["skipped"]:
+        out.print(f"skipped {s['name']}: {s['reason']}")
+    pp = result["postprocessing"]
+    kept = (["whole foreground"] if pp["keep_largest_foreground"] else []) + list(pp["keep_largest"])
+    out.print(
+        f"best: {result['best']} (mean Dice {_num(result['mean_dice'])}); postprocessing: "
+        + (f"largest component of {', '.join(kept)}" if kept else "none")
+        + f" → {_num(result['mean_dice_postprocessed'])}",
+        soft_wrap=True,
+    )
+    out.print(f"predict with: {result['predict']}", soft_wrap=True)
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def _print_summary(path: Path) -> None:
     from autoseg.jsonio import read_json
 

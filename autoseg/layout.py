@@ -13,7 +13,11 @@
       predicted_next_stage/<config>/<case>.npy   a lowres stage's validation predictions on the fullres grid
       results/<config>/fold_<k>/
           checkpoint_latest.pt, checkpoint_final.pt, log.jsonl, settings.json
-          validation/<case><ending>, validation/summary.json
+          log.jsonl, progress.png, checkpoint_best.pt
+          validation/<case><ending>, validation/<case>.npz (probabilities), validation/summary.json
+      results/crossval/<config or ensemble__A__B>/   cross-validation predictions, summary.json (find-best)
+          postprocessed/                              the chosen one after postprocessing
+      inference_instructions.json                     what find-best chose: configs, folds, postprocessing
 """
 
 from __future__ import annotations
@@ -56,6 +60,14 @@ class WorkDir:
 
     def preprocessed(self, data_identifier: str) -> Path:
         return self.root / "preprocessed" / data_identifier
+
+    def crossval(self, name: str) -> Path:
+        """Cross-validation predictions of a configuration or an ensemble (written by find-best)."""
+        return self.root / "results" / "crossval" / name
+
+    @property
+    def inference_instructions(self) -> Path:
+        return self.root / "inference_instructions.json"
 
     def fold_dir(self, config: str, fold: int | str) -> Path:
         name = "fold_all" if str(fold) == "all" else f"fold_{int(fold)}"

@@ -19,8 +19,9 @@ dataset. A mean Dice that is not defined (``None``) before or after never counts
 
 1. Baseline: the predictions as they are.
 2. Whole foreground (every foreground value as one structure, as nnU-Net tries first): kept if no
-   structure's mean Dice drops. "At least one improves, or all are equal" is the same as "none drops", so
-   a step that changes nothing on the validation cases is kept: the rule is "never worse on validation".
+   structure's mean Dice drops ("never worse on validation"). A step that changes no voxel of any validation
+   case is *not* kept: it has no evidence for it, and on new cases it could only delete (a lesion in two
+   parts, say).
 3. Then each structure in :func:`autoseg.evaluation.evaluate.structures` order (labels by value, then
    regions), applied on top of what was kept so far: kept if *its own* mean Dice does not drop **and** no
    other structure's mean Dice drops (removing a label's stray blob must not cost another label or region).
@@ -197,7 +198,7 @@ def decide_postprocessing(
             changed = _transform_folder(current_dir, trial_dir, spec.file_ending, fn, workers)
             # an unchanged folder scores the same: no evaluation needed, and the step is "all equal"
             trial = evaluate_folders(reference_dir, trial_dir, spec, workers=workers) if changed else current
-            kept, reason = _judge(current, trial)
+            kept, reason = _judge(current, trial) if changed else (False, NO_EVIDENCE)
             steps.append({"step": name, "values": list(values), "changed_cases": changed, **_scores(trial)})
             steps[-1].update(kept=kept, reason=reason)
             if kept:
@@ -230,6 +231,9 @@ def structure_dice(summary: Mapping) -> dict[str, float | None]:
 
 def _scores(summary: Mapping) -> dict:
     return {"mean_dice": summary["mean_dice"], "dice": structure_dice(summary)}
+
+
+NO_EVIDENCE = "changes no voxel of the validation cases: no evidence for it"
 
 
 def _judge(before: Mapping, after: Mapping) -> tuple[bool, str]:

@@ -1,6 +1,6 @@
 """find-best: pick the configuration, or pair of configurations, with the best cross-validation Dice.
 
-New paths in WORK (helpers :func:`crossval_dir`, :func:`instructions_path`; to move into ``layout.WorkDir``)::
+Paths in WORK (:meth:`WorkDir.crossval`, :attr:`WorkDir.inference_instructions`)::
 
     WORK/results/crossval/<name>/                 cross-validation predictions of one configuration (hard
                                                   links to results/<name>/fold_k/validation/<case><ending>) or
@@ -59,12 +59,12 @@ DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 
 def crossval_dir(work: WorkDir, name: str) -> Path:
     """``WORK/results/crossval/<name>``: cross-validation predictions of a configuration or an ensemble."""
-    return work.root / "results" / "crossval" / name
+    return work.crossval(name)
 
 
 def instructions_path(work: WorkDir) -> Path:
     """``WORK/inference_instructions.json``, written by :func:`find_best`."""
-    return work.root / "inference_instructions.json"
+    return work.inference_instructions
 
 
 def ensemble_name(configs: Sequence[str]) -> str:

@@ -219,9 +219,9 @@ def test_a_step_that_helps_its_structure_but_hurts_another_is_not_kept(tmp_path)
     )
 
 
-def test_steps_that_change_nothing_are_kept(tmp_path):
-    """ "Never worse on validation": the foreground LCC removes a stray organ blob (organ 112/120 -> 1); the
-    organ and lesion LCCs then change no voxel, which counts as "all equal", so they are kept too."""
+def test_steps_that_change_nothing_are_not_kept(tmp_path):
+    """The foreground LCC removes a stray organ blob (organ 112/120 -> 1) and is kept; the organ and lesion
+    LCCs then change no voxel: no evidence for them, so they are not kept."""
     spec = _spec(tmp_path)
     reference = _organ_with_lesion()
     prediction = reference.copy()
@@ -230,7 +230,9 @@ def test_steps_that_change_nothing_are_kept(tmp_path):
 
     pp, report = decide_postprocessing(ref_dir, pred_dir, spec, tmp_path / "pp", workers=1)
 
-    assert pp == Postprocessing(keep_largest_foreground=True, keep_largest=("organ", "lesion"))
+    assert pp == Postprocessing(keep_largest_foreground=True, keep_largest=())
     assert [s["changed_cases"] for s in report["steps"]] == [1, 0, 0]
+    assert [s["kept"] for s in report["steps"]] == [True, False, False]
+    assert "no evidence" in report["steps"][1]["reason"]
     assert report["baseline"]["dice"]["organ"] == pytest.approx(112 / 120)
     assert report["final"]["dice"] == pytest.approx({"organ": 1.0, "lesion": 1.0})

@@ -167,8 +167,8 @@ def test_the_ensemble_wins_and_untrained_configurations_are_skipped(work):
     ]
     assert result["predict"] == f"autoseg predict {work.root} INPUT OUTPUT -c 2d -c 3d_fullres"
     assert result["mean_dice"] == result["mean_dice_postprocessed"] == 1.0
-    # perfect predictions: no step changes a voxel, and "all equal" keeps each step
-    assert result["postprocessing"] == {"keep_largest_foreground": True, "keep_largest": ["organ", "lesion"]}
+    # perfect predictions: no step changes a voxel, so none is kept (no evidence for it)
+    assert result["postprocessing"] == {"keep_largest_foreground": False, "keep_largest": []}
 
     # the folders: links to each fold's labels (no npz), the ensemble's labels in the reference geometry
     linked = crossval_dir(work, "2d")
@@ -186,7 +186,7 @@ def test_the_ensemble_wins_and_untrained_configurations_are_skipped(work):
     assert InferenceInstructions.from_json(read_json(instructions_path(work))).to_json() == result
     loaded = load_instructions(work)
     assert loaded.configs == ("2d", "3d_fullres") and loaded.schema_version == 1
-    assert loaded.postprocessing == Postprocessing(True, ("organ", "lesion"))
+    assert loaded.postprocessing == Postprocessing(False, ())
 
 
 def test_one_configuration_with_a_stray_blob_gets_foreground_lcc(work):
@@ -281,3 +281,17 @@ def test_find_best_on_really_trained_folds(planned_phantom, tmp_path):
     assert result["best"] in result["scores"] and result["skipped"] == []
     written = sorted(p.name for p in crossval_dir(work, "ensemble__2d__3d_fullres").glob(f"*{ENDING}"))
     assert written == [f"{c}{ENDING}" for c in cases]
+
+
+def test_find_best_command_prints_the_choice_and_fails_cleanly(work, tmp_path, capsys):
+    from autoseg.cli import main
+
+    assert main(["find-best", str(work.root), "-j", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "best: ensemble__2d__3d_fullres (mean Dice 1.0000)" in printed
+    assert "skipped 3d_lowres: fold 3 not trained" in printed
+    assert f"autoseg predict {work.root} INPUT OUTPUT -c 2d -c 3d_fullres" in printed
+    empty = _make_work(tmp_path / "empty", {"2d": [0]})
+    assert main(["find-best", str(empty.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no configuration has all 5 folds trained" in err
