@@ -110,7 +110,7 @@ def test_train_and_predict_errors(planned_phantom, phantom_dataset, tmp_path, ca
     code, _, err = _run(capsys, "train", planned_phantom.root, "3d_lowres", "0")
     assert "configuration '3d_lowres' is not in the plans" in _one_line_error(code, err)
     code, _, err = _run(capsys, "train", planned_phantom.root, "3d_fullres", "7")
-    assert "fold must be 0-4 or 'all'" in _one_line_error(code, err)
+    assert "fold must be 0-4, 'all-folds' or 'all'" in _one_line_error(code, err)
     code, _, err = _run(capsys, "train", tmp_path / "empty", "3d_fullres", "0")
     assert "plans.json: plans not found" in _one_line_error(code, err)
     code, _, err = _run(capsys, "predict", planned_phantom.root, tmp_path, tmp_path / "out", "--folds", "3")

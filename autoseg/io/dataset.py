@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from autoseg.errors import DatasetError
-from autoseg.io.volume import SUPPORTED_ENDINGS, Geometry, file_ending, read_header, read_volume
+from autoseg.io.volume import (
+    SUPPORTED_ENDINGS,
+    Geometry,
+    channels_in_file,
+    file_ending,
+    read_header,
+    read_volume,
+)
 
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 
@@ -214,6 +222,8 @@ class Case:
     case_id: str
     images: tuple[Path, ...]
     label: Path | None
+    four_d: bool = False
+    """``images`` is one 4D file holding every channel in its 4th dimension (MSD style)."""
 
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -345,21 +355,23 @@ def _fmt(t: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in t) + ")"
 
 
-def discover_inputs(input_path: str | Path, num_channels: int) -> list[Case]:
-    """Cases to predict: a folder of ``<case>_<cccc><ending>`` files (any supported ending), or one image file
-    (only for one-channel models; its case id is the name without ending and without a ``_0000`` suffix)."""
+def discover_inputs(input_path: str | Path | Sequence[str | Path], num_channels: int) -> list[Case]:
+    """Cases to predict from a folder, one file, or a list of files.
+
+    A folder holds ``<case>_<cccc><ending>`` files (any supported ending). Files are grouped the same way by
+    name; a file without a ``_cccc`` suffix is a case of its own: a 3D image for a one-channel model, or a 4D
+    image with the channels in its 4th dimension (MSD style). Case ids must be unique."""
+    if not isinstance(input_path, (str, Path)):
+        paths = [Path(x) for x in input_path]
+        if len(paths) == 1:
+            return discover_inputs(paths[0], num_channels)
+        for x in paths:
+            if not x.is_file():
+                raise DatasetError(f"{x}: not a file (give one folder, or image files)")
+        return _group_files(paths, num_channels, Path(paths[0]).parent)
     p = Path(input_path)
     if p.is_file():
-        ending = file_ending(p)
-        if not ending:
-            raise DatasetError(f"{p}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
-        if num_channels != 1:
-            raise DatasetError(
-                f"{p}: the model needs {num_channels} channels; give a folder of <case>_<cccc> files"
-            )
-        stem = p.name[: -len(ending)]
-        m = _CHANNEL_RE.match(stem)
-        return [Case(m.group("case") if m else stem, (p,), None)]
+        return _group_files([p], num_channels, p.parent)
     if not p.is_dir():
         raise DatasetError(f"{p}: input not found")
     found: dict[str, dict[int, Path]] = {}
@@ -380,6 +392,51 @@ def discover_inputs(input_path: str | Path, num_channels: int) -> list[Case]:
         found.setdefault(m.group("case"), {})[ch] = f
     if not found:
         raise DatasetError(f"{p}: no images found (expected <case>_0000{'.nii.gz'} and so on)")
+    return _cases_from_channels(found, num_channels, p)
+
+
+def _group_files(files: list[Path], num_channels: int, where: Path) -> list[Case]:
+    """Cases from explicit files: ``<case>_<cccc>`` files are channels of one case, other files one case
+    each (3D for one channel, 4D with every channel)."""
+    found: dict[str, dict[int, Path]] = {}
+    whole: list[Case] = []
+    for f in files:
+        ending = file_ending(f)
+        if not ending:
+            raise DatasetError(f"{f}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+        stem = f.name[: -len(ending)]
+        stored = channels_in_file(f)
+        m = _CHANNEL_RE.match(stem)
+        if stored > 1 or not m:
+            if stored != num_channels:
+                what = f"{stored} channels in its 4th dimension" if stored > 1 else "one channel"
+                raise DatasetError(
+                    f"{f}: holds {what}, but the model needs {num_channels}"
+                    + ("; give <case>_<cccc> files or one 4D file" if num_channels > 1 else "")
+                )
+            whole.append(Case(m.group("case") if m and stored == 1 else stem, (f,), None, four_d=stored > 1))
+            continue
+        ch = int(m.group("ch"))
+        if ch >= num_channels:
+            raise DatasetError(f"{f}: channel {ch}, but the model was trained with {num_channels} channel(s)")
+        found.setdefault(m.group("case"), {})[ch] = f
+    for case_id, chans in found.items():
+        missing = [c for c in range(num_channels) if c not in chans]
+        if missing:
+            raise DatasetError(
+                f"{min(chans.values())}: the model needs {num_channels} channels; case '{case_id}' lacks "
+                f"channel(s) {missing} (give every <case>_<cccc> file, or one 4D file)"
+            )
+    cases = _cases_from_channels(found, num_channels, where) + whole
+    seen: set[str] = set()
+    for c in cases:
+        if c.case_id in seen:
+            raise DatasetError(f"{c.images[0]}: case '{c.case_id}' is given twice")
+        seen.add(c.case_id)
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _cases_from_channels(found: dict[str, dict[int, Path]], num_channels: int, p: Path) -> list[Case]:
     cases = []
     for case_id in sorted(found):
         chans = found[case_id]

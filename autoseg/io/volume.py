@@ -127,6 +127,45 @@ def read_header(path: str | os.PathLike) -> Geometry:
     return geom
 
 
+def channels_in_file(path: str | os.PathLike) -> int:
+    """Channels stored in one file: the size of the 4th dimension of a 4D image (MSD style), else 1."""
+    path = Path(path)
+    _check_file(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
+    return int(reader.GetSize()[3]) if reader.GetDimension() == 4 else 1
+
+
+def read_4d_channels(
+    path: str | os.PathLike, orientation: str | None = None, dtype: np.dtype | type = np.float32
+) -> list[Volume]:
+    """The 3D volumes of a 4D image whose 4th dimension holds the channels (Medical Segmentation Decathlon
+    layout), each with the geometry of the first three dimensions."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
+    if img.GetDimension() != 4:
+        raise DatasetError(f"{path}: is {img.GetDimension()}D; expected a 4D image with channels last")
+    size = list(img.GetSize())
+    vols = []
+    for c in range(size[3]):
+        vol = sitk.Extract(img, size[:3] + [0], [0, 0, 0, c])
+        source = _geometry_of(vol)
+        _check_geometry(path, source, vol.GetNumberOfComponentsPerPixel())
+        if orientation is not None and orientation_code(source) != orientation:
+            vol = sitk.DICOMOrient(vol, orientation)
+        arr = sitk.GetArrayFromImage(vol).astype(dtype, copy=False)
+        vols.append(Volume(array=arr, geometry=_geometry_of(vol), path=path, source_geometry=source))
+    return vols
+
+
 def orientation_code(geometry: Geometry) -> str:
     """Three-letter orientation (e.g. ``RAS``, ``LPS``, ``PSR``) closest to the geometry's direction."""
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)

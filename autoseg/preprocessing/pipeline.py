@@ -22,7 +22,7 @@ import numpy as np
 
 from autoseg.errors import DatasetError
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
-from autoseg.io.volume import Geometry, read_volume
+from autoseg.io.volume import Geometry, read_4d_channels, read_volume
 from autoseg.jsonio import read_json, save_npy, save_npz, write_json
 from autoseg.planning.plans import Configuration, Plans
 from autoseg.preprocessing.crop import crop_to_nonzero
@@ -66,11 +66,16 @@ class CaseProperties:
 
 
 def read_channels(
-    files: tuple[Path, ...] | list[Path], orientation: str | None
+    files: tuple[Path, ...] | list[Path], orientation: str | None, four_d: bool = False
 ) -> tuple[np.ndarray, Geometry, Geometry]:
-    """Read the channel files of one case, reoriented to ``orientation``, stacked into ``(C, Z, Y, X)``
-    float32. Returns ``(image, geometry after reorienting, geometry as stored)``."""
-    vols = [read_volume(f, orientation=orientation) for f in files]
+    """Read the channel files of one case (or, with ``four_d``, the channels of one 4D file), reoriented to
+    ``orientation``, stacked into ``(C, Z, Y, X)`` float32. Returns ``(image, geometry after reorienting,
+    geometry as stored)``."""
+    if four_d:
+        vols = read_4d_channels(files[0], orientation=orientation)
+        files = [files[0]] * len(vols)
+    else:
+        vols = [read_volume(f, orientation=orientation) for f in files]
     ref = vols[0].geometry
     for v in vols[1:]:
         if v.geometry.shape != ref.shape:
