@@ -2,7 +2,9 @@
 
 ``evaluate_case`` and ``summarize`` are pure; ``evaluate_folders`` is the I/O edge that the CLI calls. It pairs
 ``<case><file_ending>`` files of a prediction folder with the same names in a reference folder, checks their
-geometry, scores the cases in parallel threads and writes ``summary.json`` and a CSV atomically.
+geometry, scores the cases in parallel threads and writes ``summary.json``, a CSV, ``report.png`` (box plots)
+and, on request, one overlay PNG per case, all atomically. Plotting lives in :mod:`autoseg.evaluation.report`,
+imported only when a figure is asked for.
 
 Every foreground label of ``dataset.json`` is evaluated as ``label_map == value`` and every region as
 ``label_map in values``; background (0) is never scored. Metrics and their empty-mask rules are those of
@@ -20,38 +22,38 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from autoseg.errors import AutosegError
-from autoseg.evaluation.metrics import MetricValue, binary_metrics
+from autoseg.evaluation.metrics import (
+    DEFAULT_TOLERANCE_MM,
+    METRIC_KEYS,
+    METRIC_UNITS,
+    MetricValue,
+    binary_metrics,
+    check_tolerance,
+)
 from autoseg.io.dataset import DatasetSpec, load_label
+from autoseg.io.volume import read_volume
 from autoseg.jsonio import write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: metric keys without unit suffixes (``hd95``, ``assd``; units in ``units``), new metrics and ``tolerance_mm``."""
 
-METRIC_KEYS = (
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "tp",
-    "fp",
-    "fn",
-    "tn",
-    "reference_volume_ml",
-    "predicted_volume_ml",
-    "hd95_mm",
-    "assd_mm",
-)
 CSV_COLUMNS = ("case", "label", *METRIC_KEYS)
 SUMMARIZED_METRICS = tuple(k for k in METRIC_KEYS if k not in ("tp", "fp", "fn", "tn"))
 """The float metrics that get a mean and median; the integer counts are reported per case only."""
 
 EMPTY_RULES = (
     "A metric is null where it is not defined; means and medians leave it out and count it in n_excluded. "
-    "Both masks empty: dice, iou, precision, recall, hd95_mm and assd_mm are null. "
-    "Reference empty only: dice 0, iou 0, precision 0, recall null, hd95_mm and assd_mm null. "
-    "Prediction empty only: dice 0, iou 0, precision null, recall 0, hd95_mm and assd_mm null."
+    "Both masks empty: dice, iou, voe, precision, recall, rvd, hd, hd95, assd and nsd are null. "
+    "Reference empty only: dice 0, iou 0, voe 1, precision 0, nsd 0; recall, rvd, hd, hd95, assd null. "
+    "Prediction empty only: dice 0, iou 0, voe 1, recall 0, rvd -1, nsd 0; precision, hd, hd95, assd null. "
+    "specificity is null only where the reference has no background voxel (1 when both masks are empty)."
 )
+
+REPORT_PNG = "report.png"
+"""Name of the box-plot figure written beside ``summary.json``."""
 
 # Same tolerances as the dataset's image/label check (autoseg.io.dataset.check_case_geometry).
 _SPACING_RTOL, _SPACING_ATOL = 1e-3, 1e-4
@@ -93,15 +95,17 @@ def evaluate_case(
     labels: Mapping[str, int],
     regions: Mapping[str, Sequence[int]] | None = None,
     ignore_label: int | None = None,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
 ) -> CaseMetrics:
     """Metrics of each foreground label and each region of one case.
 
     ``reference`` and ``prediction`` are integer label maps of the same shape; ``spacing_mm`` is in the same
     axis order. ``labels`` maps names to values (the value 0, background, is skipped); ``regions`` maps names to
-    the label values they unite. Returns ``{name: binary_metrics(...)}`` in the order of :func:`structures`.
-    A structure absent from both maps gets the "both empty" metrics (see the metrics module). Voxels where the
-    reference holds ``ignore_label`` are left out: they count as background in both maps.
-    Raises ``ValueError`` on mismatched shapes or a region that clashes with a label (see :func:`structures`).
+    the label values they unite. Returns ``{name: binary_metrics(...)}`` in the order of :func:`structures`,
+    with NSD at ``tolerance_mm``. A structure absent from both maps gets the "both empty" metrics (see the
+    metrics module). Voxels where the reference holds ``ignore_label`` are left out: they count as background
+    in both maps. Raises ``ValueError`` on mismatched shapes, a negative tolerance or a region that clashes
+    with a label (see :func:`structures`).
     """
     reference = np.asarray(reference)
     prediction = np.asarray(prediction)
@@ -109,18 +113,55 @@ def evaluate_case(
         raise ValueError(
             f"reference shape {reference.shape} differs from prediction shape {prediction.shape}"
         )
+    check_tolerance(tolerance_mm)
     if ignore_label is not None:
         ignored = reference == ignore_label
         if ignored.any():
             reference = np.where(ignored, 0, reference)
             prediction = np.where(ignored, 0, prediction)
+    named = structures(labels, regions)
+    # One pass over each map finds every label's bounding box; each structure is then scored on the box of
+    # its voxels in either map, instead of building whole-image masks per structure (most of the time on
+    # large images with many small labels).
+    max_value = max((v for values in named.values() for v in values), default=0)
+    ref_boxes = _label_boxes(reference, max_value)
+    pred_boxes = _label_boxes(prediction, max_value)
     result: CaseMetrics = {}
-    for name, values in structures(labels, regions).items():
+    for name, values in named.items():
+        box = _joint_box([boxes[v] for boxes in (ref_boxes, pred_boxes) for v in values if v in boxes])
+        ref_crop, pred_crop = reference[box], prediction[box]
         if len(values) == 1:
-            result[name] = binary_metrics(reference == values[0], prediction == values[0], spacing_mm)
+            ref_mask, pred_mask = ref_crop == values[0], pred_crop == values[0]
         else:
-            result[name] = binary_metrics(np.isin(reference, values), np.isin(prediction, values), spacing_mm)
+            ref_mask, pred_mask = np.isin(ref_crop, values), np.isin(pred_crop, values)
+        result[name] = binary_metrics(
+            ref_mask, pred_mask, spacing_mm, tolerance_mm, image_voxels=int(reference.size)
+        )
     return result
+
+
+def _label_boxes(label_map: np.ndarray, max_value: int) -> dict[int, tuple[slice, ...]]:
+    """``{value: bounding box}`` of the values 1..``max_value`` present in ``label_map``.
+
+    Non-integer maps are truncated for the search only, which can only widen a box: every voxel equal to
+    an integer value still lies in that value's box.
+    """
+    if max_value < 1:
+        return {}
+    if not np.issubdtype(label_map.dtype, np.integer):
+        label_map = label_map.astype(np.int64)
+    found = ndimage.find_objects(label_map, max_label=max_value)
+    return {value: box for value, box in enumerate(found, start=1) if box is not None}
+
+
+def _joint_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """The smallest box holding all ``boxes``; an empty box (no voxel) when there are none."""
+    if not boxes:
+        return (slice(0, 0),)
+    return tuple(
+        slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
+        for axis in range(len(boxes[0]))
+    )
 
 
 def summarize(per_case: Mapping[str, CaseMetrics], dice_labels: Sequence[str] | None = None) -> dict:
@@ -152,7 +193,7 @@ def summarize(per_case: Mapping[str, CaseMetrics], dice_labels: Sequence[str] | 
                 "mean": float(np.mean(values)) if values else None,
                 "median": float(np.median(values)) if values else None,
                 "n_excluded": len(excluded),
-                "excluded_reason": _excluded_reason({case: cases[case] for case in excluded}),
+                "excluded_reason": _excluded_reason(metric, {case: cases[case] for case in excluded}),
             }
         mean[name] = entry
     dice_means = [
@@ -170,29 +211,46 @@ def evaluate_folders(
     output_json: str | os.PathLike | None = None,
     output_csv: str | os.PathLike | None = None,
     workers: int = 2,
+    *,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    report_png: bool = True,
+    overlays_dir: str | os.PathLike | None = None,
+    images_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate every prediction ``<case><spec.file_ending>`` in ``prediction_dir`` against ``reference_dir``.
 
     Only predicted cases are evaluated; references without a prediction are ignored. Each pair must have the
     same shape, spacing (relative tolerance 1e-3), origin (0.01 mm) and direction (1e-3); label maps must hold
     whole numbers declared in ``spec.labels`` (float storage is fine). Labels and ``spec.regions`` are scored
-    per case with :func:`evaluate_case`, ``workers`` cases at a time in threads.
+    per case with :func:`evaluate_case` (NSD at ``tolerance_mm``, distances in mm from the reference's
+    spacing), ``workers`` cases at a time in threads.
 
     Returns the summary that is written to ``output_json`` (if given)::
 
-        {"schema_version": 1, "empty_rules": str,
+        {"schema_version": 2, "empty_rules": str,
+         "tolerance_mm": float,          # of NSD
+         "units": {metric: "ratio" | "mm" | "voxels" | "mL"},
          "per_case": [{"case": id, "label": name, <metrics>}, ...],   # cases sorted, labels then regions
          "mean": {name: ...},            # see summarize()
          "mean_dice": float | None,      # mean of the foreground labels' mean Dice (regions not included)
          "mean_dice_labels": [name, ...]}
 
-    ``output_csv`` (if given) gets one row per case and name with columns :data:`CSV_COLUMNS`, empty cells
-    for undefined metrics. Both files are written atomically. Raises :class:`AutosegError` with one line
-    naming the file or folder for missing folders, no predictions, a prediction without reference,
-    mismatched geometry, undeclared label values, or a region that clashes with a label.
+    ``output_csv`` (if given) gets one row per case and name with columns :data:`CSV_COLUMNS` (the same keys
+    as the JSON), empty cells for undefined metrics. With ``output_json`` and ``report_png``, ``report.png``
+    beside it shows the per-case metrics as box plots (:func:`autoseg.evaluation.report.plot_report`).
+    ``overlays_dir`` (if given) gets ``<case>.png`` per case: the axial slice (array axis 0) with the most
+    reference foreground, reference and predicted contours per label drawn over the image
+    ``<case>_0000<ending>`` of ``images_dir`` (nnU-Net's imagesTr naming; without ``images_dir``, over the
+    reference label map). ``images_dir`` is only read for overlays. Every file is written atomically.
+
+    Raises :class:`AutosegError` with one line naming the file or folder for missing folders, no predictions,
+    a prediction without reference, mismatched geometry, undeclared label values, a region that clashes with
+    a label, or a missing or misshapen overlay image; ``ValueError`` for ``workers < 1`` or a negative
+    ``tolerance_mm``.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    tolerance_mm = check_tolerance(tolerance_mm)
     labels = spec.foreground_labels  # background and the ignore label are never scored
     try:
         structures(labels, spec.regions)
@@ -200,11 +258,23 @@ def evaluate_folders(
         raise AutosegError(f"dataset.json: {exc}") from None
     pairs = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending)
     allowed = spec.allowed_values
+    images = Path(images_dir) if overlays_dir is not None and images_dir is not None else None
+    if images is not None and not images.is_dir():
+        raise AutosegError(f"{images}: image folder not found")
 
-    def evaluate_pair(pair: tuple[str, Path, Path]) -> CaseMetrics:
-        _, reference_path, prediction_path = pair
+    def evaluate_pair(pair: tuple[str, Path, Path]):
+        case, reference_path, prediction_path = pair
         reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
-        return evaluate_case(reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label)
+        metrics = evaluate_case(
+            reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label, tolerance_mm
+        )
+        if overlays_dir is None:
+            return metrics, None
+        from autoseg.evaluation.report import overlay_view
+
+        image = None if images is None else _load_image(images, case, spec.file_ending, reference.shape)
+        # only the chosen slices travel back: figures are drawn in this thread (matplotlib is not thread-safe)
+        return metrics, overlay_view(case, reference, prediction, spacing_mm, image, spec.ignore_label)
 
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
@@ -212,7 +282,7 @@ def evaluate_folders(
     finally:
         # On an error, do not read the remaining cases only to throw their results away.
         pool.shutdown(wait=True, cancel_futures=True)
-    per_case = {case: metrics for (case, _, _), metrics in zip(pairs, results)}
+    per_case = {case: metrics for (case, _, _), (metrics, _) in zip(pairs, results)}
 
     # the overall mean Dice is over what the network predicts: labels, or regions for region-based datasets
     dice_labels = (
@@ -224,6 +294,8 @@ def evaluate_folders(
     summary = {
         "schema_version": SCHEMA_VERSION,
         "empty_rules": EMPTY_RULES,
+        "tolerance_mm": tolerance_mm,
+        "units": dict(METRIC_UNITS),
         "per_case": [
             {"case": case, "label": name, **metrics}
             for case, case_metrics in per_case.items()
@@ -237,6 +309,15 @@ def evaluate_folders(
         write_text(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if output_csv is not None:
         write_text(Path(output_csv), _csv_text(summary["per_case"]))
+    if output_json is not None and report_png:
+        from autoseg.evaluation.report import plot_report
+
+        plot_report(summary, Path(output_json).with_name(REPORT_PNG))
+    if overlays_dir is not None:
+        from autoseg.evaluation.report import plot_overlay
+
+        for _, view in results:
+            plot_overlay(view, labels, Path(overlays_dir) / f"{view.case}.png")
     return summary
 
 
@@ -287,15 +368,28 @@ def _load_pair(
     return reference, prediction, ref_geom.spacing_mm
 
 
-def _excluded_reason(excluded: Mapping[str, Mapping[str, MetricValue]]) -> str | None:
-    """Which empty-mask rule left each excluded case out, e.g. ``both masks empty: case02``."""
+def _load_image(images_dir: Path, case: str, ending: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The first channel ``<case>_0000<ending>`` of a case, as stored (the label maps' axis order)."""
+    path = images_dir / f"{case}_0000{ending}"
+    if not path.is_file():
+        raise AutosegError(f"{path}: no image for the overlay of case {case}")
+    image = read_volume(path).array
+    if image.shape != tuple(shape):
+        raise AutosegError(f"{path}: shape {image.shape} differs from the label map's {tuple(shape)}")
+    return image
+
+
+def _excluded_reason(metric: str, excluded: Mapping[str, Mapping[str, MetricValue]]) -> str | None:
+    """Which rule left each case out of ``metric``'s mean, e.g. ``not defined where both masks empty: case02``."""
     if not excluded:
         return None
     by_rule: dict[str, list[str]] = {}
     for case, m in excluded.items():
         reference_empty = m["tp"] + m["fn"] == 0
         prediction_empty = m["tp"] + m["fp"] == 0
-        if reference_empty and prediction_empty:
+        if metric == "specificity" and m["tn"] + m["fp"] == 0:
+            rule = "reference has no background"
+        elif reference_empty and prediction_empty:
             rule = "both masks empty"
         elif reference_empty:
             rule = "reference empty"
