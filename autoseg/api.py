@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from autoseg.preprocessing.pipeline import preprocess_dataset
 from autoseg.settings import InferenceSettings, load_settings
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+_log = logging.getLogger("autoseg")
 
 
 def _under(child: Path, parent: Path) -> bool:
@@ -228,40 +230,111 @@ def join_torchrun(device: str = "auto") -> str:
 
 def predict(
     workdir: str | Path,
-    input_path: str | Path,
+    inputs: str | Path | list[str | Path],
     output_dir: str | Path,
     *,
-    config: str = "3d_fullres",
+    configs: list[str] | None = None,
     folds: list[int | str] | None = None,
     step_size: float = 0.5,
     mirroring: bool = True,
+    mirror_axes: tuple[int, ...] | None = None,
     device: str = "auto",
     continue_: bool = False,
     overwrite: bool = False,
+    save_probabilities: bool = False,
+    postprocessing: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    config: str | None = None,
 ) -> list[Path]:
-    """Predict a folder (or one file) with the given folds of ``config``; folds default to every trained fold."""
-    from autoseg.inference.predictor import Predictor, resolve_device
+    """Predict a folder, one file or a list of files into ``output_dir``.
+
+    Without ``configs``, what ``autoseg find-best`` chose (``WORK/inference_instructions.json``: configurations,
+    folds and postprocessing) is used, else ``3d_fullres``. Several configurations are ensembled. The chosen
+    postprocessing is applied when the configurations are the ones it was decided for (and ``postprocessing``).
+    Folds default to every trained fold. What was chosen is logged (logger ``autoseg``).
+    """
+    from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
+    from autoseg.postprocessing import apply_postprocessing, dataset_structures
+    from autoseg.selection import load_instructions
 
     work = WorkDir(Path(workdir))
     plans = Plans.load(work.plans)
-    plans.configuration(config)
-    discover_inputs(Path(input_path), len(plans.channel_names))  # bad input is reported before loading models
-    if not folds:
-        folds = available_folds(work, config)
-        if not folds:
-            raise PlansError(f"{work.root / 'results' / config}: no trained fold (checkpoint_final.pt) found")
-    predictor = Predictor(
-        work,
-        config,
-        folds,
-        resolve_device(device),
-        InferenceSettings(step_size=step_size, mirroring=mirroring),
-        plans=plans,
+    configs = list(configs or ([config] if config else []))
+    instructions = load_instructions(work) if work.inference_instructions.is_file() else None
+    if not configs:
+        if instructions is not None:
+            configs = list(instructions.configs)
+        else:
+            configs = ["3d_fullres"]
+    for c in configs:
+        plans.configuration(c)
+    input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    cases = discover_inputs(
+        input_list, len(plans.channel_names)
+    )  # bad input is reported before loading models
+    input_dirs = sorted({(Path(p) if Path(p).is_dir() else Path(p).parent) for p in input_list})
+    cases, targets = output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite)
+    post = None
+    if instructions is not None and postprocessing and sorted(configs) == sorted(instructions.configs):
+        if not instructions.postprocessing.is_identity:
+            spec = load_dataset_json(work.dataset_json)
+            structs = dataset_structures(spec)
+            pp = instructions.postprocessing
+
+            def post(seg):
+                return apply_postprocessing(seg, pp, structs)
+
+    _log.info(
+        "predicting %d case(s) with %s; postprocessing: %s",
+        len(cases),
+        " + ".join(configs),
+        instructions.postprocessing.to_json() if post is not None else "none",
     )
-    return predictor.predict_folder(
-        Path(input_path), Path(output_dir), continue_=continue_, overwrite=overwrite, progress=progress
-    )
+    settings = InferenceSettings(step_size=step_size, mirroring=mirroring)
+    if mirror_axes is not None:
+        settings = InferenceSettings(step_size=step_size, mirroring=mirroring, mirror_axes=tuple(mirror_axes))
+    dev = resolve_device(device)
+    predictors = []
+    for c in configs:
+        use = folds or available_folds(work, c)
+        if not use:
+            raise PlansError(f"{work.root / 'results' / c}: no trained fold (checkpoint_final.pt) found")
+        predictors.append(Predictor(work, c, use, dev, settings, plans=plans))
+    if not cases:
+        return []
+    return predict_cases(predictors, cases, targets, post, save_probabilities, progress)
+
+
+def predict_with_model(
+    model: str | Path, inputs: str | Path | list[str | Path], output_dir: str | Path, **kwargs
+) -> list[Path]:
+    """:func:`predict` with a model bundle (``autoseg export-model``), unpacked and checked in a temporary folder."""
+    import tempfile
+
+    from autoseg.bundle import import_model
+
+    with tempfile.TemporaryDirectory(prefix="autoseg-model-") as tmp:
+        work = import_model(model, Path(tmp) / "work")
+        return predict(work.root, inputs, output_dir, **kwargs)
+
+
+def export_model(
+    workdir: str | Path,
+    output: str | Path,
+    configs: list[str] | None = None,
+    folds: list[int | str] | None = None,
+) -> dict:
+    """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file."""
+    from autoseg.bundle import export_model as _export
+
+    return _export(workdir, output, configs, folds)
+
+
+def import_model(bundle: str | Path, workdir: str | Path) -> WorkDir:
+    """Unpack a model bundle into a new WORK folder (checked: paths, checksums, plans against weights)."""
+    from autoseg.bundle import import_model as _import
+
+    return _import(bundle, workdir)
 
 
 def available_folds(work: WorkDir, config: str) -> list[int | str]:
@@ -280,14 +353,30 @@ def evaluate(
     dataset_json: str | Path,
     output: str | Path | None = None,
     workers: int = 2,
+    tolerance_mm: float = 1.0,
+    overlays: bool = False,
+    images_dir: str | Path | None = None,
 ) -> dict:
-    """Score predictions against references; writes ``summary.json`` and ``per_case.csv`` beside ``output``."""
+    """Score predictions against references; writes ``summary.json``, ``per_case.csv`` and ``report.png``
+    beside ``output`` (default: in the prediction folder), and with ``overlays`` an ``overlays/`` folder of
+    one PNG per case (over the images of ``images_dir`` when given). ``tolerance_mm``: for the normalised
+    surface Dice."""
     from autoseg.evaluation.evaluate import evaluate_folders
 
+    if images_dir is not None and not overlays:
+        raise AutosegError("--images is only used with --overlays")
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
     return evaluate_folders(
-        Path(reference_dir), Path(prediction_dir), spec, out, out.with_name("per_case.csv"), workers=workers
+        Path(reference_dir),
+        Path(prediction_dir),
+        spec,
+        out,
+        out.with_name("per_case.csv"),
+        workers=workers,
+        tolerance_mm=tolerance_mm,
+        overlays_dir=out.with_name("overlays") if overlays else None,
+        images_dir=Path(images_dir) if images_dir is not None else None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
@@ -262,41 +263,80 @@ def _duration(seconds: float) -> str:
 
 @app.command()
 def predict(
-    workdir: Annotated[Path, typer.Argument(help="WORK folder with trained folds")],
-    input_path: Annotated[
-        Path, typer.Argument(metavar="INPUT", help="Folder of <case>_<cccc> images, or one image")
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="WORK INPUT... OUTPUT",
+            help="WORK folder (left out with --model), then inputs: a folder of <case>_<cccc> images, image "
+            "files, or 4D images with channels last; then the output folder",
+        ),
     ],
-    output: Annotated[Path, typer.Argument(help="Output folder for <case><ending> label maps")],
-    config: Annotated[str, typer.Option("--config", "-c")] = "3d_fullres",
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="A model bundle from 'autoseg export-model' instead of WORK"),
+    ] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="Configuration(s); several are ensembled (default: find-best's)"),
+    ] = None,
     folds: Annotated[
         list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")
     ] = None,
     step: Annotated[float, typer.Option("--step", help="Tile step as a fraction of the patch")] = 0.5,
-    no_mirroring: Annotated[bool, typer.Option("--no-mirroring")] = False,
+    no_mirroring: Annotated[bool, typer.Option("--no-mirroring", help="No test-time mirroring")] = False,
+    mirror_axes: Annotated[
+        str | None, typer.Option("--mirror-axes", help="Patch axes to mirror, e.g. 1,2 (default: all)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     continue_: Annotated[bool, typer.Option("--continue", help="Skip cases already written")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs")] = False,
+    save_probabilities: Annotated[
+        bool, typer.Option("--save-probabilities", help="Also write <case>.npz probabilities (original grid)")
+    ] = False,
+    no_postprocessing: Annotated[
+        bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
+    ] = False,
 ) -> None:
-    """Sliding-window prediction, fold ensembling, export in the input's geometry."""
+    """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
+    need = 2 if model is not None else 3
+    if len(paths) < need:
+        raise AutosegError(
+            "predict needs " + ("INPUT... OUTPUT with --model" if model else "WORK INPUT... OUTPUT")
+        )
     fold_list: list[int | str] | None = None
     if folds:
-        fold_list = ["all" if f == "all" else int(f) for f in folds]
+        fold_list = ["all" if f == "all" else _int_option("--folds", f) for f in folds]
+    axes = None
+    if mirror_axes is not None:
+        axes = tuple(_int_option("--mirror-axes", a) for a in mirror_axes.split(",") if a.strip())
+    workdir, inputs, output = (None, paths[:-1], paths[-1]) if model else (paths[0], paths[1:-1], paths[-1])
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")
-        written = api.predict(
-            workdir,
-            input_path,
-            output,
-            config=config,
+        kwargs = dict(
+            configs=config or None,
             folds=fold_list,
             step_size=step,
             mirroring=not no_mirroring,
+            mirror_axes=axes,
             device=device,
             continue_=continue_,
             overwrite=overwrite,
+            save_probabilities=save_probabilities,
+            postprocessing=not no_postprocessing,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
         )
+        if model is not None:
+            written = api.predict_with_model(model, inputs, output, **kwargs)
+        else:
+            written = api.predict(workdir, inputs, output, **kwargs)
     out.print(f"{len(written)} prediction(s) written to {output}")
+
+
+def _int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AutosegError(f"{name}: '{value}' is not a whole number") from None
 
 
 @app.command()
@@ -306,9 +346,28 @@ def evaluate(
     dataset_json: Annotated[Path, typer.Option("--dataset-json", help="The dataset's dataset.json")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="summary.json path")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", min=0, help="Tolerance in mm of the normalised surface Dice")
+    ] = 1.0,
+    overlays: Annotated[
+        bool, typer.Option("--overlays", help="A PNG per case: slice with most reference, both contours")
+    ] = False,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Images (<case>_0000<ending>) under the overlays")
+    ] = None,
 ) -> None:
-    """Dice, IoU, surface distances per case and label; summary.json and per_case.csv."""
-    api.evaluate(reference_dir, prediction_dir, dataset_json, output, workers=workers)
+    """Dice, IoU, precision, recall, specificity, VOE, RVD, HD, HD95, ASSD, NSD per case and label;
+    summary.json, per_case.csv, report.png (and overlays)."""
+    api.evaluate(
+        reference_dir,
+        prediction_dir,
+        dataset_json,
+        output,
+        workers=workers,
+        tolerance_mm=tolerance,
+        overlays=overlays,
+        images_dir=images,
+    )
     _print_summary(output or prediction_dir / "summary.json")
 
 
@@ -323,6 +382,38 @@ def phantom(
 
     make_phantom_dataset(out_dir, n_cases=cases, seed=seed)
     out.print(f"phantom dataset with {cases} cases written to {out_dir}")
+
+
+@app.command("export-model")
+def export_model(
+    workdir: Annotated[Path, typer.Argument(help="WORK folder with trained folds")],
+    output: Annotated[Path, typer.Argument(help="Bundle to write, e.g. model.zip")],
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="Configuration(s) (default: find-best's choice)"),
+    ] = None,
+    folds: Annotated[
+        list[str] | None, typer.Option("--folds", "-f", help="Folds (default: all trained)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle")] = False,
+) -> None:
+    """Write a portable model bundle: plans, dataset.json, weights, postprocessing."""
+    if output.exists() and not overwrite:
+        raise AutosegError(f"{output}: already exists; use --overwrite to replace it")
+    manifest = api.export_model(workdir, output, config or None, folds or None)
+    size = output.stat().st_size / 2**20
+    folds_text = "; ".join(f"{c}: folds {', '.join(f)}" for c, f in manifest["folds"].items())
+    out.print(f"wrote {output} ({size:.1f} MiB; {folds_text})", soft_wrap=True)
+
+
+@app.command("import-model")
+def import_model(
+    bundle: Annotated[Path, typer.Argument(help="Bundle from 'autoseg export-model'")],
+    workdir: Annotated[Path, typer.Argument(help="New WORK folder to unpack into")],
+) -> None:
+    """Unpack a model bundle into a new WORK folder (checked before use)."""
+    work = api.import_model(bundle, workdir)
+    out.print(f"model unpacked into {work.root}; predict with: autoseg predict {work.root} INPUT OUTPUT")
 
 
 @app.command("find-best")
@@ -375,8 +466,9 @@ def _print_summary(path: Path) -> None:
     table.add_column("Dice")
     table.add_column("IoU")
     table.add_column("HD95 (mm)")
+    table.add_column("NSD")
     for label, m in s.get("mean", {}).items():
-        table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95_mm")))
+        table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95", "nsd")))
     out.print(table)
     if s.get("mean_dice") is not None:
         out.print(f"mean Dice {s['mean_dice']:.4f}")
@@ -388,8 +480,25 @@ def _mean_of(metrics: dict, key: str) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
+class _ConsoleHandler(logging.Handler):
+    """autoseg's log records as one line each on stderr: ``note:`` for info, ``warning:`` above."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tag = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "[dim]note:[/]"
+        err.print(f"{tag} {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("autoseg")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2 (usage errors too); Ctrl-C exits 130."""
+    _setup_logging()
     try:
         app(args=argv, standalone_mode=True)  # handles usage errors and --help itself, then exits
     except AutosegError as exc:

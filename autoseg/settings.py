@@ -68,6 +68,8 @@ class TrainSettings:
 class InferenceSettings:
     step_size: float = 0.5
     mirroring: bool = True
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    """Axes of the network's patch to mirror at test time (those beyond a 2D network's two are dropped)."""
     tile_batch: int = 2
 
 

@@ -173,7 +173,7 @@ def test_the_ensemble_wins_and_untrained_configurations_are_skipped(work):
     # the folders: links to each fold's labels (no npz), the ensemble's labels in the reference geometry
     linked = crossval_dir(work, "2d")
     assert sorted(p.name for p in linked.iterdir()) == sorted(
-        [f"{c}{ENDING}" for c in CASES] + ["summary.json", "per_case.csv"]
+        [f"{c}{ENDING}" for c in CASES] + ["summary.json", "per_case.csv", "report.png"]
     )
     ensemble = read_volume(crossval_dir(work, "ensemble__2d__3d_fullres") / f"c3{ENDING}", dtype=None)
     np.testing.assert_array_equal(ensemble.array, _reference())

@@ -28,15 +28,28 @@ def probabilities_to_labels(probs: np.ndarray, plans: Plans) -> np.ndarray:
 def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
     """``probs`` ``(K, *shape_resampled)`` → uint8 label map in the array order of the file as stored.
 
-    Probabilities are resampled linearly to the cropped grid (coarse axis separately, as in preprocessing),
-    then argmax, transposed back, placed into the nonzero bounding box (outside it is background), and turned
-    back from the plans' orientation to the file's own.
+    Probabilities are resampled linearly to the cropped grid (coarse axis separately, as in preprocessing) one
+    channel at a time, keeping a running argmax (or, for regions, painting each in turn), so memory stays at a
+    few volumes whatever the number of classes; the result is transposed back, placed into the nonzero bounding
+    box (outside it is background), and turned back from the plans' orientation to the file's own.
     """
     bbox = props.bbox
     cropped = [b - a for a, b in bbox]
-    cropped_t = [cropped[a] for a in plans.transpose_forward]
-    probs = resample_probabilities(probs, tuple(props.spacing_transposed), tuple(cropped_t))
-    seg = probabilities_to_labels(probs, plans)
+    cropped_t = tuple(cropped[a] for a in plans.transpose_forward)
+    spacing = tuple(props.spacing_transposed)
+    if plans.region_based:
+        seg = np.zeros(cropped_t, dtype=np.uint8)
+        for channel, value in enumerate(plans.regions_class_order):
+            seg[resample_probabilities(probs[channel : channel + 1], spacing, cropped_t)[0] > 0.5] = value
+    else:
+        best = resample_probabilities(probs[:1], spacing, cropped_t)[0]
+        seg = np.zeros(cropped_t, dtype=np.uint8)
+        for k in range(1, probs.shape[0]):
+            p = resample_probabilities(probs[k : k + 1], spacing, cropped_t)[0]
+            better = p > best  # strict: ties go to the lower class, as np.argmax
+            seg[better] = k
+            np.maximum(best, p, out=best)
+        del best
     seg = seg.transpose(plans.transpose_backward)
     seg = uncrop(seg, [tuple(b) for b in bbox], props.geometry.shape, fill=0)
     return reorient_to(seg, props.geometry, props.source_geometry)

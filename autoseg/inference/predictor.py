@@ -1,13 +1,16 @@
-"""Predictor: load plans and fold checkpoints from WORK, predict cases, ensemble folds, export.
+"""Predictor: load plans and fold checkpoints from WORK, predict cases, ensemble folds and configurations.
 
-Folds are ensembled by averaging softmax probabilities on the preprocessed grid, before export.
+Folds of one configuration are ensembled by averaging probabilities on its preprocessed grid; configurations
+(``predict -c 2d -c 3d_fullres``) by averaging in the original image grid. :func:`predict_cases` runs
+reading, inference and writing in overlapping stages.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +19,16 @@ import torch
 from autoseg.checkpoint_io import check_compatible, load_checkpoint
 from autoseg.errors import CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
-from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
+from autoseg.inference.export import (
+    probabilities_to_labels,
+    probabilities_to_original,
+    probabilities_to_segmentation,
+    write_segmentation,
+)
 from autoseg.inference.sliding_window import predict_sliding_window
-from autoseg.io.dataset import Case, discover_inputs
+from autoseg.io.dataset import Case
 from autoseg.io.volume import file_ending
+from autoseg.jsonio import save_npz
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
 from autoseg.planning.plans import Plans
@@ -91,7 +100,9 @@ class Predictor:
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:
-        return tuple(range(self.config.dim)) if self.settings.mirroring else ()
+        if not self.settings.mirroring:
+            return ()
+        return tuple(a for a in self.settings.mirror_axes if a < self.config.dim)
 
     def predict_preprocessed(self, image: np.ndarray) -> np.ndarray:
         """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``."""
@@ -116,44 +127,123 @@ class Predictor:
     def segment_preprocessed(self, image: np.ndarray, props: CaseProperties) -> np.ndarray:
         return probabilities_to_segmentation(self.predict_preprocessed(image), props, self.plans)
 
-    def predict_case(self, case: Case) -> tuple[np.ndarray, CaseProperties]:
-        raw, geom, source = read_channels(case.images, self.plans.orientation)
-        image, _, props = preprocess_image(raw, geom, source, self.plans, self.config, None, case.case_id)
+    def prepare(self, raw: np.ndarray, geom, source, case_id: str) -> Prepared:
+        """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage)."""
+        image, _, props = preprocess_image(raw, geom, source, self.plans, self.config, None, case_id)
+        low = None
         if self.previous is not None:
-            prev_cfg = self.previous.config
-            low, _, _ = preprocess_image(raw, geom, source, self.plans, prev_cfg, None, case.case_id)
-            low_probs = self.previous.predict_preprocessed(low)
-            prev = next_stage_segmentation(low_probs, prev_cfg.spacing, props.shape_resampled, self.plans)
-            image = append_previous_stage(image, prev, self.plans.num_classes)
-        return self.segment_preprocessed(image, props), props
+            low, _, _ = preprocess_image(raw, geom, source, self.plans, self.previous.config, None, case_id)
+        return Prepared(image, props, low)
 
-    def predict_folder(
-        self,
-        input_path: Path,
-        output_dir: Path,
-        continue_: bool = False,
-        overwrite: bool = False,
-        progress: Callable[[str, int, int], None] | None = None,
-    ) -> list[Path]:
-        """Predict every case of ``input_path`` into ``output_dir`` as ``<case><input ending>``.
-
-        ``progress(case_id, done, total)`` is called after each case (written or skipped)."""
-        cases = discover_inputs(input_path, len(self.plans.channel_names))
-        output_dir = Path(output_dir)
-        in_dir = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
-        if output_dir.resolve() == in_dir.resolve():
-            raise DatasetError(f"{output_dir}: output folder must differ from the input folder")
-        targets = [output_dir / f"{c.case_id}{file_ending(c.images[0])}" for c in cases]
-        existing = [t for t in targets if t.exists()]
-        if existing and not (continue_ or overwrite):
-            raise DatasetError(
-                f"{existing[0]}: already exists ({len(existing)} output(s)); use --continue to skip them or --overwrite"
+    def infer(self, prepared: Prepared) -> np.ndarray:
+        """Probabilities on this configuration's grid (a cascade first runs its previous stage)."""
+        image = prepared.image
+        if self.previous is not None:
+            low_probs = self.previous.predict_preprocessed(prepared.low)
+            prev = next_stage_segmentation(
+                low_probs, self.previous.config.spacing, prepared.props.shape_resampled, self.plans
             )
-        written = []
-        for i, (case, target) in enumerate(zip(cases, targets)):
-            if not (continue_ and target.exists()):
-                seg, props = self.predict_case(case)
-                written.append(write_segmentation(seg, props, target))
+            image = append_previous_stage(image, prev, self.plans.num_classes)
+        return self.predict_preprocessed(image)
+
+    def predict_case(self, case: Case) -> tuple[np.ndarray, CaseProperties]:
+        raw, geom, source = read_channels(case.images, self.plans.orientation, case.four_d)
+        prepared = self.prepare(raw, geom, source, case.case_id)
+        return probabilities_to_segmentation(self.infer(prepared), prepared.props, self.plans), prepared.props
+
+
+@dataclass
+class Prepared:
+    """One case preprocessed for one configuration: its image, properties, and the previous stage's input."""
+
+    image: np.ndarray
+    props: CaseProperties
+    low: np.ndarray | None = None
+
+
+def predict_cases(
+    predictors: list[Predictor],
+    cases: list[Case],
+    targets: list[Path],
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    save_probabilities: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Path]:
+    """Predict ``cases`` into ``targets`` with one or more configurations (their probabilities averaged).
+
+    Three stages overlap: a reader thread reads and preprocesses the next case, the main thread runs the
+    networks, a writer thread exports and writes the previous case, so the device does not wait on disk. One
+    configuration is exported straight from its grid (channel by channel); several are averaged in the
+    file's own grid. ``save_probabilities`` also writes ``<case>.npz`` (``probabilities``: float16
+    ``(K, *file shape)``). ``postprocess`` is applied to each label map before writing.
+    """
+    plans = predictors[0].plans
+    orientation = plans.orientation
+
+    def read(case: Case) -> list[Prepared]:
+        raw, geom, source = read_channels(case.images, orientation, case.four_d)
+        return [p.prepare(raw, geom, source, case.case_id) for p in predictors]
+
+    def export(probs: list[np.ndarray], prepared: list[Prepared], target: Path) -> Path:
+        props = prepared[0].props
+        if len(probs) == 1 and not save_probabilities:
+            seg = probabilities_to_segmentation(probs[0], props, plans)
+        else:
+            avg = sum(
+                probabilities_to_original(p, r.props, plans).astype(np.float32)
+                for p, r in zip(probs, prepared)
+            ) / len(probs)
+            seg = probabilities_to_labels(avg, plans)
+            if save_probabilities:
+                save_npz(_probabilities_path(target), probabilities=avg.astype(np.float16))
+            del avg
+        if postprocess is not None:
+            seg = postprocess(seg)
+        return write_segmentation(seg, props, target)
+
+    written: list[Path] = []
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending_read = reader.submit(read, cases[0]) if cases else None
+        pending_write: Future | None = None
+        for i, target in enumerate(targets):
+            prepared = pending_read.result()
+            pending_read = reader.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
+            probs = [p.infer(r) for p, r in zip(predictors, prepared)]
+            if pending_write is not None:  # at most one case waits to be written
+                written.append(pending_write.result())
+                if progress:
+                    progress(cases[i - 1].case_id, i, len(cases))
+            pending_write = writer.submit(export, probs, prepared, target)
+            del probs, prepared
+        if pending_write is not None:
+            written.append(pending_write.result())
             if progress:
-                progress(case.case_id, i + 1, len(cases))
-        return written
+                progress(cases[-1].case_id, len(cases), len(cases))
+    return written
+
+
+def _probabilities_path(target: Path) -> Path:
+    name = target.name[: -len(file_ending(target))] if file_ending(target) else target.stem
+    return target.with_name(name + ".npz")
+
+
+def output_targets(
+    cases: list[Case], output_dir: Path, input_dirs: list[Path], continue_: bool, overwrite: bool
+) -> tuple[list[Case], list[Path]]:
+    """Output paths ``<case><input ending>`` of ``cases`` in ``output_dir``; with ``continue_`` the cases already
+    written are dropped. Refuses an output folder that is an input folder, and existing outputs unless
+    ``continue_`` or ``overwrite``."""
+    output_dir = Path(output_dir)
+    for d in input_dirs:
+        if output_dir.resolve() == Path(d).resolve():
+            raise DatasetError(f"{output_dir}: output folder must differ from the input folder")
+    targets = [output_dir / f"{c.case_id}{file_ending(c.images[0])}" for c in cases]
+    existing = [t for t in targets if t.exists()]
+    if existing and not (continue_ or overwrite):
+        raise DatasetError(
+            f"{existing[0]}: already exists ({len(existing)} output(s)); use --continue to skip them or --overwrite"
+        )
+    if continue_:
+        keep = [(c, t) for c, t in zip(cases, targets) if not t.exists()]
+        return [c for c, _ in keep], [t for _, t in keep]
+    return cases, targets

@@ -1,0 +1,222 @@
+"""Prediction at full strength on a tiny trained phantom model: inputs (files, 4D), configuration ensembles,
+saved probabilities, find-best's instructions applied, and portable model bundles (including hostile ones)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from autoseg import api
+from autoseg.bundle import import_model
+from autoseg.cli import main
+from autoseg.errors import AutosegError, PlansError
+from autoseg.layout import WorkDir
+from autoseg.postprocessing import Postprocessing
+from autoseg.settings import InferenceSettings, TrainSettings
+from autoseg.training.loop import train_fold
+
+TINY = TrainSettings(epochs=2, iters_per_epoch=3, val_iters=1, seed=5, loader_workers=0)
+FAST = dict(device="cpu", mirroring=False)
+
+
+@pytest.fixture(scope="module")
+def trained(planned_phantom, tmp_path_factory) -> WorkDir:
+    """fold 0 of 2d and 3d_fullres, trained for a few iterations (enough for non-trivial outputs)."""
+    root = tmp_path_factory.mktemp("trained") / "work"
+    shutil.copytree(planned_phantom.root, root, ignore=shutil.ignore_patterns("results"))
+    work = WorkDir(root)
+    for config in ("2d", "3d_fullres"):
+        train_fold(work, config, 0, TINY, torch.device("cpu"), inference=InferenceSettings(mirroring=False))
+    return work
+
+
+@pytest.fixture(scope="module")
+def one_case(phantom_dataset, tmp_path_factory) -> Path:
+    """A folder with the two channel files of one phantom case."""
+    src = phantom_dataset / "imagesTr"
+    case = sorted(p.name[: -len("_0000.nii.gz")] for p in src.glob("*_0000.nii.gz"))[1]
+    folder = tmp_path_factory.mktemp("input")
+    for f in src.glob(f"{case}_000*.nii.gz"):
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def _labels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_file_list_and_4d_input_give_the_folder_result(trained, one_case, tmp_path):
+    ref = api.predict(trained.root, one_case, tmp_path / "a", configs=["3d_fullres"], **FAST)
+    files = sorted(one_case.iterdir())
+    from_files = api.predict(trained.root, files, tmp_path / "b", configs=["3d_fullres"], **FAST)
+    # MSD style: the two channels in the 4th dimension of one file named after the case
+    channels = [sitk.ReadImage(str(f)) for f in files]
+    four_d = sitk.JoinSeries(channels)
+    case = files[0].name[: -len("_0000.nii.gz")]
+    path_4d = tmp_path / f"{case}.nii.gz"
+    sitk.WriteImage(four_d, str(path_4d))
+    from_4d = api.predict(trained.root, path_4d, tmp_path / "c", configs=["3d_fullres"], **FAST)
+    assert [p.name for p in ref] == [p.name for p in from_files] == [p.name for p in from_4d]
+    np.testing.assert_array_equal(_labels(ref[0]), _labels(from_files[0]))
+    np.testing.assert_array_equal(_labels(ref[0]), _labels(from_4d[0]))
+    out = sitk.ReadImage(str(from_4d[0]))
+    assert out.GetSize() == channels[0].GetSize() and out.GetSpacing() == channels[0].GetSpacing()
+
+
+def test_configuration_ensemble_averages_saved_probabilities(trained, one_case, tmp_path):
+    outs = {}
+    for name, configs in {"2d": ["2d"], "3d": ["3d_fullres"], "both": ["2d", "3d_fullres"]}.items():
+        (written,) = api.predict(
+            trained.root, one_case, tmp_path / name, configs=configs, save_probabilities=True, **FAST
+        )
+        with np.load(written.with_name(written.name.replace(".nii.gz", ".npz"))) as z:
+            outs[name] = (z["probabilities"].astype(np.float32), _labels(written))
+    p2d, p3d = outs["2d"][0], outs["3d"][0]
+    assert p2d.shape == (3, *outs["2d"][1].shape)
+    np.testing.assert_allclose(outs["both"][0], (p2d + p3d) / 2, atol=2e-3)
+    # each label map is the argmax of its saved probabilities (float16: a few near-ties may flip)
+    for probs, labels in (outs["2d"], outs["3d"], outs["both"]):
+        assert (probs.argmax(0) == labels).mean() > 0.999
+
+
+def test_find_best_instructions_choose_configs_and_postprocessing(trained, one_case, tmp_path, caplog):
+    """Without -c, predict uses inference_instructions.json: its configurations and its postprocessing."""
+    work = WorkDir(tmp_path / "work")
+    shutil.copytree(trained.root, work.root)
+    instructions = {
+        "schema_version": 1,
+        "best": "2d",
+        "configs": ["2d"],
+        "folds": [0],
+        "postprocessing": Postprocessing(keep_largest_foreground=True).to_json(),
+        "mean_dice": 0.5,
+        "mean_dice_postprocessed": 0.6,
+        "scores": {},
+        "skipped": [],
+        "predict": "",
+        "dataset_hash": "",
+    }
+    work.inference_instructions.write_text(json.dumps(instructions))
+    with caplog.at_level("INFO", logger="autoseg"):
+        (chosen,) = api.predict(work.root, one_case, tmp_path / "chosen", **FAST)
+    assert "with 2d; postprocessing: {'keep_largest_foreground': True" in caplog.text
+    (raw,) = api.predict(work.root, one_case, tmp_path / "raw", postprocessing=False, **FAST)
+    (plain2d,) = api.predict(
+        work.root, one_case, tmp_path / "plain", configs=["2d"], postprocessing=False, **FAST
+    )
+    np.testing.assert_array_equal(_labels(raw), _labels(plain2d))
+    from scipy import ndimage
+
+    seg = _labels(chosen)
+    assert ndimage.label(seg > 0, structure=np.ones((3, 3, 3)))[1] <= 1
+    assert np.isin(seg, [0, *np.unique(_labels(raw))]).all()
+    assert ((seg > 0) <= (_labels(raw) > 0)).all()  # postprocessing only removes
+
+
+def test_bundle_predicts_identically_after_import(trained, one_case, tmp_path, capsys):
+    bundle = tmp_path / "model.zip"
+    assert main(["export-model", str(trained.root), str(bundle), "-c", "3d_fullres"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["export-model", str(trained.root), str(bundle)]) == 2  # exists: refused without --overwrite
+    with zipfile.ZipFile(bundle) as zf:
+        names = set(zf.namelist())
+        ckpt_bytes = zf.read("results/3d_fullres/fold_0/checkpoint_final.pt")
+    assert names == {
+        "manifest.json",
+        "plans.json",
+        "dataset.json",
+        "results/3d_fullres/fold_0/checkpoint_final.pt",
+    }
+    (tmp_path / "ck.pt").write_bytes(ckpt_bytes)
+    assert "optimizer" not in torch.load(tmp_path / "ck.pt", weights_only=True)
+
+    fresh = import_model(bundle, tmp_path / "fresh")
+    a = api.predict(trained.root, one_case, tmp_path / "orig", configs=["3d_fullres"], **FAST)
+    b = api.predict(fresh.root, one_case, tmp_path / "imported", configs=["3d_fullres"], **FAST)
+    c_code = main(
+        ["predict", "--model", str(bundle), str(one_case), str(tmp_path / "direct"), "-c", "3d_fullres"]
+        + ["--device", "cpu", "--no-mirroring"]
+    )
+    assert c_code == 0
+    c = sorted((tmp_path / "direct").glob("*.nii.gz"))
+    for x, y, z in zip(a, b, c):
+        np.testing.assert_array_equal(_labels(x), _labels(y))
+        np.testing.assert_array_equal(_labels(x), _labels(z))
+
+
+def _hostile(
+    tmp_path: Path, name: str, members: dict[str, bytes], listed: dict[str, bytes] | None = None, link=None
+):
+    """A bundle whose manifest lists ``listed`` (default: members) with correct checksums."""
+    listed = members if listed is None else listed
+    manifest = {
+        "schema_version": 1,
+        "autoseg_version": "0",
+        "configs": [],
+        "folds": {},
+        "files": {k: hashlib.sha256(v).hexdigest() for k, v in listed.items()},
+    }
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+        for k, v in members.items():
+            zf.writestr(k, v)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize(
+    "members, expected",
+    [
+        ({"../evil.txt": b"x"}, "escapes the target folder"),
+        ({"results/../../evil.txt": b"x"}, "escapes the target folder"),
+        ({"/tmp/evil.txt": b"x"}, "absolute or Windows path"),
+        ({"C:/evil.txt": b"x"}, "absolute or Windows path"),
+        ({"sub\\..\\..\\evil.txt": b"x"}, "absolute or Windows path"),
+    ],
+)
+def test_bundle_members_that_escape_are_refused(tmp_path, members, expected):
+    bundle = _hostile(tmp_path, "bad.zip", members)
+    with pytest.raises(PlansError, match=expected):
+        import_model(bundle, tmp_path / "target" / "work")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "target").exists()
+
+
+def test_bundle_links_unlisted_files_and_bad_checksums_are_refused(trained, tmp_path):
+    with pytest.raises(PlansError, match="is a link"):
+        import_model(_hostile(tmp_path, "link.zip", {}, link="plans.json"), tmp_path / "w1")
+    with pytest.raises(PlansError, match="not listed in the manifest"):
+        import_model(_hostile(tmp_path, "extra.zip", {"a.json": b"{}"}, listed={}), tmp_path / "w2")
+    with pytest.raises(PlansError, match="does not match its checksum"):
+        import_model(
+            _hostile(tmp_path, "sum.zip", {"a.json": b"{}"}, listed={"a.json": b"[]"}), tmp_path / "w3"
+        )
+    with pytest.raises(PlansError, match="no manifest.json"):
+        path = tmp_path / "plain.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("plans.json", "{}")
+        import_model(path, tmp_path / "w4")
+    # a checkpoint whose network does not match the bundled plans is refused before any use
+    good = tmp_path / "good.zip"
+    api.export_model(trained.root, good, ["3d_fullres"])
+    with zipfile.ZipFile(good) as zf:
+        members = {n: zf.read(n) for n in zf.namelist() if n != "manifest.json"}
+    plans = json.loads(members["plans.json"])
+    plans["configurations"]["3d_fullres"]["network"]["features_per_stage"][0] += 1
+    members["plans.json"] = json.dumps(plans).encode()
+    with pytest.raises(AutosegError, match="does not match the plans"):
+        import_model(_hostile(tmp_path, "mismatch.zip", members), tmp_path / "w5")
+    assert not any((tmp_path / f"w{i}").exists() for i in range(1, 6))
+    assert not list(tmp_path.glob(".w*"))  # no staging folder left behind
