@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
 from autoseg.errors import CheckpointError
 from autoseg.jsonio import temp_path_for
+
+_REQUIRED_KEYS = ("network", "config", "topology")
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
@@ -35,9 +38,26 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refuses any pickled object but tensors and plain data, so nothing in it has run
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain data (loaded with "
+            "weights_only=True, so none of its code ran); not an autoseg checkpoint"
+        ) from None
     except Exception as exc:  # torch raises many types for corrupt/foreign files
-        raise CheckpointError(f"{path}: not a readable autoseg checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"{path}: not a readable autoseg checkpoint (truncated or not a torch file: {type(exc).__name__})"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path}: not an autoseg checkpoint (a {type(ckpt).__name__}, not a dict with 'network', 'config' "
+            "and 'topology')"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not an autoseg checkpoint (missing {', '.join(repr(k) for k in missing)})")
+    return ckpt
 
 
 def check_compatible(ckpt: dict, path: Path, config: str, topology: dict) -> None:
@@ -46,7 +66,10 @@ def check_compatible(ckpt: dict, path: Path, config: str, topology: dict) -> Non
         raise CheckpointError(
             f"{path}: checkpoint is for configuration '{ckpt.get('config')}', not '{config}'"
         )
-    saved = json.loads(ckpt.get("topology", "{}"))
+    try:
+        saved = json.loads(ckpt.get("topology", "{}"))
+    except (TypeError, ValueError):
+        saved = None
     if saved != topology:
         raise CheckpointError(
             f"{path}: checkpoint network does not match the plans (architecture or topology changed)"

@@ -406,6 +406,21 @@ def export_model(
     out.print(f"wrote {output} ({size:.1f} MiB; {folds_text})", soft_wrap=True)
 
 
+@app.command("export-network")
+def export_network(
+    workdir: Annotated[Path, typer.Argument(help="WORK folder with trained folds")],
+    config: Annotated[str, typer.Argument(help="Configuration")],
+    fold: Annotated[str, typer.Argument(help="Fold 0-4 or 'all'")],
+    output: Annotated[Path, typer.Argument(help="File to write (e.g. net.pt or net.onnx)")],
+    fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx")] = "torchscript",
+) -> None:
+    """Export one fold's network for deployment (patch in, logits out)."""
+    from autoseg.inference.deploy import export_network as _export
+
+    path = _export(workdir, config, fold, output, fmt)
+    out.print(f"wrote {path} ({fmt})")
+
+
 @app.command("import-model")
 def import_model(
     bundle: Annotated[Path, typer.Argument(help="Bundle from 'autoseg export-model'")],

@@ -12,6 +12,7 @@ each, so the fingerprint is deterministic.
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +26,7 @@ from autoseg.preprocessing.pipeline import read_channels
 
 # 2: per case ``orientation`` and ``label_components``. An older fingerprint.json is recomputed, not upgraded.
 FINGERPRINT_SCHEMA_VERSION = 2
+_log = logging.getLogger("autoseg")
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,19 @@ def dataset_hash(cases: list[Case], spec: DatasetSpec) -> str:
 
 
 def case_fingerprint(
-    case: Case, spec: DatasetSpec, samples_per_case: int = 10_000, seed: int = 1234
+    case: Case,
+    spec: DatasetSpec,
+    samples_per_case: int = 10_000,
+    seed: int = 1234,
+    fix_nonfinite: bool = False,
 ) -> tuple[CaseFingerprint, list[np.ndarray]]:
-    """Fingerprint one case; also returns a seeded sample of foreground intensities per channel."""
+    """Fingerprint one case; also returns a seeded sample of foreground intensities per channel.
+
+    NaN/Inf intensities raise :class:`DatasetError` naming the file, or with ``fix_nonfinite`` are replaced
+    (as preprocessing will replace them, see :func:`autoseg.preprocessing.pipeline.replace_nonfinite`)."""
     check_case_geometry(case)
-    # spacing in the canonical array order, as preprocessing will see it; NaN/Inf are reported by file
-    image, geom, source = read_channels(case.images, CANONICAL_ORIENTATION)
+    # spacing in the canonical array order, as preprocessing will see it
+    image, geom, source = read_channels(case.images, CANONICAL_ORIENTATION, fix_nonfinite=fix_nonfinite)
     label, _ = load_label(case.label, spec.allowed_values, CANONICAL_ORIENTATION)
     cropped, label_c, _, _ = crop_to_nonzero(image, label)
     fg = (label_c > 0) & (label_c != spec.ignore_label) if spec.ignore_label is not None else label_c > 0
@@ -168,15 +177,23 @@ def _stats(values: np.ndarray) -> IntensityStats:
 
 
 def _case_job(args: tuple) -> tuple[CaseFingerprint, list[np.ndarray]]:
-    case, spec, samples = args
-    return case_fingerprint(case, spec, samples)
+    case, spec, samples, fix_nonfinite = args
+    return case_fingerprint(case, spec, samples, fix_nonfinite=fix_nonfinite)
 
 
 def compute_fingerprint(
-    cases: list[Case], spec: DatasetSpec, workers: int = 1, samples_per_case: int = 10_000, progress=None
+    cases: list[Case],
+    spec: DatasetSpec,
+    workers: int = 1,
+    samples_per_case: int = 10_000,
+    progress=None,
+    fix_nonfinite: bool = False,
 ) -> Fingerprint:
-    """Fingerprint all cases (in ``workers`` processes); ``progress`` is called once per finished case."""
-    jobs = [(c, spec, samples_per_case) for c in cases]
+    """Fingerprint all cases (in ``workers`` processes); ``progress`` is called once per finished case.
+
+    Cases whose label map holds no foreground are allowed (they are counted with 0 voxels) and named in one
+    warning on the ``autoseg`` logger."""
+    jobs = [(c, spec, samples_per_case, fix_nonfinite) for c in cases]
     if workers > 1 and len(cases) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = []
@@ -191,6 +208,13 @@ def compute_fingerprint(
             if progress:
                 progress()
     per_case = [r[0] for r in results]
+    empty = [c.case_id for c in per_case if c.label_voxels and not any(c.label_voxels.values())]
+    if empty:
+        _log.warning(
+            "%d case(s) have no foreground label: %s (allowed; they add no foreground samples)",
+            len(empty),
+            ", ".join(empty),
+        )
     intensity = [_stats(np.concatenate([r[1][c] for r in results])) for c in range(spec.num_channels)]
     return Fingerprint(
         schema_version=FINGERPRINT_SCHEMA_VERSION,

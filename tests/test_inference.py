@@ -70,3 +70,15 @@ def test_mirroring_averages_flipped_predictions():
     assert plain[1, :, :, 0].min() > 0.99 and plain[1, :, :, -1].max() < 0.01
     # averaged with its flip, every voxel is once on the left half (p=1) and once on the right (p=0)
     np.testing.assert_allclose(mirrored[1], 0.5, atol=1e-4)
+
+
+def test_accumulators_fall_back_to_the_cpu_when_the_gpu_has_no_room(monkeypatch, caplog):
+    """11 classes over 8×256×256 voxels need 25 MB of sums; with 10 MB free on the GPU they go to the CPU, with
+    a warning that says why (the GPU itself is never touched here)."""
+    from autoseg.inference import sliding_window
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**7, 80 * 10**9))
+    with caplog.at_level("WARNING", logger="autoseg"):
+        acc, norm = sliding_window._accumulators(11, (8, 256, 256), torch.device("cuda"))
+    assert acc.device.type == norm.device.type == "cpu" and acc.shape == (11, 8, 256, 256)
+    assert "do not fit in GPU memory" in caplog.text and "accumulating them on the CPU" in caplog.text

@@ -220,3 +220,21 @@ def test_bundle_links_unlisted_files_and_bad_checksums_are_refused(trained, tmp_
         import_model(_hostile(tmp_path, "mismatch.zip", members), tmp_path / "w5")
     assert not any((tmp_path / f"w{i}").exists() for i in range(1, 6))
     assert not list(tmp_path.glob(".w*"))  # no staging folder left behind
+
+
+def test_torchscript_export_gives_the_same_logits(trained, tmp_path, capsys):
+    from autoseg.inference.deploy import load_fold_network
+
+    path = tmp_path / "net.pt"
+    assert main(["export-network", str(trained.root), "3d_fullres", "0", str(path)]) == 0
+    network, patch, in_ch = load_fold_network(trained, "3d_fullres", 0)
+    x = torch.randn(2, in_ch, *patch, generator=torch.Generator().manual_seed(0))
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        expected, got = network(x), loaded(x)
+    assert got.shape == (2, 3, *patch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (
+        main(["export-network", str(trained.root), "3d_fullres", "0", str(path), "--format", "tflite"]) == 2
+    )
+    assert "unknown export format 'tflite'" in capsys.readouterr().err

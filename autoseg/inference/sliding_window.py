@@ -5,17 +5,21 @@ the first and last touch the borders); each tile's softmax probabilities are wei
 importance map (σ = patch / 8, so the centre of a tile counts more than its edges) and accumulated; the sum is
 divided by the accumulated weights. 2D networks run on slices along axis 0 (patch ``[1, py, px]``). With
 mirroring, each tile is also predicted flipped along every combination of the given axes and the results are
-averaged. Volumes smaller than the patch are padded with 0 and cropped back.
+averaged. Volumes smaller than the patch are padded with 0 and cropped back. The sums live on the device;
+when a GPU has no room for them (a large volume with many classes) they live in CPU memory instead.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
+
+_log = logging.getLogger("autoseg")
 
 
 def gaussian_importance(patch: list[int], sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -35,6 +39,34 @@ def tile_starts(size: int, patch: int, step_size: float) -> list[int]:
     n = int(math.ceil((size - patch) / (patch * step_size))) + 1
     span = size - patch
     return [int(round(i * span / (n - 1))) for i in range(n)]
+
+
+def _accumulators(num_classes: int, shape: tuple[int, ...], device: torch.device):
+    """Probability sum ``(K, *shape)`` and weight sum ``shape`` on ``device``, or on the CPU (with a warning)
+    when a GPU does not have room for them next to the network's working memory."""
+    if device.type == "cuda":
+        need = (num_classes + 1) * math.prod(shape) * 4
+        free, _ = torch.cuda.mem_get_info(device)
+        if need < 0.5 * free:
+            try:
+                return (
+                    torch.zeros((num_classes, *shape), dtype=torch.float32, device=device),
+                    torch.zeros(shape, dtype=torch.float32, device=device),
+                )
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        _log.warning(
+            "the %d-class probabilities of a %s volume (%.1f GB) do not fit in GPU memory next to the "
+            "network: accumulating them on the CPU (slower)",
+            num_classes,
+            "x".join(map(str, shape)),
+            need / 1e9,
+        )
+    cpu = torch.device("cpu")
+    return (
+        torch.zeros((num_classes, *shape), dtype=torch.float32, device=cpu),
+        torch.zeros(shape, dtype=torch.float32, device=cpu),
+    )
 
 
 def predict_sliding_window(
@@ -66,9 +98,8 @@ def predict_sliding_window(
     starts = [tile_starts(s, p, step_size) for s, p in zip(shape, patch3)]
     tiles = list(itertools.product(*starts))
     weight_np = gaussian_importance(list(patch_size))
-    weight = torch.from_numpy(weight_np.reshape(patch3)).to(device)
-    acc = torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)
-    norm = torch.zeros(shape, dtype=torch.float32, device=device)
+    acc, norm = _accumulators(num_classes, shape, device)
+    weight = torch.from_numpy(weight_np.reshape(patch3)).to(acc.device)
     img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     network.eval()
@@ -97,6 +128,7 @@ def predict_sliding_window(
             probs = probs / len(flips)
             if dim == 2:
                 probs = probs[:, :, None]
+            probs = probs.to(acc.device)
             for b, sl in enumerate(sls):
                 acc[(slice(None),) + sl] += probs[b] * weight
                 norm[sl] += weight

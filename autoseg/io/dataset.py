@@ -26,6 +26,10 @@ from autoseg.io.volume import (
 )
 
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
+# how closely the channels and the label of one case must agree (check_case_geometry)
+SPACING_RTOL = 1e-3
+ORIGIN_TOLERANCE_MM = 1e-2
+DIRECTION_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,12 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
     channels = raw["channel_names"]
     if not isinstance(channels, dict) or not channels:
         raise DatasetError(f'{path}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}')
-    try:
-        idx = sorted(int(k) for k in channels)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: 'channel_names' keys must be channel indices 0, 1, ...") from None
+    if not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k for k in channels):
+        # "00", " 1" or "1.0" would parse as an index but could not be looked up as "0", "1"
+        raise DatasetError(
+            f"{path}: 'channel_names' keys must be channel indices \"0\", \"1\", ..., got {sorted(map(str, channels))}"
+        )
+    idx = sorted(int(k) for k in channels)
     if idx != list(range(len(idx))):
         raise DatasetError(f"{path}: 'channel_names' keys must be 0..{len(idx) - 1} without gaps, got {idx}")
     channel_names = tuple(str(channels[str(i)]) for i in idx)
@@ -155,7 +161,12 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
                 )
             regions[name] = tuple(int(v) for v in value)
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not np.isfinite(value)  # json.loads reads NaN and Infinity
+            or float(value) != int(value)
+        ):
             raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
         if int(value) < 0:
             raise DatasetError(f"{path}: label '{name}' has negative value {int(value)}")
@@ -316,15 +327,21 @@ def check_case_geometry(case: Case) -> Geometry:
         g = read_header(f)
         if g.shape != ref.shape:
             raise DatasetError(f"{f}: shape {g.shape} differs from {case.images[0].name} {ref.shape}")
-        if not np.allclose(g.spacing_mm, ref.spacing_mm, rtol=1e-3, atol=1e-4):
+        if not np.allclose(g.spacing_mm, ref.spacing_mm, rtol=SPACING_RTOL, atol=1e-4):
             raise DatasetError(
-                f"{f}: spacing {_fmt(g.spacing_mm)} mm differs from {case.images[0].name} {_fmt(ref.spacing_mm)} mm"
+                f"{f}: spacing {_fmt(g.spacing_mm)} mm differs from {case.images[0].name} {_fmt(ref.spacing_mm)} mm "
+                f"(tolerance {SPACING_RTOL:.1%})"
             )
-        if not np.allclose(g.origin_mm, ref.origin_mm, atol=1e-2) or not np.allclose(
-            g.direction, ref.direction, atol=1e-3
-        ):
+        # an error, not a warning: image and label would be resampled as if they overlapped exactly
+        if not np.allclose(g.origin_mm, ref.origin_mm, rtol=0, atol=ORIGIN_TOLERANCE_MM):
             raise DatasetError(
-                f"{f}: origin/direction differ from {case.images[0].name} (tolerance 0.01 mm, 0.001)"
+                f"{f}: origin {_fmt(g.origin_mm)} mm differs from {case.images[0].name} {_fmt(ref.origin_mm)} mm "
+                f"(tolerance {ORIGIN_TOLERANCE_MM:g} mm)"
+            )
+        if not np.allclose(g.direction, ref.direction, rtol=0, atol=DIRECTION_TOLERANCE):
+            raise DatasetError(
+                f"{f}: direction {_fmt(g.direction)} differs from {case.images[0].name} {_fmt(ref.direction)} "
+                f"(tolerance {DIRECTION_TOLERANCE:g} per direction cosine)"
             )
     return ref
 
@@ -342,6 +359,12 @@ def load_label(path: Path, allowed: set[int], orientation: str | None = None) ->
             raise DatasetError(f"{path}: label map has non-integer values (e.g. {bad.tolist()})")
         arr = rounded
     values = set(np.unique(arr).astype(np.int64).tolist())
+    negative = sorted(v for v in values if v < 0)
+    if negative:
+        raise DatasetError(
+            f"{path}: label map has negative values {negative}; label values are the non-negative integers "
+            f"declared in dataset.json {sorted(allowed)}"
+        )
     unknown = sorted(values - allowed)
     if unknown:
         raise DatasetError(

@@ -17,12 +17,20 @@ turned back to the orientation of its input and written with the input's exact g
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import os
+import struct
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.imageglobals import LoggingOutputSuppressor
 
 from autoseg.errors import DatasetError
 from autoseg.jsonio import temp_path_for
@@ -111,10 +119,12 @@ def read_header(path: str | os.PathLike) -> Geometry:
     """Read only the header of an image (fast), raising :class:`DatasetError` on unreadable files."""
     path = Path(path)
     _check_file(path)
+    _check_nifti(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
     geom = Geometry(
@@ -134,7 +144,8 @@ def channels_in_file(path: str | os.PathLike) -> int:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
     return int(reader.GetSize()[3]) if reader.GetDimension() == 4 else 1
@@ -147,8 +158,10 @@ def read_4d_channels(
     layout), each with the geometry of the first three dimensions."""
     path = Path(path)
     _check_file(path)
+    _check_nifti(path)
     try:
-        img = sitk.ReadImage(str(path))
+        with _quiet_itk():
+            img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
     if img.GetDimension() != 4:
@@ -181,12 +194,16 @@ def read_volume(
     """
     path = Path(path)
     _check_file(path)
+    header = _check_nifti(path)
     try:
-        img = sitk.ReadImage(str(path))
+        with _quiet_itk():
+            img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
     source = _geometry_of(img)
     _check_geometry(path, source, img.GetNumberOfComponentsPerPixel())
+    if header is not None and header.get_data_dtype().kind == "f":
+        img = _restore_nonfinite(path, img)
     if orientation is not None and orientation_code(source) != orientation:
         img = sitk.DICOMOrient(img, orientation)
     arr = sitk.GetArrayFromImage(img)
@@ -257,6 +274,109 @@ def _check_geometry(path: Path, geom: Geometry, components: int) -> None:
         raise DatasetError(f"{path}: implausible voxel spacing {geom.spacing_mm} mm (must be in (0, 100])")
 
 
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's warnings while reading: ITK prints them (e.g. "unexpected scales in sform") straight to
+    the process's stderr, several lines each, around autoseg's own one-line error; the checks here report
+    what matters (spacing, shape, truncation) themselves."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _nifti_header(path: Path) -> nib.Nifti1Header | None:
+    """The NIfTI-1/2 header of ``path`` as stored (no fixes applied), or None for other formats.
+
+    Raises :class:`DatasetError` if the file ends inside its header; a file that is not NIfTI at all returns
+    None and is left to ITK to report."""
+    if file_ending(path) not in (".nii", ".nii.gz"):
+        return None
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+    except EOFError:
+        raise DatasetError(f"{path}: truncated or corrupt (the file ends inside its header)") from None
+    except (OSError, zlib.error):
+        return None
+    for size, cls in ((348, nib.Nifti1Header), (540, nib.Nifti2Header)):
+        for order in "<>":
+            if len(head) >= size and struct.unpack(order + "i", head[:4])[0] == size:
+                try:
+                    return cls.from_fileobj(io.BytesIO(head[:size]), check=False)
+                except Exception:  # nibabel raises several types for garbage headers; ITK reports them
+                    return None
+    return None
+
+
+def _check_nifti(path: Path) -> nib.Nifti1Header | None:
+    """What ITK hides in NIfTI files: a zero or non-finite ``pixdim`` (ITK silently reads it as 1 mm) and a
+    truncated file (ITK fills the missing voxels with zeros). Cheap: reads the header and, for ``.nii.gz``,
+    the gzip trailer (the full stream only when the trailer disagrees, e.g. multi-member gzip)."""
+    header = _nifti_header(path)
+    if header is None:
+        return None
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
+    if any(not np.isfinite(v) or v == 0 for v in pixdim):
+        spacing = ", ".join(f"{v:g}" for v in reversed(pixdim))
+        raise DatasetError(
+            f"{path}: implausible voxel spacing ({spacing}) mm in the NIfTI header (pixdim must be finite and "
+            "non-zero)"
+        )
+    # ITK decomposes these matrices (printing VNL's failures straight to stderr): refuse NaN/Inf first
+    for code, fields, what in (
+        ("sform_code", ("srow_x", "srow_y", "srow_z"), "sform"),
+        ("qform_code", ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"), "qform"),
+    ):
+        if int(header[code]) > 0 and not all(np.all(np.isfinite(header[f])) for f in fields):
+            raise DatasetError(f"{path}: the NIfTI header's {what} (orientation and position) holds NaN or Inf")
+    try:
+        shape = [int(v) for v in header["dim"][1 : 1 + ndim]]
+        needed = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * (int(header["bitpix"]) // 8)
+    except (ValueError, OverflowError):
+        return header  # nonsense dimensions: ITK refuses the file
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            stored = struct.unpack("<I", f.read(4))[0]  # gzip ISIZE: uncompressed size mod 2**32
+        if stored == needed % 2**32:
+            return header
+        total = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    total += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            raise DatasetError(f"{path}: truncated or corrupt (the compressed data ends early)") from None
+    else:
+        total = path.stat().st_size
+    if total < needed:
+        raise DatasetError(f"{path}: truncated or corrupt ({total} bytes of data, the header needs {needed})")
+    return header
+
+
+def _restore_nonfinite(path: Path, img: sitk.Image) -> sitk.Image:
+    """ITK's NIfTI reader turns NaN and Inf voxels into 0, which would hide them from autoseg's checks:
+    put the stored non-finite values back (float NIfTI only; costs a second read of the voxels)."""
+    try:
+        with LoggingOutputSuppressor():  # nibabel logs its header fixes ("pixdim ... should be positive")
+            raw = np.asanyarray(nib.load(str(path)).dataobj.get_unscaled()).T  # nibabel is (x, y, z)
+    except Exception:  # nibabel refuses a file ITK read: nothing more to learn from it
+        return img
+    bad = ~np.isfinite(raw)
+    if raw.shape != tuple(reversed(img.GetSize())) or not bad.any():
+        return img
+    arr = sitk.GetArrayFromImage(img)
+    arr[bad] = raw[bad]
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    return out
+
+
 def _short(exc: BaseException) -> str:
     """First meaningful line of a SimpleITK/ITK exception, which are many lines long."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -264,7 +384,11 @@ def _short(exc: BaseException) -> str:
         low = ln.lower()
         if "description:" in low:
             return ln.split(":", 1)[1].strip()
+    for ln in lines:
+        if ln.startswith(("sitk::ERROR:", "itk::ERROR:")):
+            # 'Unable to determine ImageIO reader for "/full/path"': the path is already at the line's start
+            return ln.split(":", 3)[-1].strip().split(' for "')[0][:200]
     for ln in reversed(lines):
-        if not ln.startswith(("File", "itk::", "sitk::")):
+        if not ln.startswith(("File", "itk::", "sitk::", "Exception thrown in SimpleITK")):
             return ln[:200]
     return "unreadable"

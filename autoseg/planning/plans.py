@@ -9,7 +9,7 @@ spatial lists have two entries (the in-plane axes).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from autoseg.errors import PlansError
@@ -17,6 +17,18 @@ from autoseg.jsonio import read_json, write_json
 from autoseg.preprocessing.normalize import ChannelNormalization
 
 PLANS_SCHEMA_VERSION = 1
+_REQUIRED_KEYS = (
+    "dataset_name",
+    "dataset_hash",
+    "channel_names",
+    "labels",
+    "file_ending",
+    "orientation",
+    "transpose_forward",
+    "normalization",
+    "gpu_memory_gb",
+    "configurations",
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,52 @@ class Configuration:
     def from_json(cls, d: dict) -> Configuration:
         d = dict(d)
         d["network"] = NetworkTopology(**d["network"])
-        return cls(**d)
+        config = cls(**d)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise :class:`PlansError` (naming this configuration) for values no stage could work with, e.g. a
+        hand-edited negative patch size."""
+
+        def bad(what: str, value, must: str) -> PlansError:
+            return PlansError(f"configuration '{self.name}': {what} {value!r} must be {must}")
+
+        if self.dim not in (2, 3):
+            raise bad("dim", self.dim, "2 or 3")
+        if not _positive_ints(self.patch_size, self.dim):
+            raise bad("patch_size", self.patch_size, f"{self.dim} positive integers")
+        if not _positive_ints([self.batch_size], 1):
+            raise bad("batch_size", self.batch_size, "a positive integer")
+        if not _positive_numbers(self.spacing, 3):
+            raise bad("spacing", self.spacing, "3 positive numbers (mm)")
+        net = self.network
+        if net.dim != self.dim:
+            raise bad("network dim", net.dim, f"the configuration's dim {self.dim}")
+        n = len(net.features_per_stage)
+        if n == 0 or not _positive_ints(net.features_per_stage, n):
+            raise bad("features_per_stage", net.features_per_stage, "positive integers, one per stage")
+        for what, value in (("strides", net.strides), ("kernel_sizes", net.kernel_sizes)):
+            if not isinstance(value, list) or len(value) != n or not all(_positive_ints(v, self.dim) for v in value):
+                raise bad(what, value, f"{n} lists (one per stage) of {self.dim} positive integers")
+
+
+def _positive_ints(values, n: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    )
+
+
+def _positive_numbers(values, n: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == n
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in values
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +141,7 @@ class Plans:
     regions_class_order: list[int] = field(default_factory=list)  # non-empty: region-based (sigmoid) training
     ignore_label: int | None = None  # voxels with this label are left out of loss and metrics
     schema_version: int = PLANS_SCHEMA_VERSION
+    source: Path | None = field(default=None, compare=False, repr=False)  # the file it was loaded from
 
     @property
     def region_based(self) -> bool:
@@ -117,8 +175,10 @@ class Plans:
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
+            where = f"{self.source}: " if self.source is not None else ""
             raise PlansError(
-                f"configuration '{name}' is not in the plans (available: {', '.join(self.configurations)})"
+                f"{where}configuration '{name}' is not in the plans "
+                f"(available: {', '.join(self.configurations) or 'none'})"
             )
         return self.configurations[name]
 
@@ -143,11 +203,22 @@ class Plans:
 
     @classmethod
     def from_json(cls, d: dict) -> Plans:
+        if not isinstance(d, dict):
+            raise PlansError("top level must be a JSON object")
         version = d.get("schema_version")
         if version != PLANS_SCHEMA_VERSION:
             raise PlansError(
                 f"plans schema_version {version!r} is not supported (expected {PLANS_SCHEMA_VERSION})"
             )
+        for key in _REQUIRED_KEYS:
+            if key not in d:
+                raise PlansError(f"required key '{key}' is missing")
+        if not isinstance(d["configurations"], dict) or not all(
+            isinstance(c, dict) for c in d["configurations"].values()
+        ):
+            raise PlansError("'configurations' must be an object mapping names to configurations")
+        if sorted(d["transpose_forward"]) != [0, 1, 2]:
+            raise PlansError(f"transpose_forward {d['transpose_forward']!r} must be a permutation of 0, 1, 2")
         return cls(
             schema_version=version,
             dataset_name=d["dataset_name"],
@@ -175,8 +246,9 @@ class Plans:
         if not path.is_file():
             raise PlansError(f"{path}: plans not found (run 'autoseg plan DATASET --workdir WORK' first)")
         try:
-            return cls.from_json(read_json(path))
+            plans = cls.from_json(read_json(path))
+            return replace(plans, source=path)
         except PlansError as exc:
             raise PlansError(f"{path}: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PlansError(f"{path}: invalid plans ({type(exc).__name__}: {exc})") from None

@@ -13,6 +13,7 @@ always sees data prepared the same way. Outputs per case, in ``WORK/preprocessed
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import new_shape, resample_image, resample_label
 
 MAX_FG_LOCATIONS = 10_000
+_log = logging.getLogger("autoseg")
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,33 @@ class CaseProperties:
         )
 
 
+def replace_nonfinite(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """``array`` with NaN and -Inf replaced by its finite minimum and +Inf by its finite maximum (0 where no
+    value is finite), and the number of voxels replaced. A copy only when something was replaced."""
+    bad = ~np.isfinite(array)
+    n = int(bad.sum())
+    if n == 0:
+        return array, 0
+    finite = array[~bad]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    out = array.copy()
+    out[np.isnan(array) | np.isneginf(array)] = low
+    out[np.isposinf(array)] = high
+    return out, n
+
+
 def read_channels(
-    files: tuple[Path, ...] | list[Path], orientation: str | None, four_d: bool = False
+    files: tuple[Path, ...] | list[Path],
+    orientation: str | None,
+    four_d: bool = False,
+    fix_nonfinite: bool = False,
 ) -> tuple[np.ndarray, Geometry, Geometry]:
     """Read the channel files of one case (or, with ``four_d``, the channels of one 4D file), reoriented to
     ``orientation``, stacked into ``(C, Z, Y, X)`` float32. Returns ``(image, geometry after reorienting,
-    geometry as stored)``."""
+    geometry as stored)``.
+
+    NaN or Inf intensities raise :class:`DatasetError` naming the file, unless ``fix_nonfinite``: then they
+    are replaced (see :func:`replace_nonfinite`) and a warning names the file and the count."""
     if four_d:
         vols = read_4d_channels(files[0], orientation=orientation)
         files = [files[0]] * len(vols)
@@ -81,9 +104,17 @@ def read_channels(
         if v.geometry.shape != ref.shape:
             raise DatasetError(f"{v.path}: shape {v.geometry.shape} differs from {files[0]} {ref.shape}")
     for f, v in zip(files, vols):
+        if fix_nonfinite:
+            v.array, n = replace_nonfinite(v.array)
+            if n:
+                _log.warning("%s: replaced %d NaN/Inf intensity value(s) (--fix-nonfinite)", f, n)
+            continue
         finite = np.isfinite(v.array)
         if not finite.all():
-            raise DatasetError(f"{f}: contains {int((~finite).sum())} NaN/Inf intensity value(s)")
+            raise DatasetError(
+                f"{f}: contains {int((~finite).sum())} NaN/Inf intensity value(s) "
+                "(use --fix-nonfinite to replace them by the image's finite minimum/maximum)"
+            )
     return np.stack([v.array for v in vols]), ref, vols[0].source_geometry
 
 
@@ -157,10 +188,11 @@ def preprocess_training_case(
     config: Configuration,
     out_dir: Path,
     resample_device: str | None = None,
+    fix_nonfinite: bool = False,
 ) -> str:
     """Preprocess one training case into ``out_dir`` (atomic writes; the JSON marker last)."""
     check_case_geometry(case)
-    image, geom, source = read_channels(case.images, plans.orientation)
+    image, geom, source = read_channels(case.images, plans.orientation, fix_nonfinite=fix_nonfinite)
     label, _ = load_label(case.label, spec.allowed_values, plans.orientation)
     image, label, props = preprocess_image(
         image, geom, source, plans, config, label, case.case_id, resample_device
@@ -188,6 +220,7 @@ def preprocess_dataset(
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
     resample_device: str | None = None,
+    fix_nonfinite: bool = False,
 ) -> list[str]:
     """Preprocess every case not already finished in ``out_dir`` (resumable). Returns the ids processed now.
 
@@ -206,14 +239,14 @@ def preprocess_dataset(
     done: list[str] = []
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_job, (c, spec, plans, config, out_dir, resample_device)) for c in todo]
+            futures = [pool.submit(_job, (c, spec, plans, config, out_dir, resample_device, fix_nonfinite)) for c in todo]
             for fut in as_completed(futures):
                 done.append(fut.result())
                 if progress:
                     progress(done[-1])
     else:
         for c in todo:
-            done.append(_job((c, spec, plans, config, out_dir, resample_device)))
+            done.append(_job((c, spec, plans, config, out_dir, resample_device, fix_nonfinite)))
             if progress:
                 progress(done[-1])
     return done
