@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it better
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # weights_only refuses any pickled object but tensors and plain data, so nothing in it has run
         raise CheckpointError(
@@ -56,7 +59,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         )
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path}: not an autoseg checkpoint (missing {', '.join(repr(k) for k in missing)})")
+        raise CheckpointError(
+            f"{path}: not an autoseg checkpoint (missing {', '.join(repr(k) for k in missing)})"
+        )
     return ckpt
 
 

@@ -79,13 +79,16 @@ def _spinal(tmp_path: Path) -> Path:
     return root
 
 
-def _phantom(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def phantom_raw(tmp_path_factory) -> Path:
+    """A two-case, two-channel phantom dataset; treat as read-only (tests copy it with :func:`_phantom`)."""
     from autoseg.phantom import make_phantom_dataset
 
-    return make_phantom_dataset(tmp_path / "Dataset900_Phantom", n_cases=2, seed=0)
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom2") / "Dataset900_Phantom", n_cases=2, seed=0)
 
 
-BASES = {"spinal": _spinal, "phantom": _phantom}
+def _phantom(tmp_path: Path, source: Path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / source.name))
 
 
 def _image(root: Path, case: int = 0, channel: int = 0) -> Path:
@@ -427,8 +430,8 @@ def _param(case_id: str, base: str, mutate) -> pytest.ParameterSet:
 
 
 @pytest.mark.parametrize("base, mutate", [_param(*c) for c in PLAN_CASES])
-def test_plan_refuses_bad_dataset(base, mutate, tmp_path, capfd):
-    root = BASES[base](tmp_path)
+def test_plan_refuses_bad_dataset(base, mutate, tmp_path, capfd, phantom_raw):
+    root = _spinal(tmp_path) if base == "spinal" else _phantom(tmp_path, phantom_raw)
     expected = mutate(root)
     before = _listing(root)
     work = tmp_path / "work"
@@ -558,9 +561,9 @@ def test_train_refuses_invalid_plans(mutate, expected, work_copy, tmp_path, capf
     assert _listing(work_copy.root) == before
 
 
-def test_plan_refuses_work_of_another_dataset(work_copy, tmp_path, capfd):
+def test_plan_refuses_work_of_another_dataset(work_copy, tmp_path, capfd, phantom_raw):
     """WORK planned for the phantom, then ``plan DATASET_B --workdir WORK_of_A``."""
-    other = _phantom(tmp_path)
+    other = _phantom(tmp_path, phantom_raw)
     _edit_json(other, lambda d: d.update(labels={"background": 0, "liver": 1, "tumour": 2}))
     before_work, before_data = _listing(work_copy.root), _listing(other)
     code, _, err = _run(capfd, "plan", other, "--workdir", work_copy.root, "--workers", "1")
@@ -712,4 +715,16 @@ def test_predict_reports_nonfinite_input(trained_2d, phantom_dataset, tmp_path, 
     assert (
         f"{inputs / f'phantom_000_0001{ENDING}'}: contains 1 NaN/Inf intensity value(s) (use --fix-nonfinite"
         in line
+    )
+
+
+def test_spacing_outside_training_range_is_described():
+    """The helper a prediction-time warning would use (not wired into predict yet)."""
+    from autoseg.preprocessing.pipeline import spacing_outside_training
+
+    train = [[3.0, 1.0, 1.0], [2.5, 0.8, 0.8]]
+    assert spacing_outside_training((3.0, 0.9, 0.9), train) is None
+    assert spacing_outside_training((4.0, 1.5, 1.5), train) is None  # within 2x
+    assert spacing_outside_training((10.0, 0.9, 0.9), train) == (
+        "spacing far outside the training range (more than 2x; axis 0: 10 mm vs 2.5-3 mm)"
     )

@@ -178,7 +178,7 @@ def _survives(call) -> None:
         assert "\n" not in str(exc), str(exc)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=40)  # each example writes two files and reads them five times
 @given(image=nifti_header(), label=nifti_header())
 def test_volume_checks_on_random_headers(image, label, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")

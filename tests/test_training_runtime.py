@@ -85,9 +85,9 @@ def test_budget_epochs_fits_the_remaining_time():
 
 
 def test_time_budget_ends_the_schedule_with_the_budget(work_copy):
-    """With a budget of 20 seconds and room for 200 epochs, training stops on time and the learning rate of
-    the last epoch is the schedule's last step for the number of epochs actually run (on a loaded machine
-    one epoch may already fill the budget)."""
+    """With a budget of 20 seconds and room for 200 epochs, training stops on time, and each epoch's learning
+    rate is the poly schedule at the fraction of the budget used when it started (on a loaded machine one
+    epoch may already fill the budget)."""
     settings = TrainSettings(
         epochs=200, iters_per_epoch=1, val_iters=1, seed=3, loader_workers=0, time_budget_minutes=1 / 3
     )
@@ -97,7 +97,14 @@ def test_time_budget_ends_the_schedule_with_the_budget(work_copy):
     assert 1 <= n < 200
     assert sum(r["seconds"] for r in log) < 20 + 2 * max(r["seconds"] for r in log)
     assert log[-1]["epochs"] == n == load_checkpoint(fold_dir / "checkpoint_final.pt")["epoch"]
-    assert log[-1]["lr"] == pytest.approx(poly_lr(settings.initial_lr, n - 1, n), rel=1e-6)
+    used = [r["elapsed_seconds"] for r in log]
+    assert used[0] == 0 and all(b - a >= r["seconds"] for a, b, r in zip(used, used[1:], log))
+    expected = [poly_lr(settings.initial_lr, t, 20.0) for t in used]
+    assert [r["lr"] for r in log] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    if n > 2:  # the rate decays to within two epochs of the end
+        assert (
+            log[-1]["lr"] <= poly_lr(settings.initial_lr, 20 - 2 * max(r["seconds"] for r in log), 20) + 1e-9
+        )
 
 
 def test_log_and_progress_plot_are_written_every_epoch(work_copy):

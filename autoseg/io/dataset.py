@@ -137,7 +137,7 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
     if not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k for k in channels):
         # "00", " 1" or "1.0" would parse as an index but could not be looked up as "0", "1"
         raise DatasetError(
-            f"{path}: 'channel_names' keys must be channel indices \"0\", \"1\", ..., got {sorted(map(str, channels))}"
+            f'{path}: \'channel_names\' keys must be channel indices "0", "1", ..., got {sorted(map(str, channels))}'
         )
     idx = sorted(int(k) for k in channels)
     if idx != list(range(len(idx))):

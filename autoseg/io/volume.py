@@ -330,13 +330,21 @@ def _check_nifti(path: Path) -> nib.Nifti1Header | None:
     # ITK decomposes these matrices (printing VNL's failures straight to stderr): refuse NaN/Inf first
     for code, fields, what in (
         ("sform_code", ("srow_x", "srow_y", "srow_z"), "sform"),
-        ("qform_code", ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"), "qform"),
+        (
+            "qform_code",
+            ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"),
+            "qform",
+        ),
     ):
         if int(header[code]) > 0 and not all(np.all(np.isfinite(header[f])) for f in fields):
-            raise DatasetError(f"{path}: the NIfTI header's {what} (orientation and position) holds NaN or Inf")
+            raise DatasetError(
+                f"{path}: the NIfTI header's {what} (orientation and position) holds NaN or Inf"
+            )
     try:
         shape = [int(v) for v in header["dim"][1 : 1 + ndim]]
-        needed = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * (int(header["bitpix"]) // 8)
+        needed = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * (
+            int(header["bitpix"]) // 8
+        )
     except (ValueError, OverflowError):
         return header  # nonsense dimensions: ITK refuses the file
     if path.name.lower().endswith(".gz"):

@@ -102,7 +102,11 @@ class Configuration:
         if n == 0 or not _positive_ints(net.features_per_stage, n):
             raise bad("features_per_stage", net.features_per_stage, "positive integers, one per stage")
         for what, value in (("strides", net.strides), ("kernel_sizes", net.kernel_sizes)):
-            if not isinstance(value, list) or len(value) != n or not all(_positive_ints(v, self.dim) for v in value):
+            if (
+                not isinstance(value, list)
+                or len(value) != n
+                or not all(_positive_ints(v, self.dim) for v in value)
+            ):
                 raise bad(what, value, f"{n} lists (one per stage) of {self.dim} positive integers")
 
 

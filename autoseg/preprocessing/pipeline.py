@@ -82,6 +82,29 @@ def replace_nonfinite(array: np.ndarray) -> tuple[np.ndarray, int]:
     return out, n
 
 
+def spacing_outside_training(
+    spacing_mm: tuple[float, ...] | list[float], training_spacings_mm, factor: float = 2.0
+) -> str | None:
+    """Why a case's spacing is far outside the training range, or None if it is not.
+
+    ``spacing_mm`` and each row of ``training_spacings_mm`` (``(N, 3)``, e.g. ``Fingerprint.spacings``) are in
+    the same array order (the plans' orientation, before transposing). An axis counts as outside when its
+    spacing is below ``min / factor`` or above ``max * factor`` of the training cases on that axis. Meant for
+    a warning at prediction time: resampling still works, but the network never saw such anatomy sizes."""
+    train = np.asarray(training_spacings_mm, dtype=float).reshape(-1, len(spacing_mm))
+    if train.size == 0:
+        return None
+    low, high = train.min(axis=0), train.max(axis=0)
+    out = [
+        f"axis {a}: {s:.3g} mm vs {lo:.3g}-{hi:.3g} mm"
+        for a, (s, lo, hi) in enumerate(zip(spacing_mm, low, high))
+        if s < lo / factor or s > hi * factor
+    ]
+    if not out:
+        return None
+    return f"spacing far outside the training range (more than {factor:g}x; {'; '.join(out)})"
+
+
 def read_channels(
     files: tuple[Path, ...] | list[Path],
     orientation: str | None,
@@ -239,7 +262,10 @@ def preprocess_dataset(
     done: list[str] = []
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_job, (c, spec, plans, config, out_dir, resample_device, fix_nonfinite)) for c in todo]
+            futures = [
+                pool.submit(_job, (c, spec, plans, config, out_dir, resample_device, fix_nonfinite))
+                for c in todo
+            ]
             for fut in as_completed(futures):
                 done.append(fut.result())
                 if progress:

@@ -3,9 +3,9 @@
 Per epoch: ``iters_per_epoch`` augmented batches (made by :mod:`autoseg.training.dataloader` in worker
 processes, each batch a pure function of seed, fold, rank, epoch and iteration, so a resumed run continues
 exactly), then ``val_iters`` unaugmented batches from the validation cases for a pseudo-Dice, a line in
-``log.jsonl``, ``progress.png`` and an atomic ``checkpoint_latest.pt``. With a time budget the number of
-epochs is re-estimated after every epoch from the mean epoch time so far, and the learning-rate schedule
-follows it. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are predicted with
+``log.jsonl``, ``progress.png`` and an atomic ``checkpoint_latest.pt``. With a time budget the poly schedule
+runs on the clock (the fraction of the budget used when an epoch starts), and training stops when the next
+epoch, at the mean epoch time so far, would overrun the budget; the number of epochs shown is that estimate. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are predicted with
 the full sliding-window predictor and scored into ``validation/summary.json``.
 
 Under DDP (``torchrun``) every rank trains on its share of each batch; rank 0 alone writes.
@@ -65,6 +65,8 @@ class EpochReport:
     """Time of the training iterations alone (without validation and checkpointing)."""
     data_wait_seconds: float = 0.0
     """Part of ``train_seconds`` the training loop spent waiting for the next batch."""
+    elapsed_seconds: float = 0.0
+    """Training time of the run (all earlier epochs, their logging and checkpoints) when this epoch started."""
 
 
 def output_structures(plans: Plans) -> list[tuple[str, list[int]]]:
@@ -251,7 +253,12 @@ def train_fold(
     with BatchLoader(spec, workers) as loader:
         while epoch < planned:
             t0 = time.perf_counter()
-            lr = poly_lr(settings.initial_lr, epoch, planned, settings.poly_exponent)
+            if settings.time_budget_minutes > 0:  # the schedule runs on the clock: it ends with the budget
+                lr = poly_lr(
+                    settings.initial_lr, elapsed, settings.time_budget_minutes * 60, settings.poly_exponent
+                )
+            else:
+                lr = poly_lr(settings.initial_lr, epoch, planned, settings.poly_exponent)
             set_lr(optimizer, lr)
             model.train()
             losses, wait = [], 0.0
@@ -287,7 +294,8 @@ def train_fold(
                 ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
             epoch += 1
             seconds = time.perf_counter() - t0
-            elapsed += seconds
+            started_at = elapsed
+            elapsed += seconds  # this epoch's logging and checkpoints are added below
             if settings.time_budget_minutes > 0:
                 planned = budget_epochs(settings.time_budget_minutes * 60, elapsed, epoch, settings.epochs)
                 planned = distributed.from_main(planned, w)
@@ -302,7 +310,9 @@ def train_fold(
                 seconds=seconds,
                 train_seconds=train_seconds,
                 data_wait_seconds=wait,
+                elapsed_seconds=started_at,
             )
+            t_save = time.perf_counter()
             if w.is_main:
                 _log_epoch(out_dir, report)
                 if ema is not None and ema > best_ema:
@@ -311,6 +321,7 @@ def train_fold(
                 save_checkpoint(latest, state(epoch))
                 if on_epoch:
                     on_epoch(report)
+            elapsed += time.perf_counter() - t_save
 
     if not w.is_main:
         return out_dir

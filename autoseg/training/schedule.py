@@ -1,11 +1,12 @@
-"""Polynomial learning-rate decay: ``lr(epoch) = initial * (1 - epoch / epochs) ** exponent``."""
+"""Polynomial learning-rate decay: ``lr(epoch) = initial * (1 - epoch / epochs) ** exponent`` (with a time
+budget, ``epoch / epochs`` is the fraction of the budget used)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
+def poly_lr(initial_lr: float, epoch: float, epochs: float, exponent: float = 0.9) -> float:
     return initial_lr * (1 - min(epoch, epochs) / epochs) ** exponent
 
 
@@ -17,8 +18,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def budget_epochs(budget_seconds: float, elapsed_seconds: float, epochs_done: int, max_epochs: int) -> int:
     """Total epochs that fit a time budget: those done plus as many more as the remaining time holds at the
     mean epoch time so far; never fewer than done, never more than
-    ``max_epochs``. The poly schedule is evaluated against this total, so the learning rate reaches its end
-    when the budget does."""
+    ``max_epochs``."""
     if epochs_done <= 0:
         return max_epochs
     per_epoch = elapsed_seconds / epochs_done
