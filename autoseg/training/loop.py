@@ -14,6 +14,7 @@ Under DDP (``torchrun``) every rank trains on its share of each batch; rank 0 al
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -49,6 +50,7 @@ from autoseg.training.schedule import budget_epochs, poly_lr, set_lr
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
 EMA_DECAY = 0.9
+_log = logging.getLogger("autoseg")
 
 
 @dataclass
@@ -299,6 +301,14 @@ def train_fold(
             if settings.time_budget_minutes > 0:
                 planned = budget_epochs(settings.time_budget_minutes * 60, elapsed, epoch, settings.epochs)
                 planned = distributed.from_main(planned, w)
+                if epoch == start_epoch + 1 and seconds > settings.time_budget_minutes * 60 / 4 and w.is_main:
+                    _log.warning(
+                        "one epoch (%d iterations) took %.0f s of the %.0f s budget: the schedule has few "
+                        "steps; use fewer --iters-per-epoch for short budgets",
+                        settings.iters_per_epoch,
+                        seconds,
+                        settings.time_budget_minutes * 60,
+                    )
             report = EpochReport(
                 epoch=epoch,
                 epochs=planned,
