@@ -375,7 +375,7 @@ def _spacing_huge(root: Path) -> str:
     spacing = sitk.ReadImage(str(_image(root))).GetSpacing()
     for path in (_image(root), _label(root)):
         _rewrite(path, spacing=(spacing[0], spacing[1], 150.0))
-    return f"{_image(root)}: implausible voxel spacing (150.0, "
+    return f"{_image(root)}: implausible voxel spacing (150, 1, 1) mm (must be in (0, 100])"
 
 
 PLAN_CASES = [

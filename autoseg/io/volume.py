@@ -271,7 +271,8 @@ def _check_geometry(path: Path, geom: Geometry, components: int) -> None:
     if len(geom.shape) != 3:
         raise DatasetError(f"{path}: is {len(geom.shape)}D with shape {geom.shape}; expected a 3D volume")
     if any(s <= 0 or not np.isfinite(s) or s > 100 for s in geom.spacing_mm):
-        raise DatasetError(f"{path}: implausible voxel spacing {geom.spacing_mm} mm (must be in (0, 100])")
+        spacing = ", ".join(f"{s:.4g}" for s in geom.spacing_mm)
+        raise DatasetError(f"{path}: implausible voxel spacing ({spacing}) mm (must be in (0, 100])")
 
 
 @contextlib.contextmanager
