@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from autoseg.errors import AutosegError, PlansError
@@ -48,12 +49,15 @@ def plan(
     clean: bool = False,
     progress: Progress | None = None,
     architecture: str = "unet",
+    fix_nonfinite: bool = False,
 ) -> Plans:
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
     Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
     (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``
     (``unet``, ``resenc`` or ``vnet``) is the network every configuration is planned and sized for.
+    NaN/Inf intensities are an error naming the file, unless ``fix_nonfinite`` (then replaced by the image's
+    finite minimum/maximum, with a warning).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
     if _under(work.root, dataset_dir):
@@ -84,7 +88,7 @@ def plan(
             if progress:
                 progress("fingerprint", done[0], len(cases))
 
-        fp = compute_fingerprint(cases, spec, workers=workers, progress=tick)
+        fp = compute_fingerprint(cases, spec, workers=workers, progress=tick, fix_nonfinite=fix_nonfinite)
         write_json(work.fingerprint, fp.to_json())
     budget, why = memory_budget(gpu_memory_gb, device)
     plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture)
@@ -109,6 +113,7 @@ def plan(
             workers=workers,
             progress=_counter(progress, f"preprocess {data_id}", len(cases)),
             resample_device=resample_device,
+            fix_nonfinite=fix_nonfinite,
         )
     return plans
 
@@ -245,6 +250,7 @@ def predict(
     postprocessing: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     config: str | None = None,
+    fix_nonfinite: bool = False,
 ) -> list[Path]:
     """Predict a folder, one file or a list of files into ``output_dir``.
 
@@ -284,15 +290,9 @@ def predict(
             def post(seg):
                 return apply_postprocessing(seg, pp, structs)
 
-    _log.info(
-        "predicting %d case(s) with %s; postprocessing: %s",
-        len(cases),
-        " + ".join(configs),
-        instructions.postprocessing.to_json() if post is not None else "none",
-    )
-    settings = InferenceSettings(step_size=step_size, mirroring=mirroring)
+    settings = InferenceSettings(step_size=step_size, mirroring=mirroring, fix_nonfinite=fix_nonfinite)
     if mirror_axes is not None:
-        settings = InferenceSettings(step_size=step_size, mirroring=mirroring, mirror_axes=tuple(mirror_axes))
+        settings = replace(settings, mirror_axes=tuple(mirror_axes))
     dev = resolve_device(device)
     predictors = []
     for c in configs:
@@ -300,9 +300,27 @@ def predict(
         if not use:
             raise PlansError(f"{work.root / 'results' / c}: no trained fold (checkpoint_final.pt) found")
         predictors.append(Predictor(work, c, use, dev, settings, plans=plans))
+    _log.info(
+        "predicting %d case(s) with %s; postprocessing: %s",
+        len(cases),
+        " + ".join(configs),
+        instructions.postprocessing.to_json() if post is not None else "none",
+    )
     if not cases:
         return []
-    return predict_cases(predictors, cases, targets, post, save_probabilities, progress)
+    return predict_cases(
+        predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
+    )
+
+
+def _training_spacings(work: WorkDir):
+    """The training cases' spacings (``(N, 3)``, plans' orientation) from the fingerprint, if it is there."""
+    if not work.fingerprint.is_file():
+        return None
+    try:
+        return Fingerprint.from_json(read_json(work.fingerprint)).spacings
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def predict_with_model(

@@ -47,6 +47,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=False,
+        disable=not err.is_terminal,  # logs and pipes get the one-line results, not bar frames
     )
 
 
@@ -89,6 +90,12 @@ def plan(
     architecture: Annotated[
         Architecture, typer.Option("--architecture", help="Network to plan and size for")
     ] = Architecture.unet,
+    fix_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
+        ),
+    ] = False,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
@@ -102,6 +109,7 @@ def plan(
             clean=clean,
             progress=_stage_progress(bar),
             architecture=architecture.value,
+            fix_nonfinite=fix_nonfinite,
         )
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"
@@ -296,6 +304,12 @@ def predict(
     no_postprocessing: Annotated[
         bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
     ] = False,
+    fix_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
+        ),
+    ] = False,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
     need = 2 if model is not None else 3
@@ -323,6 +337,7 @@ def predict(
             overwrite=overwrite,
             save_probabilities=save_probabilities,
             postprocessing=not no_postprocessing,
+            fix_nonfinite=fix_nonfinite,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
         )
         if model is not None:

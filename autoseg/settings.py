@@ -70,7 +70,10 @@ class InferenceSettings:
     mirroring: bool = True
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     """Axes of the network's patch to mirror at test time (those beyond a 2D network's two are dropped)."""
-    tile_batch: int = 2
+    tile_batch: int = 0
+    """Tiles per forward pass; 0: two on a GPU, one elsewhere (a second tile only costs memory on a CPU)."""
+    fix_nonfinite: bool = False
+    """Replace NaN/Inf intensities of the inputs by the image's finite minimum/maximum (else an error)."""
 
 
 def _merge(obj, values: dict, where: str):

@@ -236,3 +236,19 @@ def test_surface_distances_equal_the_distance_transform_of_the_other_surface(spa
     expected = _edt_surface_distances(reference, prediction, spacing_mm)
     for ours, theirs in zip(surface_distances(reference, prediction, spacing_mm), expected):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-9)
+
+
+def test_ragged_surfaces_use_distance_transforms_with_the_same_distances(monkeypatch):
+    """Speckle (an untrained model's output) has a surface point in most voxels: distances then come from
+    distance transforms, and they equal the k-d tree's exactly."""
+    from autoseg.evaluation import metrics
+
+    rng = np.random.default_rng(0)
+    ref, pred = rng.random((12, 40, 40)) > 0.5, rng.random((12, 40, 40)) > 0.6
+    spacing = (1.5, 0.8, 0.8)
+    fast = metrics._surface_distances(ref, pred, spacing)
+    monkeypatch.setattr(metrics, "EDT_SURFACE_FRACTION", 10**12)  # force the k-d tree
+    exact = metrics._surface_distances(ref, pred, spacing)
+    assert len(fast[0]) == len(exact[0]) > ref.size // 50
+    np.testing.assert_array_equal(fast[0], exact[0])
+    np.testing.assert_array_equal(fast[1], exact[1])

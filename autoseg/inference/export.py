@@ -42,7 +42,8 @@ def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plan
         for channel, value in enumerate(plans.regions_class_order):
             seg[resample_probabilities(probs[channel : channel + 1], spacing, cropped_t)[0] > 0.5] = value
     else:
-        best = resample_probabilities(probs[:1], spacing, cropped_t)[0]
+        # a copy: without resampling this is a view of ``probs``, which the running max must not overwrite
+        best = np.array(resample_probabilities(probs[:1], spacing, cropped_t)[0], dtype=np.float32)
         seg = np.zeros(cropped_t, dtype=np.uint8)
         for k in range(1, probs.shape[0]):
             p = resample_probabilities(probs[k : k + 1], spacing, cropped_t)[0]
@@ -58,18 +59,21 @@ def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plan
 def probabilities_to_original(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
     """``probs`` ``(K, *shape_resampled)`` → float16 ``(K, *file array shape)`` in the file's own orientation
     and grid (what ``--save-probabilities`` and cross-validation ensembling store). Outside the nonzero bounding
-    box: background (probability 1 for class 0 of a softmax plan, 0 for every region of a sigmoid plan)."""
+    box: background (probability 1 for class 0 of a softmax plan, 0 for every region of a sigmoid plan).
+    Channels are resampled one at a time into the preallocated result, so the peak is the result plus about
+    two single-channel volumes."""
     bbox = props.bbox
     cropped = [b - a for a, b in bbox]
-    cropped_t = [cropped[a] for a in plans.transpose_forward]
-    probs = resample_probabilities(probs, tuple(props.spacing_transposed), tuple(cropped_t))
-    probs = probs.transpose((0, *[a + 1 for a in plans.transpose_backward])).astype(np.float32)
-    out = []
-    for k, channel in enumerate(probs):
+    cropped_t = tuple(cropped[a] for a in plans.transpose_forward)
+    spacing = tuple(props.spacing_transposed)
+    out = np.empty((probs.shape[0], *props.source_geometry.shape), dtype=np.float16)
+    for k in range(probs.shape[0]):
+        channel = resample_probabilities(probs[k : k + 1], spacing, cropped_t)[0]
+        channel = channel.transpose(plans.transpose_backward).astype(np.float32, copy=False)
         fill = 1.0 if (k == 0 and not plans.region_based) else 0.0
         full = uncrop(channel, [tuple(b) for b in bbox], props.geometry.shape, fill=fill)
-        out.append(reorient_to(full, props.geometry, props.source_geometry))
-    return np.stack(out).astype(np.float16)
+        out[k] = reorient_to(full, props.geometry, props.source_geometry)
+    return out
 
 
 def write_segmentation(seg: np.ndarray, props: CaseProperties, path: Path) -> Path:

@@ -8,6 +8,7 @@ reading, inference and writing in overlapping stages.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -32,8 +33,15 @@ from autoseg.jsonio import save_npz
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
 from autoseg.planning.plans import Plans
-from autoseg.preprocessing.pipeline import CaseProperties, preprocess_image, read_channels
+from autoseg.preprocessing.pipeline import (
+    CaseProperties,
+    preprocess_image,
+    read_channels,
+    spacing_outside_training,
+)
 from autoseg.settings import InferenceSettings
+
+_log = logging.getLogger("autoseg")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -117,7 +125,7 @@ class Predictor:
                 self.device,
                 step_size=self.settings.step_size,
                 mirror_axes=self.mirror_axes,
-                tile_batch=self.settings.tile_batch,
+                tile_batch=self.settings.tile_batch or (2 if self.device.type == "cuda" else 1),
                 amp=self.device.type == "cuda",
                 activation="sigmoid" if self.plans.region_based else "softmax",
             )
@@ -147,7 +155,9 @@ class Predictor:
         return self.predict_preprocessed(image)
 
     def predict_case(self, case: Case) -> tuple[np.ndarray, CaseProperties]:
-        raw, geom, source = read_channels(case.images, self.plans.orientation, case.four_d)
+        raw, geom, source = read_channels(
+            case.images, self.plans.orientation, case.four_d, fix_nonfinite=self.settings.fix_nonfinite
+        )
         prepared = self.prepare(raw, geom, source, case.case_id)
         return probabilities_to_segmentation(self.infer(prepared), prepared.props, self.plans), prepared.props
 
@@ -168,6 +178,7 @@ def predict_cases(
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     save_probabilities: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    training_spacings: np.ndarray | None = None,
 ) -> list[Path]:
     """Predict ``cases`` into ``targets`` with one or more configurations (their probabilities averaged).
 
@@ -175,28 +186,40 @@ def predict_cases(
     networks, a writer thread exports and writes the previous case, so the device does not wait on disk. One
     configuration is exported straight from its grid (channel by channel); several are averaged in the
     file's own grid. ``save_probabilities`` also writes ``<case>.npz`` (``probabilities``: float16
-    ``(K, *file shape)``). ``postprocess`` is applied to each label map before writing.
+    ``(K, *file shape)``). ``postprocess`` is applied to each label map before writing. A case whose spacing
+    is far outside ``training_spacings`` (the fingerprint's, when known) gets a warning.
     """
     plans = predictors[0].plans
     orientation = plans.orientation
 
+    fix = predictors[0].settings.fix_nonfinite
+
     def read(case: Case) -> list[Prepared]:
-        raw, geom, source = read_channels(case.images, orientation, case.four_d)
+        raw, geom, source = read_channels(case.images, orientation, case.four_d, fix_nonfinite=fix)
+        if training_spacings is not None:
+            why = spacing_outside_training(geom.spacing_mm, training_spacings)
+            if why:
+                _log.warning("%s: %s", case.images[0], why)
         return [p.prepare(raw, geom, source, case.case_id) for p in predictors]
 
     def export(probs: list[np.ndarray], prepared: list[Prepared], target: Path) -> Path:
         props = prepared[0].props
-        if len(probs) == 1 and not save_probabilities:
+        if len(probs) == 1:
             seg = probabilities_to_segmentation(probs[0], props, plans)
-        else:
-            avg = sum(
-                probabilities_to_original(p, r.props, plans).astype(np.float32)
-                for p, r in zip(probs, prepared)
-            ) / len(probs)
-            seg = probabilities_to_labels(avg, plans)
             if save_probabilities:
-                save_npz(_probabilities_path(target), probabilities=avg.astype(np.float16))
-            del avg
+                save_npz(
+                    _probabilities_path(target),
+                    probabilities=probabilities_to_original(probs[0], props, plans),
+                )
+        else:  # configurations are averaged in the image grid, one float32 sum at a time
+            total = probabilities_to_original(probs[0], props, plans).astype(np.float32)
+            for p, r in zip(probs[1:], prepared[1:]):
+                total += probabilities_to_original(p, r.props, plans)
+            total /= len(probs)
+            seg = probabilities_to_labels(total, plans)
+            if save_probabilities:
+                save_npz(_probabilities_path(target), probabilities=total.astype(np.float16))
+            del total
         if postprocess is not None:
             seg = postprocess(seg)
         return write_segmentation(seg, props, target)
