@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -245,7 +246,8 @@ def _train_one(workdir, config, fold, device, resume, config_file, overrides, sh
                     if r.data_wait_seconds > 0.05 * r.seconds
                     else ""
                 )
-                + f"  ETA {_duration(eta)}"
+                + f"  ETA {_duration(eta)}",
+                soft_wrap=True,  # one line per epoch in log files too
             )
             bar.update(task, description=f"epoch {r.epoch + 1}", completed=0)
 
@@ -491,7 +493,7 @@ def _print_summary(path: Path) -> None:
     from autoseg.jsonio import read_json
 
     s = read_json(path)
-    table = Table(title=f"mean over cases ({path})")
+    table = Table(title="mean over cases")
     table.add_column("label")
     table.add_column("Dice")
     table.add_column("IoU")
@@ -500,6 +502,7 @@ def _print_summary(path: Path) -> None:
     for label, m in s.get("mean", {}).items():
         table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95", "nsd")))
     out.print(table)
+    out.print(f"summary: {path}", soft_wrap=True)
     if s.get("mean_dice") is not None:
         out.print(f"mean Dice {s['mean_dice']:.4f}")
 
@@ -526,9 +529,15 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: worker pools are shut down, temp files removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2 (usage errors too); Ctrl-C exits 130."""
+    """Entry point: user errors print one line and exit 2 (usage errors too); Ctrl-C exits 130, SIGTERM 143."""
     _setup_logging()
+    if argv is None:  # the real command line (not a test calling main): SIGTERM unwinds cleanly
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, standalone_mode=True)  # handles usage errors and --help itself, then exits
     except AutosegError as exc:

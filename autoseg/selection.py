@@ -283,9 +283,21 @@ def _candidate_problem(
     work: WorkDir, config: str, splits: list[dict], case_folds: dict[str, int], ending: str
 ) -> str | None:
     """Why ``config`` cannot be scored (``None`` if it can): an untrained fold or a missing prediction."""
-    for k in range(len(splits)):
-        if not (_validation(work, config, k) / "summary.json").is_file():
-            return f"fold {k} not trained"
+    missing = [k for k in range(len(splits)) if not (_validation(work, config, k) / "summary.json").is_file()]
+    if missing:
+        unvalidated = [k for k in missing if (work.fold_dir(config, k) / "checkpoint_final.pt").is_file()]
+        untrained = [k for k in missing if k not in unvalidated]
+        parts = []
+        if untrained:
+            parts.append(
+                f"fold{'s' if len(untrained) > 1 else ''} {', '.join(map(str, untrained))} not trained"
+            )
+        if unvalidated:
+            parts.append(
+                f"fold{'s' if len(unvalidated) > 1 else ''} {', '.join(map(str, unvalidated))} trained but not "
+                "validated (rerun its train command with --resume)"
+            )
+        return "; ".join(parts)
     for case, k in case_folds.items():
         if not (_validation(work, config, k) / f"{case}{ending}").is_file():
             return f"fold {k} has no validation prediction for {case} (splits.json changed after training?)"

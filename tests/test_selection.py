@@ -163,7 +163,7 @@ def test_the_ensemble_wins_and_untrained_configurations_are_skipped(work):
     }
     assert result["skipped"] == [
         {"name": "3d_lowres", "reason": "fold 3 not trained"},
-        {"name": "3d_cascade_fullres", "reason": "fold 0 not trained"},
+        {"name": "3d_cascade_fullres", "reason": "folds 0, 1, 2, 3, 4 not trained"},
     ]
     assert result["predict"] == f"autoseg predict {work.root} INPUT OUTPUT -c 2d -c 3d_fullres"
     assert result["mean_dice"] == result["mean_dice_postprocessed"] == 1.0
@@ -221,7 +221,7 @@ def test_nothing_trained_is_an_error_naming_the_work_folder(tmp_path):
     with pytest.raises(AutosegError, match="no configuration has all 5 folds trained") as info:
         find_best(work, workers=1)
     message = str(info.value)
-    assert str(work.root) in message and "2d: fold 2 not trained" in message and "\n" not in message
+    assert str(work.root) in message and "2d: folds 2, 3, 4 not trained" in message and "\n" not in message
     assert not instructions_path(work).exists()
     with pytest.raises(PlansError, match="not in the plans"):
         find_best(work, configs=["3d_nonexistent"])
@@ -290,8 +290,20 @@ def test_find_best_command_prints_the_choice_and_fails_cleanly(work, tmp_path, c
     printed = capsys.readouterr().out
     assert "best: ensemble__2d__3d_fullres (mean Dice 1.0000)" in printed
     assert "skipped 3d_lowres: fold 3 not trained" in printed
+    assert "skipped 3d_cascade_fullres: folds 0, 1, 2, 3, 4 not trained" in printed
     assert f"autoseg predict {work.root} INPUT OUTPUT -c 2d -c 3d_fullres" in printed
     empty = _make_work(tmp_path / "empty", {"2d": [0]})
     assert main(["find-best", str(empty.root)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no configuration has all 5 folds trained" in err
+
+
+def test_a_fold_trained_but_not_validated_is_named_as_such(work):
+    """An interrupted final validation leaves checkpoint_final.pt without validation/summary.json."""
+    work.fold_dir("3d_lowres", 3).mkdir(parents=True, exist_ok=True)
+    (work.fold_dir("3d_lowres", 3) / "checkpoint_final.pt").write_bytes(b"")
+    result = find_best(work, configs=["3d_fullres", "3d_lowres"], workers=1)
+    assert {
+        "name": "3d_lowres",
+        "reason": "fold 3 trained but not validated (rerun its train command with --resume)",
+    } in result["skipped"]

@@ -107,6 +107,22 @@ def test_time_budget_ends_the_schedule_with_the_budget(work_copy):
         )
 
 
+def test_time_budget_is_a_hard_limit_inside_an_epoch(work_copy, caplog):
+    """An epoch far longer than the budget is cut when the budget is used up; the run still ends properly."""
+    settings = TrainSettings(
+        epochs=5, iters_per_epoch=100_000, val_iters=1, seed=3, loader_workers=0, time_budget_minutes=0.1
+    )
+    with caplog.at_level("WARNING", logger="autoseg"):
+        fold_dir = train_fold(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
+    log = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["epochs"] == 1 and log[0]["train_seconds"] < 6 + log[0]["seconds"] / 2
+    assert "time budget used up after" in caplog.text and "of 100000 iterations of epoch 1" in caplog.text
+    final = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert final["epoch"] == 1 and "optimizer" not in final  # final and best are for prediction
+    assert "optimizer" in load_checkpoint(fold_dir / "checkpoint_latest.pt")
+    assert (fold_dir / "validation" / "summary.json").is_file()
+
+
 def test_log_and_progress_plot_are_written_every_epoch(work_copy):
     settings = TrainSettings(epochs=2, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
     fold_dir = train_fold(work_copy, "2d", 0, settings, CPU, inference=NO_TTA)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -94,6 +96,14 @@ _MAKER: BatchMaker | None = None
 def _init_worker(spec: LoaderSpec) -> None:
     global _MAKER
     _MAKER = BatchMaker(spec)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose training process was killed (SIGKILL, SIGTERM) exits instead of lingering."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _make_in_worker(epoch: int, iteration: int) -> dict[str, np.ndarray]:

@@ -236,11 +236,20 @@ def train_fold(
     # built once: its memory maps and previous-stage maps are reused every epoch
     val_store = CaseStore(data_dir, val_ids, previous_dir) if val_ids else None
 
-    def state(epoch: int) -> dict:
+    def state(epoch: int, resumable: bool = True) -> dict:
+        """Checkpoint contents; ``checkpoint_best`` and ``checkpoint_final`` (for prediction) leave out the
+        optimizer and scaler, which only ``checkpoint_latest`` needs to resume, and are half the size."""
+        training = (
+            {
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            }
+            if resumable
+            else {}
+        )
         return {
             "network": network.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            **training,
             "epoch": epoch,
             "config": config_name,
             "topology": json.dumps(key),
@@ -252,6 +261,26 @@ def train_fold(
         }
 
     epoch = start_epoch
+    budget_s = settings.time_budget_minutes * 60
+    if w.is_main:
+        _log.info(
+            "%s fold %s: %d training / %d validation cases; epochs %d-%d of %d x %d iterations%s; batch %d, "
+            "patch %s; %s, %d augmentation worker(s)%s",
+            config_name,
+            fold,
+            len(train_ids),
+            len(val_ids),
+            start_epoch + 1,
+            planned,
+            settings.epochs,
+            settings.iters_per_epoch,
+            f" within {settings.time_budget_minutes:g} min" if budget_s else "",
+            config.batch_size,
+            "x".join(map(str, config.patch_size)),
+            device,
+            workers,
+            f", {w.size} processes" if w.distributed else "",
+        )
     with BatchLoader(spec, workers) as loader:
         while epoch < planned:
             t0 = time.perf_counter()
@@ -266,6 +295,7 @@ def train_fold(
             losses, wait = [], 0.0
             t_train = time.perf_counter()
             batches = loader.epoch(epoch, settings.iters_per_epoch)
+            out_of_time = False
             for it in range(settings.iters_per_epoch):
                 tw = time.perf_counter()
                 batch = next(batches)
@@ -283,6 +313,16 @@ def train_fold(
                 losses.append(float(loss.detach()))
                 if on_iteration and w.is_main:
                     on_iteration(it + 1, settings.iters_per_epoch, losses[-1])
+                if budget_s and not w.distributed and elapsed + time.perf_counter() - t0 >= budget_s:
+                    out_of_time = it + 1 < settings.iters_per_epoch  # the budget is a hard limit
+                    if out_of_time:
+                        _log.warning(
+                            "time budget used up after %d of %d iterations of epoch %d: training ends here",
+                            it + 1,
+                            settings.iters_per_epoch,
+                            epoch + 1,
+                        )
+                    break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - t_train
@@ -298,9 +338,9 @@ def train_fold(
             seconds = time.perf_counter() - t0
             started_at = elapsed
             elapsed += seconds  # this epoch's logging and checkpoints are added below
-            if settings.time_budget_minutes > 0:
-                planned = budget_epochs(settings.time_budget_minutes * 60, elapsed, epoch, settings.epochs)
-                planned = distributed.from_main(planned, w)
+            if budget_s:
+                planned = budget_epochs(budget_s, elapsed, epoch, settings.epochs)
+                planned = epoch if out_of_time else distributed.from_main(planned, w)
                 if epoch == start_epoch + 1 and seconds > settings.time_budget_minutes * 60 / 4 and w.is_main:
                     _log.warning(
                         "one epoch (%d iterations) took %.0f s of the %.0f s budget: the schedule has few "
@@ -327,7 +367,7 @@ def train_fold(
                 _log_epoch(out_dir, report)
                 if ema is not None and ema > best_ema:
                     best_ema = ema
-                    save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch))
+                    save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch, resumable=False))
                 save_checkpoint(latest, state(epoch))
                 if on_epoch:
                     on_epoch(report)
@@ -335,7 +375,7 @@ def train_fold(
 
     if not w.is_main:
         return out_dir
-    save_checkpoint(final, state(epoch))
+    save_checkpoint(final, state(epoch, resumable=False))
     if val_ids:
         validate_fold(work, plans, config_name, fold, val_ids, device, inference)
     return out_dir
