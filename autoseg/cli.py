@@ -213,7 +213,7 @@ def train(
         if main_rank and summary.is_file():
             _print_summary(summary)
         if main_rank:
-            out.print(f"results in {fold_dir}")
+            out.print(f"results in {fold_dir}", soft_wrap=True)
 
 
 def _train_one(workdir, config, fold, device, resume, config_file, overrides, show: bool) -> Path:

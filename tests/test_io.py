@@ -141,7 +141,7 @@ def test_zero_byte_truncated_and_non_image_files(tmp_path):
     data = good.read_bytes()
     trunc = tmp_path / "trunc.nii.gz"
     trunc.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DatasetError, match=r"trunc.nii.gz: not a readable image"):
+    with pytest.raises(DatasetError, match=r"trunc.nii.gz: truncated or corrupt"):
         read_volume(trunc)
     text = tmp_path / "text.nii.gz"
     text.write_bytes(gzip.compress(b"this is not an image"))

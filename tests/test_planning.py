@@ -163,6 +163,9 @@ def test_plans_json_round_trip_and_schema_version(tmp_path):
     with pytest.raises(PlansError, match="schema_version 99 is not supported"):
         Plans.load(path)
     path.write_text('{"schema_version": 1}')
+    with pytest.raises(PlansError, match="plans.json: required key 'dataset_name' is missing"):
+        Plans.load(path)
+    path.write_text("{not json")
     with pytest.raises(PlansError, match="plans.json: invalid plans"):
         Plans.load(path)
 

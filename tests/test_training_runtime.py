@@ -158,7 +158,7 @@ def _cli(*args: str) -> list[str]:
 
 TRAIN_ARGS = (
     "--epochs",
-    "8",
+    "6",
     "--iters-per-epoch",
     "2",
     "--val-iters",
