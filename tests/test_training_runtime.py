@@ -80,8 +80,8 @@ def test_budget_epochs_fits_the_remaining_time():
     # capped by --epochs, never below what is done
     assert budget_epochs(600, 40.0, 2, 10) == 10
     assert budget_epochs(600, 700.0, 5, 1000) == 5
-    # 3 epochs in 25 s: 35 s left hold 4 more (4.2 rounded down)
-    assert budget_epochs(60, 25.0, 3, 1000) == 7
+    # 3 epochs in 25 s: 35 s left hold 4.2 more, rounded up (the loop cuts the last one at the budget)
+    assert budget_epochs(60, 25.0, 3, 1000) == 8
 
 
 def test_time_budget_ends_the_schedule_with_the_budget(work_copy):

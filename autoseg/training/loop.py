@@ -4,8 +4,8 @@ Per epoch: ``iters_per_epoch`` augmented batches (made by :mod:`autoseg.training
 processes, each batch a pure function of seed, fold, rank, epoch and iteration, so a resumed run continues
 exactly), then ``val_iters`` unaugmented batches from the validation cases for a pseudo-Dice, a line in
 ``log.jsonl``, ``progress.png`` and an atomic ``checkpoint_latest.pt``. With a time budget the poly schedule
-runs on the clock (the fraction of the budget used when an epoch starts), and training stops when the next
-epoch, at the mean epoch time so far, would overrun the budget; the number of epochs shown is that estimate. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are predicted with
+runs on the clock (the fraction of the budget used when an epoch starts), the number of epochs is
+re-estimated from the mean epoch time so far, and the epoch during which the budget runs out is cut there. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are predicted with
 the full sliding-window predictor and scored into ``validation/summary.json``.
 
 Under DDP (``torchrun``) every rank trains on its share of each batch; rank 0 alone writes.
