@@ -102,6 +102,7 @@ def plan(
     _copy_labels(cases, work.gt_segmentations)
 
     wanted = configurations or tuple(plans.configurations)
+    check_disk_space(work, fp, plans, wanted)
     for data_id in sorted({plans.configuration(c).data_identifier for c in wanted}):
         config = next(c for c in plans.configurations.values() if c.data_identifier == data_id)
         preprocess_dataset(
@@ -116,6 +117,42 @@ def plan(
             fix_nonfinite=fix_nonfinite,
         )
     return plans
+
+
+def preprocessed_bytes(fp: Fingerprint, plans: Plans, configurations) -> int:
+    """Disk space the preprocessed data of ``configurations`` will take: per case and data folder, the
+    cropped image resampled to the configuration's spacing (float32 per channel, a uint8 label map) plus 10 %
+    for foreground locations and properties."""
+    spacings = fp.spacings
+    shapes = fp.shapes_after_crop
+    channels = len(plans.channel_names)
+    total = 0
+    seen = set()
+    for name in configurations:
+        cfg = plans.configuration(name)
+        if cfg.data_identifier in seen:
+            continue
+        seen.add(cfg.data_identifier)
+        target = [cfg.spacing[plans.transpose_forward.index(a)] for a in range(3)]
+        for spacing, shape in zip(spacings, shapes):
+            voxels = 1.0
+            for n, s, t in zip(shape, spacing, target):
+                voxels *= max(1.0, n * s / t)
+            total += int(voxels * (4 * channels + 1) * 1.1)
+    return total
+
+
+def check_disk_space(work: WorkDir, fp: Fingerprint, plans: Plans, configurations) -> None:
+    """Refuse to start preprocessing that cannot finish: WORK must be writable and hold the estimate."""
+    if not os.access(work.root, os.W_OK):
+        raise AutosegError(f"{work.root}: not writable")
+    need = preprocessed_bytes(fp, plans, configurations)
+    existing = sum(f.stat().st_size for f in (work.root / "preprocessed").rglob("*") if f.is_file())
+    free = shutil.disk_usage(work.root).free
+    if need - existing > free:
+        raise AutosegError(
+            f"{work.root}: preprocessing needs about {need / 1e9:.1f} GB, only {free / 1e9:.1f} GB free on its disk"
+        )
 
 
 DEFAULT_GPU_MEMORY_GB = 8.0
@@ -195,14 +232,21 @@ def train(
     config_file: str | Path | None = None,
     on_iteration=None,
     on_epoch=None,
+    overwrite: bool = False,
     **overrides,
 ) -> Path:
-    """Train one fold (0..4 or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields."""
+    """Train one fold (0..4 or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields.
+    ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``)."""
     from autoseg.inference.predictor import resolve_device
     from autoseg.training.loop import train_fold
 
     train_settings, infer_settings = load_settings(config_file, **overrides)
     work = WorkDir(Path(workdir))
+    if overwrite and resume:
+        raise AutosegError("--overwrite and --resume exclude each other")
+    if overwrite:
+        Plans.load(work.plans).configuration(config)  # never delete anything for a mistyped configuration
+        shutil.rmtree(work.fold_dir(config, fold), ignore_errors=True)
     return train_fold(
         work,
         config,

@@ -170,6 +170,9 @@ def train(
     config_file: Annotated[
         Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete the fold's earlier run and train from scratch")
+    ] = False,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="No torch.compile on CUDA")] = False,
     deterministic: Annotated[
         bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
@@ -202,13 +205,15 @@ def train(
     )
     for f in folds:
         done = WorkDir(Path(workdir)).fold_dir(config, f) / "checkpoint_final.pt"
-        if fold == "all-folds" and not resume and done.is_file():
+        if fold == "all-folds" and not resume and not overwrite and done.is_file():
             if main_rank:
                 out.print(f"fold {f}: finished earlier ({done}), skipped")
             continue
         if fold == "all-folds" and main_rank:
             out.print(f"[bold]fold {f}[/bold]")
-        fold_dir = _train_one(workdir, config, f, device, resume, config_file, overrides, main_rank)
+        fold_dir = _train_one(
+            workdir, config, f, device, resume, config_file, {**overrides, "overwrite": overwrite}, main_rank
+        )
         summary = fold_dir / "validation" / "summary.json"
         if main_rank and summary.is_file():
             _print_summary(summary)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from autoseg import api
 from autoseg.layout import WorkDir
@@ -134,3 +135,30 @@ def test_stale_temporary_files_are_removed_before_preprocessing(planned_phantom,
     assert done == [cases[0].case_id]
     assert not any(p.exists() for p in stray)
     assert keep.read_text() == "mine"
+
+
+def test_plan_refuses_to_start_without_disk_space(phantom_dataset, tmp_path, monkeypatch):
+    """The preprocessed-size estimate is checked against the free space before any case is written; the
+    estimate is close to what preprocessing then writes."""
+    import shutil as _shutil
+    from collections import namedtuple
+
+    from autoseg import api
+    from autoseg.errors import AutosegError
+
+    work = tmp_path / "work"
+    real = _shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(AutosegError, match=r"preprocessing needs about .* GB, only 0.0 GB free on its disk"):
+        api.plan(phantom_dataset, work, workers=1)
+    assert not list((work / "preprocessed").rglob("*.npy"))
+    monkeypatch.setattr(_shutil, "disk_usage", real)
+    plans = api.plan(phantom_dataset, work, workers=1)
+    from autoseg.fingerprint import Fingerprint
+    from autoseg.jsonio import read_json
+
+    fp = Fingerprint.from_json(read_json(work / "fingerprint.json"))
+    estimate = api.preprocessed_bytes(fp, plans, tuple(plans.configurations))
+    written = sum(f.stat().st_size for f in (work / "preprocessed").rglob("*") if f.is_file())
+    assert 0.8 * written < estimate < 1.5 * written, (estimate, written)

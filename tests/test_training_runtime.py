@@ -262,3 +262,24 @@ def test_ddp_with_two_cpu_processes_gives_the_same_layout(work_copy, tmp_path):
     ref = load_checkpoint(single_dir / "checkpoint_final.pt")
     assert any(not torch.equal(ckpt["network"][k], ref["network"][k]) for k in ref["network"])
     assert result.stdout.count("results in") == 1  # rank 0 alone reports
+
+
+def test_overwrite_starts_again_and_deterministic_runs_are_identical(work_copy):
+    """--overwrite replaces a fold's run (and refuses together with --resume); two --deterministic runs of the
+    same iterations give the same checkpoint, bit for bit."""
+    from autoseg import api
+    from autoseg.errors import AutosegError
+
+    kw = dict(device="cpu", epochs=2, iters_per_epoch=2, val_iters=1, loader_workers=0, mirroring=False)
+    fold_dir = api.train(work_copy.root, "3d_fullres", 0, deterministic=True, **kw)
+    first = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    with pytest.raises(AutosegError, match="exclude each other"):
+        api.train(work_copy.root, "3d_fullres", 0, overwrite=True, resume=True, **kw)
+    (fold_dir / "stale.txt").write_text("from the earlier run")
+    api.train(work_copy.root, "3d_fullres", 0, overwrite=True, deterministic=True, **kw)
+    again = load_checkpoint(fold_dir / "checkpoint_final.pt")
+    assert not (fold_dir / "stale.txt").exists()
+    assert [json.loads(x)["epoch"] for x in (fold_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
+    for key in first["network"]:
+        torch.testing.assert_close(first["network"][key], again["network"][key], rtol=0, atol=0)
+    torch.use_deterministic_algorithms(False)

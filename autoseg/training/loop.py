@@ -154,7 +154,7 @@ def train_fold(
     latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
     if latest.exists() and not resume:
         raise AutosegError(
-            f"{latest}: this fold already has a run; use --resume to continue it (or delete {out_dir})"
+            f"{latest}: this fold already has a run; use --resume to continue it, or --overwrite to start again"
         )
     if w.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
