@@ -238,3 +238,38 @@ def test_torchscript_export_gives_the_same_logits(trained, tmp_path, capsys):
         main(["export-network", str(trained.root), "3d_fullres", "0", str(path), "--format", "tflite"]) == 2
     )
     assert "unknown export format 'tflite'" in capsys.readouterr().err
+
+
+def test_predict_killed_then_continue_gives_the_uninterrupted_outputs(trained, phantom_dataset, tmp_path):
+    """SIGKILL during a prediction of six cases leaves only complete outputs (atomic writes); --continue
+    then writes the rest, and every file equals an uninterrupted run's."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inputs = tmp_path / "inputs"
+    shutil.copytree(phantom_dataset / "imagesTr", inputs)
+    straight = api.predict(trained.root, inputs, tmp_path / "straight", configs=["3d_fullres"], **FAST)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "autoseg", "predict", str(trained.root), str(inputs), str(out)]
+    cmd += ["-c", "3d_fullres", "--device", "cpu", "--no-mirroring"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wanted = random.randint(1, 3)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and len(list(out.glob("*.nii.gz"))) < wanted:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0, 0.5))
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = sorted(out.glob("*.nii.gz"))
+    assert 0 < len(partial) <= len(straight) and proc.returncode in (-signal.SIGKILL, 0)
+    for f in partial:  # whatever is there under its final name is complete
+        np.testing.assert_array_equal(_labels(f), _labels(tmp_path / "straight" / f.name))
+    subprocess.run(cmd + ["--continue"], check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in straight)  # no temp file left
+    for f in straight:
+        np.testing.assert_array_equal(_labels(out / f.name), _labels(f))

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,9 @@ def output_targets(
         if output_dir.resolve() == Path(d).resolve():
             raise DatasetError(f"{output_dir}: output folder must differ from the input folder")
     targets = [output_dir / f"{c.case_id}{file_ending(c.images[0])}" for c in cases]
+    for t in targets:  # temporary files of a killed run (autoseg's atomic writes: ".<name>.<random>...")
+        for stale in output_dir.glob(f".{glob_escape(t.name)}.*"):
+            stale.unlink(missing_ok=True)
     existing = [t for t in targets if t.exists()]
     if existing and not (continue_ or overwrite):
         raise DatasetError(
