@@ -158,6 +158,7 @@ def train_fold(
         )
     if w.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out_dir, val_ids)
         write_json(
             out_dir / "settings.json",
             {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size},
@@ -482,6 +483,29 @@ def _previous_stage_dir(work: WorkDir, config, case_ids: list[str]) -> Path | No
             f"{config.name}"
         )
     return folder
+
+
+_FOLD_FILES = (
+    "checkpoint_latest.pt",
+    "checkpoint_best.pt",
+    "checkpoint_final.pt",
+    "settings.json",
+    "log.jsonl",
+    "progress.png",
+)
+_VALIDATION_FILES = ("summary.json", "per_case.csv", "report.png")
+
+
+def _remove_stale_temporaries(out_dir: Path, val_ids: list[str]) -> None:
+    """Delete the temporary files (``.<name>.<random>...``, from autoseg's atomic writes) that a killed run
+    left in the fold folder and its ``validation/``; nothing else is touched."""
+    owners = {out_dir: _FOLD_FILES, out_dir / "validation": _VALIDATION_FILES + tuple(val_ids)}
+    for folder, names in owners.items():
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if f.is_file() and f.name.startswith(".") and any(f.name.startswith(f".{n}.") for n in names):
+                f.unlink(missing_ok=True)
 
 
 def _truncate_log(path: Path, start_epoch: int) -> None:
