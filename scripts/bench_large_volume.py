@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from _proctree import tree_pids  # scripts/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1024**3
@@ -72,30 +73,6 @@ ORGANS = (
 
 
 # ---------------------------------------------------------------------------------------- process-tree memory
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
-
-
-def _tree_pids(root: int) -> list[int]:
-    kids = _children()
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(kids.get(pid, []))
-    return out
 
 
 def _rss_hwm_bytes(pid: int) -> tuple[int, int]:
@@ -135,7 +112,7 @@ class TreeSampler(threading.Thread):
         last_load = 0.0
         while not self._halt.is_set():
             rss = 0
-            for pid in _tree_pids(self.root):
+            for pid in tree_pids(self.root):
                 r, h = _rss_hwm_bytes(pid)
                 rss += r
                 self.peak_hwm = max(self.peak_hwm, h)

@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _proctree import tree_pids  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("Dataset001_BraTS2015DeepMedic", "Dataset002_MSLesionLjubljanaMNI")
 GB = 1024**3
@@ -58,38 +60,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------- process-tree memory
-
-
-def _children_from_proc() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
-
-
-def _tree_pids(root: int) -> list[int]:
-    try:
-        import psutil
-    except ImportError:
-        kids = _children_from_proc()
-        out, stack = [], [root]
-        while stack:
-            pid = stack.pop()
-            out.append(pid)
-            stack.extend(kids.get(pid, []))
-        return out
-    try:
-        proc = psutil.Process(root)
-        return [root] + [c.pid for c in proc.children(recursive=True)]
-    except psutil.Error:
-        return []
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -135,7 +105,7 @@ class TreeSampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             rss = pss = 0
-            for pid in _tree_pids(self.root):
+            for pid in tree_pids(self.root):
                 try:
                     rss += _rss_bytes(pid)
                     pss += _pss_bytes(pid)

@@ -66,6 +66,8 @@ from dataclasses import asdict, replace
 from itertools import permutations
 from pathlib import Path
 
+from _proctree import tree_pids  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 GB = 1024**3
 CONFIG = "3d_fullres"  # nnU-Net's configuration that is compared
@@ -80,29 +82,6 @@ NNUNET_PREPROCESSED_GUESSES = (
 
 
 # ---------------------------------------------------------------------------------------- process-tree memory
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
-
-
-def _tree(root: int) -> list[int]:
-    kids, out, stack = _children(), [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(kids.get(pid, []))
-    return out
 
 
 def _proc_kb(path: str, field: str) -> int | None:
@@ -130,7 +109,7 @@ class TreeSampler(threading.Thread):
         while not self._halt.is_set():
             rss = pss = 0
             pss_ok = False
-            for pid in _tree(self.root):
+            for pid in tree_pids(self.root):
                 r = _proc_kb(f"/proc/{pid}/status", "VmRSS:")
                 p = _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
                 rss += (r or 0) * 1024
