@@ -25,6 +25,12 @@ def probabilities_to_labels(probs: np.ndarray, plans: Plans) -> np.ndarray:
     return seg
 
 
+def _cropped_grid(props: CaseProperties, plans: Plans) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape and spacing of the nonzero crop in the plans' transposed axis order (where export resamples to)."""
+    cropped = [b - a for a, b in props.bbox]
+    return tuple(cropped[a] for a in plans.transpose_forward), tuple(props.spacing_transposed)
+
+
 def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plans: Plans) -> np.ndarray:
     """``probs`` ``(K, *shape_resampled)`` → uint8 label map in the array order of the file as stored.
 
@@ -34,9 +40,7 @@ def probabilities_to_segmentation(probs: np.ndarray, props: CaseProperties, plan
     box (outside it is background), and turned back from the plans' orientation to the file's own.
     """
     bbox = props.bbox
-    cropped = [b - a for a, b in bbox]
-    cropped_t = tuple(cropped[a] for a in plans.transpose_forward)
-    spacing = tuple(props.spacing_transposed)
+    cropped_t, spacing = _cropped_grid(props, plans)
     if plans.region_based:
         seg = np.zeros(cropped_t, dtype=np.uint8)
         for channel, value in enumerate(plans.regions_class_order):
@@ -63,9 +67,7 @@ def probabilities_to_original(probs: np.ndarray, props: CaseProperties, plans: P
     Channels are resampled one at a time into the preallocated result, so the peak is the result plus about
     two single-channel volumes."""
     bbox = props.bbox
-    cropped = [b - a for a, b in bbox]
-    cropped_t = tuple(cropped[a] for a in plans.transpose_forward)
-    spacing = tuple(props.spacing_transposed)
+    cropped_t, spacing = _cropped_grid(props, plans)
     out = np.empty((probs.shape[0], *props.source_geometry.shape), dtype=np.float16)
     for k in range(probs.shape[0]):
         channel = resample_probabilities(probs[k : k + 1], spacing, cropped_t)[0]

@@ -133,9 +133,6 @@ class Predictor:
             total = probs if total is None else total + probs
         return total / len(self.states)
 
-    def segment_preprocessed(self, image: np.ndarray, props: CaseProperties) -> np.ndarray:
-        return probabilities_to_segmentation(self.predict_preprocessed(image), props, self.plans)
-
     def prepare(self, raw: np.ndarray, geom, source, case_id: str) -> Prepared:
         """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage)."""
         image, _, props = preprocess_image(raw, geom, source, self.plans, self.config, None, case_id)
@@ -154,13 +151,6 @@ class Predictor:
             )
             image = append_previous_stage(image, prev, self.plans.num_classes)
         return self.predict_preprocessed(image)
-
-    def predict_case(self, case: Case) -> tuple[np.ndarray, CaseProperties]:
-        raw, geom, source = read_channels(
-            case.images, self.plans.orientation, case.four_d, fix_nonfinite=self.settings.fix_nonfinite
-        )
-        prepared = self.prepare(raw, geom, source, case.case_id)
-        return probabilities_to_segmentation(self.infer(prepared), prepared.props, self.plans), prepared.props
 
 
 @dataclass

@@ -115,9 +115,8 @@ def _geometry_of(img: sitk.Image) -> Geometry:
     )
 
 
-def read_header(path: str | os.PathLike) -> Geometry:
-    """Read only the header of an image (fast), raising :class:`DatasetError` on unreadable files."""
-    path = Path(path)
+def _header_reader(path: Path) -> sitk.ImageFileReader:
+    """A reader that has read ``path``'s header (and checked the file is not empty or truncated)."""
     _check_file(path)
     _check_nifti(path)
     reader = sitk.ImageFileReader()
@@ -127,6 +126,13 @@ def read_header(path: str | os.PathLike) -> Geometry:
             reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
+    return reader
+
+
+def read_header(path: str | os.PathLike) -> Geometry:
+    """Read only the header of an image (fast), raising :class:`DatasetError` on unreadable files."""
+    path = Path(path)
+    reader = _header_reader(path)
     geom = Geometry(
         shape=tuple(int(s) for s in reversed(reader.GetSize())),
         spacing_mm=tuple(float(s) for s in reversed(reader.GetSpacing())),
@@ -139,15 +145,7 @@ def read_header(path: str | os.PathLike) -> Geometry:
 
 def channels_in_file(path: str | os.PathLike) -> int:
     """Channels stored in one file: the size of the 4th dimension of a 4D image (MSD style), else 1."""
-    path = Path(path)
-    _check_file(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with _quiet_itk():
-            reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise DatasetError(f"{path}: not a readable image ({_short(exc)})") from None
+    reader = _header_reader(Path(path))
     return int(reader.GetSize()[3]) if reader.GetDimension() == 4 else 1
 
 
