@@ -65,6 +65,11 @@ def sum_over_ranks(values: np.ndarray, w: World) -> np.ndarray:
     return t.numpy()
 
 
+def mean_over_ranks(value: float, w: World) -> float:
+    """The mean of each rank's ``value`` (the value itself without DDP)."""
+    return float(sum_over_ranks(np.array([value]), w)[0] / w.size)
+
+
 def from_main(value: int, w: World) -> int:
     """Rank 0's ``value`` on every rank."""
     if not w.distributed:

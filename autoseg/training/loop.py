@@ -331,7 +331,7 @@ def train_fold(
             val_loss, dice = _validate(
                 plans, model, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w
             )
-            train_loss = float(distributed.sum_over_ranks(np.array([np.mean(losses)]), w)[0] / w.size)
+            train_loss = distributed.mean_over_ranks(float(np.mean(losses)), w)
             mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
             if mean_dice is not None and np.isfinite(mean_dice):
                 ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
@@ -420,7 +420,7 @@ def _validate(plans, network, loss_fn, val_store, config, settings, epoch, devic
                 losses.append(float(loss_fn(out, y)))
             counts += _pseudo_dice(out.float(), y, plans)
     counts = distributed.sum_over_ranks(counts, w)
-    val_loss = float(distributed.sum_over_ranks(np.array([np.mean(losses)]), w)[0] / w.size)
+    val_loss = distributed.mean_over_ranks(float(np.mean(losses)), w)
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     denom = 2 * tp + fp + fn
     dice = {
