@@ -295,14 +295,19 @@ def predict(
     progress: Callable[[str, int, int], None] | None = None,
     config: str | None = None,
     fix_nonfinite: bool = False,
+    compile: str = "auto",
 ) -> list[Path]:
     """Predict a folder, one file or a list of files into ``output_dir``.
 
     Without ``configs``, what ``autoseg find-best`` chose (``WORK/inference_instructions.json``: configurations,
     folds and postprocessing) is used, else ``3d_fullres``. Several configurations are ensembled. The chosen
     postprocessing is applied when the configurations are the ones it was decided for (and ``postprocessing``).
-    Folds default to every trained fold. What was chosen is logged (logger ``autoseg``).
+    Folds default to every trained fold. What was chosen is logged (logger ``autoseg``). ``compile``: see
+    :mod:`autoseg.inference.runner` ("auto", "on" or "off").
     """
+    settings = InferenceSettings(
+        step_size=step_size, mirroring=mirroring, fix_nonfinite=fix_nonfinite, compile=compile
+    )
     from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
     from autoseg.postprocessing import apply_postprocessing, dataset_structures
     from autoseg.selection import load_instructions
@@ -334,7 +339,6 @@ def predict(
             def post(seg):
                 return apply_postprocessing(seg, pp, structs)
 
-    settings = InferenceSettings(step_size=step_size, mirroring=mirroring, fix_nonfinite=fix_nonfinite)
     if mirror_axes is not None:
         settings = replace(settings, mirror_axes=tuple(mirror_axes))
     dev = resolve_device(device)

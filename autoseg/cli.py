@@ -317,6 +317,13 @@ def predict(
             "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
         ),
     ] = False,
+    compile_: Annotated[
+        str,
+        typer.Option(
+            "--compile",
+            help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
+        ),
+    ] = "auto",
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
     need = 2 if model is not None else 3
@@ -343,6 +350,7 @@ def predict(
             continue_=continue_,
             overwrite=overwrite,
             save_probabilities=save_probabilities,
+            compile=compile_,
             postprocessing=not no_postprocessing,
             fix_nonfinite=fix_nonfinite,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),

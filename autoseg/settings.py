@@ -74,6 +74,14 @@ class InferenceSettings:
     """Tiles per forward pass; 0: two on a GPU, one elsewhere (a second tile only costs memory on a CPU)."""
     fix_nonfinite: bool = False
     """Replace NaN/Inf intensities of the inputs by the image's finite minimum/maximum (else an error)."""
+    compile: str = "auto"
+    """torch.compile each fold's network: "auto" once it pays (about 30 s of network time ahead), "on", "off"."""
+
+    def __post_init__(self):
+        aliases = {"true": "on", "false": "off"}  # TOML booleans arrive here as "True"/"False"
+        object.__setattr__(self, "compile", aliases.get(str(self.compile).lower(), self.compile))
+        if self.compile not in ("auto", "on", "off"):
+            raise AutosegError(f"inference setting compile must be auto, on or off, got {self.compile!r}")
 
 
 def _merge(obj, values: dict, where: str):
@@ -95,7 +103,8 @@ def _merge(obj, values: dict, where: str):
 def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSettings, InferenceSettings]:
     """Defaults ← TOML file (sections ``[train]``, ``[augmentation]``, ``[inference]``) ← ``overrides``.
 
-    ``overrides`` with value ``None`` are ignored; keys may name train or inference fields.
+    ``overrides`` with value ``None`` are ignored; keys may name train or inference fields (a name both
+    have, ``compile``, is a training override: the inference one is set in the file's ``[inference]``).
     """
     train, infer = TrainSettings(), InferenceSettings()
     if path is not None:
@@ -114,7 +123,7 @@ def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSet
     tnames = {f.name for f in fields(TrainSettings)}
     inames = {f.name for f in fields(InferenceSettings)}
     tvals = {k: v for k, v in overrides.items() if v is not None and k in tnames}
-    ivals = {k: v for k, v in overrides.items() if v is not None and k in inames}
+    ivals = {k: v for k, v in overrides.items() if v is not None and k in inames and k not in tnames}
     bad = [k for k in overrides if k not in tnames | inames]
     if bad:
         raise AutosegError(f"unknown setting(s) {bad}")

@@ -26,8 +26,10 @@ sliding-window inference (step ``--step-size``, Gaussian weighting, mirroring ov
 ``--no-mirroring``), resampling back and writing. The first ``--cases`` cases of ``imagesTr`` are symlinked into
 one input folder that both read.
 
-* autoseg: ``autoseg predict WORK IN OUT -c 3d_fullres_nnunet -f 0 --step S --device D`` (one process: a reader
-  thread, the main thread running the network, a writer thread).
+* autoseg: ``autoseg predict WORK IN OUT -c 3d_fullres_nnunet -f 0 --step S --device D --compile C`` (one
+  process: a reader thread, the main thread running the network, a writer thread; ``--autoseg-compile``,
+  default ``auto`` as in autoseg itself: the network is compiled once enough network time is ahead, and the
+  compile time is inside the measured wall time).
 * nnU-Net: ``nnUNetv2_predict -i IN -o OUT -d N -c 3d_fullres -f 0 -step_size S -device D -npp P -nps P``:
   the main process runs the network, ``-npp`` background processes preprocess, ``-nps`` spawned processes
   export (``--nnunet-npp`` / ``--nnunet-nps``, default 1 each; nnU-Net's own default is 3).
@@ -37,6 +39,10 @@ entry point would otherwise set it to the core count itself) and both get ``OMP_
 memory: the largest sum of RSS (and PSS, which does not count shared pages twice) over the command's process
 tree, sampled every 0.2 s from ``/proc``, and the largest single process (``wait4`` rusage). The 1-minute load
 average is recorded: other work on the machine skews every figure.
+
+On a 2-core machine the two runs must not overlap anything else; ``--skip-autoseg --json A.json`` then
+``--nnunet-from A.json`` (same ``--scratch``) times each framework alone at a different moment and still
+compares their label maps.
 
 **Agreement.** The two frameworks' label maps are compared per case: Dice per label present in either, and the
 fraction of voxels with the same label. With the same weights and the same preprocessing they should be
@@ -354,6 +360,7 @@ def run_autoseg(args, work: Path, inp: Path, out: Path, scratch: Path) -> dict:
     cli += ["--step", str(args.step_size), "--device", args.device]
     if args.no_mirroring:
         cli.append("--no-mirroring")
+    cli += ["--compile", args.autoseg_compile]
     threads = args.threads if args.device == "cpu" else 0
     cmd = [args.autoseg_python, "-c", AUTOSEG_LAUNCH, str(threads), *cli]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -518,7 +525,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=None, help="logs, weights, outputs (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds per framework before it is killed")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument(
+        "--autoseg-compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="autoseg predict --compile (default auto, autoseg's own default)",
+    )
+    ap.add_argument(
+        "--nnunet-from",
+        type=Path,
+        default=None,
+        help="take nnU-Net's figures from this --json of an earlier run with the same --scratch (its label "
+        "maps still in SCRATCH/pred_nnunet) instead of running it again: each framework can then be timed "
+        "on a quiet machine at a different time; implies --skip-nnunet",
+    )
     args = ap.parse_args(argv)
+    earlier_nnunet = None
+    if args.nnunet_from is not None:
+        earlier = json.loads(args.nnunet_from.read_text())
+        earlier_nnunet = earlier["results"].get("nnU-Net v2")
+        if earlier_nnunet is None or earlier_nnunet.get("error"):
+            raise SystemExit(f"{args.nnunet_from}: holds no successful nnU-Net run")
+        same = {k: earlier.get(k) for k in ("dataset", "device", "threads", "step_size", "mirroring")}
+        want = {
+            "dataset": args.dataset,
+            "device": args.device,
+            "threads": args.threads,
+            "step_size": args.step_size,
+            "mirroring": not args.no_mirroring,
+        }
+        if same != want or earlier.get("cases") is None:
+            raise SystemExit(f"{args.nnunet_from}: measured with {same}, not {want}")
+        earlier_nnunet = {
+            **earlier_nnunet,
+            "framework": "nnU-Net v2",
+            "from": str(args.nnunet_from),
+            "cases": earlier["cases"],
+        }
+        args.skip_nnunet = True
     args.match_axes = False  # prepare_autoseg: nnU-Net's lists verbatim (same tensor shapes)
 
     dataset = args.data_root / args.dataset
@@ -531,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.workdir or scratch / f"autoseg_work_{args.dataset}").resolve()
     all_cases = _case_ids(dataset, ending)
     cases = all_cases[: max(1, args.cases)]
+    if earlier_nnunet is not None and earlier_nnunet["cases"] != cases:
+        raise SystemExit(f"{args.nnunet_from}: predicted cases {earlier_nnunet['cases']}, not {cases}")
 
     with_nnunet = not args.skip_nnunet and args.nnunet_python.is_file()
     if not args.skip_nnunet and not with_nnunet:
@@ -631,6 +677,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         results.append(r)
+    if earlier_nnunet is not None:
+        missing = _written(out_n, cases, ending)
+        if missing:
+            raise SystemExit(f"{out_n}: nnU-Net outputs {missing} of the earlier run are missing")
+        print(
+            f"nnU-Net v2 (from {args.nnunet_from}): {earlier_nnunet['process_wall_s']:.1f} s, "
+            f"peak tree RSS {_gb(earlier_nnunet['tree_peak_rss_bytes'])}",
+            flush=True,
+        )
+        results.append(earlier_nnunet)
 
     agree = []
     ok = {r["framework"] for r in results if not r.get("error")}
@@ -667,7 +723,12 @@ def main(argv: list[str] | None = None) -> int:
             f"agreement {row['case']}: voxels equal {100 * row['voxel_agreement']:.3f} %; Dice {dice}; "
             f"same affine {row['same_affine']}"
         )
-    if not with_nnunet:
+    if earlier_nnunet is not None:
+        print(
+            f"nnU-Net v2's figures are from an earlier run ({args.nnunet_from}, 1-min load "
+            f"{earlier_nnunet.get('loadavg_1min_at_end', float('nan')):.2f} at its end), same inputs and weights"
+        )
+    elif not with_nnunet:
         print("nnU-Net v2 was not run, so there is no ratio.")
     print(f"logs and outputs in {scratch}")
     if args.json:
@@ -678,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "step_size": args.step_size,
             "mirroring": not args.no_mirroring,
+            "autoseg_compile": args.autoseg_compile,
+            "nnunet_from": str(args.nnunet_from) if args.nnunet_from else None,
             "cpu_count": os.cpu_count(),
             "loadavg_1min_before": load_before,
             "plan": mapping,

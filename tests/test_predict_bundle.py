@@ -240,6 +240,28 @@ def test_torchscript_export_gives_the_same_logits(trained, tmp_path, capsys):
     assert "unknown export format 'tflite'" in capsys.readouterr().err
 
 
+def test_onnx_export_gives_the_same_logits_in_onnxruntime(trained, tmp_path):
+    """ONNX export, run by an independent runtime (onnxruntime), at batch 1 and 2 (the batch axis is dynamic)."""
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
+    pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (dev extra)")
+    ort = pytest.importorskip("onnxruntime", reason="the check runs the model in onnxruntime (dev extra)")
+    from autoseg.inference.deploy import load_fold_network
+
+    path = tmp_path / "net.onnx"
+    assert main(["export-network", str(trained.root), "3d_fullres", "0", str(path), "--format", "onnx"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name != "net.onnx"]  # no temporary file left
+    network, patch, in_ch = load_fold_network(trained, "3d_fullres", 0)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    for batch in (1, 2):
+        x = torch.randn(batch, in_ch, *patch, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = network(x).numpy()
+        (got,) = session.run(["logits"], {"image": x.numpy()})
+        assert got.shape == (batch, 3, *patch)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_predict_killed_then_continue_gives_the_uninterrupted_outputs(trained, phantom_dataset, tmp_path):
     """SIGKILL during a prediction of six cases leaves only complete outputs (atomic writes); --continue
     then writes the rest, and every file equals an uninterrupted run's."""

@@ -27,6 +27,7 @@ from autoseg.inference.export import (
     probabilities_to_segmentation,
     write_segmentation,
 )
+from autoseg.inference.runner import TileRunner
 from autoseg.inference.sliding_window import predict_sliding_window
 from autoseg.io.dataset import Case
 from autoseg.io.volume import file_ending
@@ -84,12 +85,9 @@ class Predictor:
         self.config = self.plans.configuration(config)
         self.device = device
         self.settings = settings
-        self.network = build_network(
-            self.config.network, self.plans.input_channels(config), self.plans.num_outputs
-        )
-        self.network.to(device)
         key = topology_key(self.plans, config)
-        self.states = []
+        # one network per fold: a compiled network has its weights frozen in, so folds cannot share one
+        self.runners: list[TileRunner] = []
         for fold in folds:
             path = work.fold_dir(config, fold) / checkpoint_name
             if not path.is_file():
@@ -98,8 +96,15 @@ class Predictor:
                 )
             ckpt = load_checkpoint(path)
             check_compatible(ckpt, path, config, key)
-            self.states.append(ckpt["network"])
-        if not self.states:
+            network = build_network(
+                self.config.network, self.plans.input_channels(config), self.plans.num_outputs
+            )
+            network.load_state_dict(ckpt["network"])
+            del ckpt
+            self.runners.append(
+                TileRunner(network.to(device), device, settings.compile, amp=device.type == "cuda")
+            )
+        if not self.runners:
             raise CheckpointError("no folds given to predict with")
         self.previous: Predictor | None = None
         if self.config.previous_stage and with_previous_stage:
@@ -116,10 +121,9 @@ class Predictor:
     def predict_preprocessed(self, image: np.ndarray) -> np.ndarray:
         """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``."""
         total = None
-        for state in self.states:
-            self.network.load_state_dict(state)
+        for runner in self.runners:
             probs = predict_sliding_window(
-                self.network,
+                runner,
                 image,
                 self.config.patch_size,
                 self.plans.num_outputs,
@@ -127,11 +131,10 @@ class Predictor:
                 step_size=self.settings.step_size,
                 mirror_axes=self.mirror_axes,
                 tile_batch=self.settings.tile_batch or (2 if self.device.type == "cuda" else 1),
-                amp=self.device.type == "cuda",
                 activation="sigmoid" if self.plans.region_based else "softmax",
             )
             total = probs if total is None else total + probs
-        return total / len(self.states)
+        return total / len(self.runners)
 
     def prepare(self, raw: np.ndarray, geom, source, case_id: str) -> Prepared:
         """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage)."""

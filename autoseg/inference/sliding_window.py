@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from autoseg.inference.runner import TileRunner
+
 _log = logging.getLogger("autoseg")
 
 
@@ -70,7 +72,7 @@ def _accumulators(num_classes: int, shape: tuple[int, ...], device: torch.device
 
 
 def predict_sliding_window(
-    network: torch.nn.Module,
+    network: torch.nn.Module | TileRunner,
     image: np.ndarray,
     patch_size: list[int],
     num_classes: int,
@@ -85,8 +87,12 @@ def predict_sliding_window(
     ``activation="softmax"``, independent per-channel (region) probabilities with ``"sigmoid"``.
 
     ``patch_size`` has 2 (2D network, slices along axis 0) or 3 entries. ``mirror_axes`` index the
-    network's spatial axes (0..dim-1).
+    network's spatial axes (0..dim-1). ``network`` is a module (run eagerly, with autocast when ``amp``) or a
+    :class:`TileRunner` (which may compile it; ``amp`` is then the runner's). When the runner may compile,
+    the last batch of tiles is topped up with repeats to ``tile_batch``, so a compiled network never sees a
+    new shape.
     """
+    runner = network if isinstance(network, TileRunner) else TileRunner(network, device, "off", amp)
     dim = len(patch_size)
     patch3 = [1] + list(patch_size) if dim == 2 else list(patch_size)
     spatial = image.shape[1:]
@@ -102,22 +108,20 @@ def predict_sliding_window(
     weight = torch.from_numpy(weight_np.reshape(patch3)).to(acc.device)
     img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
-    network.eval()
+    runner.expect(math.ceil(len(tiles) / tile_batch) * len(flips))
     with torch.inference_mode():
         for i in range(0, len(tiles), tile_batch):
             chunk = tiles[i : i + tile_batch]
             sls = [tuple(slice(s, s + p) for s, p in zip(t, patch3)) for t in chunk]
-            x = torch.stack([img_t[(slice(None),) + sl] for sl in sls]).to(device)
+            fill = [sls[-1]] * (tile_batch - len(sls)) if runner.mode != "off" else []
+            x = torch.stack([img_t[(slice(None),) + sl] for sl in sls + fill]).to(device)
             if dim == 2:
                 x = x[:, :, 0]
             probs = None
             for flip in flips:
                 axes = [a + 2 for a in flip]
                 xin = torch.flip(x, axes) if axes else x
-                with torch.autocast(device.type, enabled=amp):
-                    out = network(xin)
-                if isinstance(out, (list, tuple)):
-                    out = out[0]
+                out = runner(xin)
                 p = (
                     torch.softmax(out.float(), dim=1)
                     if activation == "softmax"
@@ -125,7 +129,7 @@ def predict_sliding_window(
                 )
                 p = torch.flip(p, axes) if axes else p
                 probs = p if probs is None else probs + p
-            probs = probs / len(flips)
+            probs = probs[: len(sls)] / len(flips)
             if dim == 2:
                 probs = probs[:, :, None]
             probs = probs.to(acc.device)

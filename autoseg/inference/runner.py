@@ -1,0 +1,116 @@
+"""Run one fold's network on tiles: eagerly, or through ``torch.compile`` once that pays for itself.
+
+Compiling (TorchInductor with frozen weights: weights are folded into the compiled graph as constants and
+pre-packed for the convolution library, and the normalisation and activation layers are fused into generated
+kernels) makes a CPU forward pass of a 3D U-Net about 1.5× faster, but costs tens of seconds once per network.
+So the ``"auto"`` mode runs the first pass eagerly and compiles once the network time would clearly exceed
+that cost: when the eager time already spent plus what the current volume still needs at the measured pace
+exceeds :data:`COMPILE_AFTER_SECONDS`. ``"on"`` compiles before the first pass, ``"off"``
+never. Apple MPS is never compiled. If compiling fails (no C++ compiler, an unsupported operation), a warning
+says so and the passes continue eagerly: the result never depends on it beyond float rounding.
+
+The weights are frozen into the compiled graph, so a runner's network must not be given new weights after it
+has compiled: use one runner per fold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+
+_log = logging.getLogger("autoseg")
+
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_AFTER_SECONDS = 30.0
+"""In ``"auto"`` mode, compile once this much eager network time is spent or certainly ahead."""
+
+
+class TileRunner:
+    """Callable ``runner(x) -> logits`` for batches of tiles of a fixed shape, eager or compiled."""
+
+    def __init__(
+        self, network: torch.nn.Module, device: torch.device, compile: str = "auto", amp: bool = False
+    ):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        self.network = network.eval()
+        self.device = device
+        self.amp = amp
+        self.mode = "off" if device.type == "mps" else compile
+        self.compiled = None
+        self.eager_seconds = 0.0
+        self.eager_passes = 0
+        self._failed = False
+        self._compile_timed = False
+        self._remaining = 0
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def expect(self, passes: int) -> None:
+        """Called before a volume's ``passes`` forward passes: compiles now when ``"on"``, or in ``"auto"``
+        mode when the eager pace measured so far says they would take longer than the compile threshold."""
+        self._remaining = passes
+        self._maybe_compile()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            start = time.perf_counter()
+            try:
+                out = self._run(self.compiled, x)
+            except Exception as exc:  # compilation happens lazily, on the first call
+                self._give_up(exc)
+            else:
+                if not self._compile_timed:
+                    self._compile_timed = True
+                    _log.info("compiled in %.0f s (with the first pass)", time.perf_counter() - start)
+                return out
+        start = time.perf_counter()
+        out = self._run(self.network, x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.eager_seconds += time.perf_counter() - start
+        self.eager_passes += 1
+        self._remaining = max(0, self._remaining - 1)
+        self._maybe_compile()
+        return out
+
+    def _maybe_compile(self) -> None:
+        """Compile when asked to, or ("auto") when the eager time spent plus the passes still expected at
+        the measured pace exceed :data:`COMPILE_AFTER_SECONDS` (decided from the first pass on)."""
+        if self.compiled is not None or self._failed or self.mode == "off":
+            return
+        if self.mode == "on":
+            self._compile("asked for")
+        elif self.eager_passes:
+            ahead = self._remaining * self.eager_seconds / self.eager_passes
+            if self.eager_seconds + ahead > COMPILE_AFTER_SECONDS:
+                self._compile(
+                    f"{self.eager_seconds:.0f} s of network time so far, about {ahead:.0f} s ahead in this volume"
+                )
+
+    def _run(self, net, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=self.amp), contextlib.ExitStack() as stack:
+            if net is self.compiled:  # compiles on the first call: with the weights frozen in
+                from torch._inductor import config as inductor_config
+
+                stack.enter_context(inductor_config.patch(freezing=True))
+            out = net(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def _compile(self, why: str) -> None:
+        _log.info("compiling the network with torch.compile (%s); the next pass waits for it", why)
+        try:
+            self.compiled = torch.compile(self.network, dynamic=False)
+        except Exception as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        self.compiled = None
+        self._failed = True
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        _log.warning("torch.compile failed (%s: %s); predicting without it", type(exc).__name__, first)
