@@ -80,6 +80,10 @@ class InferenceSettings:
     def __post_init__(self):
         aliases = {"true": "on", "false": "off"}  # TOML booleans arrive here as "True"/"False"
         object.__setattr__(self, "compile", aliases.get(str(self.compile).lower(), self.compile))
+        if not 0 < self.step_size <= 1:
+            raise AutosegError(
+                f"step size must be in (0, 1] (tiles must overlap or touch), got {self.step_size:g}"
+            )
         if self.compile not in ("auto", "on", "off"):
             raise AutosegError(f"inference setting compile must be auto, on or off, got {self.compile!r}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,79 @@ def test_accumulators_fall_back_to_the_cpu_when_the_gpu_has_no_room(monkeypatch,
         acc, norm = sliding_window._accumulators(11, (8, 256, 256), torch.device("cuda"))
     assert acc.device.type == norm.device.type == "cpu" and acc.shape == (11, 8, 256, 256)
     assert "do not fit in GPU memory" in caplog.text and "accumulating them on the CPU" in caplog.text
+
+
+class TileDependent(torch.nn.Module):
+    """Logits that depend on the whole tile (its mean, as instance normalisation does) and on the position
+    in it: overlapping tiles disagree, so the Gaussian weighting and the order of accumulation matter."""
+
+    def forward(self, x):
+        centred = x[:, :1] - x[:, :1].mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        ramp = torch.linspace(-1, 1, x.shape[-1]).expand_as(centred)
+        return torch.cat([centred, ramp * 2, -centred + ramp], dim=1)
+
+
+def _reference(network, image, patch, num_classes, step_size, mirror_axes):
+    """Sliding window written plainly: whole-volume sums in float64, one tile at a time."""
+    dim = len(patch)
+    patch3 = [1] + list(patch) if dim == 2 else list(patch)
+    spatial = image.shape[1:]
+    pad = [max(0, p - s) for p, s in zip(patch3, spatial)]
+    before = [p // 2 for p in pad]
+    image = np.pad(image, [(0, 0)] + [(b, p - b) for b, p in zip(before, pad)])
+    shape = image.shape[1:]
+    acc = np.zeros((num_classes, *shape))
+    norm = np.zeros(shape)
+    weight = gaussian_importance(list(patch)).reshape(patch3).astype(np.float64)
+    flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+    for t in itertools.product(*[tile_starts(s, p, step_size) for s, p in zip(shape, patch3)]):
+        sl = tuple(slice(a, a + p) for a, p in zip(t, patch3))
+        x = torch.from_numpy(image[(slice(None),) + sl][None])
+        if dim == 2:
+            x = x[:, :, 0]
+        probs = 0
+        for flip in flips:
+            axes = [a + 2 for a in flip]
+            out = network(torch.flip(x, axes) if axes else x)
+            probs = probs + torch.flip(torch.softmax(out, 1), axes).numpy()[0].astype(np.float64)
+        probs = probs / len(flips)
+        if dim == 2:
+            probs = probs[:, None]
+        acc[(slice(None),) + sl] += probs * weight
+        norm[sl] += weight
+    out = acc / norm
+    return out[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))]
+
+
+@pytest.mark.parametrize("tile_batch", [1, 2, 3])
+@pytest.mark.parametrize(
+    "patch, shape, step",
+    [
+        ([8, 16, 16], (21, 37, 29), 0.5),  # several tile rows along axis 0, uneven last step
+        ([8, 16, 16], (5, 40, 20), 0.5),  # thinner than the patch along axis 0: padded
+        ([8, 16, 16], (16, 16, 16), 1.0),  # tiles that only touch
+        ([8, 8], (6, 19, 11), 0.5),  # 2D network over slices: one slice per window row
+    ],
+)
+def test_windowed_accumulation_equals_whole_volume_sums(tile_batch, patch, shape, step):
+    """The result built slab by slab from a moving window equals whole-volume weighted sums."""
+    image = np.random.default_rng(7).normal(size=(1, *shape)).astype(np.float32)
+    axes = tuple(range(len(patch)))
+    expected = _reference(TileDependent(), image, patch, 3, step, axes)
+    got = predict_sliding_window(
+        TileDependent(), image, patch, 3, torch.device("cpu"), step, axes, tile_batch=tile_batch
+    )
+    assert got.shape == (3, *shape) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+def test_step_size_outside_0_to_1_is_refused():
+    with pytest.raises(ValueError, match=r"step_size must be in \(0, 1\]"):
+        predict_sliding_window(
+            Threshold(), np.zeros((1, 8, 8, 8), np.float32), [4, 4, 4], 2, torch.device("cpu"), 1.5
+        )
+    from autoseg.errors import AutosegError
+    from autoseg.settings import InferenceSettings
+
+    with pytest.raises(AutosegError, match=r"step size must be in \(0, 1\].*got 0"):
+        InferenceSettings(step_size=0)

@@ -133,8 +133,12 @@ class Predictor:
                 tile_batch=self.settings.tile_batch or (2 if self.device.type == "cuda" else 1),
                 activation="sigmoid" if self.plans.region_based else "softmax",
             )
-            total = probs if total is None else total + probs
-        return total / len(self.runners)
+            if total is None:
+                total = probs
+            else:
+                total += probs
+        total /= len(self.runners)
+        return total
 
     def prepare(self, raw: np.ndarray, geom, source, case_id: str) -> Prepared:
         """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage)."""

@@ -5,8 +5,10 @@ the first and last touch the borders); each tile's softmax probabilities are wei
 importance map (σ = patch / 8, so the centre of a tile counts more than its edges) and accumulated; the sum is
 divided by the accumulated weights. 2D networks run on slices along axis 0 (patch ``[1, py, px]``). With
 mirroring, each tile is also predicted flipped along every combination of the given axes and the results are
-averaged. Volumes smaller than the patch are padded with 0 and cropped back. The sums live on the device;
-when a GPU has no room for them (a large volume with many classes) they live in CPU memory instead.
+averaged. Volumes smaller than the patch are padded with 0 and cropped back. The sums live on the device in a
+window along axis 0 (one patch deep, plus what one batch of tiles spans) that moves through the volume,
+finished slices going to the result in host memory; if a GPU has no room even for the window (a very wide
+volume with many classes), the window lives in CPU memory instead, with a warning.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _accumulators(num_classes: int, shape: tuple[int, ...], device: torch.device
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
         _log.warning(
-            "the %d-class probabilities of a %s volume (%.1f GB) do not fit in GPU memory next to the "
+            "the %d-class probability sums of a %s window (%.1f GB) do not fit in GPU memory next to the "
             "network: accumulating them on the CPU (slower)",
             num_classes,
             "x".join(map(str, shape)),
@@ -91,7 +93,14 @@ def predict_sliding_window(
     :class:`TileRunner` (which may compile it; ``amp`` is then the runner's). When the runner may compile,
     the last batch of tiles is topped up with repeats to ``tile_batch``, so a compiled network never sees a
     new shape.
+
+    Tiles are visited in order along axis 0 and their weighted sums kept in a window only as deep as the
+    tiles of one batch reach (a patch deep for a 3D network): once no tile still to come touches a slice, it
+    is divided by its weights and moved to the result in host memory. So the device holds a window, never
+    the whole volume's sums, and the host holds the result alone.
     """
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1] (tiles must overlap or touch), got {step_size}")
     runner = network if isinstance(network, TileRunner) else TileRunner(network, device, "off", amp)
     dim = len(patch_size)
     patch3 = [1] + list(patch_size) if dim == 2 else list(patch_size)
@@ -102,16 +111,19 @@ def predict_sliding_window(
         image = np.pad(image, [(0, 0)] + [(b, p - b) for b, p in zip(pad_before, pad)], mode="constant")
     shape = image.shape[1:]
     starts = [tile_starts(s, p, step_size) for s, p in zip(shape, patch3)]
-    tiles = list(itertools.product(*starts))
-    weight_np = gaussian_importance(list(patch_size))
-    acc, norm = _accumulators(num_classes, shape, device)
-    weight = torch.from_numpy(weight_np.reshape(patch3)).to(acc.device)
+    tiles = list(itertools.product(*starts))  # axis 0 outermost: starts along axis 0 never decrease
+    chunks = [tiles[i : i + tile_batch] for i in range(0, len(tiles), tile_batch)]
+    depth = min(shape[0], max(c[-1][0] - c[0][0] for c in chunks) + patch3[0])
+    acc, norm = _accumulators(num_classes, (depth, *shape[1:]), device)
+    weight = torch.from_numpy(gaussian_importance(list(patch_size)).reshape(patch3)).to(acc.device)
+    out = np.empty((num_classes, *spatial), dtype=np.float32)
+    yx = tuple(slice(b, b + s) for b, s in zip(pad_before[1:], spatial[1:]))
     img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
-    runner.expect(math.ceil(len(tiles) / tile_batch) * len(flips))
+    runner.expect(len(chunks) * len(flips))
+    lo = 0  # axis-0 index of the window's first slice; every slice before it is final and in `out`
     with torch.inference_mode():
-        for i in range(0, len(tiles), tile_batch):
-            chunk = tiles[i : i + tile_batch]
+        for ci, chunk in enumerate(chunks):
             sls = [tuple(slice(s, s + p) for s, p in zip(t, patch3)) for t in chunk]
             fill = [sls[-1]] * (tile_batch - len(sls)) if runner.mode != "off" else []
             x = torch.stack([img_t[(slice(None),) + sl] for sl in sls + fill]).to(device)
@@ -121,11 +133,11 @@ def predict_sliding_window(
             for flip in flips:
                 axes = [a + 2 for a in flip]
                 xin = torch.flip(x, axes) if axes else x
-                out = runner(xin)
+                out_t = runner(xin)
                 p = (
-                    torch.softmax(out.float(), dim=1)
+                    torch.softmax(out_t.float(), dim=1)
                     if activation == "softmax"
-                    else torch.sigmoid(out.float())
+                    else torch.sigmoid(out_t.float())
                 )
                 p = torch.flip(p, axes) if axes else p
                 probs = p if probs is None else probs + p
@@ -133,11 +145,26 @@ def predict_sliding_window(
             if dim == 2:
                 probs = probs[:, :, None]
             probs = probs.to(acc.device)
-            for b, sl in enumerate(sls):
-                acc[(slice(None),) + sl] += probs[b] * weight
-                norm[sl] += weight
-    acc /= norm
-    out = acc.cpu().numpy()
-    if any(pad):
-        out = out[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))]
-    return np.ascontiguousarray(out)
+            for b, (t, sl) in enumerate(zip(chunk, sls)):
+                wsl = (slice(t[0] - lo, t[0] - lo + patch3[0]),) + sl[1:]
+                acc[(slice(None),) + wsl] += probs[b] * weight
+                norm[wsl] += weight
+            # slices before the next tile's start are final: out of the window into the result
+            done = chunks[ci + 1][0][0] if ci + 1 < len(chunks) else shape[0]
+            if done > lo:
+                n = done - lo
+                a, b = max(lo, pad_before[0]), min(done, pad_before[0] + spatial[0])
+                if b > a:
+                    w = slice(a - lo, b - lo)
+                    final = acc[:, w] / norm[w]
+                    out[:, a - pad_before[0] : b - pad_before[0]] = (
+                        final[(slice(None), slice(None)) + yx].cpu().numpy()
+                    )
+                keep = depth - n
+                if keep > 0:
+                    acc[:, :keep] = acc[:, n:].clone()
+                    norm[:keep] = norm[n:].clone()
+                acc[:, max(keep, 0) :] = 0
+                norm[max(keep, 0) :] = 0
+                lo = done
+    return out
