@@ -70,6 +70,8 @@ def export_network(
                     input_names=["image"],
                     output_names=["logits"],
                     dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                    # one self-contained file: external weights would name the temporary file
+                    external_data=False,
                 )
         os.replace(tmp, output)
     except BaseException:
