@@ -296,6 +296,7 @@ def predict(
     config: str | None = None,
     fix_nonfinite: bool = False,
     compile: str = "auto",
+    slab_export_gb: float = 2.0,
 ) -> list[Path]:
     """Predict a folder, one file or a list of files into ``output_dir``.
 
@@ -303,10 +304,15 @@ def predict(
     folds and postprocessing) is used, else ``3d_fullres``. Several configurations are ensembled. The chosen
     postprocessing is applied when the configurations are the ones it was decided for (and ``postprocessing``).
     Folds default to every trained fold. What was chosen is logged (logger ``autoseg``). ``compile``: see
-    :mod:`autoseg.inference.runner` ("auto", "on" or "off").
+    :mod:`autoseg.inference.runner` ("auto", "on" or "off"). ``slab_export_gb``: see
+    :class:`autoseg.settings.InferenceSettings`.
     """
     settings = InferenceSettings(
-        step_size=step_size, mirroring=mirroring, fix_nonfinite=fix_nonfinite, compile=compile
+        step_size=step_size,
+        mirroring=mirroring,
+        fix_nonfinite=fix_nonfinite,
+        compile=compile,
+        slab_export_gb=slab_export_gb,
     )
     from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
     from autoseg.postprocessing import apply_postprocessing, dataset_structures

@@ -74,6 +74,11 @@ class InferenceSettings:
     """Tiles per forward pass; 0: two on a GPU, one elsewhere (a second tile only costs memory on a CPU)."""
     fix_nonfinite: bool = False
     """Replace NaN/Inf intensities of the inputs by the image's finite minimum/maximum (else an error)."""
+    slab_export_gb: float = 2.0
+    """Above this size of a case's class probabilities (classes × voxels × 4 bytes on the network's grid), a
+    single configuration is exported slab by slab as the sliding window finishes them: memory no longer grows
+    with the number of classes, but export no longer overlaps the next case's inference. Not with
+    ``--save-probabilities`` or ensembles of configurations, which need the whole array."""
     compile: str = "auto"
     """torch.compile each fold's network: "auto" once it pays (about 30 s of network time ahead), "on", "off"."""
 

@@ -40,8 +40,8 @@ memory: the largest sum of RSS (and PSS, which does not count shared pages twice
 tree, sampled every 0.2 s from ``/proc``, and the largest single process (``wait4`` rusage). The 1-minute load
 average is recorded: other work on the machine skews every figure.
 
-On a 2-core machine the two runs must not overlap anything else; ``--skip-autoseg --json A.json`` then
-``--nnunet-from A.json`` (same ``--scratch``) times each framework alone at a different moment and still
+On a 2-core machine the two runs must not overlap anything else; ``--skip-nnunet --json A.json`` then
+``--earlier A.json`` (same ``--scratch``) times each framework alone at a different moment and still
 compares their label maps.
 
 **Agreement.** The two frameworks' label maps are compared per case: Dice per label present in either, and the
@@ -532,20 +532,17 @@ def main(argv: list[str] | None = None) -> int:
         help="autoseg predict --compile (default auto, autoseg's own default)",
     )
     ap.add_argument(
-        "--nnunet-from",
+        "--earlier",
         type=Path,
         default=None,
-        help="take nnU-Net's figures from this --json of an earlier run with the same --scratch (its label "
-        "maps still in SCRATCH/pred_nnunet) instead of running it again: each framework can then be timed "
-        "on a quiet machine at a different time; implies --skip-nnunet",
+        help="take the figures of each framework this --json of an earlier run holds (same --scratch, its "
+        "label maps still there) instead of running it again: on a small machine each framework can then be "
+        "timed alone, at a different moment, and the two are still compared",
     )
     args = ap.parse_args(argv)
-    earlier_nnunet = None
-    if args.nnunet_from is not None:
-        earlier = json.loads(args.nnunet_from.read_text())
-        earlier_nnunet = earlier["results"].get("nnU-Net v2")
-        if earlier_nnunet is None or earlier_nnunet.get("error"):
-            raise SystemExit(f"{args.nnunet_from}: holds no successful nnU-Net run")
+    earlier_runs: dict[str, dict] = {}
+    if args.earlier is not None:
+        earlier = json.loads(args.earlier.read_text())
         same = {k: earlier.get(k) for k in ("dataset", "device", "threads", "step_size", "mirroring")}
         want = {
             "dataset": args.dataset,
@@ -554,16 +551,15 @@ def main(argv: list[str] | None = None) -> int:
             "step_size": args.step_size,
             "mirroring": not args.no_mirroring,
         }
-        if same != want or earlier.get("cases") is None:
-            raise SystemExit(f"{args.nnunet_from}: measured with {same}, not {want}")
-        earlier_nnunet = {
-            **earlier_nnunet,
-            "framework": "nnU-Net v2",
-            "from": str(args.nnunet_from),
-            "cases": earlier["cases"],
-        }
-        args.skip_nnunet = True
-    args.match_axes = False  # prepare_autoseg: nnU-Net's lists verbatim (same tensor shapes)
+        if same != want:
+            raise SystemExit(f"{args.earlier}: measured with {same}, not {want}")
+        for name, r in earlier["results"].items():
+            if not r.get("error"):
+                earlier_runs[name] = {**r, "from": str(args.earlier), "cases": earlier["cases"]}
+        if not earlier_runs:
+            raise SystemExit(f"{args.earlier}: holds no successful run")
+        args.skip_autoseg = args.skip_autoseg or "autoseg" in earlier_runs
+        args.skip_nnunet = args.skip_nnunet or "nnU-Net v2" in earlier_runs
 
     dataset = args.data_root / args.dataset
     if not (dataset / "dataset.json").is_file():
@@ -575,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.workdir or scratch / f"autoseg_work_{args.dataset}").resolve()
     all_cases = _case_ids(dataset, ending)
     cases = all_cases[: max(1, args.cases)]
-    if earlier_nnunet is not None and earlier_nnunet["cases"] != cases:
-        raise SystemExit(f"{args.nnunet_from}: predicted cases {earlier_nnunet['cases']}, not {cases}")
+    for r in earlier_runs.values():
+        if r["cases"] != cases:
+            raise SystemExit(f"{args.earlier}: predicted cases {r['cases']}, not {cases}")
 
     with_nnunet = not args.skip_nnunet and args.nnunet_python.is_file()
     if not args.skip_nnunet and not with_nnunet:
@@ -677,16 +674,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         results.append(r)
-    if earlier_nnunet is not None:
-        missing = _written(out_n, cases, ending)
+    for name, r in earlier_runs.items():
+        missing = _written(out_a if name == "autoseg" else out_n, cases, ending)
         if missing:
-            raise SystemExit(f"{out_n}: nnU-Net outputs {missing} of the earlier run are missing")
+            raise SystemExit(f"{args.earlier}: {name}'s outputs {missing} are no longer in {scratch}")
         print(
-            f"nnU-Net v2 (from {args.nnunet_from}): {earlier_nnunet['process_wall_s']:.1f} s, "
-            f"peak tree RSS {_gb(earlier_nnunet['tree_peak_rss_bytes'])}",
+            f"{name} (from {args.earlier}): {r['process_wall_s']:.1f} s, peak tree RSS "
+            f"{_gb(r['tree_peak_rss_bytes'])}",
             flush=True,
         )
-        results.append(earlier_nnunet)
+        results.append(r)
 
     agree = []
     ok = {r["framework"] for r in results if not r.get("error")}
@@ -723,12 +720,12 @@ def main(argv: list[str] | None = None) -> int:
             f"agreement {row['case']}: voxels equal {100 * row['voxel_agreement']:.3f} %; Dice {dice}; "
             f"same affine {row['same_affine']}"
         )
-    if earlier_nnunet is not None:
+    for name, r in earlier_runs.items():
         print(
-            f"nnU-Net v2's figures are from an earlier run ({args.nnunet_from}, 1-min load "
-            f"{earlier_nnunet.get('loadavg_1min_at_end', float('nan')):.2f} at its end), same inputs and weights"
+            f"{name}'s figures are from an earlier run ({args.earlier}, 1-min load "
+            f"{r.get('loadavg_1min_at_end', float('nan')):.2f} at its end), same inputs and weights"
         )
-    elif not with_nnunet:
+    if not with_nnunet and "nnU-Net v2" not in earlier_runs:
         print("nnU-Net v2 was not run, so there is no ratio.")
     print(f"logs and outputs in {scratch}")
     if args.json:
@@ -740,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_size": args.step_size,
             "mirroring": not args.no_mirroring,
             "autoseg_compile": args.autoseg_compile,
-            "nnunet_from": str(args.nnunet_from) if args.nnunet_from else None,
+            "earlier": str(args.earlier) if args.earlier else None,
             "cpu_count": os.cpu_count(),
             "loadavg_1min_before": load_before,
             "plan": mapping,

@@ -160,3 +160,51 @@ def test_step_size_outside_0_to_1_is_refused():
 
     with pytest.raises(AutosegError, match=r"step size must be in \(0, 1\].*got 0"):
         InferenceSettings(step_size=0)
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+@pytest.mark.parametrize(
+    "grid, out, rows",
+    [
+        ((20, 30, 25), (33, 17, 40), [3, 5, 1, 7, 4]),  # up along axis 0, down and up in-plane
+        ((20, 30, 25), (7, 30, 25), [6, 6, 8]),  # down along axis 0 only (thick slices)
+        ((9, 12, 12), (40, 12, 12), [1] * 9),  # one row per slab, 4× up
+        ((12, 10, 10), (12, 10, 10), [12]),  # no resampling, one slab
+    ],
+)
+def test_slab_segmenter_equals_the_whole_volume_export(monkeypatch, grid, out, rows, region_based):
+    """Labels built from slabs (resampled in-plane, then blended along axis 0) equal those of the whole-volume
+    resampling, for softmax classes and for regions."""
+    from types import SimpleNamespace
+
+    from autoseg.inference import export
+
+    rng = np.random.default_rng(len(rows))
+    probs = rng.random((4, *grid)).astype(np.float32)
+    if not region_based:
+        probs /= probs.sum(0, keepdims=True)
+    plans = SimpleNamespace(region_based=region_based, regions_class_order=[1, 2, 3, 4])
+    monkeypatch.setattr(export, "_cropped_grid", lambda props, plans: (out, (1.0, 1.0, 1.0)))
+    monkeypatch.setattr(export, "_to_file_order", lambda seg, props, plans: seg)
+    expected = export.probabilities_to_segmentation(probs, None, plans)
+    segmenter = export.SlabSegmenter(None, plans, grid)
+    a = 0
+    for n in rows:
+        segmenter.add(a, a + n, probs[:, a : a + n].copy())
+        a += n
+    got = segmenter.result()
+    assert got.shape == out and len(np.unique(got)) >= 3
+    assert (got == expected).mean() > 0.9999
+    assert len(segmenter.rows) <= 2  # only the rows the last output rows still needed were kept
+
+
+def test_slab_segmenter_refuses_an_incomplete_volume(monkeypatch):
+    from types import SimpleNamespace
+
+    from autoseg.inference import export
+
+    monkeypatch.setattr(export, "_cropped_grid", lambda props, plans: ((10, 4, 4), (1.0, 1.0, 1.0)))
+    segmenter = export.SlabSegmenter(None, SimpleNamespace(region_based=False), (10, 4, 4))
+    segmenter.add(0, 6, np.full((2, 6, 4, 4), 0.5, np.float32))
+    with pytest.raises(RuntimeError, match="slabs cover 5 of 10 output rows"):
+        segmenter.result()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -22,13 +23,14 @@ from autoseg.checkpoint_io import check_compatible, load_checkpoint
 from autoseg.errors import CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
 from autoseg.inference.export import (
+    SlabSegmenter,
     probabilities_to_labels,
     probabilities_to_original,
     probabilities_to_segmentation,
     write_segmentation,
 )
 from autoseg.inference.runner import TileRunner
-from autoseg.inference.sliding_window import predict_sliding_window
+from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
 from autoseg.io.dataset import Case
 from autoseg.io.volume import file_ending
 from autoseg.jsonio import save_npz
@@ -120,25 +122,22 @@ class Predictor:
 
     def predict_preprocessed(self, image: np.ndarray) -> np.ndarray:
         """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``."""
-        total = None
-        for runner in self.runners:
-            probs = predict_sliding_window(
-                runner,
-                image,
-                self.config.patch_size,
-                self.plans.num_outputs,
-                self.device,
-                step_size=self.settings.step_size,
-                mirror_axes=self.mirror_axes,
-                tile_batch=self.settings.tile_batch or (2 if self.device.type == "cuda" else 1),
-                activation="sigmoid" if self.plans.region_based else "softmax",
-            )
-            if total is None:
-                total = probs
-            else:
-                total += probs
-        total /= len(self.runners)
-        return total
+        return predict_sliding_window(self.runners, image, **self._window_args())
+
+    def probability_slabs(self, image: np.ndarray):
+        """:meth:`predict_preprocessed` slab by slab along axis 0 (see :func:`probability_slabs`)."""
+        return probability_slabs(self.runners, image, **self._window_args())
+
+    def _window_args(self) -> dict:
+        return dict(
+            patch_size=self.config.patch_size,
+            num_classes=self.plans.num_outputs,
+            device=self.device,
+            step_size=self.settings.step_size,
+            mirror_axes=self.mirror_axes,
+            tile_batch=self.settings.tile_batch or (2 if self.device.type == "cuda" else 1),
+            activation="sigmoid" if self.plans.region_based else "softmax",
+        )
 
     def prepare(self, raw: np.ndarray, geom, source, case_id: str) -> Prepared:
         """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage)."""
@@ -150,6 +149,18 @@ class Predictor:
 
     def infer(self, prepared: Prepared) -> np.ndarray:
         """Probabilities on this configuration's grid (a cascade first runs its previous stage)."""
+        return self.predict_preprocessed(self._network_input(prepared))
+
+    def segment_by_slabs(self, prepared: Prepared) -> np.ndarray:
+        """The label map in the file's array order, exported slab by slab as the sliding window finishes
+        them (:class:`SlabSegmenter`): memory independent of the number of classes."""
+        image = self._network_input(prepared)
+        segmenter = SlabSegmenter(prepared.props, self.plans, image.shape[1:])
+        for a, b, slab in self.probability_slabs(image):
+            segmenter.add(a, b, slab)
+        return segmenter.result()
+
+    def _network_input(self, prepared: Prepared) -> np.ndarray:
         image = prepared.image
         if self.previous is not None:
             low_probs = self.previous.predict_preprocessed(prepared.low)
@@ -157,7 +168,7 @@ class Predictor:
                 low_probs, self.previous.config.spacing, prepared.props.shape_resampled, self.plans
             )
             image = append_previous_stage(image, prev, self.plans.num_classes)
-        return self.predict_preprocessed(image)
+        return image
 
 
 @dataclass
@@ -191,6 +202,13 @@ def predict_cases(
     orientation = plans.orientation
 
     fix = predictors[0].settings.fix_nonfinite
+    slab_bytes = predictors[0].settings.slab_export_gb * 1e9
+
+    def by_slabs(prepared: list[Prepared]) -> bool:
+        """One configuration, no saved probabilities, and probabilities too large to hold at once."""
+        if len(predictors) != 1 or save_probabilities:
+            return False
+        return plans.num_outputs * math.prod(prepared[0].props.shape_resampled) * 4 > slab_bytes
 
     def read(case: Case) -> list[Prepared]:
         raw, geom, source = read_channels(case.images, orientation, case.four_d, fix_nonfinite=fix)
@@ -200,9 +218,11 @@ def predict_cases(
                 _log.warning("%s: %s", case.images[0], why)
         return [p.prepare(raw, geom, source, case.case_id) for p in predictors]
 
-    def export(probs: list[np.ndarray], prepared: list[Prepared], target: Path) -> Path:
+    def export(probs: list[np.ndarray] | np.ndarray, prepared: list[Prepared], target: Path) -> Path:
         props = prepared[0].props
-        if len(probs) == 1:
+        if isinstance(probs, np.ndarray):  # already a label map (exported slab by slab)
+            seg = probs
+        elif len(probs) == 1:
             seg = probabilities_to_segmentation(probs[0], props, plans)
             if save_probabilities:
                 save_npz(
@@ -229,7 +249,10 @@ def predict_cases(
         for i, target in enumerate(targets):
             prepared = pending_read.result()
             pending_read = reader.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
-            probs = [p.infer(r) for p, r in zip(predictors, prepared)]
+            if by_slabs(prepared):
+                probs = predictors[0].segment_by_slabs(prepared[0])
+            else:
+                probs = [p.infer(r) for p, r in zip(predictors, prepared)]
             if pending_write is not None:  # at most one case waits to be written
                 written.append(pending_write.result())
                 if progress:
