@@ -540,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         "timed alone, at a different moment, and the two are still compared",
     )
     args = ap.parse_args(argv)
+    args.match_axes = False  # prepare_autoseg: nnU-Net's lists verbatim (same tensor shapes)
     earlier_runs: dict[str, dict] = {}
     if args.earlier is not None:
         earlier = json.loads(args.earlier.read_text())
