@@ -405,7 +405,8 @@ def time_one_tile(work: Path, n: int = 3) -> float:
     plans = Plans.load(WorkDir(work).plans)
     cfg = plans.configuration("3d_fullres")
     net = build_network(cfg.network, plans.input_channels("3d_fullres"), plans.num_outputs).eval()
-    x = torch.randn(InferenceSettings().tile_batch, plans.input_channels("3d_fullres"), *cfg.patch_size)
+    batch = InferenceSettings().tile_batch or 1  # 0 means: 1 tile per pass on a CPU (2 on CUDA)
+    x = torch.randn(batch, plans.input_channels("3d_fullres"), *cfg.patch_size)
     times = []
     with torch.inference_mode():
         for _ in range(n):
