@@ -393,6 +393,13 @@ def tile_count(shape, patch, step: float = 0.5) -> int:
     return math.prod(len(tile_starts(max(s, p), p, step)) for s, p in zip(shape, patch))
 
 
+def cpu_tile_batch() -> int:
+    """Tiles per forward pass that ``autoseg predict --device cpu`` uses (setting 0 means automatic: 1 on CPU)."""
+    from autoseg.settings import InferenceSettings
+
+    return InferenceSettings().tile_batch or 1
+
+
 def time_one_tile(work: Path, n: int = 3) -> float:
     """Seconds per forward pass of one tile batch of the narrowed network on this CPU (median of ``n``)."""
     import torch
@@ -400,13 +407,11 @@ def time_one_tile(work: Path, n: int = 3) -> float:
     from autoseg.layout import WorkDir
     from autoseg.networks import build_network
     from autoseg.planning.plans import Plans
-    from autoseg.settings import InferenceSettings
 
     plans = Plans.load(WorkDir(work).plans)
     cfg = plans.configuration("3d_fullres")
     net = build_network(cfg.network, plans.input_channels("3d_fullres"), plans.num_outputs).eval()
-    batch = InferenceSettings().tile_batch or 1  # 0 means: 1 tile per pass on a CPU (2 on CUDA)
-    x = torch.randn(batch, plans.input_channels("3d_fullres"), *cfg.patch_size)
+    x = torch.randn(cpu_tile_batch(), plans.input_channels("3d_fullres"), *cfg.patch_size)
     times = []
     with torch.inference_mode():
         for _ in range(n):
@@ -517,9 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         info = save_random_checkpoint(work, args.features_base, args.features_cap)
         tiles = tile_count(shape, info["patch_size"])
         sec = time_one_tile(work)
-        from autoseg.settings import InferenceSettings
 
-        tb = InferenceSettings().tile_batch
+        tb = cpu_tile_batch()
         info.update(
             tiles=tiles,
             tile_batch=tb,
