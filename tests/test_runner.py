@@ -169,3 +169,41 @@ def test_compile_setting_accepts_toml_booleans_and_rejects_others(tmp_path):
     assert infer.compile == "off"
     with pytest.raises(Exception, match="compile must be auto, on or off, got 'sometimes'"):
         InferenceSettings(compile="sometimes")
+
+
+@pytest.mark.skipif(runner_mod.HEAP.libc is None, reason="the heap policy needs Linux with glibc")
+def test_cpu_passes_reuse_their_freed_pages_and_give_them_back():
+    """With heap reuse, a pass's 64 MB activations come from pages the previous pass freed (few page faults);
+    without it every pass maps and faults them in anew. Same logits either way; release() hands memory back."""
+    import resource
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(16, 2, 1),
+    )
+    x = torch.randn(1, 1, 64, 128, 128)  # each 16-channel activation: 64 MB, above glibc's mmap threshold
+
+    def faults_per_pass(reuse: bool) -> tuple[float, torch.Tensor]:
+        run = TileRunner(net, CPU, "off", reuse_heap=reuse)
+        with torch.inference_mode():
+            out = run(x)  # warm-up: the heap grows once
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(3):
+                out = run(x)
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 3
+        runner_mod.HEAP.release()
+        return faults, out
+
+    try:
+        fresh, out_fresh = faults_per_pass(False)
+        reused, out_reused = faults_per_pass(True)
+    finally:
+        runner_mod.HEAP.release()
+    assert fresh > 2 * 64 * 2**20 / 4096  # at least two activations faulted in per pass without reuse
+    assert reused < fresh / 4, (reused, fresh)
+    torch.testing.assert_close(out_reused, out_fresh, rtol=0, atol=0)
+    assert not runner_mod.HEAP._holding and runner_mod.HEAP._passes == 0
