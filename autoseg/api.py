@@ -297,6 +297,7 @@ def predict(
     fix_nonfinite: bool = False,
     compile: str = "auto",
     slab_export_gb: float = 2.0,
+    reuse_heap: bool = True,
 ) -> list[Path]:
     """Predict a folder, one file or a list of files into ``output_dir``.
 
@@ -305,7 +306,8 @@ def predict(
     postprocessing is applied when the configurations are the ones it was decided for (and ``postprocessing``).
     Folds default to every trained fold. What was chosen is logged (logger ``autoseg``). ``compile``: see
     :mod:`autoseg.inference.runner` ("auto", "on" or "off"). ``slab_export_gb``: see
-    :class:`autoseg.settings.InferenceSettings`.
+    :class:`autoseg.settings.InferenceSettings`. ``reuse_heap``: on CPU with glibc, keep the memory a forward pass
+    frees for the next pass (faster, more memory; see :mod:`autoseg.inference.runner`).
     """
     settings = InferenceSettings(
         step_size=step_size,
@@ -313,6 +315,7 @@ def predict(
         fix_nonfinite=fix_nonfinite,
         compile=compile,
         slab_export_gb=slab_export_gb,
+        reuse_heap=reuse_heap,
     )
     from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
     from autoseg.postprocessing import apply_postprocessing, dataset_structures

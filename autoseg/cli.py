@@ -324,6 +324,13 @@ def predict(
             help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
         ),
     ] = "auto",
+    no_heap_reuse: Annotated[
+        bool,
+        typer.Option(
+            "--no-heap-reuse",
+            help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
+        ),
+    ] = False,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
     need = 2 if model is not None else 3
@@ -351,6 +358,7 @@ def predict(
             overwrite=overwrite,
             save_probabilities=save_probabilities,
             compile=compile_,
+            reuse_heap=not no_heap_reuse,
             postprocessing=not no_postprocessing,
             fix_nonfinite=fix_nonfinite,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),

@@ -81,6 +81,10 @@ class InferenceSettings:
     ``--save-probabilities`` or ensembles of configurations, which need the whole array."""
     compile: str = "auto"
     """torch.compile each fold's network: "auto" once it pays (about 30 s of network time ahead), "on", "off"."""
+    reuse_heap: bool = True
+    """CPU with glibc: keep the memory a forward pass frees for the next pass instead of unmapping it (far
+    fewer page faults, about 15 % faster passes; the network's activations stay reserved until the volume is
+    done). False: glibc's usual behaviour."""
 
     def __post_init__(self):
         aliases = {"true": "on", "false": "off"}  # TOML booleans arrive here as "True"/"False"

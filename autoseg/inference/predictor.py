@@ -104,7 +104,13 @@ class Predictor:
             network.load_state_dict(ckpt["network"])
             del ckpt
             self.runners.append(
-                TileRunner(network.to(device), device, settings.compile, amp=device.type == "cuda")
+                TileRunner(
+                    network.to(device),
+                    device,
+                    settings.compile,
+                    amp=device.type == "cuda",
+                    reuse_heap=settings.reuse_heap,
+                )
             )
         if not self.runners:
             raise CheckpointError("no folds given to predict with")
