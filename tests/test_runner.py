@@ -207,3 +207,19 @@ def test_cpu_passes_reuse_their_freed_pages_and_give_them_back():
     assert reused < fresh / 4, (reused, fresh)
     torch.testing.assert_close(out_reused, out_fresh, rtol=0, atol=0)
     assert not runner_mod.HEAP._holding and runner_mod.HEAP._passes == 0
+
+
+@pytest.mark.skipif(runner_mod.HEAP.libc is None, reason="the heap policy needs Linux with glibc")
+def test_sliding_window_hands_the_kept_memory_back_when_done_or_abandoned():
+    """Any caller of the window, a bare network included, ends with the heap policy released."""
+    from autoseg.inference.sliding_window import probability_slabs
+
+    net, image = _unet(), np.random.default_rng(0).normal(size=(2, 24, 40, 40)).astype(np.float32)
+    args = dict(patch_size=[16, 32, 32], num_classes=3, device=CPU, tile_batch=1)
+    predict_sliding_window(net, image, **args)
+    assert not runner_mod.HEAP._holding
+    slabs = probability_slabs(net, image, **args)
+    next(slabs)
+    assert runner_mod.HEAP._holding  # passes ran, their memory is kept for the next ones
+    slabs.close()
+    assert not runner_mod.HEAP._holding

@@ -29,7 +29,7 @@ from autoseg.inference.export import (
     probabilities_to_segmentation,
     write_segmentation,
 )
-from autoseg.inference.runner import HEAP, TileRunner
+from autoseg.inference.runner import TileRunner
 from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
 from autoseg.io.dataset import Case
 from autoseg.io.volume import file_ending
@@ -128,17 +128,11 @@ class Predictor:
 
     def predict_preprocessed(self, image: np.ndarray) -> np.ndarray:
         """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``."""
-        try:
-            return predict_sliding_window(self.runners, image, **self._window_args())
-        finally:
-            HEAP.release()
+        return predict_sliding_window(self.runners, image, **self._window_args())
 
     def probability_slabs(self, image: np.ndarray):
         """:meth:`predict_preprocessed` slab by slab along axis 0 (see :func:`probability_slabs`)."""
-        try:
-            yield from probability_slabs(self.runners, image, **self._window_args())
-        finally:
-            HEAP.release()
+        return probability_slabs(self.runners, image, **self._window_args())
 
     def _window_args(self) -> dict:
         return dict(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from autoseg.inference.runner import TileRunner
+from autoseg.inference.runner import HEAP, TileRunner
 
 _log = logging.getLogger("autoseg")
 
@@ -153,31 +153,46 @@ def probability_slabs(
         runner.expect(len(chunks) * len(flips))
     pad_batch = any(r.mode != "off" for r in runners)
     lo = 0  # axis-0 index of the window's first slice; every slice before it has been handed out
-    for ci, chunk in enumerate(chunks):
-        with torch.inference_mode():  # not held across the yield: the caller's code runs as usual
-            fill_to = tile_batch if pad_batch else 0
-            _accumulate_batch(
-                runners, img_t, chunk, patch3, dim, flips, fill_to, activation, acc, norm, weight, lo, device
-            )
-            # slices before the next tile's start are final: out of the window
-            done = chunks[ci + 1][0][0] if ci + 1 < len(chunks) else shape[0]
-            if done <= lo:
-                continue
-            n = done - lo
-            a, b = max(lo, pad_before[0]), min(done, pad_before[0] + spatial[0])
-            slab = None
-            if b > a:
-                w = slice(a - lo, b - lo)
-                slab = (acc[:, w] / norm[w])[(slice(None), slice(None)) + yx].cpu().numpy()
-            keep = depth - n
-            if keep > 0:
-                acc[:, :keep] = acc[:, n:].clone()
-                norm[:keep] = norm[n:].clone()
-            acc[:, max(keep, 0) :] = 0
-            norm[max(keep, 0) :] = 0
-            lo = done
-        if slab is not None:
-            yield a - pad_before[0], b - pad_before[0], slab
+    try:
+        for ci, chunk in enumerate(chunks):
+            with torch.inference_mode():  # not held across the yield: the caller's code runs as usual
+                fill_to = tile_batch if pad_batch else 0
+                _accumulate_batch(
+                    runners,
+                    img_t,
+                    chunk,
+                    patch3,
+                    dim,
+                    flips,
+                    fill_to,
+                    activation,
+                    acc,
+                    norm,
+                    weight,
+                    lo,
+                    device,
+                )
+                # slices before the next tile's start are final: out of the window
+                done = chunks[ci + 1][0][0] if ci + 1 < len(chunks) else shape[0]
+                if done <= lo:
+                    continue
+                n = done - lo
+                a, b = max(lo, pad_before[0]), min(done, pad_before[0] + spatial[0])
+                slab = None
+                if b > a:
+                    w = slice(a - lo, b - lo)
+                    slab = (acc[:, w] / norm[w])[(slice(None), slice(None)) + yx].cpu().numpy()
+                keep = depth - n
+                if keep > 0:
+                    acc[:, :keep] = acc[:, n:].clone()
+                    norm[:keep] = norm[n:].clone()
+                acc[:, max(keep, 0) :] = 0
+                norm[max(keep, 0) :] = 0
+                lo = done
+            if slab is not None:
+                yield a - pad_before[0], b - pad_before[0], slab
+    finally:  # the memory CPU passes kept for each other goes back once the window is done (or abandoned)
+        HEAP.release()
 
 
 def _accumulate_batch(
