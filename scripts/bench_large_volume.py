@@ -397,7 +397,7 @@ def cpu_tile_batch() -> int:
     """Tiles per forward pass that ``autoseg predict --device cpu`` uses (setting 0 means automatic: 1 on CPU)."""
     from autoseg.settings import InferenceSettings
 
-    return InferenceSettings().tile_batch or 1
+    return InferenceSettings().tiles_per_pass("cpu")
 
 
 def time_one_tile(work: Path, n: int = 3) -> float:

@@ -223,3 +223,10 @@ def test_sliding_window_hands_the_kept_memory_back_when_done_or_abandoned():
     assert runner_mod.HEAP._holding  # passes ran, their memory is kept for the next ones
     slabs.close()
     assert not runner_mod.HEAP._holding
+
+
+def test_tiles_per_pass_defaults_by_device_and_honours_a_set_batch():
+    assert InferenceSettings().tiles_per_pass("cuda") == 2
+    assert InferenceSettings().tiles_per_pass("cpu") == 1
+    assert InferenceSettings().tiles_per_pass("mps") == 1
+    assert InferenceSettings(tile_batch=3).tiles_per_pass("cuda") == 3

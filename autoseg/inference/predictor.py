@@ -141,7 +141,7 @@ class Predictor:
             device=self.device,
             step_size=self.settings.step_size,
             mirror_axes=self.mirror_axes,
-            tile_batch=self.settings.tile_batch or (2 if self.device.type == "cuda" else 1),
+            tile_batch=self.settings.tiles_per_pass(self.device.type),
             activation="sigmoid" if self.plans.region_based else "softmax",
         )
 
