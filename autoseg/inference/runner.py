@@ -2,7 +2,7 @@
 
 Compiling (TorchInductor with frozen weights: weights are folded into the compiled graph as constants and
 pre-packed for the convolution library, and the normalisation and activation layers are fused into generated
-kernels) makes a CPU forward pass of a 3D U-Net 1.2× (AVX2) to 1.5× (AVX-512) faster, but costs tens of seconds
+kernels) makes a CPU forward pass of a 3D U-Net 1.2× (AVX2) to 1.7× (AVX-512) faster, but costs tens of seconds
 once per network.
 So the ``"auto"`` mode runs the first pass eagerly and compiles once the network time would clearly exceed
 that cost: when the eager time already spent plus what the current volume still needs at the measured pace
