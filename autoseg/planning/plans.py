@@ -9,6 +9,8 @@ spatial lists have two entries (the in-plane axes).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +19,25 @@ from autoseg.jsonio import read_json, write_json
 from autoseg.preprocessing.normalize import ChannelNormalization
 
 PLANS_SCHEMA_VERSION = 1
+# Sanity limits for plans read from disk (a hand-edited WORK/plans.json, or one from a model bundle, is
+# untrusted). Every plan the planner makes lies well inside them: its patch starts at 256^3 voxels (2D:
+# 2048^2) and is only rounded up to the total stride, it makes at most 7 stages of at most 512 features,
+# strides 1-2 and kernels 1 or 3, and its spacings come from images whose spacing is in (0, 100] mm.
+MAX_PATCH_VOXELS = {2: 4 * 2048**2, 3: 4 * 256**3}  # 4x the planner's starting budget
+MAX_PATCH_AXIS = 8192
+MAX_BATCH_VOXELS = 2**30  # batch size x patch voxels of one training step
+SPACING_RANGE_MM = (1e-3, 1e3)
+MAX_STAGES = 10
+MAX_FEATURES = 2048
+MAX_STRIDE = 8
+MAX_KERNEL = 7
+MAX_CONVS_PER_STAGE = 8
+MAX_LABEL_VALUE = 32767  # label maps are stored as uint8 or int16
+MAX_CHANNELS = 256
+MAX_MEDIAN_AXIS = 2**16
+MAX_INTENSITY = 1e30  # clip values, mean and std of a CT normalisation
+NORMALIZATION_SCHEMES = ("zscore", "ct", "none")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a configuration or data folder name
 _REQUIRED_KEYS = (
     "dataset_name",
     "dataset_hash",
@@ -108,6 +129,67 @@ class Configuration:
                 or not all(_positive_ints(v, self.dim) for v in value)
             ):
                 raise bad(what, value, f"{n} lists (one per stage) of {self.dim} positive integers")
+        self._check_ranges(bad)
+
+    def _check_ranges(self, bad) -> None:
+        """The sanity limits above (a plan from anywhere must not make predict allocate without bound)."""
+        from autoseg.planning.memory import ARCHITECTURES
+
+        net = self.network
+        if not isinstance(self.name, str) or not _SAFE_NAME.fullmatch(self.name):
+            raise bad("name", self.name, "a folder name of letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(self.data_identifier, str) or not _SAFE_NAME.fullmatch(self.data_identifier):
+            raise bad(
+                "data_identifier", self.data_identifier, "a folder name of letters, digits, '_', '.', '-'"
+            )
+        if (
+            any(p > MAX_PATCH_AXIS for p in self.patch_size)
+            or math.prod(self.patch_size) > MAX_PATCH_VOXELS[self.dim]
+        ):
+            raise bad(
+                "patch_size",
+                self.patch_size,
+                f"at most {MAX_PATCH_VOXELS[self.dim]} voxels (4x the planner's starting patch) and "
+                f"{MAX_PATCH_AXIS} per axis",
+            )
+        if self.batch_size * math.prod(self.patch_size) > MAX_BATCH_VOXELS:
+            raise bad(
+                "batch_size", self.batch_size, f"such that batch x patch is at most {MAX_BATCH_VOXELS} voxels"
+            )
+        low, high = SPACING_RANGE_MM
+        if not all(low <= s <= high for s in self.spacing):
+            raise bad("spacing", self.spacing, f"in [{low:g}, {high:g}] mm")
+        if (
+            not _positive_ints(self.median_shape, len(self.median_shape))
+            or not 2 <= len(self.median_shape) <= 3
+        ):
+            raise bad("median_shape", self.median_shape, "2 or 3 positive integers")
+        if any(m > MAX_MEDIAN_AXIS for m in self.median_shape):
+            raise bad("median_shape", self.median_shape, f"at most {MAX_MEDIAN_AXIS} per axis")
+        if net.architecture not in ARCHITECTURES:
+            raise bad("architecture", net.architecture, f"one of {', '.join(ARCHITECTURES)}")
+        if net.n_stages > MAX_STAGES:
+            raise bad("number of stages", net.n_stages, f"at most {MAX_STAGES}")
+        if max(net.features_per_stage) > MAX_FEATURES:
+            raise bad("features_per_stage", net.features_per_stage, f"at most {MAX_FEATURES} per stage")
+        if any(s > MAX_STRIDE for st in net.strides for s in st):
+            raise bad("strides", net.strides, f"at most {MAX_STRIDE}")
+        if any(k > MAX_KERNEL or k % 2 == 0 for ks in net.kernel_sizes for k in ks):
+            raise bad("kernel_sizes", net.kernel_sizes, f"odd and at most {MAX_KERNEL}")
+        if not _positive_ints([net.n_conv_per_stage], 1) or net.n_conv_per_stage > MAX_CONVS_PER_STAGE:
+            raise bad("n_conv_per_stage", net.n_conv_per_stage, f"an integer in 1..{MAX_CONVS_PER_STAGE}")
+        if not isinstance(net.deep_supervision, bool):
+            raise bad("deep_supervision", net.deep_supervision, "true or false")
+        if any(p % t for p, t in zip(self.patch_size, net.total_stride())):
+            raise bad("patch_size", self.patch_size, f"divisible by the total stride {net.total_stride()}")
+        if not _finite(self.estimated_memory_gb) or self.estimated_memory_gb < 0:
+            raise bad("estimated_memory_gb", self.estimated_memory_gb, "a non-negative number")
+        if not isinstance(self.batch_dice, bool):
+            raise bad("batch_dice", self.batch_dice, "true or false")
+        if self.previous_stage is not None and not isinstance(self.previous_stage, str):
+            raise bad("previous_stage", self.previous_stage, "a configuration name or null")
+        if not isinstance(self.estimated_step_seconds, dict):
+            raise bad("estimated_step_seconds", self.estimated_step_seconds, "an object")
 
 
 def _positive_ints(values, n: int) -> bool:
@@ -116,6 +198,14 @@ def _positive_ints(values, n: int) -> bool:
         and len(values) == n
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
     )
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _positive_numbers(values, n: int) -> bool:
@@ -221,9 +311,10 @@ class Plans:
             isinstance(c, dict) for c in d["configurations"].values()
         ):
             raise PlansError("'configurations' must be an object mapping names to configurations")
-        if sorted(d["transpose_forward"]) != [0, 1, 2]:
+        if not isinstance(d["transpose_forward"], list) or sorted(d["transpose_forward"]) != [0, 1, 2]:
             raise PlansError(f"transpose_forward {d['transpose_forward']!r} must be a permutation of 0, 1, 2")
-        return cls(
+        _check_untrusted(d)
+        plans = cls(
             schema_version=version,
             dataset_name=d["dataset_name"],
             dataset_hash=d["dataset_hash"],
@@ -240,6 +331,24 @@ class Plans:
             configurations={k: Configuration.from_json(c) for k, c in d["configurations"].items()},
             reasons=list(d.get("reasons", [])),
         )
+        plans._check_configurations()
+        return plans
+
+    def _check_configurations(self) -> None:
+        """Each configuration is stored under its own name; a cascade's previous stage exists, is another 3D
+        configuration and the chain ends."""
+        for key, c in self.configurations.items():
+            if c.name != key:
+                raise PlansError(f"configuration '{key}' has name {c.name!r}; they must agree")
+            seen = [key]
+            while self.configurations[seen[-1]].previous_stage is not None:
+                prev = self.configurations[seen[-1]].previous_stage
+                if prev not in self.configurations or prev in seen or self.configurations[prev].dim != 3:
+                    raise PlansError(
+                        f"configuration '{key}': previous_stage chain {' -> '.join(seen + [str(prev)])} must "
+                        "end at a 3D configuration of these plans, without a cycle"
+                    )
+                seen.append(prev)
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())
@@ -256,3 +365,89 @@ class Plans:
             raise PlansError(f"{path}: {exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PlansError(f"{path}: invalid plans ({type(exc).__name__}: {exc})") from None
+
+
+_ORIENTATION_AXES = ("LR", "AP", "SI")
+
+
+def _check_untrusted(d: dict) -> None:
+    """Types and ranges of the plan-wide fields of a decoded plans.json (see the limits at the top)."""
+    from autoseg.io.volume import SUPPORTED_ENDINGS
+
+    def bad(what: str, value, must: str) -> PlansError:
+        shown = repr(value)
+        return PlansError(f"{what} {shown if len(shown) <= 80 else shown[:77] + '...'} must be {must}")
+
+    names = d["channel_names"]
+    if (
+        not isinstance(names, list)
+        or not 1 <= len(names) <= MAX_CHANNELS
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise bad("channel_names", names, f"a list of 1 to {MAX_CHANNELS} names")
+    norms = d["normalization"]
+    if not isinstance(norms, list) or len(norms) != len(names):
+        raise bad("normalization", norms, f"a list with one entry per channel ({len(names)})")
+    fields = {"scheme", "use_mask", "clip_low", "clip_high", "mean", "std"}
+    for c, n in enumerate(norms):
+        if not isinstance(n, dict) or not set(n) <= fields or "scheme" not in n:
+            raise bad(f"normalization of channel {c}", n, f"an object with keys among {sorted(fields)}")
+        if n["scheme"] not in NORMALIZATION_SCHEMES:
+            raise bad(
+                f"normalization scheme of channel {c}",
+                n["scheme"],
+                f"one of {', '.join(NORMALIZATION_SCHEMES)}",
+            )
+        if not isinstance(n.get("use_mask", False), bool):
+            raise bad(f"normalization use_mask of channel {c}", n["use_mask"], "true or false")
+        for key in ("clip_low", "clip_high", "mean", "std"):
+            v = n.get(key)
+            if (n["scheme"] == "ct" or v is not None) and not (_finite(v) and abs(v) <= MAX_INTENSITY):
+                raise bad(
+                    f"normalization {key} of channel {c}",
+                    v,
+                    f"a number of magnitude at most {MAX_INTENSITY:g}",
+                )
+        if n["scheme"] == "ct" and (n["clip_low"] > n["clip_high"] or n["std"] <= 0):
+            raise bad(f"CT normalization of channel {c}", n, "clip_low <= clip_high and std > 0")
+    orientation = d["orientation"]
+    if (
+        not isinstance(orientation, str)
+        or len(orientation) != 3
+        or sorted(next((i for i, ax in enumerate(_ORIENTATION_AXES) if ch in ax), -1) for ch in orientation)
+        != [0, 1, 2]
+    ):
+        raise bad("orientation", orientation, "3 letters, one of L/R, one of A/P and one of S/I (e.g. 'LPS')")
+    if not isinstance(d["file_ending"], str) or d["file_ending"].lower() not in SUPPORTED_ENDINGS:
+        raise bad("file_ending", d["file_ending"], f"one of {', '.join(SUPPORTED_ENDINGS)}")
+    gpu = d["gpu_memory_gb"]
+    if not _finite(gpu) or not 0 < gpu <= 1e4:
+        raise bad("gpu_memory_gb", gpu, "a number in (0, 10000]")
+
+    def label_value(v) -> bool:
+        return _int(v) and 0 <= v <= MAX_LABEL_VALUE
+
+    labels = d["labels"]
+    if not isinstance(labels, dict) or not labels or not all(label_value(v) for v in labels.values()):
+        raise bad("labels", labels, f"a non-empty object of label values 0..{MAX_LABEL_VALUE}")
+    if 0 not in labels.values() or len(set(labels.values())) != len(labels):
+        raise bad("labels", labels, "distinct values with background 0")
+    regions = d.get("regions", {})
+    if not isinstance(regions, dict) or not all(
+        isinstance(v, list) and v and all(label_value(x) and x > 0 for x in v) for v in regions.values()
+    ):
+        raise bad("regions", regions, f"an object of non-empty lists of label values 1..{MAX_LABEL_VALUE}")
+    order = d.get("regions_class_order", [])
+    if not isinstance(order, list) or not all(label_value(x) and x > 0 for x in order):
+        raise bad("regions_class_order", order, f"a list of label values 1..{MAX_LABEL_VALUE}")
+    if order and len(order) != len(regions):
+        raise bad("regions_class_order", order, f"one value per region ({len(regions)})")
+    ignore = d.get("ignore_label")
+    others = [v for v in labels.values() if v != ignore] + [x for v in regions.values() for x in v]
+    if ignore is not None and (
+        not label_value(ignore) or ignore not in labels.values() or ignore <= max(others)
+    ):
+        raise bad("ignore_label", ignore, "null or the largest value in labels")
+    plain = sorted(v for v in labels.values() if v != ignore)
+    if not order and plain != list(range(len(plain))):
+        raise bad("labels", labels, "consecutive values from 0 (without region-based training)")
