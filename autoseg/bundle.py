@@ -7,11 +7,30 @@ A bundle is a zip file holding what prediction needs and nothing else::
     inference_instructions.json     only if find-best ran and chose the exported configurations
     results/<config>/fold_<k>/checkpoint_final.pt   network weights + metadata (no optimizer state)
 
-Import is defensive, since a bundle may come from anywhere: every member name must be a plain relative path
-listed in the manifest (no absolute path, no ``..``, no drive letter or backslash, no link, no directory
-entry that is not a prefix of a listed file), every file must match its sha256, and the plans and checkpoints
-must agree (each checkpoint is loaded with ``weights_only=True`` and checked against the topology of its
-configuration). Files are extracted into a temporary folder next to the target and renamed into place.
+Import treats a bundle as untrusted input, since it may come from anywhere, and checks everything before it
+writes anything where the user asked:
+
+- **Only what a bundle may hold**: the names above and nothing else (allow-list), each once (no duplicate
+  entry, no two names that differ only in case), every one listed in the manifest and every listed one present;
+  no absolute path, ``..``, drive letter or backslash, no link, no directory entry but the parents of listed
+  files, no encrypted member, no compression method but stored and deflate.
+- **Bounded**: the central directory holds at most ``MAX_ENTRIES`` entries; ``manifest.json`` is at most
+  ``MANIFEST_MAX_BYTES`` (1 MiB), each other JSON file at most ``JSON_MAX_BYTES`` (16 MiB), each checkpoint at
+  most ``CHECKPOINT_MAX_BYTES`` (1 GiB: the largest network the planner makes, a 3D vnet of 6 stages up to 320
+  features, has 206 M parameters, 787 MiB of float32 weights) and at most what the weights of its planned
+  network take (plus 4 KiB per tensor and 1 MiB), and all members together at most ``TOTAL_MAX_BYTES`` (24 GiB:
+  the four configurations the planner makes x six folds x 1 GiB). A member above 1 MiB that its header says
+  expands more than ``MAX_RATIO`` (100) times is refused as a zip bomb before anything is expanded (weights
+  compress about 1.1x, JSON about 10x). The declared sizes are checked before reading, and the bytes actually
+  read are counted while streaming (1 MiB at a time through sha256 into the file), so a header that lies
+  cannot make import read or write more; CRC and sha256 are both checked.
+- **Checked content**: the plans pass :meth:`Plans.load`'s checks for untrusted plans, dataset.json parses and
+  agrees with them, the inference instructions parse and name configurations and folds of the bundle, and every
+  checkpoint (loaded with ``weights_only=True``, memory-mapped) is for its configuration and holds exactly the
+  tensors (names, shapes, dtypes) of the network its plans describe.
+
+Errors name the bundle and the member (``model.zip:plans.json: ...``). Files are extracted into a temporary
+folder next to the target and renamed into place; a refused import leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,24 +39,37 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from autoseg import __version__
-from autoseg.checkpoint_io import check_compatible, load_checkpoint
-from autoseg.errors import CheckpointError, PlansError
+from autoseg.checkpoint_io import check_compatible, check_weights, load_checkpoint
+from autoseg.errors import AutosegError, CheckpointError, PlansError
 from autoseg.jsonio import read_json, temp_path_for
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 
 BUNDLE_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-_MAX_MEMBER_BYTES = 8 * 2**30  # a member larger than this is refused (zip bombs)
+MANIFEST_MAX_BYTES = 2**20
+JSON_MAX_BYTES = 16 * 2**20
+CHECKPOINT_MAX_BYTES = 2**30
+TOTAL_MAX_BYTES = 24 * 2**30
+MAX_ENTRIES = 256
+MAX_RATIO = 100
+_CHUNK = 2**20
+_JSON_MEMBERS = ("plans.json", "dataset.json", "inference_instructions.json")
+_CHECKPOINT = re.compile(
+    r"results/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(fold_(?:all|[0-9]|[1-9][0-9]))/checkpoint_final\.pt"
+)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _topology(plans: Plans, config: str) -> dict:
@@ -128,95 +160,366 @@ def _safe_name(name: str, bundle: Path) -> str:
     return str(PurePosixPath(*parts))
 
 
+def _allowed(name: str) -> bool:
+    return name == MANIFEST or name in _JSON_MEMBERS or _CHECKPOINT.fullmatch(name) is not None
+
+
+def _show(name: str) -> str:
+    return repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+
+
 def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkDir:
-    """Check and unpack ``bundle`` into the new folder ``workdir`` (which must not exist or be empty)."""
+    """Check and unpack ``bundle`` into the new folder ``workdir`` (which must not exist or be empty); see the
+    module docstring for what is checked. Nothing is written unless every check passes."""
     bundle, target = Path(bundle), Path(workdir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise PlansError(f"{target}: exists and is not empty; give a new folder to import the model into")
+    if target.exists() and not target.is_dir():
+        raise PlansError(f"{target}: exists and is not a folder; give a new folder to import the model into")
+    if target.is_dir() and any(target.iterdir()):
+        raise PlansError(
+            f"{target}: already holds files (a WORK folder or another model?); give a new or empty folder to "
+            "import the model into"
+        )
+    if not bundle.exists():
+        raise PlansError(f"{bundle}: model bundle not found")
+    if not bundle.is_file():
+        raise PlansError(
+            f"{bundle}: not a file; a model bundle is the zip file 'autoseg export-model' writes"
+        )
+    try:
+        with open(bundle, "rb") as fh:
+            end = zipfile._EndRecData(fh)  # the end record only: refuse a huge central directory unread
+    except OSError as exc:
+        raise PlansError(f"{bundle}: cannot read the model bundle ({exc.strerror or exc})") from None
+    if not end:
+        raise PlansError(f"{bundle}: not a zip file; not a model bundle from 'autoseg export-model'")
+    if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ENTRIES or end[zipfile._ECD_SIZE] > MAX_ENTRIES * 1024:
+        raise PlansError(
+            f"{bundle}: holds {end[zipfile._ECD_ENTRIES_TOTAL]} entries; a model bundle holds at most {MAX_ENTRIES}"
+        )
     try:
         zf = zipfile.ZipFile(bundle)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise PlansError(f"{bundle}: not a readable model bundle ({exc})") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise PlansError(
+            f"{bundle}: not a readable zip file ({exc}); the bundle is damaged or truncated"
+        ) from None
     with zf:
-        manifest = _read_manifest(zf, bundle)
+        infos = _check_entries(zf, bundle)
+        manifest = _read_manifest(zf, infos.pop(MANIFEST, None), bundle)
         files = manifest["files"]
-        infos = {}
-        for info in zf.infolist():
-            name = _safe_name(info.filename, bundle)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise PlansError(f"{bundle}: member '{name}' is a link; refusing to extract")
-            if info.is_dir():
-                if not any(f.startswith(name.rstrip("/") + "/") for f in files):
-                    raise PlansError(f"{bundle}: unexpected folder '{name}'")
-                continue
-            if name == MANIFEST:
-                continue
-            if name not in files:
-                raise PlansError(f"{bundle}: member '{name}' is not listed in the manifest")
-            if name in infos:
-                raise PlansError(f"{bundle}: member '{name}' appears twice")
-            if info.file_size > _MAX_MEMBER_BYTES:
-                raise PlansError(f"{bundle}: member '{name}' is implausibly large ({info.file_size} bytes)")
-            infos[name] = info
+        extra = sorted(set(infos) - set(files))
+        if extra:
+            raise PlansError(f"{bundle}:{extra[0]}: member is not listed in the manifest")
         missing = sorted(set(files) - set(infos))
         if missing:
-            raise PlansError(f"{bundle}: listed file '{missing[0]}' is missing")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            raise PlansError(f"{bundle}:{missing[0]}: listed in the manifest but missing from the bundle")
+        for name in ("plans.json", "dataset.json"):
+            if name not in infos:
+                raise PlansError(f"{bundle}: no {name}; not a model bundle from 'autoseg export-model'")
+        created = _missing_parents(target)
         try:
+            for p in created:
+                p.mkdir()
+        except OSError as exc:
+            _remove_empty(created)
+            raise PlansError(f"{target}: cannot create the folder ({exc.strerror or exc})") from None
+        staging = None
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            work = WorkDir(staging)
+            # the small files first: the plans say how large each checkpoint may be
+            for name in sorted(infos, key=lambda n: n.endswith(".pt")):
+                if name.endswith(".pt"):
+                    break
+                _extract(zf, infos[name], files[name], staging, bundle, JSON_MAX_BYTES)
+            plans = _check_json_members(work, manifest, set(infos), bundle)
             for name, info in infos.items():
-                data = zf.read(info)
-                if hashlib.sha256(data).hexdigest() != files[name]:
-                    raise PlansError(f"{bundle}: '{name}' does not match its checksum (damaged bundle)")
-                dest = staging.joinpath(*PurePosixPath(name).parts)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-            _check_consistent(WorkDir(staging), manifest, bundle)
+                if name.endswith(".pt"):
+                    config = _CHECKPOINT.fullmatch(name).group(1)
+                    expected = _expected_weights(plans, config, bundle, name)
+                    limit = min(
+                        CHECKPOINT_MAX_BYTES,
+                        sum(t.numel() * t.element_size() for t in expected.values())
+                        + 4096 * len(expected)
+                        + 2**20,
+                    )
+                    _extract(zf, info, files[name], staging, bundle, limit)
+                    _check_checkpoint(work, name, config, plans, expected, bundle)
+            _check_manifest_folds(manifest, set(infos), bundle)
             if target.exists():
                 target.rmdir()
             os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException as exc:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(created)
+            if isinstance(exc, AutosegError) and staging is not None:
+                # a message about a staged file names the member of the bundle, not the deleted staging path
+                text = str(exc).replace(f"{staging}{os.sep}", f"{bundle}:").replace(str(staging), str(bundle))
+                if text != str(exc):
+                    raise type(exc)(text) from None
             raise
     return WorkDir(target)
 
 
-def _read_manifest(zf: zipfile.ZipFile, bundle: Path) -> dict:
+def _missing_parents(target: Path) -> list[Path]:
+    """``target``'s ancestors that do not exist yet, outermost first (created for the import, removed again if
+    it is refused)."""
+    out = []
+    p = target.parent
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return list(reversed(out))
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def _check_entries(zf: zipfile.ZipFile, bundle: Path) -> dict[str, zipfile.ZipInfo]:
+    """The file members by name, after every check that needs only the central directory."""
+    infos: dict[str, zipfile.ZipInfo] = {}
+    folders: list[str] = []
+    seen: dict[str, str] = {}
+    total = 0
+    for info in zf.infolist():
+        name = _safe_name(info.filename, bundle)
+        key = name.rstrip("/").casefold()
+        if key in seen:
+            what = (
+                "appears twice"
+                if seen[key] == name.rstrip("/")
+                else f"collides with {_show(seen[key])} (names differ only in case)"
+            )
+            raise PlansError(f"{bundle}:{name}: member {what}; refusing an ambiguous bundle")
+        seen[key] = name.rstrip("/")
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise PlansError(f"{bundle}:{name}: member is a link; refusing to extract")
+        if info.is_dir():
+            folders.append(name.rstrip("/"))
+            continue
+        if not _allowed(name):
+            raise PlansError(
+                f"{bundle}:{name}: not something a model bundle holds (only manifest.json, plans.json, "
+                "dataset.json, inference_instructions.json and results/<config>/fold_<k>/checkpoint_final.pt)"
+            )
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+            raise PlansError(f"{bundle}:{name}: member is not a regular file; refusing to extract")
+        if info.flag_bits & 0x1:
+            raise PlansError(f"{bundle}:{name}: member is encrypted; model bundles are not")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise PlansError(
+                f"{bundle}:{name}: compression method {info.compress_type} (model bundles use stored or deflate)"
+            )
+        cap = (
+            MANIFEST_MAX_BYTES
+            if name == MANIFEST
+            else JSON_MAX_BYTES
+            if name.endswith(".json")
+            else CHECKPOINT_MAX_BYTES
+        )
+        if info.file_size > cap:
+            raise PlansError(
+                f"{bundle}:{name}: declares {info.file_size} bytes; at most {cap} ({_mib(cap)}) are allowed for it"
+            )
+        if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise PlansError(
+                f"{bundle}:{name}: would expand {info.file_size / max(info.compress_size, 1):.0f}x "
+                f"({info.compress_size} -> {info.file_size} bytes; at most {MAX_RATIO}x); refusing a zip bomb"
+            )
+        total += info.file_size
+        if total > TOTAL_MAX_BYTES:
+            raise PlansError(
+                f"{bundle}: members declare more than {TOTAL_MAX_BYTES} bytes in all ({_mib(TOTAL_MAX_BYTES)}: "
+                "4 configurations x 6 folds x 1 GiB)"
+            )
+        infos[name] = info
+    for folder in folders:
+        if not any(f.startswith(folder + "/") for f in infos):
+            raise PlansError(f"{bundle}:{folder}/: unexpected folder entry")
+    return infos
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
+
+
+def _stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, bundle: Path, limit: int, sink) -> str:
+    """Read member ``info`` in 1 MiB chunks into ``sink`` and return its sha256; refuse more than ``limit``
+    bytes (or more than its header declares) as they arrive, and any read error, in one line."""
+    name = info.filename
+    digest = hashlib.sha256()
+    size = 0
     try:
-        manifest = json.loads(zf.read(MANIFEST))
-    except KeyError:
-        raise PlansError(f"{bundle}: no {MANIFEST}; not an autoseg model bundle") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PlansError(f"{bundle}: {MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != BUNDLE_SCHEMA_VERSION:
+        with zf.open(info) as src:
+            while chunk := src.read(_CHUNK):
+                size += len(chunk)
+                if size > limit or size > info.file_size:
+                    raise PlansError(
+                        f"{bundle}:{name}: holds more than {min(limit, info.file_size)} bytes "
+                        f"({'its header declares ' + str(info.file_size) if size > info.file_size else 'the limit for it'})"
+                    )
+                digest.update(chunk)
+                sink(chunk)
+    except PlansError:
+        raise
+    except (zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError, ValueError) as exc:
+        raise PlansError(f"{bundle}:{name}: cannot be read ({exc}); the bundle is damaged") from None
+    except OSError as exc:
+        raise PlansError(f"{bundle}:{name}: cannot be read ({exc.strerror or exc})") from None
+    if size != info.file_size:
+        raise PlansError(f"{bundle}:{name}: holds {size} bytes, but its header declares {info.file_size}")
+    return digest.hexdigest()
+
+
+def _extract(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, sha256: str, staging: Path, bundle: Path, limit: int
+) -> None:
+    name = _safe_name(info.filename, bundle)
+    if info.file_size > limit:
         raise PlansError(
-            f"{bundle}: bundle schema {manifest.get('schema_version') if isinstance(manifest, dict) else '?'} "
-            f"is not supported (expected {BUNDLE_SCHEMA_VERSION})"
+            f"{bundle}:{name}: declares {info.file_size} bytes; at most {limit} are allowed for it"
+        )
+    dest = staging.joinpath(*PurePosixPath(name).parts)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "xb") as out:
+        digest = _stream(zf, info, bundle, limit, out.write)
+    if digest != sha256:
+        raise PlansError(f"{bundle}:{name}: does not match its checksum in the manifest (damaged bundle)")
+
+
+def _read_manifest(zf: zipfile.ZipFile, info: zipfile.ZipInfo | None, bundle: Path) -> dict:
+    if info is None:
+        raise PlansError(f"{bundle}: no {MANIFEST}; not an autoseg model bundle")
+    parts: list[bytes] = []
+    _stream(zf, info, bundle, MANIFEST_MAX_BYTES, parts.append)
+    where = f"{bundle}:{MANIFEST}"
+    try:
+        manifest = json.loads(b"".join(parts))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlansError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PlansError(f"{where}: nested too deeply to be a manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != BUNDLE_SCHEMA_VERSION:
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else "?"
+        raise PlansError(
+            f"{where}: bundle schema {version!r} is not supported (expected {BUNDLE_SCHEMA_VERSION})"
         )
     files = manifest.get("files")
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise PlansError(f"{bundle}: {MANIFEST} has no valid file list")
+    if not isinstance(files, dict) or not all(
+        isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()
+    ):
+        raise PlansError(f"{where}: 'files' must map each file of the bundle to its sha256 (64 hex digits)")
     for name in files:
-        _safe_name(name, bundle)
+        if _safe_name(name, bundle) != name or name == MANIFEST or not _allowed(name):
+            raise PlansError(f"{where}: lists {_show(name)}, which is not something a model bundle holds")
+    configs = manifest.get("configs", [])
+    if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
+        raise PlansError(f"{where}: 'configs' must be a list of configuration names")
+    folds = manifest.get("folds", {})
+    if not isinstance(folds, dict) or not all(
+        isinstance(v, list) and all(isinstance(f, str) for f in v) for v in folds.values()
+    ):
+        raise PlansError(f"{where}: 'folds' must map configuration names to lists of folds")
     return manifest
 
 
-def _check_consistent(work: WorkDir, manifest: dict, bundle: Path) -> None:
-    """Plans load, every configuration named exists, and every checkpoint in the bundle matches the network
-    its configuration plans (the checkpoints are found from the file list, not trusted from the manifest)."""
+def _check_json_members(work: WorkDir, manifest: dict, names: set[str], bundle: Path) -> Plans:
+    """Plans (untrusted-plans checks), dataset.json (parsed, and the same channels, labels and file ending as
+    the plans), the inference instructions (configurations and folds that are in the bundle)."""
+    from autoseg.errors import DatasetError
+    from autoseg.io.dataset import parse_dataset_json
+    from autoseg.selection import InferenceInstructions
+
+    plans = Plans.load(work.plans)
+    where = f"{bundle}:dataset.json"
     try:
-        plans = Plans.load(work.plans)
-    except PlansError as exc:
-        raise PlansError(f"{bundle}: {exc}") from None
+        spec = parse_dataset_json(_member_json(work.dataset_json, where), where)
+    except DatasetError as exc:
+        raise PlansError(str(exc)) from None
+    if (
+        list(spec.channel_names) != list(plans.channel_names)
+        or dict(spec.labels) != dict(plans.labels)
+        or spec.file_ending != plans.file_ending
+    ):
+        raise PlansError(f"{where}: channels, labels or file ending differ from the bundle's plans.json")
+    trained = {n.split("/")[1] for n in names if n.endswith(".pt")}
     for config in manifest.get("configs", []):
-        plans.configuration(config)
-    checkpoints = [n for n in manifest["files"] if n.endswith(".pt")]
-    for name in checkpoints:
-        parts = PurePosixPath(name).parts
-        if len(parts) != 4 or parts[0] != "results" or parts[3] != "checkpoint_final.pt":
-            raise PlansError(f"{bundle}: unexpected file '{name}'")
-        config = parts[1]
-        plans.configuration(config)
-        path = work.root.joinpath(*parts)
-        check_compatible(load_checkpoint(path), path, config, _topology(plans, config))
+        _in_plans(plans, config, f"{bundle}:{MANIFEST}")
+    if "inference_instructions.json" in names:
+        where = f"{bundle}:inference_instructions.json"
+        try:
+            instructions = InferenceInstructions.from_json(_member_json(work.inference_instructions, where))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PlansError(
+                f"{where}: invalid inference instructions ({type(exc).__name__}: {exc})"
+            ) from None
+        for config in instructions.configs:
+            _in_plans(plans, config, where)
+            if config not in trained:
+                raise PlansError(
+                    f"{where}: names configuration '{config}', but the bundle has no weights for it"
+                )
+        structures = set(spec.foreground_labels) | set(spec.regions)
+        unknown = sorted(set(instructions.postprocessing.keep_largest) - structures)
+        if unknown:
+            raise PlansError(
+                f"{where}: postprocessing names {unknown}, which are not labels or regions of dataset.json"
+            )
+    return plans
+
+
+def _member_json(path: Path, where: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlansError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PlansError(f"{where}: nested too deeply") from None
+
+
+def _in_plans(plans: Plans, config: str, where: str) -> None:
+    if config not in plans.configurations:
+        raise PlansError(
+            f"{where}: names configuration {_show(config)}, which is not in the bundle's plans.json "
+            f"(available: {', '.join(plans.configurations)})"
+        )
+
+
+def _expected_weights(plans: Plans, config: str, bundle: Path, name: str) -> dict:
+    """The state dict (on the meta device: shapes and dtypes, no memory) of ``config``'s planned network."""
+    from autoseg.networks import build_network
+
+    _in_plans(plans, config, f"{bundle}:{name}")
+    with torch.device("meta"):
+        network = build_network(
+            plans.configuration(config).network, plans.input_channels(config), plans.num_outputs
+        )
+    return network.state_dict()
+
+
+def _check_checkpoint(
+    work: WorkDir, name: str, config: str, plans: Plans, expected: dict, bundle: Path
+) -> None:
+    path = work.root.joinpath(*PurePosixPath(name).parts)
+    ckpt = load_checkpoint(path, mmap=True)
+    check_compatible(ckpt, path, config, _topology(plans, config))
+    check_weights(ckpt, path, expected)
+    del ckpt
+
+
+def _check_manifest_folds(manifest: dict, names: set[str], bundle: Path) -> None:
+    """The manifest's ``folds`` are the checkpoints the bundle holds (when it lists any)."""
+    held: dict[str, set[str]] = {}
+    for n in names:
+        if n.endswith(".pt"):
+            _, config, fold, _ = n.split("/")
+            held.setdefault(config, set()).add(fold[len("fold_") :])
+    folds = manifest.get("folds", {})
+    if folds and {c: set(v) for c, v in folds.items()} != held:
+        raise PlansError(f"{bundle}:{MANIFEST}: 'folds' {folds} does not match the checkpoints in the bundle")

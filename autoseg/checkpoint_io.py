@@ -34,14 +34,16 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load with ``weights_only=True``; ``mmap`` maps the tensors from the file instead of reading them (for
+    checks that look at shapes only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it better
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # weights_only refuses any pickled object but tensors and plain data, so nothing in it has run
         raise CheckpointError(
@@ -79,3 +81,25 @@ def check_compatible(ckpt: dict, path: Path, config: str, topology: dict) -> Non
         raise CheckpointError(
             f"{path}: checkpoint network does not match the plans (architecture or topology changed)"
         )
+
+
+def check_weights(ckpt: dict, path: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt['network']`` holds exactly the tensors of ``expected`` (a
+    network's ``state_dict()``, possibly on the meta device): same names, shapes and dtypes."""
+    weights = ckpt.get("network")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: 'network' is not a dict of tensors; not an autoseg checkpoint")
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise CheckpointError(
+            f"{path}: network weights do not match the plans ({what}; {len(missing)} missing, {len(extra)} unexpected)"
+        )
+    for name, want in expected.items():
+        got = weights[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(
+                f"{path}: network weight {name!r} is {got.dtype} {list(got.shape)}, but the plans' network needs "
+                f"{want.dtype} {list(want.shape)}"
+            )

@@ -198,10 +198,11 @@ def test_bundle_links_unlisted_files_and_bad_checksums_are_refused(trained, tmp_
     with pytest.raises(PlansError, match="is a link"):
         import_model(_hostile(tmp_path, "link.zip", {}, link="plans.json"), tmp_path / "w1")
     with pytest.raises(PlansError, match="not listed in the manifest"):
-        import_model(_hostile(tmp_path, "extra.zip", {"a.json": b"{}"}, listed={}), tmp_path / "w2")
+        import_model(_hostile(tmp_path, "extra.zip", {"plans.json": b"{}"}, listed={}), tmp_path / "w2")
     with pytest.raises(PlansError, match="does not match its checksum"):
+        members = {"plans.json": b"{}", "dataset.json": b"{}"}
         import_model(
-            _hostile(tmp_path, "sum.zip", {"a.json": b"{}"}, listed={"a.json": b"[]"}), tmp_path / "w3"
+            _hostile(tmp_path, "sum.zip", members, listed={**members, "plans.json": b"[]"}), tmp_path / "w3"
         )
     with pytest.raises(PlansError, match="no manifest.json"):
         path = tmp_path / "plain.zip"
