@@ -179,6 +179,11 @@ def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkD
             f"{target}: already holds files (a WORK folder or another model?); give a new or empty folder to "
             "import the model into"
         )
+    above = target.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise PlansError(f"{target}: cannot create the folder ({above} is not a folder)")
     if not bundle.exists():
         raise PlansError(f"{bundle}: model bundle not found")
     if not bundle.is_file():
@@ -242,7 +247,8 @@ def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkD
                         + 4096 * len(expected)
                         + 2**20,
                     )
-                    _extract(zf, info, files[name], staging, bundle, limit)
+                    why = f" (the weights of the network that plans.json gives '{config}', with margin)"
+                    _extract(zf, info, files[name], staging, bundle, limit, why)
                     _check_checkpoint(work, name, config, plans, expected, bundle)
             _check_manifest_folds(manifest, set(infos), bundle)
             if target.exists():
@@ -327,6 +333,11 @@ def _check_entries(zf: zipfile.ZipFile, bundle: Path) -> dict[str, zipfile.ZipIn
             raise PlansError(
                 f"{bundle}:{name}: declares {info.file_size} bytes; at most {cap} ({_mib(cap)}) are allowed for it"
             )
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise PlansError(
+                f"{bundle}:{name}: declares {info.file_size} bytes but stores {info.compress_size} uncompressed; "
+                "the bundle is damaged or forged"
+            )
         if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
             raise PlansError(
                 f"{bundle}:{name}: would expand {info.file_size / max(info.compress_size, 1):.0f}x "
@@ -378,12 +389,18 @@ def _stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, bundle: Path, limit: int
 
 
 def _extract(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, sha256: str, staging: Path, bundle: Path, limit: int
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    sha256: str,
+    staging: Path,
+    bundle: Path,
+    limit: int,
+    why: str = "",
 ) -> None:
     name = _safe_name(info.filename, bundle)
     if info.file_size > limit:
         raise PlansError(
-            f"{bundle}:{name}: declares {info.file_size} bytes; at most {limit} are allowed for it"
+            f"{bundle}:{name}: declares {info.file_size} bytes; at most {limit} are allowed for it{why}"
         )
     dest = staging.joinpath(*PurePosixPath(name).parts)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -496,10 +513,16 @@ def _expected_weights(plans: Plans, config: str, bundle: Path, name: str) -> dic
     from autoseg.networks import build_network
 
     _in_plans(plans, config, f"{bundle}:{name}")
-    with torch.device("meta"):
-        network = build_network(
-            plans.configuration(config).network, plans.input_channels(config), plans.num_outputs
-        )
+    try:
+        with torch.device("meta"):
+            network = build_network(
+                plans.configuration(config).network, plans.input_channels(config), plans.num_outputs
+            )
+    except Exception as exc:  # the plans passed their checks, but the network cannot be built from them
+        raise PlansError(
+            f"{bundle}:plans.json: the network of configuration '{config}' cannot be built "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     return network.state_dict()
 
 
