@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -43,7 +44,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it better
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            # only torch's zip format can be mapped; an old-style pickle file is read (and refused) as usual
+            mapped = mmap and zipfile.is_zipfile(path)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
     except pickle.UnpicklingError:
         # weights_only refuses any pickled object but tensors and plain data, so nothing in it has run
         raise CheckpointError(
@@ -100,6 +103,10 @@ def check_weights(ckpt: dict, path: Path, expected: dict[str, torch.Tensor]) -> 
         got = weights[name]
         if got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(
-                f"{path}: network weight {name!r} is {got.dtype} {list(got.shape)}, but the plans' network needs "
-                f"{want.dtype} {list(want.shape)}"
+                f"{path}: network weight {name!r} is {_dtype(got)} {list(got.shape)}, but the plans' network "
+                f"needs {_dtype(want)} {list(want.shape)}"
             )
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
