@@ -390,7 +390,13 @@ def predict_with_model(
 
     with tempfile.TemporaryDirectory(prefix="autoseg-model-") as tmp:
         work = import_model(model, Path(tmp) / "work")
-        return predict(work.root, inputs, output_dir, **kwargs)
+        try:
+            return predict(work.root, inputs, output_dir, **kwargs)
+        except AutosegError as exc:  # name the bundle's member, not the temporary folder
+            text = str(exc).replace(f"{work.root}{os.sep}", f"{model}:")
+            if text == str(exc):
+                raise
+            raise type(exc)(text) from None
 
 
 def export_model(

@@ -733,3 +733,95 @@ def test_hostile_weights_in_work_are_refused_before_load_state_dict(
 def test_zlib_is_what_zipfile_uses():
     """The bomb cases rely on deflate squeezing zeros about 1000x (the ratio limit is 100x)."""
     assert len(zlib.compress(bytes(2**20), 9)) < 2**20 / 500
+
+
+# -------------------------------------------------------------- memory estimated before allocating
+
+
+def _work_with(model_work: WorkDir, tmp_path: Path, edit: Callable[[dict], None]) -> WorkDir:
+    work = WorkDir(tmp_path / "work")
+    work.root.mkdir()
+    for f in (model_work.plans, model_work.dataset_json):
+        (work.root / f.name).write_bytes(f.read_bytes())
+    plans = json.loads(work.plans.read_text())
+    edit(plans)
+    work.plans.write_text(json.dumps(plans))
+    _write_checkpoint(work, "3d_fullres", 0)
+    return work
+
+
+def _one_case(phantom_dataset: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for f in sorted((phantom_dataset / "imagesTr").glob("*_000[01].nii.gz"))[:2]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def _wide_first_stage(p: dict) -> None:
+    """Within every limit (patch 2^26 voxels, 2048 features, < 10^9 weights), but one tile's first-stage
+    feature maps alone need over a terabyte."""
+    c = p["configurations"]["3d_fullres"]
+    n = len(c["network"]["features_per_stage"])
+    c["network"]["features_per_stage"] = [2048] + [8] * (n - 1)
+    c["patch_size"] = [512, 512, 256]
+    c["batch_size"] = 2
+
+
+def test_prediction_memory_is_estimated_before_allocating(model_work, phantom_dataset, tmp_path, capfd):
+    import resource
+
+    from autoseg.inference import predictor
+
+    work = WorkDir(tmp_path / "work")
+    work.root.mkdir()
+    for f in (model_work.plans, model_work.dataset_json):
+        (work.root / f.name).write_bytes(f.read_bytes())
+    plans = json.loads(work.plans.read_text())
+    _wide_first_stage(plans)
+    work.plans.write_text(json.dumps(plans))
+    # no checkpoint needed: the estimate comes before the network is built or any weight is loaded
+    (work.fold_dir("3d_fullres", 0)).mkdir(parents=True)
+    (work.fold_dir("3d_fullres", 0) / "checkpoint_final.pt").write_bytes(b"never read")
+    inputs = _one_case(phantom_dataset, tmp_path / "in")
+    before = _listing(tmp_path)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, _, err = _run(capfd, "predict", work.root, inputs, tmp_path / "out", "-c", "3d_fullres", "--folds", "0", "--device", "cpu", "--no-mirroring")  # fmt: skip
+    line = _error_line(code, err)
+    assert (
+        f"{work.plans}: configuration '3d_fullres' (patch [512, 512, 256], 3 outputs) needs at least" in line
+    )
+    assert "GiB to predict, more than the" in line
+    assert _listing(tmp_path) == before and not (tmp_path / "out").exists()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 256 * 1024  # KiB: nothing big allocated
+    assert predictor._check_memory is not None
+
+
+def test_spacing_far_finer_than_the_image_is_refused_before_resampling(
+    model_work, phantom_dataset, tmp_path, capfd
+):
+    """Spacing 0.002 mm is within the plans' range, but a phantom case resampled to it would take terabytes."""
+    work = _work_with(
+        model_work, tmp_path, lambda p: p["configurations"]["3d_fullres"].update(spacing=[0.002] * 3)
+    )
+    inputs = _one_case(phantom_dataset, tmp_path / "in")
+    before = _listing(tmp_path)
+    code, _, err = _run(capfd, "predict", work.root, inputs, tmp_path / "out", "-c", "3d_fullres", "--folds", "0", "--device", "cpu", "--no-mirroring")  # fmt: skip
+    line = _error_line(code, err)
+    assert (
+        "phantom_000: resampling from spacing" in line
+        and "to the plans' 0.002x0.002x0.002 mm gives shape" in line
+    )
+    assert "more than this machine's" in line
+    assert _listing(tmp_path) == before
+
+
+def test_network_too_large_is_refused_in_the_plans(good, tmp_path, capfd):
+    def edit(p: dict) -> None:
+        net = p["configurations"]["3d_fullres"]["network"]
+        net["features_per_stage"] = [2048] * len(net["features_per_stage"])
+        net["kernel_sizes"] = [[7, 7, 7]] * len(net["features_per_stage"])
+
+    bundle = _edit_json(good, "plans.json", edit)(tmp_path / "model.zip")
+    line = _refused(capfd, tmp_path, bundle)
+    assert f"{bundle}:plans.json: configuration '3d_fullres': its network would have" in line
+    assert "at most 1,000,000,000 are allowed" in line

@@ -88,6 +88,7 @@ class Predictor:
         self.device = device
         self.settings = settings
         key = topology_key(self.plans, config)
+        _check_memory(self.plans, config, device, settings.tiles_per_pass(device.type) * len(folds))
         # one network per fold: a compiled network has its weights frozen in, so folds cannot share one
         self.runners: list[TileRunner] = []
         for fold in folds:
@@ -176,6 +177,30 @@ class Predictor:
             )
             image = append_previous_stage(image, prev, self.plans.num_classes)
         return image
+
+
+def _check_memory(plans: Plans, config: str, device: torch.device, tiles: int) -> None:
+    """Refuse, before allocating, a configuration whose forward pass cannot fit in the device's memory (e.g. a
+    plans.json that was edited, or came in a model bundle, with a huge patch)."""
+    from autoseg.planning.memory import estimate_inference_bytes
+    from autoseg.preprocessing.pipeline import memory_bytes
+
+    c = plans.configuration(config)
+    need = estimate_inference_bytes(
+        c.patch_size,
+        tiles,
+        c.network.features_per_stage,
+        plans.input_channels(config),
+        plans.num_outputs,
+        plans.parameter_count(config),
+    )
+    have = memory_bytes(device)
+    if have and need > have:
+        where = f"{plans.source}: " if plans.source is not None else ""
+        raise CheckpointError(
+            f"{where}configuration '{config}' (patch {c.patch_size}, {plans.num_outputs} outputs) needs at least "
+            f"{need / 2**30:.1f} GiB to predict, more than the {have / 2**30:.1f} GiB of {device.type}"
+        )
 
 
 @dataclass

@@ -195,3 +195,13 @@ def estimate_step_bytes(
         len(patch_size), kernels, features, in_channels, num_classes, strides, architecture=architecture
     )
     return int(batch_size * act_bytes + params * BYTES_PER_PARAM + WORKSPACE_BYTES)
+
+
+def estimate_inference_bytes(
+    patch_size: list[int], tiles: int, features: list[int], in_channels: int, num_outputs: int, n_params: int
+) -> int:
+    """A lower bound of the memory one sliding-window forward pass of ``tiles`` tiles needs: float32 weights,
+    and per tile voxel the input, the logits and their softmax, and two feature maps of the first stage (a
+    convolution's input and output). Used to refuse plans whose prediction cannot fit before allocating."""
+    per_voxel = in_channels + 2 * num_outputs + 2 * features[0]
+    return 4 * (n_params + tiles * math.prod(patch_size) * per_voxel)

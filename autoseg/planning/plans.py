@@ -34,6 +34,7 @@ MAX_KERNEL = 7
 MAX_CONVS_PER_STAGE = 8
 MAX_LABEL_VALUE = 32767  # label maps are stored as uint8 or int16
 MAX_CHANNELS = 256
+MAX_PARAMETERS = 10**9  # 5x the largest planned network (a 3D vnet of 6 stages up to 320 features: 206 M)
 MAX_MEDIAN_AXIS = 2**16
 MAX_INTENSITY = 1e30  # clip values, mean and std of a CT normalisation
 NORMALIZATION_SCHEMES = ("zscore", "ct", "none")
@@ -349,6 +350,28 @@ class Plans:
                         "end at a 3D configuration of these plans, without a cycle"
                     )
                 seen.append(prev)
+            n_params = self.parameter_count(key)
+            if n_params > MAX_PARAMETERS:
+                raise PlansError(
+                    f"configuration '{key}': its network would have {n_params:,} parameters "
+                    f"({n_params * 4 / 2**30:.1f} GiB); at most {MAX_PARAMETERS:,} are allowed"
+                )
+
+    def parameter_count(self, name: str) -> int:
+        """Weights of configuration ``name``'s network, counted from the topology (nothing is built)."""
+        from autoseg.planning.memory import count_parameters
+
+        net = self.configuration(name).network
+        return count_parameters(
+            net.dim,
+            net.kernel_sizes,
+            net.features_per_stage,
+            self.input_channels(name),
+            self.num_outputs,
+            net.strides,
+            net.n_conv_per_stage,
+            net.architecture,
+        )
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())

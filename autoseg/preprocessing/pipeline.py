@@ -141,6 +141,38 @@ def read_channels(
     return np.stack([v.array for v in vols]), ref, vols[0].source_geometry
 
 
+def memory_bytes(device=None) -> int:
+    """Total memory of ``device`` (a torch device; CPU when None): the GPU's, or this machine's RAM; 0 if
+    unknown."""
+    import os
+
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_resampled_size(out_shape, channels: int, case_id: str, spacing_t, target) -> None:
+    """Refuse, before allocating, a resampled image larger than this machine's memory (a plan spacing far
+    finer than the image's)."""
+    need = 4 * channels * int(np.prod([int(s) for s in out_shape], dtype=object))
+    have = memory_bytes()
+    if have and need > have:
+        raise DatasetError(
+            f"{case_id}: resampling from spacing {_mm(spacing_t)} mm to the plans' {_mm(target)} mm gives shape "
+            f"{[int(s) for s in out_shape]} ({need / 2**30:.1f} GiB), more than this machine's "
+            f"{have / 2**30:.1f} GiB of memory"
+        )
+
+
+def _mm(values) -> str:
+    return "x".join(f"{v:.4g}" for v in values)
+
+
 def preprocess_image(
     image: np.ndarray,
     geometry: Geometry,
@@ -163,6 +195,7 @@ def preprocess_image(
     spacing_t = [geometry.spacing_mm[a] for a in tf]
     target = config.spacing
     out_shape = new_shape(image.shape[1:], spacing_t, target)
+    _check_resampled_size(out_shape, image.shape[0], case_id, spacing_t, target)
     if resample_device is None:
         image = resample_image(np.ascontiguousarray(image), spacing_t, target, out_shape)
     else:
