@@ -52,7 +52,7 @@ import torch
 from autoseg import __version__
 from autoseg.checkpoint_io import check_compatible, check_weights, load_checkpoint
 from autoseg.errors import AutosegError, CheckpointError, PlansError
-from autoseg.jsonio import read_json, temp_path_for
+from autoseg.jsonio import _UMASK, read_json, temp_path_for
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 
@@ -229,7 +229,11 @@ def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkD
             raise PlansError(f"{target}: cannot create the folder ({exc.strerror or exc})") from None
         staging = None
         try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+                os.chmod(staging, 0o777 & ~_UMASK)  # a folder like any other, not mkdtemp's 0700
+            except OSError as exc:
+                raise PlansError(f"{target.parent}: cannot write here ({exc.strerror or exc})") from None
             work = WorkDir(staging)
             # the small files first: the plans say how large each checkpoint may be
             for name in sorted(infos, key=lambda n: n.endswith(".pt")):
@@ -376,7 +380,12 @@ def _stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, bundle: Path, limit: int
                         f"({'its header declares ' + str(info.file_size) if size > info.file_size else 'the limit for it'})"
                     )
                 digest.update(chunk)
-                sink(chunk)
+                try:
+                    sink(chunk)
+                except OSError as exc:
+                    raise PlansError(
+                        f"{bundle}:{name}: cannot be written out ({exc.strerror or exc}); is the disk full?"
+                    ) from None
     except PlansError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError, ValueError) as exc:

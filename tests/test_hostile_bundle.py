@@ -143,6 +143,9 @@ def test_exported_bundle_imports_and_holds_only_what_it_lists(good, tmp_path, ca
     names = sorted(str(p.relative_to(tmp_path / "w")) for p in (tmp_path / "w").rglob("*") if p.is_file())
     assert names == sorted(["plans.json", "dataset.json", CKPT])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    from autoseg.jsonio import _UMASK
+
+    assert stat.S_IMODE((tmp_path / "w").stat().st_mode) == 0o777 & ~_UMASK  # not mkdtemp's 0700
 
 
 # --------------------------------------------------------------------- only what a bundle may hold
@@ -824,3 +827,26 @@ def test_network_too_large_is_refused_in_the_plans(good, tmp_path, capfd):
     line = _refused(capfd, tmp_path, bundle)
     assert f"{bundle}:plans.json: configuration '3d_fullres': its network would have" in line
     assert "at most 1,000,000,000 are allowed" in line
+
+
+def test_disk_full_while_extracting_is_one_line_and_leaves_nothing(good, tmp_path, capfd, monkeypatch):
+    import errno
+
+    class _Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "x" in mode:  # the files import extracts
+            real_open(path, mode, *args, **kwargs).close()
+            return _Full()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("autoseg.bundle.open", fake_open, raising=False)
+    line = _refused(capfd, tmp_path, good)
+    assert f"{good}:" in line and "cannot be written out (No space left on device); is the disk full?" in line
