@@ -172,6 +172,8 @@ def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkD
     """Check and unpack ``bundle`` into the new folder ``workdir`` (which must not exist or be empty); see the
     module docstring for what is checked. Nothing is written unless every check passes."""
     bundle, target = Path(bundle), Path(workdir)
+    if target.is_symlink():
+        raise PlansError(f"{target}: is a link; give a new folder to import the model into")
     if target.exists() and not target.is_dir():
         raise PlansError(f"{target}: exists and is not a folder; give a new folder to import the model into")
     if target.is_dir() and any(target.iterdir()):

@@ -101,6 +101,10 @@ def check_weights(ckpt: dict, path: Path, expected: dict[str, torch.Tensor]) -> 
         )
     for name, want in expected.items():
         got = weights[name]
+        if got.layout != torch.strided:
+            raise CheckpointError(
+                f"{path}: network weight {name!r} is a {got.layout} tensor, not a dense one"
+            )
         if got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(
                 f"{path}: network weight {name!r} is {_dtype(got)} {list(got.shape)}, but the plans' network "
@@ -110,3 +114,11 @@ def check_weights(ckpt: dict, path: Path, expected: dict[str, torch.Tensor]) -> 
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
+
+
+def check_finite(ckpt: dict, path: Path) -> None:
+    """Raise :class:`CheckpointError` if a floating-point weight holds NaN or Inf (such a network predicts
+    nonsense, or all background, without any other sign)."""
+    for name, t in ckpt["network"].items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: network weight {name!r} holds NaN or Inf values")

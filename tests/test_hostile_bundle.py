@@ -261,6 +261,11 @@ def test_bundle_path_and_target_are_checked(good, model_work, tmp_path, capfd):
     code, _, err = _run(capfd, "import-model", good, model_work.root)
     assert f"{model_work.root}: already holds files" in _error_line(code, err)
     assert _listing(model_work.root) == work_before
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "folder.zip")
+    code, _, err = _run(capfd, "import-model", good, link)
+    assert f"{link}: is a link" in _error_line(code, err)
+    link.unlink()
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine\n")
     code, _, err = _run(capfd, "import-model", good, a_file)
@@ -659,6 +664,15 @@ def _wrong_dtype(ckpt: dict) -> None:
     ckpt["network"][k] = ckpt["network"][k].double()
 
 
+def _sparse(ckpt: dict) -> None:
+    k = _first_weight(ckpt)
+    ckpt["network"][k] = ckpt["network"][k].to_sparse()
+
+
+def _nan_weight(ckpt: dict) -> None:
+    ckpt["network"][_first_weight(ckpt)][0] = float("nan")
+
+
 def _missing_weight(ckpt: dict) -> None:
     ckpt["network"].pop(_first_weight(ckpt))
 
@@ -674,6 +688,7 @@ WEIGHT_CASES = [
     ("network not a dict", lambda g, marker: _checkpoint_edit(g, lambda c: c.update(network=torch.zeros(3))), "'network' is not a dict of tensors"),
     ("other configuration", lambda g, marker: _checkpoint_edit(g, lambda c: c.update(config="2d")), "checkpoint is for configuration '2d', not '3d_fullres'"),
     ("topology not a string", lambda g, marker: _checkpoint_edit(g, lambda c: c.update(topology=5)), "checkpoint network does not match the plans"),
+    ("sparse tensor", lambda g, marker: _checkpoint_edit(g, _sparse), "is a torch.sparse_coo tensor, not a dense one"),
     ("a bare tensor", lambda g, marker: _with_members(g, {CKPT: _torch_bytes(torch.zeros(2))}), "not an autoseg checkpoint (a Tensor"),
 ]  # fmt: skip
 
@@ -702,10 +717,12 @@ def test_bundle_weights_are_checked(make, expected, good, tmp_path, capfd):
         pytest.param(lambda g: _with_members(g, {"evil.sh": b"x"}), "model.zip:evil.sh: not something", id="evil.sh"),
         pytest.param(lambda g: _edit_json(g, "plans.json", _config("patch_size", [2048] * 3)), "model.zip:plans.json: configuration '3d_fullres': patch_size", id="patch-2048"),
         pytest.param(lambda g: _checkpoint_edit(g, _wrong_shape), f"model.zip:{CKPT}: network weight", id="wrong-shape"),
+        pytest.param(lambda g: _checkpoint_edit(g, _nan_weight), f"model.zip:{CKPT}: network weight 'encoder.0.0.0.weight' holds NaN or Inf", id="nan-weight"),
     ],
 )  # fmt: skip
-def test_predict_with_a_hostile_model_is_refused(make, expected, good, tmp_path, capfd):
+def test_predict_with_a_hostile_model_is_refused(make, expected, good, phantom_dataset, tmp_path, capfd):
     bundle = make(good)(tmp_path / "model.zip")
+    _one_case(phantom_dataset, tmp_path / "inputs")
     line = _refused(capfd, tmp_path, bundle, command="predict")
     assert expected in line, line
     assert "autoseg-model-" not in line  # not the deleted temporary folder

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from autoseg.checkpoint_io import check_compatible, check_weights, load_checkpoint
+from autoseg.checkpoint_io import check_compatible, check_finite, check_weights, load_checkpoint
 from autoseg.errors import AutosegError
 from autoseg.inference.predictor import topology_key
 from autoseg.jsonio import temp_path_for
@@ -34,6 +34,7 @@ def load_fold_network(work: WorkDir, config: str, fold: int | str) -> tuple[torc
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, path, config, topology_key(plans, config))
     check_weights(ckpt, path, network.state_dict())
+    check_finite(ckpt, path)
     network.load_state_dict(ckpt["network"])
     network.deep_supervision = False
     return network.eval(), list(cfg.patch_size), in_ch

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoseg.checkpoint_io import check_compatible, check_weights, load_checkpoint
+from autoseg.checkpoint_io import check_compatible, check_finite, check_weights, load_checkpoint
 from autoseg.errors import CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
 from autoseg.inference.export import (
@@ -103,6 +103,7 @@ class Predictor:
                 self.config.network, self.plans.input_channels(config), self.plans.num_outputs
             )
             check_weights(ckpt, path, network.state_dict())
+            check_finite(ckpt, path)
             network.load_state_dict(ckpt["network"])
             del ckpt
             self.runners.append(
