@@ -95,47 +95,63 @@ def export_model(
     folds: list[int | str] | None = None,
 ) -> dict:
     """Write a bundle of ``configs`` (default: what find-best chose, else ``3d_fullres``) and ``folds``
-    (default: every trained fold) to ``output`` atomically; returns its manifest."""
+    (default: every trained fold) to ``output`` atomically; returns its manifest. Checkpoints are slimmed,
+    checked and written one at a time (memory: one checkpoint, not the bundle)."""
     work = WorkDir(Path(workdir))
     plans = Plans.load(work.plans)
     instructions = read_json(work.inference_instructions) if work.inference_instructions.is_file() else None
     if not configs:
         configs = list(instructions["configs"]) if instructions else ["3d_fullres"]
+    for f in folds or []:
+        if str(f) != "all" and not (str(f).isdigit() and int(f) < 100):
+            raise CheckpointError(f"--folds {f!r}: a fold is 'all' or a number from 0 to 99")
     wanted = _with_previous_stages(plans, list(configs))
-    members: dict[str, bytes] = {
-        "plans.json": work.plans.read_bytes(),
-        "dataset.json": work.dataset_json.read_bytes(),
-    }
-    if instructions is not None and sorted(instructions["configs"]) == sorted(configs):
-        members["inference_instructions.json"] = work.inference_instructions.read_bytes()
     chosen: dict[str, list[str]] = {}
     for c in wanted:
-        use = [str(f) for f in folds] if folds else _trained_folds(work, c)
+        use = [str(int(f)) if str(f) != "all" else "all" for f in folds] if folds else _trained_folds(work, c)
         if not use:
             raise CheckpointError(f"{work.root / 'results' / c}: no trained fold to export")
-        chosen[c] = use
         for f in use:
             path = work.fold_dir(c, f) / "checkpoint_final.pt"
-            ckpt = load_checkpoint(path)
-            check_compatible(ckpt, path, c, _topology(plans, c))
-            slim = {k: ckpt[k] for k in ("network", "config", "topology", "epoch") if k in ckpt}
-            buf = io.BytesIO()
-            torch.save(slim, buf)
-            members[f"results/{c}/{work.fold_dir(c, f).name}/checkpoint_final.pt"] = buf.getvalue()
-    manifest = {
-        "schema_version": BUNDLE_SCHEMA_VERSION,
-        "autoseg_version": __version__,
-        "configs": list(configs),
-        "folds": chosen,
-        "files": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
-    }
+            if not path.is_file():
+                raise CheckpointError(f"{path}: checkpoint not found (train {c} fold {f} first)")
+        chosen[c] = use
+    small = {"plans.json": work.plans, "dataset.json": work.dataset_json}
+    if instructions is not None and sorted(instructions["configs"]) == sorted(configs):
+        small["inference_instructions.json"] = work.inference_instructions
+    hashes: dict[str, str] = {}
     output = Path(output)
     tmp = temp_path_for(output, ".zip")
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
-            for name, data in members.items():
+            for name, path in small.items():
+                data = path.read_bytes()
+                hashes[name] = hashlib.sha256(data).hexdigest()
                 zf.writestr(name, data)
+            for c, use in chosen.items():
+                expected = _expected_weights(plans, c, str(work.plans))
+                for f in use:
+                    path = work.fold_dir(c, f) / "checkpoint_final.pt"
+                    ckpt = load_checkpoint(path)
+                    check_compatible(ckpt, path, c, _topology(plans, c))
+                    check_weights(ckpt, path, expected)
+                    slim = {k: ckpt[k] for k in ("network", "config", "topology", "epoch") if k in ckpt}
+                    del ckpt
+                    buf = io.BytesIO()
+                    torch.save(slim, buf)
+                    del slim
+                    name = f"results/{c}/{work.fold_dir(c, f).name}/checkpoint_final.pt"
+                    hashes[name] = hashlib.sha256(buf.getbuffer()).hexdigest()
+                    zf.writestr(name, buf.getbuffer())
+                    del buf
+            manifest = {
+                "schema_version": BUNDLE_SCHEMA_VERSION,
+                "autoseg_version": __version__,
+                "configs": list(configs),
+                "folds": chosen,
+                "files": hashes,
+            }
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -246,7 +262,7 @@ def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkD
             for name, info in infos.items():
                 if name.endswith(".pt"):
                     config = _CHECKPOINT.fullmatch(name).group(1)
-                    expected = _expected_weights(plans, config, bundle, name)
+                    expected = _expected_weights(plans, config, f"{bundle}:{name}")
                     limit = min(
                         CHECKPOINT_MAX_BYTES,
                         sum(t.numel() * t.element_size() for t in expected.values())
@@ -519,11 +535,11 @@ def _in_plans(plans: Plans, config: str, where: str) -> None:
         )
 
 
-def _expected_weights(plans: Plans, config: str, bundle: Path, name: str) -> dict:
+def _expected_weights(plans: Plans, config: str, where: str) -> dict:
     """The state dict (on the meta device: shapes and dtypes, no memory) of ``config``'s planned network."""
     from autoseg.networks import build_network
 
-    _in_plans(plans, config, f"{bundle}:{name}")
+    _in_plans(plans, config, where)
     try:
         with torch.device("meta"):
             network = build_network(
@@ -531,8 +547,7 @@ def _expected_weights(plans: Plans, config: str, bundle: Path, name: str) -> dic
             )
     except Exception as exc:  # the plans passed their checks, but the network cannot be built from them
         raise PlansError(
-            f"{bundle}:plans.json: the network of configuration '{config}' cannot be built "
-            f"({type(exc).__name__}: {exc})"
+            f"{where}: the network of configuration '{config}' cannot be built ({type(exc).__name__}: {exc})"
         ) from None
     return network.state_dict()
 

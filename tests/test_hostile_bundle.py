@@ -867,3 +867,34 @@ def test_disk_full_while_extracting_is_one_line_and_leaves_nothing(good, tmp_pat
     monkeypatch.setattr("autoseg.bundle.open", fake_open, raising=False)
     line = _refused(capfd, tmp_path, good)
     assert f"{good}:" in line and "cannot be written out (No space left on device); is the disk full?" in line
+
+
+@pytest.mark.parametrize(
+    "folds, expected",
+    [
+        (["abc"], "--folds 'abc': a fold is 'all' or a number from 0 to 99"),
+        (["-1"], "--folds '-1': a fold is 'all' or a number from 0 to 99"),
+        (["3"], "fold_3/checkpoint_final.pt: checkpoint not found (train 3d_fullres fold 3 first)"),
+    ],
+)
+def test_export_refuses_bad_folds_and_writes_nothing(folds, expected, model_work, tmp_path, capfd):
+    before = _listing(model_work.root)
+    args = [a for f in folds for a in ("--folds", f)]
+    code, _, err = _run(capfd, "export-model", model_work.root, tmp_path / "m.zip", "-c", "3d_fullres", *args)
+    assert expected in _error_line(code, err)
+    assert list(tmp_path.iterdir()) == [] and _listing(model_work.root) == before
+
+
+def test_export_refuses_a_checkpoint_that_does_not_match_its_network(model_work, tmp_path, capfd):
+    work = WorkDir(tmp_path / "work")
+    work.root.mkdir()
+    for f in (model_work.plans, model_work.dataset_json):
+        (work.root / f.name).write_bytes(f.read_bytes())
+    _write_checkpoint(work, "3d_fullres", 0)
+    path = work.fold_dir("3d_fullres", 0) / "checkpoint_final.pt"
+    ckpt = torch.load(path, weights_only=True)
+    _wrong_shape(ckpt)
+    torch.save(ckpt, path)
+    code, _, err = _run(capfd, "export-model", work.root, tmp_path / "m.zip", "-c", "3d_fullres")
+    assert f"{path}: network weight" in _error_line(code, err)
+    assert not (tmp_path / "m.zip").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
