@@ -232,6 +232,18 @@ def _comment_with_fake_end(good: Path, path: Path) -> Path:
     return _zip(path, [("manifest.json", _manifest(_members(good))), *_members(good).items()], comment=fake)
 
 
+def _local_name_differs(good: Path, path: Path) -> Path:
+    """dataset.json's local header names another file than its central-directory entry does."""
+    _bundle(path, _members(good))
+    data = bytearray(path.read_bytes())
+    at = 0
+    while data[at + 30 : at + 42] != b"dataset.json":
+        at = data.index(b"PK\x03\x04", at + 4)
+    data[at + 30 : at + 42] = b"datasex.json"
+    path.write_bytes(bytes(data))
+    return path
+
+
 ZIP_CASES = [
     ("not a zip", lambda g, p: (p.write_text("just text\n"), p)[1], "not a zip file"),
     ("empty file", lambda g, p: (p.write_bytes(b""), p)[1], "not a zip file"),
@@ -240,6 +252,7 @@ ZIP_CASES = [
     ("no plans", lambda g, p: _bundle(p, {"dataset.json": _members(g)["dataset.json"]}, configs=[], folds={}), "no plans.json"),
     ("bad CRC", _bad_crc, "model.zip:dataset.json: cannot be read (Bad CRC-32"),
     ("comment with a fake end record", _comment_with_fake_end, "model.zip"),
+    ("local header names another file", _local_name_differs, "model.zip:dataset.json: cannot be read (File name in directory"),
     ("too many entries", lambda g, p: _zip(p, [(f"f{i}", b"") for i in range(300)]), "holds 300 entries; a model bundle holds at most 256"),
 ]  # fmt: skip
 
