@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import DatasetError
+from autoseg.jsonio import JSONFileError, read_json
 from autoseg.io.volume import (
     SUPPORTED_ENDINGS,
     Geometry,
@@ -28,6 +29,12 @@ from autoseg.io.volume import (
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 # how closely the channels and the label of one case must agree (check_case_geometry)
 SPACING_RTOL = 1e-3
+MAX_LABEL_VALUE = 32767
+"""The largest label value dataset.json may declare: label maps are read as 16-bit integers (larger values
+would wrap negative). Training stores label maps as 8 bits: see :data:`MAX_TRAINING_LABEL_VALUE`."""
+MAX_TRAINING_LABEL_VALUE = 255
+"""The largest label value ``plan`` accepts (labels, regions, ignore): preprocessed label maps and predictions
+are stored as uint8."""
 ORIGIN_TOLERANCE_MM = 1e-2
 DIRECTION_TOLERANCE = 1e-3
 
@@ -118,8 +125,10 @@ def load_dataset_json(path: str | Path) -> DatasetSpec:
     if not path.is_file():
         raise DatasetError(f"{path}: dataset.json not found")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = read_json(path)
+    except JSONFileError as exc:
+        raise DatasetError(str(exc)) from None
+    except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
     return parse_dataset_json(raw, path)
 
@@ -159,17 +168,26 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
                 raise DatasetError(
                     f"{path}: label '{name}' must be an integer or a list of positive integers"
                 )
+            if max(value) > MAX_LABEL_VALUE:
+                raise DatasetError(
+                    f"{path}: label '{name}' lists value {_short_int(max(value))}; label values must be at most "
+                    f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
+                )
             regions[name] = tuple(int(v) for v in value)
             continue
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
-            or not np.isfinite(value)  # json.loads reads NaN and Infinity
-            or float(value) != int(value)
+            or (isinstance(value, float) and (not np.isfinite(value) or not value.is_integer()))
         ):
             raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
         if int(value) < 0:
-            raise DatasetError(f"{path}: label '{name}' has negative value {int(value)}")
+            raise DatasetError(f"{path}: label '{name}' has negative value {_short_int(int(value))}")
+        if int(value) > MAX_LABEL_VALUE:
+            raise DatasetError(
+                f"{path}: label '{name}' has value {_short_int(int(value))}; label values must be at most "
+                f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
+            )
         if name.lower() == "ignore":
             ignore = int(value)
         elif region_syntax and int(value) != 0:
@@ -189,8 +207,13 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
                 f"{path}: labels given as lists (regions) need 'regions_class_order', one label value per region "
                 f"({len(regions)}), saying which value each predicted region is written as"
             )
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw_order):
-            raise DatasetError(f"{path}: 'regions_class_order' must list positive integers, got {raw_order}")
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in raw_order
+        ):
+            raise DatasetError(
+                f"{path}: 'regions_class_order' must list integers from 1 to {MAX_LABEL_VALUE}, "
+                f"got {[_short_int(v) if isinstance(v, int) else v for v in raw_order]}"
+            )
         order = tuple(int(v) for v in raw_order)
     elif values != list(range(len(values))):
         raise DatasetError(f"{path}: label values must be consecutive integers from 0, got {values}")
@@ -203,7 +226,9 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         extra = raw.get(key)
         if isinstance(extra, dict) and not region_syntax:
             for name, vals in extra.items():
-                if isinstance(vals, list) and vals and all(isinstance(v, int) for v in vals):
+                if isinstance(vals, list) and vals and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in vals
+                ):
                     regions.setdefault(str(name), tuple(int(v) for v in vals))
 
     ending = raw["file_ending"]
@@ -224,6 +249,27 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         regions_class_order=order,
         ignore_label=ignore,
     )
+
+
+def _short_int(v: int) -> str:
+    """An integer for a message: digits, or ``about 1e+30`` when it is long."""
+    return str(v) if abs(v) < 10**12 else f"about {float(v):.3g}"
+
+
+def check_training_labels(spec: DatasetSpec, path: str | Path) -> None:
+    """Refuse label values that training cannot store: every value (labels, regions, ignore) must be at most
+    :data:`MAX_TRAINING_LABEL_VALUE`, since preprocessed label maps and predictions are uint8."""
+    named = dict(spec.labels)
+    for name, vals in spec.regions.items():
+        named[name] = max(vals)
+    for i, v in enumerate(spec.regions_class_order):
+        named[f"regions_class_order[{i}]"] = v
+    for name, value in named.items():
+        if value > MAX_TRAINING_LABEL_VALUE:
+            raise DatasetError(
+                f"{path}: label '{name}' has value {value}; training needs label values from 0 to "
+                f"{MAX_TRAINING_LABEL_VALUE} (preprocessed label maps and predictions are 8-bit)"
+            )
 
 
 @dataclass(frozen=True)

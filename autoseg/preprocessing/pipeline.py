@@ -141,6 +141,22 @@ def read_channels(
     return np.stack([v.array for v in vols]), ref, vols[0].source_geometry
 
 
+def check_finite(
+    image: np.ndarray, files, case_id: str, stage: str, plans: Plans | None = None
+) -> None:
+    """Raise :class:`DatasetError` naming the channel's file if ``image`` ``(C, ...)`` holds NaN or Inf."""
+    for c in range(image.shape[0]):
+        finite = np.isfinite(image[c])
+        if finite.all():
+            continue
+        where = files[c] if c < len(files) else (files[0] if files else f"case '{case_id}'")
+        scheme = plans.normalization[c].scheme if plans is not None and c < len(plans.normalization) else "?"
+        raise DatasetError(
+            f"{where}: {int((~finite).sum())} voxel(s) are NaN/Inf once {stage} (normalisation '{scheme}'); "
+            "intensities must be finite 32-bit floats (|value| <= 3.4e38) whose normalisation stays finite"
+        )
+
+
 def preprocess_image(
     image: np.ndarray,
     geometry: Geometry,
@@ -150,14 +166,18 @@ def preprocess_image(
     label: np.ndarray | None = None,
     case_id: str = "",
     resample_device: str | None = None,
+    files: tuple[Path, ...] | list[Path] = (),
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalize, transpose and resample one case. ``image`` is ``(C, Z, Y, X)`` as returned by
     :func:`read_channels` (already in the plans' orientation, with ``geometry``).
 
     ``resample_device`` (``cpu``, ``cuda``) resamples with the torch implementation on that device (same
-    results as scipy to float32 rounding, faster for images); ``None`` uses scipy."""
+    results as scipy to float32 rounding, faster for images); ``None`` uses scipy. A normalised or resampled
+    channel that is not finite everywhere raises :class:`DatasetError` naming its file (``files``, one per
+    channel, else the case id): the network must never see NaN."""
     image, label, mask, bbox = crop_to_nonzero(image, label)
     image = normalize(image, plans.normalization, mask)
+    check_finite(image, files, case_id, "normalised", plans)
     tf = plans.transpose_forward
     image = image.transpose([0] + [a + 1 for a in tf])
     spacing_t = [geometry.spacing_mm[a] for a in tf]
@@ -177,6 +197,7 @@ def preprocess_image(
             from autoseg.preprocessing import resample_torch
 
             label = resample_torch.resample_label(label, spacing_t, target, out_shape, device=resample_device)
+    check_finite(image, files, case_id, "normalised and resampled", plans)
     props = CaseProperties(
         case_id=case_id,
         geometry=geometry,
@@ -218,7 +239,7 @@ def preprocess_training_case(
     image, geom, source = read_channels(case.images, plans.orientation, fix_nonfinite=fix_nonfinite)
     label, _ = load_label(case.label, spec.allowed_values, plans.orientation)
     image, label, props = preprocess_image(
-        image, geom, source, plans, config, label, case.case_id, resample_device
+        image, geom, source, plans, config, label, case.case_id, resample_device, files=case.images
     )
     save_npy(out_dir / f"{case.case_id}.npy", image)
     save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
@@ -266,10 +287,16 @@ def preprocess_dataset(
                 pool.submit(_job, (c, spec, plans, config, out_dir, resample_device, fix_nonfinite))
                 for c in todo
             ]
-            for fut in as_completed(futures):
-                done.append(fut.result())
-                if progress:
-                    progress(done[-1])
+            try:
+                for fut in as_completed(futures):
+                    done.append(fut.result())
+                    if progress:
+                        progress(done[-1])
+            except BaseException:
+                # a refused case: start no other (the pool still waits for those already running)
+                for fut in futures:
+                    fut.cancel()
+                raise
     else:
         for c in todo:
             done.append(_job((c, spec, plans, config, out_dir, resample_device, fix_nonfinite)))
