@@ -189,7 +189,9 @@ def check_volumes_fit_network(plans: Plans, fp: Fingerprint, dataset_dir: Path) 
         target = [cfg.spacing[plans.transpose_forward.index(a)] for a in range(3)]
         small = []
         for case in fp.cases:
-            shape = [max(1, round(n * s / t)) for n, s, t in zip(case.shape_after_crop, case.spacing_mm, target)]
+            shape = [
+                max(1, round(n * s / t)) for n, s, t in zip(case.shape_after_crop, case.spacing_mm, target)
+            ]
             axes = [shape[a] for a in plans.transpose_forward[1:]] if cfg.dim == 2 else shape
             if max(axes) < need:
                 small.append(f"{case.case_id} ({'x'.join(map(str, case.shape_after_crop))})")

@@ -99,7 +99,9 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise JSONFileError(f"{path}: JSON nested too deeply to read (arrays/objects within each other)") from None
+        raise JSONFileError(
+            f"{path}: JSON nested too deeply to read (arrays/objects within each other)"
+        ) from None
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # from _reject_constant

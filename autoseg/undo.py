@@ -72,7 +72,8 @@ class Undo:
         new = [
             p
             for p in self.root.rglob("*")
-            if p.relative_to(self.root) not in self.before and p not in kept
+            if p.relative_to(self.root) not in self.before
+            and p not in kept
             and not any(k in p.parents for k in kept)
         ]
         for p in sorted(new, key=lambda q: len(q.parts), reverse=True):

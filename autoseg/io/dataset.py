@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import DatasetError
-from autoseg.jsonio import JSONFileError, read_json
 from autoseg.io.volume import (
     SUPPORTED_ENDINGS,
     Geometry,
@@ -25,6 +24,7 @@ from autoseg.io.volume import (
     read_header,
     read_volume,
 )
+from autoseg.jsonio import JSONFileError, read_json
 
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 # how closely the channels and the label of one case must agree (check_case_geometry)
@@ -226,8 +226,13 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         extra = raw.get(key)
         if isinstance(extra, dict) and not region_syntax:
             for name, vals in extra.items():
-                if isinstance(vals, list) and vals and all(
-                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in vals
+                if (
+                    isinstance(vals, list)
+                    and vals
+                    and all(
+                        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE
+                        for v in vals
+                    )
                 ):
                     regions.setdefault(str(name), tuple(int(v) for v in vals))
 

@@ -141,9 +141,7 @@ def read_channels(
     return np.stack([v.array for v in vols]), ref, vols[0].source_geometry
 
 
-def check_finite(
-    image: np.ndarray, files, case_id: str, stage: str, plans: Plans | None = None
-) -> None:
+def check_finite(image: np.ndarray, files, case_id: str, stage: str, plans: Plans | None = None) -> None:
     """Raise :class:`DatasetError` naming the channel's file if ``image`` ``(C, ...)`` holds NaN or Inf."""
     for c in range(image.shape[0]):
         finite = np.isfinite(image[c])
