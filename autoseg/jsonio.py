@@ -93,7 +93,7 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
             f"{path}: {size / 1024**2:.0f} MiB is too large for a JSON file (at most {MAX_JSON_BYTES // 1024**2} MiB)"
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is harmless
     except UnicodeDecodeError as exc:
         raise JSONFileError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:

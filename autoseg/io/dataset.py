@@ -120,8 +120,10 @@ class DatasetSpec:
 def load_dataset_json(path: str | Path) -> DatasetSpec:
     """Parse and check ``dataset.json``; raises :class:`DatasetError` naming the file and the problem."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != "dataset.json":
         path = path / "dataset.json"
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; dataset.json must be a file")
     if not path.is_file():
         raise DatasetError(f"{path}: dataset.json not found")
     try:
@@ -256,6 +258,12 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
     )
 
 
+def _check_link(f: Path) -> None:
+    """A symbolic link whose target is missing (or that links back to itself) is named, not read."""
+    if f.is_symlink() and not f.exists():
+        raise DatasetError(f"{f}: broken symbolic link (its target does not exist, or the link loops)")
+
+
 def _short_int(v: int) -> str:
     """An integer for a message: digits, or ``about 1e+30`` when it is long."""
     return str(v) if abs(v) < 10**12 else f"about {float(v):.3g}"
@@ -303,6 +311,7 @@ def group_images(folder: Path, spec: DatasetSpec, *, strict: bool = True) -> dic
     for f in sorted(folder.iterdir()):
         if f.name.startswith("."):
             continue
+        _check_link(f)
         if not f.name.endswith(ending):
             if strict:
                 raise DatasetError(f"{f}: unexpected file (dataset.json says file_ending is '{ending}')")
@@ -345,6 +354,7 @@ def discover_cases(dataset_dir: str | Path, spec: DatasetSpec | None = None) -> 
     for f in sorted(labels_dir.iterdir()):
         if f.name.startswith("."):
             continue
+        _check_link(f)
         if not f.name.endswith(spec.file_ending):
             raise DatasetError(
                 f"{f}: unexpected file (dataset.json says file_ending is '{spec.file_ending}')"
@@ -409,6 +419,12 @@ def load_label(path: Path, allowed: set[int], orientation: str | None = None) ->
             bad = arr[rounded != arr][:3]
             raise DatasetError(f"{path}: label map has non-integer values (e.g. {bad.tolist()})")
         arr = rounded
+        huge = np.unique(arr[np.abs(arr) > MAX_LABEL_VALUE])
+        if huge.size:  # before any integer cast, which would wrap them
+            raise DatasetError(
+                f"{path}: label map has values {[f'{v:g}' for v in huge[:3].tolist()]} beyond the label range "
+                f"(declared in dataset.json: {sorted(allowed)})"
+            )
     values = set(np.unique(arr).astype(np.int64).tolist())
     negative = sorted(v for v in values if v < 0)
     if negative:
