@@ -214,7 +214,7 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         ):
             raise DatasetError(
                 f"{path}: 'regions_class_order' must list integers from 1 to {MAX_LABEL_VALUE}, "
-                f"got {[_short_int(v) if isinstance(v, int) else v for v in raw_order]}"
+                "got [" + ", ".join(_short_int(v) if isinstance(v, int) else repr(v) for v in raw_order) + "]"
             )
         order = tuple(int(v) for v in raw_order)
     elif values != list(range(len(values))):
