@@ -204,7 +204,11 @@ def test_late_nonfinite_refusal_removes_what_plan_wrote(tmp_path, capfd, raw, mo
 
 
 def test_predict_refuses_input_that_normalises_to_nan(
-    trained_2d, phantom_dataset, tmp_path, capfd, monkeypatch
+    trained_2d,  # noqa: F811 (the fixture imported from test_bad_input)
+    phantom_dataset,
+    tmp_path,
+    capfd,
+    monkeypatch,
 ):
     """The predict-time check: the normalised input is checked before the network sees it (which would
     predict all background from NaN, exit 0); the line names the channel's file and nothing is written."""
@@ -413,7 +417,7 @@ def test_train_refuses_hostile_splits_json(text, expected, shared_work, capfd):
     [
         pytest.param(NESTED, "JSON nested too deeply to read", id="nested"),
         pytest.param('{"schema_version": Infinity}', "Infinity is not valid JSON", id="Infinity"),
-        pytest.param("[]", "invalid plans", id="a-list"),
+        pytest.param("[]", "top level must be a JSON object", id="a-list"),
     ],
 )
 def test_train_refuses_hostile_plans_json(text, expected, shared_work, capfd):
