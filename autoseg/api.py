@@ -72,7 +72,7 @@ def plan(
     budget, why = memory_budget(gpu_memory_gb, device)
     _check_same_dataset(work, spec, dataset_dir)
     # a refusal from here on (found while reading every case, or while writing) leaves WORK as it was found
-    undo = Undo(work.root)
+    undo = Undo(work.root, scope=_PLAN_WRITES)
     try:
         plans = _plan_into(
             dataset_dir, work, spec, cases, budget, why, undo, workers, configurations, clean, progress,
@@ -99,6 +99,10 @@ def plan(
         raise
     undo.commit()
     return plans
+
+
+# what plan writes directly under WORK (a refused plan removes nothing else there)
+_PLAN_WRITES = ("fingerprint.json", "plans.json", "dataset.json", "gt_segmentations", "preprocessed")
 
 
 def _existing(path: Path) -> Path:
@@ -147,10 +151,10 @@ def _plan_into(
         undo.keep(work.fingerprint)
         write_json(work.fingerprint, fp.to_json())
     old = Plans.load(work.plans) if work.plans.is_file() else None
-    check_disk_space(work, fp, plans, wanted)
     if clean or (old is not None and old.to_json() != plans.to_json()):
         # stale preprocessed data must not be mixed with new plans (set aside; deleted once planning is done)
         undo.move_aside(work.root / "preprocessed")
+    check_disk_space(work, fp, plans, wanted)
     for path in (work.plans, work.dataset_json):
         undo.keep(path)
     plans.save(work.plans)

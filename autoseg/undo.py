@@ -19,8 +19,12 @@ from pathlib import Path
 class Undo:
     """What existed under ``root`` (and which of its missing ancestors this command will create)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, scope: tuple[str, ...] | None = None):
+        """``scope``: the names directly under ``root`` that the command writes (with their hidden temporary
+        names ``.<name>.*``); rollback removes nothing else, so another command writing elsewhere under
+        ``root`` meanwhile (e.g. training into ``results/``) is left alone. None: everything under ``root``."""
         self.root = Path(root).absolute()
+        self.scope = scope
         top = self.root
         while not top.parent.exists() and top.parent != top:
             top = top.parent
@@ -55,6 +59,12 @@ class Undo:
         os.replace(path, hidden)
         self.kept.append((path, hidden))
 
+    def _in_scope(self, path: Path) -> bool:
+        if self.scope is None:
+            return True
+        top = path.relative_to(self.root).parts[0]
+        return top in self.scope or any(top.startswith(f".{name}.") for name in self.scope)
+
     def commit(self) -> None:
         for _, hidden in self.kept:
             if hidden.is_dir() and not hidden.is_symlink():
@@ -73,6 +83,7 @@ class Undo:
             p
             for p in self.root.rglob("*")
             if p.relative_to(self.root) not in self.before
+            and self._in_scope(p)
             and p not in kept
             and not any(k in p.parents for k in kept)
         ]
