@@ -39,15 +39,13 @@ class Undo:
         return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.undo")
 
     def keep(self, path: Path) -> None:
-        """Before ``path`` (a file) is replaced: keep its current content (a hard link, or a copy)."""
+        """Before ``path`` (a file) is replaced: keep a copy of it (with its mtime). A copy, not a hard link:
+        a writer that rewrites the file in place would change a link's content too."""
         path = Path(path)
         if self.created is not None or not path.is_file() or any(p == path for p, _ in self.kept):
             return
         hidden = self._hidden(path)
-        try:
-            os.link(path, hidden)
-        except OSError:
-            shutil.copy2(path, hidden)
+        shutil.copy2(path, hidden)
         self.kept.append((path, hidden))
 
     def move_aside(self, path: Path) -> None:

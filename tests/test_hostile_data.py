@@ -656,3 +656,35 @@ def test_work_that_is_a_file_or_under_a_file(tmp_path, capfd, raw):
     line = _refused(capfd, root, afile / "work", watch=afile)
     assert f"{afile / 'work'}: cannot create the WORK folder (Not a directory)" in line
     assert afile.read_text() == "mine"
+
+
+def test_undo_restores_only_what_the_command_writes(tmp_path):
+    """:class:`autoseg.undo.Undo`: kept files come back with their mtimes, a folder set aside comes back,
+    new files in scope go, and files outside the scope (another command writing meanwhile) stay."""
+    from autoseg.undo import Undo
+
+    root = tmp_path / "work"
+    (root / "preprocessed" / "a").mkdir(parents=True)
+    (root / "preprocessed" / "a" / "x.npy").write_bytes(b"old data")
+    (root / "plans.json").write_text("old plans")
+    before = _tree(root)
+    undo = Undo(root, scope=("plans.json", "preprocessed", "gt_segmentations"))
+    undo.keep(root / "plans.json")
+    (root / "plans.json").write_text("new plans, longer")
+    undo.move_aside(root / "preprocessed")
+    (root / "preprocessed" / "b").mkdir(parents=True)
+    (root / "preprocessed" / "b" / "y.npy").write_bytes(b"new")
+    (root / "gt_segmentations").mkdir()
+    (root / "results").mkdir()
+    (root / "results" / "training.log").write_text("someone else's")
+    undo.rollback()
+    after = _tree(root)
+    assert after.pop("results") == "dir" and after.pop("results/training.log")[0] == len("someone else's")
+    assert after == before
+
+    fresh = tmp_path / "a" / "b" / "work"
+    undo = Undo(fresh)
+    fresh.mkdir(parents=True)
+    (fresh / "plans.json").write_text("{}")
+    undo.rollback()
+    assert not (tmp_path / "a").exists()
