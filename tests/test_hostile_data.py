@@ -630,7 +630,17 @@ def _label_fourd(root: Path) -> str:
     return f"{_label(root)}: is 4D"
 
 
+def _header_dim(index: int, value: int):
+    def mutate(root: Path) -> str:
+        _patch_nifti_header(_image(root), "<h", 40 + 2 * index, value)  # dim[index]
+        return f"{_image(root)}: the NIfTI header gives 3 dimension(s) of sizes"
+
+    return mutate
+
+
 BEYOND_CASES = [
+    ("NIfTI dim 0", _header_dim(1, 0)),
+    ("NIfTI dim negative", _header_dim(2, -5)),
     ("broken symlink", _broken_link),
     ("symlink loop", _looping_link),
     ("folder named like an image", _folder_named_like_an_image),

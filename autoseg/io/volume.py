@@ -351,6 +351,13 @@ def _check_nifti(path: Path) -> nib.Nifti1Header | None:
     if header is None:
         return None
     ndim = int(header["dim"][0])
+    sizes = [int(v) for v in header["dim"][1 : 1 + min(max(ndim, 0), 7)]]
+    if not 1 <= ndim <= 7 or any(n < 1 for n in sizes):
+        # niftilib would print its own complaint straight to stderr before ITK refuses the file
+        raise DatasetError(
+            f"{path}: the NIfTI header gives {ndim} dimension(s) of sizes {sizes}; "
+            "expected 1-7 dimensions of at least 1 voxel each"
+        )
     pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
     if any(not np.isfinite(v) or v == 0 for v in pixdim):
         spacing = ", ".join(f"{v:g}" for v in reversed(pixdim))
