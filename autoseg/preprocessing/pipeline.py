@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import AutosegError, DatasetError, PlansError
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
 from autoseg.io.volume import Geometry, read_4d_channels, read_volume
 from autoseg.jsonio import read_json, save_npy, save_npz, write_json
@@ -304,4 +304,13 @@ def preprocess_dataset(
 
 
 def load_case_properties(out_dir: Path, case_id: str) -> CaseProperties:
-    return CaseProperties.from_json(read_json(out_dir / f"{case_id}.json"))
+    path = out_dir / f"{case_id}.json"
+    try:
+        return CaseProperties.from_json(read_json(path, expect=dict))
+    except AutosegError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PlansError(
+            f"{path}: invalid preprocessed case properties ({type(exc).__name__}: {exc}); run 'autoseg plan' "
+            "with --clean to preprocess again"
+        ) from None
