@@ -90,7 +90,7 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
         raise JSONFileError(
-            f"{path}: {size / 1024**2:.0f} MiB is too large for a JSON file (at most {MAX_JSON_BYTES // 1024**2} MiB)"
+            f"{path}: {_size(size)} is too large for a JSON file autoseg reads (at most {_size(MAX_JSON_BYTES)})"
         )
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is harmless
@@ -110,6 +110,10 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
         kind = {dict: "an object {...}", list: "a list [...]"}.get(expect, expect.__name__)
         raise JSONFileError(f"{path}: expected {kind} at the top level, got {_json_kind(value)}")
     return value
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1024**2 else f"{n / 1024**2:.0f} MiB"
 
 
 def _json_kind(value: Any) -> str:

@@ -351,7 +351,10 @@ def test_huge_json_is_refused_before_decoding(tmp_path, capfd, raw, monkeypatch)
     root = _copy(tmp_path, raw)
     monkeypatch.setattr(jsonio, "MAX_JSON_BYTES", 256)
     line = _refused(capfd, root, tmp_path / "work")
-    assert f"{root / 'dataset.json'}: 0 MiB is too large for a JSON file" in line, line
+    assert (
+        f"{root / 'dataset.json'}: bytes is too large for a JSON file autoseg reads (at most 256 bytes)"
+        in line
+    ), line
 
 
 def test_json_with_a_byte_order_mark_is_read(tmp_path, capfd, raw):
