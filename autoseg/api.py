@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from autoseg.errors import AutosegError, DatasetError, PlansError
+from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import check_training_labels, discover_cases, discover_inputs, load_dataset_json
 from autoseg.jsonio import DiskFullError, read_json, temp_path_for, write_json
@@ -141,7 +141,6 @@ def _plan_into(
         fp = compute_fingerprint(cases, spec, workers=workers, progress=tick, fix_nonfinite=fix_nonfinite)
     plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture)
     plans.reasons.insert(0, f"memory budget {budget:.3g} GB: {why}")
-    check_volumes_fit_network(plans, fp, dataset_dir)
     wanted = configurations or tuple(plans.configurations)
     try:
         work.root.mkdir(parents=True, exist_ok=True)
@@ -178,34 +177,6 @@ def _plan_into(
         exc.need_bytes = preprocessed_bytes(fp, plans, wanted)
         raise
     return plans
-
-
-def check_volumes_fit_network(plans: Plans, fp: Fingerprint, dataset_dir: Path) -> None:
-    """Refuse plans whose network cannot pool even once (volumes of a few voxels, e.g. 3x3x3): a U-Net needs
-    at least one axis of ``2 * MIN_FEATURE_MAP`` voxels (after cropping and resampling) to go down a stage.
-    Names the configuration and the cases too small along every axis."""
-    from autoseg.planning.topology import MIN_FEATURE_MAP
-
-    need = 2 * MIN_FEATURE_MAP
-    for name, cfg in plans.configurations.items():
-        if cfg.network.n_stages >= 2:
-            continue
-        target = [cfg.spacing[plans.transpose_forward.index(a)] for a in range(3)]
-        small = []
-        for case in fp.cases:
-            shape = [
-                max(1, round(n * s / t)) for n, s, t in zip(case.shape_after_crop, case.spacing_mm, target)
-            ]
-            axes = [shape[a] for a in plans.transpose_forward[1:]] if cfg.dim == 2 else shape
-            if max(axes) < need:
-                small.append(f"{case.case_id} ({'x'.join(map(str, case.shape_after_crop))})")
-        listed = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
-        raise DatasetError(
-            f"{dataset_dir / 'imagesTr'}: volumes too small for a network: configuration '{name}' (patch "
-            f"{'x'.join(map(str, cfg.patch_size))}) cannot pool any axis; a U-Net needs at least {need} voxels "
-            f"along an axis after cropping to the nonzero region"
-            + (f"; too small: {listed}" if small else "")
-        )
 
 
 def preprocessed_bytes(fp: Fingerprint, plans: Plans, configurations) -> int:

@@ -191,13 +191,14 @@ def test_late_nonfinite_refusal_removes_what_plan_wrote(tmp_path, capfd, raw, mo
 
     assert _array(_image(root, 0)).shape != _array(_image(root, 1)).shape
     monkeypatch.setattr(pipeline, "normalize", poisoned)
-    work = tmp_path / "work"
-    line = _refused(capfd, root, work)
+    work = tmp_path / "new" / "deeper" / "work"
+    line = _refused(capfd, root, work, watch=tmp_path / "new")
     assert f"{_image(root, 1, 1)}: 1 voxel(s) are NaN/Inf once normalised (normalisation 'zscore')" in line
-    assert not work.exists()
+    assert not (tmp_path / "new").exists()
 
     # the same late refusal in a WORK planned before (``--clean`` sets the old data aside): all kept as found
     monkeypatch.setattr(pipeline, "normalize", real)
+    work = tmp_path / "work"
     _planned(capfd, root, work)
     monkeypatch.setattr(pipeline, "normalize", poisoned)
     _refused(capfd, root, work, "--clean")
@@ -477,23 +478,34 @@ def _resize_case(root: Path, case: int, shape: tuple[int, int, int]) -> None:
         sitk.WriteImage(new, str(path))
 
 
-def test_volumes_too_small_for_any_network_are_refused(tmp_path, capfd, raw):
-    """3x3x3 volumes: the network could not pool once (plan used to succeed, then train hit an IndexError).
-    Refused at plan time naming the cases; nothing is written, not even the parents of WORK."""
+def test_volumes_too_small_to_pool_plan_a_network_that_trains(tmp_path, capfd, raw):
+    """3x3x3 volumes: plan used to succeed with a one-stage network (no decoder), then train hit an
+    IndexError. The patch now grows to 8 voxels on the finest axes (images are zero-padded to it, as a single
+    small case always was), so the network pools once; a fold trains, validates and predicts."""
     root = _copy(tmp_path, raw)
     for case in (0, 1):
         _resize_case(root, case, (3, 3, 3))
-    line = _refused(capfd, root, tmp_path / "new" / "deeper" / "work", watch=tmp_path / "new")
-    assert f"{root / 'imagesTr'}: volumes too small for a network" in line
-    assert "a U-Net needs at least 8 voxels along an axis" in line
-    assert "phantom_000 (3x3x3), phantom_001 (3x3x3)" in line
+    work = _planned(capfd, root, tmp_path / "work")
+    plans = json.loads(work.plans.read_text())
+    for name, config in plans["configurations"].items():
+        assert len(config["network"]["strides"]) >= 2, name
+        assert max(config["patch_size"]) == 8, name
+    assert any("is too small to pool; patch grown to" in r for r in plans["reasons"])
+    code, _, err = _run(
+        capfd, "train", work.root, "3d_fullres", "0", "--epochs", "1", "--iters-per-epoch", "1",
+        "--val-iters", "1", "--device", "cpu", "-j", "0", "--no-mirroring",
+    )  # fmt: skip
+    assert code == 0, err
+    fold = work.fold_dir("3d_fullres", 0)
+    assert (fold / "checkpoint_final.pt").is_file()
+    predicted = sorted((fold / "validation").glob(f"*{ENDING}"))
+    assert predicted and _array(predicted[0]).shape == (3, 3, 3)
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 3), (1, 72, 56)], ids=["one-case-3x3x3", "one-case-one-slice"])
 def test_one_small_case_among_normal_ones_plans(shape, tmp_path, capfd, raw):
     """One small case does not make the dataset untrainable: patches are planned from the median shape and the
-    sampler and sliding window pad smaller images. (Training one iteration on these plans was checked by hand:
-    see test_one_small_case_trains, marked slow.)"""
+    sampler and sliding window pad smaller images (test_one_small_case_trains, marked slow, trains on them)."""
     root = _copy(tmp_path, raw)
     _resize_case(root, 0, shape)
     work = _planned(capfd, root, tmp_path / "work")
