@@ -66,6 +66,11 @@ def plan(
         raise AutosegError(f"{work.root}: WORK must not be inside the dataset folder {dataset_dir}")
     if work.root.exists() and not work.root.is_dir():
         raise AutosegError(f"{work.root}: WORK exists and is not a folder")
+    for managed in (work.root / "preprocessed", work.gt_segmentations):  # plan replaces these folders
+        if _under(dataset_dir, managed):
+            raise AutosegError(
+                f"{dataset_dir}: the dataset must not be inside {managed}, which plan rewrites"
+            )
     spec = load_dataset_json(dataset_dir / "dataset.json")
     check_training_labels(spec, dataset_dir / "dataset.json")
     cases = discover_cases(dataset_dir, spec)

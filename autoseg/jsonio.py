@@ -76,6 +76,16 @@ class DiskFullError(AutosegError):
         return (type(self), (str(self), self.path))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """An object's keys must differ: with ``{"a": 1, "a": 2}`` json keeps the last silently."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r} appears twice in one object")
+    return out
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (write numbers, or null)")
 
@@ -83,9 +93,10 @@ def _reject_constant(name: str) -> Any:
 def read_json(path: str | Path, expect: type | None = None) -> Any:
     """Decode the JSON file ``path``. Malformed JSON raises ``json.JSONDecodeError`` (a ``ValueError``, as
     ``json.loads`` does); the rest raises :class:`JSONFileError` naming the file: a file over
-    :data:`MAX_JSON_BYTES`, text that is not UTF-8, nesting too deep for Python's parser (RecursionError),
-    the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity``, and, with ``expect`` (``dict`` or
-    ``list``), a top-level value of another kind."""
+    :data:`MAX_JSON_BYTES`, a file that cannot be read, text that is not UTF-8, nesting too deep for
+    Python's parser (RecursionError), the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity``, a key
+    given twice in one object, and, with ``expect`` (``dict`` or ``list``), a top-level value of another
+    kind."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
@@ -96,15 +107,17 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is harmless
     except UnicodeDecodeError as exc:
         raise JSONFileError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise JSONFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise JSONFileError(
             f"{path}: JSON nested too deeply to read (arrays/objects within each other)"
         ) from None
     except json.JSONDecodeError:
         raise
-    except ValueError as exc:  # from _reject_constant
+    except ValueError as exc:  # from _reject_constant or _unique_keys
         raise JSONFileError(f"{path}: {exc}") from None
     if expect is not None and not isinstance(value, expect):
         kind = {dict: "an object {...}", list: "a list [...]"}.get(expect, expect.__name__)

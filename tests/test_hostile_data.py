@@ -333,6 +333,7 @@ DATASET_JSON_CASES = [
     ("null", _write("null"), "top level must be a JSON object"),
     ("not UTF-8", lambda p: p.write_bytes(p.read_text().replace("Phantom", "Fant\u00f4me").encode("latin-1")), "not UTF-8 text"),
     ("a folder", lambda p: (p.unlink(), p.mkdir()), "is a folder; dataset.json must be a file"),
+    ("duplicate key", lambda p: p.write_text(p.read_text().replace('"labels": {', '"labels": {"organ": 2, ', 1)), "key 'organ' appears twice in one object"),
 ]  # fmt: skip
 
 
@@ -713,3 +714,11 @@ def test_undo_restores_only_what_the_command_writes(tmp_path):
     (fresh / "plans.json").write_text("{}")
     undo.rollback()
     assert not (tmp_path / "a").exists()
+
+
+def test_dataset_inside_a_folder_plan_rewrites_is_refused(tmp_path, capfd, raw):
+    """WORK/preprocessed is set aside and deleted when the plans change: a dataset kept there would go too."""
+    work = tmp_path / "work"
+    root = Path(shutil.copytree(raw, work / "preprocessed" / raw.name))
+    line = _refused(capfd, root, work)
+    assert f"{root}: the dataset must not be inside {work / 'preprocessed'}, which plan rewrites" in line
