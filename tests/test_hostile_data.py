@@ -354,7 +354,7 @@ def test_huge_json_is_refused_before_decoding(tmp_path, capfd, raw, monkeypatch)
     monkeypatch.setattr(jsonio, "MAX_JSON_BYTES", 256)
     line = _refused(capfd, root, tmp_path / "work")
     assert (
-        f"{root / 'dataset.json'}: bytes is too large for a JSON file autoseg reads (at most 256 bytes)"
+        f"{root / 'dataset.json'}: {(root / 'dataset.json').stat().st_size} bytes is too large for a JSON file autoseg reads (at most 256 bytes)"
         in line
     ), line
 
