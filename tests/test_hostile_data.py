@@ -333,6 +333,7 @@ DATASET_JSON_CASES = [
     ("null", _write("null"), "top level must be a JSON object"),
     ("not UTF-8", lambda p: p.write_bytes(p.read_text().replace("Phantom", "Fant\u00f4me").encode("latin-1")), "not UTF-8 text"),
     ("a folder", lambda p: (p.unlink(), p.mkdir()), "is a folder; dataset.json must be a file"),
+    ("no foreground label", lambda p: _edit_json(p.parent, lambda d: d.update(labels={"background": 0, "ignore": 1})), "'labels' declares no foreground label (only background and ignore); there is nothing to segment"),
     ("duplicate key", lambda p: p.write_text(p.read_text().replace('"labels": {', '"labels": {"organ": 2, ', 1)), "key 'organ' appears twice in one object"),
 ]  # fmt: skip
 

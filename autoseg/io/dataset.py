@@ -243,6 +243,11 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         raise DatasetError(
             f"{path}: file_ending {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"
         )
+    if not (set(values) - {0}) and not regions:
+        raise DatasetError(
+            f"{path}: 'labels' declares no foreground label (only background{' and ignore' if ignore is not None else ''}); "
+            'there is nothing to segment (add e.g. "organ": 1)'
+        )
     num = raw.get("numTraining")
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 0):
         raise DatasetError(f"{path}: 'numTraining' must be a non-negative integer, got {num!r}")
