@@ -576,6 +576,17 @@ def test_disk_full_while_preprocessing(tmp_path, capfd, raw, monkeypatch):
     assert not work.exists()
 
 
+def test_disk_full_in_a_worker_process(tmp_path, capfd, raw, monkeypatch):
+    """The same with two worker processes (forked, so they inherit the failing writer): the refusal comes back
+    from a worker, the other cases are not started, and WORK is removed once the pool has stopped."""
+    root = _copy(tmp_path, raw)
+    work = tmp_path / "work"
+    _enospc_on_call(monkeypatch, 2)  # each worker's second array
+    line = _refused(capfd, root, work, "--workers", "2")
+    assert "no space left on the disk (ENOSPC) while planning; nothing was kept" in line
+    assert not work.exists()
+
+
 def test_disk_full_in_a_planned_work_keeps_it_as_found(tmp_path, capfd, raw, monkeypatch):
     root = _copy(tmp_path, raw)
     work = _planned(capfd, root, tmp_path / "work")
