@@ -11,9 +11,13 @@ already done is resumed by the next run.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
+
+# the names :meth:`Undo._hidden` gives (``.<name>.<8 hex digits>.undo``): only these are ever removed as stale
+_UNDO_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.undo$")
 
 
 class Undo:
@@ -64,7 +68,13 @@ class Undo:
         return top in self.scope or any(top.startswith(f".{name}.") for name in self.scope)
 
     def commit(self) -> None:
-        for _, hidden in self.kept:
+        """Forget the kept copies, and any a killed run (SIGKILL, power loss) left behind in scope."""
+        stale = [hidden for _, hidden in self.kept]
+        if self.scope is not None and self.root.is_dir():
+            folders = [self.root] + [self.root / n for n in self.scope if (self.root / n).is_dir()]
+            for folder in folders:
+                stale += [p for p in folder.iterdir() if _UNDO_NAME.match(p.name) and self._in_scope(p)]
+        for hidden in stale:
             if hidden.is_dir() and not hidden.is_symlink():
                 shutil.rmtree(hidden, ignore_errors=True)
             else:

@@ -734,3 +734,23 @@ def test_dataset_inside_a_folder_plan_rewrites_is_refused(tmp_path, capfd, raw):
     root = Path(shutil.copytree(raw, work / "preprocessed" / raw.name))
     line = _refused(capfd, root, work)
     assert f"{root}: the dataset must not be inside {work / 'preprocessed'}, which plan rewrites" in line
+
+
+def test_undo_commit_removes_copies_a_killed_run_left(tmp_path):
+    """A plan killed outright (SIGKILL) leaves its kept copies; the next successful run removes exactly those
+    names (``.<name>.<8 hex>.undo`` of what plan writes), nothing else."""
+    from autoseg.undo import Undo
+
+    root = tmp_path / "work"
+    (root / ".preprocessed.0123abcd.undo" / "fullres").mkdir(parents=True)
+    (root / ".plans.json.0123abcd.undo").write_text("old")
+    (root / "gt_segmentations").mkdir()
+    (root / "gt_segmentations" / ".a.nii.gz.89abcdef.undo").write_text("old")
+    (root / ".notes.0123abcd.undo").write_text("the user's")
+    (root / "gt_segmentations" / ".a.nii.gz.undo").write_text("the user's too")
+    Undo(root, scope=("plans.json", "preprocessed", "gt_segmentations")).commit()
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        ".notes.0123abcd.undo",
+        "gt_segmentations",
+        "gt_segmentations/.a.nii.gz.undo",
+    ]
