@@ -182,17 +182,23 @@ def test_late_nonfinite_refusal_removes_what_plan_wrote(tmp_path, capfd, raw, mo
 
     root = _copy(tmp_path, raw)
     real = pipeline.normalize
+    work = tmp_path / "new" / "deeper" / "work"
+    written = []  # what plan had written when the bad case was found
 
     def poisoned(image, norms, mask):
         out = real(image, norms, mask)
         if image.shape[1:] == _array(_image(root, 1)).shape:  # only the second case
             out[1, 0, 0, 0] = np.nan
+            written.extend(sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()))
         return out
 
     assert _array(_image(root, 0)).shape != _array(_image(root, 1)).shape
     monkeypatch.setattr(pipeline, "normalize", poisoned)
-    work = tmp_path / "new" / "deeper" / "work"
     line = _refused(capfd, root, work, watch=tmp_path / "new")
+    assert {"plans.json", "fingerprint.json", "dataset.json", f"gt_segmentations/phantom_001{ENDING}"} <= set(
+        written
+    )
+    assert "preprocessed/fullres/phantom_000.npy" in written  # the first case was finished
     assert f"{_image(root, 1, 1)}: 1 voxel(s) are NaN/Inf once normalised (normalisation 'zscore')" in line
     assert not (tmp_path / "new").exists()
 
