@@ -443,8 +443,18 @@ def test_train_refuses_hostile_plans_json(text, expected, shared_work, capfd):
     assert _tree(shared_work.root) == before
 
 
-def test_predict_refuses_nested_inference_instructions(shared_work, phantom_dataset, tmp_path, capfd):
-    shared_work.inference_instructions.write_text(NESTED)
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        pytest.param(NESTED, "JSON nested too deeply to read", id="nested"),
+        pytest.param("[]", "invalid inference instructions (AttributeError", id="a-list"),
+        pytest.param('{"configs": NaN}', "NaN is not valid JSON", id="NaN"),
+    ],
+)
+def test_predict_refuses_hostile_inference_instructions(
+    text, expected, shared_work, phantom_dataset, tmp_path, capfd
+):
+    shared_work.inference_instructions.write_text(text)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for c in (0, 1):
@@ -454,7 +464,7 @@ def test_predict_refuses_nested_inference_instructions(shared_work, phantom_data
     before = _tree(shared_work.root)
     code, _, err = _run(capfd, "predict", shared_work.root, inputs, tmp_path / "out", "--device", "cpu")
     line = _error_line(code, err)
-    assert f"{shared_work.inference_instructions}: JSON nested too deeply to read" in line, line
+    assert f"{shared_work.inference_instructions}: {expected}" in line, line
     assert not (tmp_path / "out").exists() and _tree(shared_work.root) == before
 
 
