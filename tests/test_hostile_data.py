@@ -770,3 +770,17 @@ def test_undo_commit_removes_copies_a_killed_run_left(tmp_path):
         "gt_segmentations",
         "gt_segmentations/.a.nii.gz.undo",
     ]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        pytest.param(("--gpu-memory", "0.5"), "--gpu-memory 0.5", id="gpu-memory-0.5"),
+        pytest.param(("--device", "tpu"), "--device tpu", id="device-tpu"),
+    ],
+)
+def test_refused_option_creates_no_work(extra, expected, tmp_path, capfd, raw):
+    """An option refused before anything is read: WORK (and its parents) never appear."""
+    root = _copy(tmp_path, raw)
+    line = _refused(capfd, root, tmp_path / "a" / "work", *extra, watch=tmp_path / "a")
+    assert expected in line, line
