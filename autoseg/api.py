@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -18,13 +19,14 @@ from pathlib import Path
 
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
-from autoseg.io.dataset import discover_cases, discover_inputs, load_dataset_json
-from autoseg.jsonio import read_json, temp_path_for, write_json
+from autoseg.io.dataset import check_training_labels, discover_cases, discover_inputs, load_dataset_json
+from autoseg.jsonio import DiskFullError, read_json, temp_path_for, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
 from autoseg.settings import InferenceSettings, load_settings
+from autoseg.undo import Undo
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 _log = logging.getLogger("autoseg")
@@ -62,11 +64,63 @@ def plan(
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
     if _under(work.root, dataset_dir):
         raise AutosegError(f"{work.root}: WORK must not be inside the dataset folder {dataset_dir}")
+    if work.root.exists() and not work.root.is_dir():
+        raise AutosegError(f"{work.root}: WORK exists and is not a folder")
+    for managed in (work.root / "preprocessed", work.gt_segmentations):  # plan replaces these folders
+        if _under(dataset_dir, managed):
+            raise AutosegError(
+                f"{dataset_dir}: the dataset must not be inside {managed}, which plan rewrites"
+            )
     spec = load_dataset_json(dataset_dir / "dataset.json")
+    check_training_labels(spec, dataset_dir / "dataset.json")
     cases = discover_cases(dataset_dir, spec)
-    work.root.mkdir(parents=True, exist_ok=True)
+    budget, why = memory_budget(gpu_memory_gb, device)
     _check_same_dataset(work, spec, dataset_dir)
+    # a refusal from here on (found while reading every case, or while writing) leaves WORK as it was found
+    undo = Undo(work.root, scope=_PLAN_WRITES)
+    try:
+        plans = _plan_into(
+            dataset_dir, work, spec, cases, budget, why, undo, workers, configurations, clean, progress,
+            architecture, fix_nonfinite, resample_device,
+        )  # fmt: skip
+    except (AutosegError, OSError) as exc:
+        undo.rollback()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            exc = DiskFullError(str(exc), exc.filename)
+        if isinstance(exc, DiskFullError):  # said once everything this run wrote is gone again
+            free = shutil.disk_usage(_existing(work.root)).free
+            need = getattr(exc, "need_bytes", None)
+            raise DiskFullError(
+                f"{exc.path or work.root}: no space left on the disk (ENOSPC) while planning; nothing was kept"
+                + (f"; preprocessing needs about {need / 1e9:.2f} GB" if need else "")
+                + f", {free / 1e9:.2f} GB are free",
+                exc.path,
+            ) from None
+        if isinstance(exc, OSError):
+            raise AutosegError(f"{exc.filename or work.root}: {exc.strerror or exc}") from None
+        raise
+    except BaseException:
+        undo.commit()  # an interruption: what is done stays, and the next run resumes it
+        raise
+    undo.commit()
+    return plans
 
+
+# what plan writes directly under WORK (a refused plan removes nothing else there)
+_PLAN_WRITES = ("fingerprint.json", "plans.json", "dataset.json", "gt_segmentations", "preprocessed")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _plan_into(
+    dataset_dir, work, spec, cases, budget, why, undo, workers, configurations, clean, progress, architecture,
+    fix_nonfinite, resample_device,
+) -> Plans:  # fmt: skip
+    """The writing part of :func:`plan`; every file it replaces is first kept by ``undo``."""
     from autoseg.fingerprint import FINGERPRINT_SCHEMA_VERSION, dataset_hash
 
     fp = None
@@ -80,6 +134,7 @@ def plan(
                     fp = cached
         except (KeyError, TypeError, ValueError, AttributeError):
             fp = None
+    fresh_fingerprint = fp is None
     if fp is None:
         done = [0]
 
@@ -89,33 +144,43 @@ def plan(
                 progress("fingerprint", done[0], len(cases))
 
         fp = compute_fingerprint(cases, spec, workers=workers, progress=tick, fix_nonfinite=fix_nonfinite)
-        write_json(work.fingerprint, fp.to_json())
-    budget, why = memory_budget(gpu_memory_gb, device)
     plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture)
     plans.reasons.insert(0, f"memory budget {budget:.3g} GB: {why}")
+    wanted = configurations or tuple(plans.configurations)
+    try:
+        work.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AutosegError(f"{work.root}: cannot create the WORK folder ({exc.strerror or exc})") from None
+    if fresh_fingerprint:
+        undo.keep(work.fingerprint)
+        write_json(work.fingerprint, fp.to_json())
     old = Plans.load(work.plans) if work.plans.is_file() else None
     if clean or (old is not None and old.to_json() != plans.to_json()):
-        # stale preprocessed data must not be mixed with new plans
-        shutil.rmtree(work.root / "preprocessed", ignore_errors=True)
+        # stale preprocessed data must not be mixed with new plans (set aside; deleted once planning is done)
+        undo.move_aside(work.root / "preprocessed")
+    check_disk_space(work, fp, plans, wanted)
+    for path in (work.plans, work.dataset_json):
+        undo.keep(path)
     plans.save(work.plans)
     write_json(work.dataset_json, {**spec.to_json(), "source": str(dataset_dir.resolve())})
-    _copy_labels(cases, work.gt_segmentations)
-
-    wanted = configurations or tuple(plans.configurations)
-    check_disk_space(work, fp, plans, wanted)
-    for data_id in sorted({plans.configuration(c).data_identifier for c in wanted}):
-        config = next(c for c in plans.configurations.values() if c.data_identifier == data_id)
-        preprocess_dataset(
-            cases,
-            spec,
-            plans,
-            config,
-            work.preprocessed(data_id),
-            workers=workers,
-            progress=_counter(progress, f"preprocess {data_id}", len(cases)),
-            resample_device=resample_device,
-            fix_nonfinite=fix_nonfinite,
-        )
+    try:
+        _copy_labels(cases, work.gt_segmentations, undo)
+        for data_id in sorted({plans.configuration(c).data_identifier for c in wanted}):
+            config = next(c for c in plans.configurations.values() if c.data_identifier == data_id)
+            preprocess_dataset(
+                cases,
+                spec,
+                plans,
+                config,
+                work.preprocessed(data_id),
+                workers=workers,
+                progress=_counter(progress, f"preprocess {data_id}", len(cases)),
+                resample_device=resample_device,
+                fix_nonfinite=fix_nonfinite,
+            )
+    except DiskFullError as exc:
+        exc.need_bytes = preprocessed_bytes(fp, plans, wanted)
+        raise
     return plans
 
 
@@ -207,12 +272,14 @@ def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
         )
 
 
-def _copy_labels(cases, dest: Path) -> None:
+def _copy_labels(cases, dest: Path, undo: Undo | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for case in cases:
         target = dest / case.label.name
         if target.is_file() and target.stat().st_size == case.label.stat().st_size:
             continue
+        if undo is not None:
+            undo.keep(target)
         tmp = temp_path_for(target)
         try:
             shutil.copyfile(case.label, tmp)

@@ -197,10 +197,14 @@ def compute_fingerprint(
     if workers > 1 and len(cases) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = []
-            for r in pool.map(_case_job, jobs):
-                results.append(r)
-                if progress:
-                    progress()
+            try:
+                for r in pool.map(_case_job, jobs):
+                    results.append(r)
+                    if progress:
+                        progress()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # a refused case: start no other
+                raise
     else:
         results = []
         for j in jobs:

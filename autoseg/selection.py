@@ -46,7 +46,7 @@ from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.inference.export import probabilities_to_labels
 from autoseg.io.dataset import DatasetSpec, load_dataset_json
 from autoseg.io.volume import read_header, write_volume
-from autoseg.jsonio import read_json, temp_path_for, write_json
+from autoseg.jsonio import JSONFileError, read_json, temp_path_for, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import Postprocessing, decide_postprocessing, structure_dice
@@ -174,7 +174,9 @@ def load_instructions(work: WorkDir) -> InferenceInstructions:
         raise PlansError(f"{path}: not found (run 'autoseg find-best {work.root}' first)")
     try:
         return InferenceInstructions.from_json(read_json(path))
-    except (ValueError, KeyError, TypeError) as exc:
+    except JSONFileError as exc:  # names the file itself
+        raise PlansError(str(exc)) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PlansError(f"{path}: invalid inference instructions ({type(exc).__name__}: {exc})") from None
 
 
@@ -256,7 +258,12 @@ def _load_splits(work: WorkDir) -> list[dict]:
     path = work.splits
     if not path.is_file():
         raise PlansError(f"{path}: splits.json not found (it is written when the first fold is trained)")
-    splits = read_json(path)
+    try:
+        splits = read_json(path)
+    except JSONFileError as exc:
+        raise PlansError(str(exc)) from None
+    except ValueError as exc:
+        raise PlansError(f"{path}: not valid JSON ({exc})") from None
     if (
         not isinstance(splits, list)
         or not splits

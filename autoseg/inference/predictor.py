@@ -148,12 +148,17 @@ class Predictor:
             activation="sigmoid" if self.plans.region_based else "softmax",
         )
 
-    def prepare(self, raw: np.ndarray, geom, source, case_id: str) -> Prepared:
-        """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage)."""
-        image, _, props = preprocess_image(raw, geom, source, self.plans, self.config, None, case_id)
+    def prepare(self, raw: np.ndarray, geom, source, case_id: str, files=()) -> Prepared:
+        """Preprocess a case read with :func:`read_channels` for this configuration (and its previous stage);
+        ``files`` (one per channel) name the input in errors."""
+        image, _, props = preprocess_image(
+            raw, geom, source, self.plans, self.config, None, case_id, files=files
+        )
         low = None
         if self.previous is not None:
-            low, _, _ = preprocess_image(raw, geom, source, self.plans, self.previous.config, None, case_id)
+            low, _, _ = preprocess_image(
+                raw, geom, source, self.plans, self.previous.config, None, case_id, files=files
+            )
         return Prepared(image, props, low)
 
     def infer(self, prepared: Prepared) -> np.ndarray:
@@ -249,7 +254,7 @@ def predict_cases(
             why = spacing_outside_training(geom.spacing_mm, training_spacings)
             if why:
                 _log.warning("%s: %s", case.images[0], why)
-        return [p.prepare(raw, geom, source, case.case_id) for p in predictors]
+        return [p.prepare(raw, geom, source, case.case_id, case.images) for p in predictors]
 
     def export(probs: list[np.ndarray] | np.ndarray, prepared: list[Prepared], target: Path) -> Path:
         props = prepared[0].props

@@ -24,10 +24,17 @@ from autoseg.io.volume import (
     read_header,
     read_volume,
 )
+from autoseg.jsonio import JSONFileError, read_json
 
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 # how closely the channels and the label of one case must agree (check_case_geometry)
 SPACING_RTOL = 1e-3
+MAX_LABEL_VALUE = 32767
+"""The largest label value dataset.json may declare: label maps are read as 16-bit integers (larger values
+would wrap negative). Training stores label maps as 8 bits: see :data:`MAX_TRAINING_LABEL_VALUE`."""
+MAX_TRAINING_LABEL_VALUE = 255
+"""The largest label value ``plan`` accepts (labels, regions, ignore): preprocessed label maps and predictions
+are stored as uint8."""
 ORIGIN_TOLERANCE_MM = 1e-2
 DIRECTION_TOLERANCE = 1e-3
 
@@ -113,13 +120,17 @@ class DatasetSpec:
 def load_dataset_json(path: str | Path) -> DatasetSpec:
     """Parse and check ``dataset.json``; raises :class:`DatasetError` naming the file and the problem."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != "dataset.json":
         path = path / "dataset.json"
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; dataset.json must be a file")
     if not path.is_file():
         raise DatasetError(f"{path}: dataset.json not found")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = read_json(path)
+    except JSONFileError as exc:
+        raise DatasetError(str(exc)) from None
+    except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
     return parse_dataset_json(raw, path)
 
@@ -159,17 +170,26 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
                 raise DatasetError(
                     f"{path}: label '{name}' must be an integer or a list of positive integers"
                 )
+            if max(value) > MAX_LABEL_VALUE:
+                raise DatasetError(
+                    f"{path}: label '{name}' lists value {_short_int(max(value))}; label values must be at most "
+                    f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
+                )
             regions[name] = tuple(int(v) for v in value)
             continue
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
-            or not np.isfinite(value)  # json.loads reads NaN and Infinity
-            or float(value) != int(value)
+            or (isinstance(value, float) and (not np.isfinite(value) or not value.is_integer()))
         ):
             raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
         if int(value) < 0:
-            raise DatasetError(f"{path}: label '{name}' has negative value {int(value)}")
+            raise DatasetError(f"{path}: label '{name}' has negative value {_short_int(int(value))}")
+        if int(value) > MAX_LABEL_VALUE:
+            raise DatasetError(
+                f"{path}: label '{name}' has value {_short_int(int(value))}; label values must be at most "
+                f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
+            )
         if name.lower() == "ignore":
             ignore = int(value)
         elif region_syntax and int(value) != 0:
@@ -189,8 +209,13 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
                 f"{path}: labels given as lists (regions) need 'regions_class_order', one label value per region "
                 f"({len(regions)}), saying which value each predicted region is written as"
             )
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw_order):
-            raise DatasetError(f"{path}: 'regions_class_order' must list positive integers, got {raw_order}")
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in raw_order
+        ):
+            raise DatasetError(
+                f"{path}: 'regions_class_order' must list integers from 1 to {MAX_LABEL_VALUE}, "
+                "got [" + ", ".join(_short_int(v) if isinstance(v, int) else repr(v) for v in raw_order) + "]"
+            )
         order = tuple(int(v) for v in raw_order)
     elif values != list(range(len(values))):
         raise DatasetError(f"{path}: label values must be consecutive integers from 0, got {values}")
@@ -203,13 +228,25 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         extra = raw.get(key)
         if isinstance(extra, dict) and not region_syntax:
             for name, vals in extra.items():
-                if isinstance(vals, list) and vals and all(isinstance(v, int) for v in vals):
+                if (
+                    isinstance(vals, list)
+                    and vals
+                    and all(
+                        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE
+                        for v in vals
+                    )
+                ):
                     regions.setdefault(str(name), tuple(int(v) for v in vals))
 
     ending = raw["file_ending"]
     if not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS:
         raise DatasetError(
             f"{path}: file_ending {ending!r} is not supported (use one of {', '.join(SUPPORTED_ENDINGS)})"
+        )
+    if not (set(values) - {0}) and not regions:
+        raise DatasetError(
+            f"{path}: 'labels' declares no foreground label (only background{' and ignore' if ignore is not None else ''}); "
+            'there is nothing to segment (add e.g. "organ": 1)'
         )
     num = raw.get("numTraining")
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 0):
@@ -224,6 +261,33 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         regions_class_order=order,
         ignore_label=ignore,
     )
+
+
+def _check_link(f: Path) -> None:
+    """A symbolic link whose target is missing (or that links back to itself) is named, not read."""
+    if f.is_symlink() and not f.exists():
+        raise DatasetError(f"{f}: broken symbolic link (its target does not exist, or the link loops)")
+
+
+def _short_int(v: int) -> str:
+    """An integer for a message: digits, or ``about 1e+30`` when it is long."""
+    return str(v) if abs(v) < 10**12 else f"about {float(v):.3g}"
+
+
+def check_training_labels(spec: DatasetSpec, path: str | Path) -> None:
+    """Refuse label values that training cannot store: every value (labels, regions, ignore) must be at most
+    :data:`MAX_TRAINING_LABEL_VALUE`, since preprocessed label maps and predictions are uint8."""
+    named = dict(spec.labels)
+    for name, vals in spec.regions.items():
+        named[name] = max(vals)
+    for i, v in enumerate(spec.regions_class_order):
+        named[f"regions_class_order[{i}]"] = v
+    for name, value in named.items():
+        if value > MAX_TRAINING_LABEL_VALUE:
+            raise DatasetError(
+                f"{path}: label '{name}' has value {value}; training needs label values from 0 to "
+                f"{MAX_TRAINING_LABEL_VALUE} (preprocessed label maps and predictions are 8-bit)"
+            )
 
 
 @dataclass(frozen=True)
@@ -252,6 +316,7 @@ def group_images(folder: Path, spec: DatasetSpec, *, strict: bool = True) -> dic
     for f in sorted(folder.iterdir()):
         if f.name.startswith("."):
             continue
+        _check_link(f)
         if not f.name.endswith(ending):
             if strict:
                 raise DatasetError(f"{f}: unexpected file (dataset.json says file_ending is '{ending}')")
@@ -294,6 +359,7 @@ def discover_cases(dataset_dir: str | Path, spec: DatasetSpec | None = None) -> 
     for f in sorted(labels_dir.iterdir()):
         if f.name.startswith("."):
             continue
+        _check_link(f)
         if not f.name.endswith(spec.file_ending):
             raise DatasetError(
                 f"{f}: unexpected file (dataset.json says file_ending is '{spec.file_ending}')"
@@ -358,6 +424,12 @@ def load_label(path: Path, allowed: set[int], orientation: str | None = None) ->
             bad = arr[rounded != arr][:3]
             raise DatasetError(f"{path}: label map has non-integer values (e.g. {bad.tolist()})")
         arr = rounded
+        huge = np.unique(arr[np.abs(arr) > MAX_LABEL_VALUE])
+        if huge.size:  # before any integer cast, which would wrap them
+            raise DatasetError(
+                f"{path}: label map has values {[f'{v:g}' for v in huge[:3].tolist()]} beyond the label range "
+                f"(declared in dataset.json: {sorted(allowed)})"
+            )
     values = set(np.unique(arr).astype(np.int64).tolist())
     negative = sorted(v for v in values if v < 0)
     if negative:

@@ -156,7 +156,7 @@ def read_4d_channels(
     layout), each with the geometry of the first three dimensions."""
     path = Path(path)
     _check_file(path)
-    _check_nifti(path)
+    header = _check_nifti(path)
     try:
         with _quiet_itk():
             img = sitk.ReadImage(str(path))
@@ -172,7 +172,7 @@ def read_4d_channels(
         _check_geometry(path, source, vol.GetNumberOfComponentsPerPixel())
         if orientation is not None and orientation_code(source) != orientation:
             vol = sitk.DICOMOrient(vol, orientation)
-        arr = sitk.GetArrayFromImage(vol).astype(dtype, copy=False)
+        arr = _cast_checked(path, sitk.GetArrayFromImage(vol), dtype, header)
         vols.append(Volume(array=arr, geometry=_geometry_of(vol), path=path, source_geometry=source))
     return vols
 
@@ -206,8 +206,40 @@ def read_volume(
         img = sitk.DICOMOrient(img, orientation)
     arr = sitk.GetArrayFromImage(img)
     if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
+        arr = _cast_checked(path, arr, dtype, header)
     return Volume(array=arr, geometry=_geometry_of(img), path=path, source_geometry=source)
+
+
+def _cast_checked(path: Path, arr: np.ndarray, dtype, header: nib.Nifti1Header | None) -> np.ndarray:
+    """``arr`` as ``dtype``, refusing intensities that only become Inf on the way: stored values times a NIfTI
+    scale factor beyond the 32-bit float range, or float64 values beyond it (a genuine NaN/Inf in the file is
+    left for the caller's own check, which can replace them)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype, copy=False)
+    if np.dtype(dtype).kind != "f" or arr.dtype.kind != "f":
+        return out  # integers always fit a float (int64's largest is 9.2e18)
+    stored_int = header is not None and header.get_data_dtype().kind in "iub"
+    if stored_int:  # an integer file stores no NaN/Inf: every one came from the scale factor
+        overflow = int((~np.isfinite(out)).sum())
+    elif arr.dtype.itemsize > out.dtype.itemsize:
+        overflow = int(np.isinf(out).sum()) - int(np.isinf(arr).sum())
+    else:
+        return out
+    if overflow <= 0:
+        return out
+    limit = float(np.finfo(np.dtype(dtype)).max)
+    if stored_int:
+        slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+        raise DatasetError(
+            f"{path}: {overflow} intensity value(s) overflow {np.dtype(dtype).itemsize * 8}-bit float "
+            f"(|value| <= {limit:.2g}) once scaled by the NIfTI header (scl_slope {slope:g}, scl_inter {inter:g})"
+        )
+    finite = arr[np.isfinite(arr)]
+    top = float(np.abs(finite).max()) if finite.size else float("inf")
+    raise DatasetError(
+        f"{path}: {overflow} intensity value(s) (up to {top:.3g}) are beyond the "
+        f"{np.dtype(dtype).itemsize * 8}-bit float range autoseg computes in (|value| <= {limit:.2g})"
+    )
 
 
 def reorient_to(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
@@ -319,6 +351,13 @@ def _check_nifti(path: Path) -> nib.Nifti1Header | None:
     if header is None:
         return None
     ndim = int(header["dim"][0])
+    sizes = [int(v) for v in header["dim"][1 : 1 + min(max(ndim, 0), 7)]]
+    if not 1 <= ndim <= 7 or any(n < 1 for n in sizes):
+        # niftilib would print its own complaint straight to stderr before ITK refuses the file
+        raise DatasetError(
+            f"{path}: the NIfTI header gives {ndim} dimension(s) of sizes {sizes}; "
+            "expected 1-7 dimensions of at least 1 voxel each"
+        )
     pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
     if any(not np.isfinite(v) or v == 0 for v in pixdim):
         spacing = ", ".join(f"{v:g}" for v in reversed(pixdim))

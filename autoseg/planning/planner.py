@@ -68,6 +68,12 @@ def plan_configuration(
     """
     patch = topology.initial_patch_size(spacing, median_shape, dim)
     start = list(patch)
+    patch = topology.ensure_poolable(patch, spacing)
+    if patch != start:
+        reasons.append(
+            f"{name}: median shape {_fmt(median_shape, 0)} is too small to pool; patch grown to {_fmt(patch, 0)} "
+            "(images are zero-padded to it) so the network has at least two stages"
+        )
     while True:
         strides, kernels = topology.pooling_and_kernels(patch, spacing)
         patch_r = topology.round_up_to_stride(patch, strides)

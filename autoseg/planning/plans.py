@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from autoseg.errors import PlansError
-from autoseg.jsonio import read_json, write_json
+from autoseg.jsonio import JSONFileError, read_json, write_json
 from autoseg.preprocessing.normalize import ChannelNormalization
 
 PLANS_SCHEMA_VERSION = 1
@@ -386,6 +386,8 @@ class Plans:
             return replace(plans, source=path)
         except PlansError as exc:
             raise PlansError(f"{path}: {exc}") from None
+        except JSONFileError as exc:  # names the file itself
+            raise PlansError(str(exc)) from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PlansError(f"{path}: invalid plans ({type(exc).__name__}: {exc})") from None
 

@@ -54,6 +54,19 @@ def pooling_and_kernels(
     return strides, kernels
 
 
+def ensure_poolable(patch_size: list[int], spacing: list[float]) -> list[int]:
+    """``patch_size`` grown so that the network can pool at least once (a U-Net of one stage has no decoder).
+
+    When no axis reaches ``2 * MIN_FEATURE_MAP`` voxels (volumes of a few voxels, e.g. 3x3x3), the axes
+    within ``SPACING_RATIO`` of the finest spacing grow to that size; images smaller than the patch are
+    zero-padded by the training sampler and the sliding window, as a single small case always was."""
+    need = 2 * MIN_FEATURE_MAP
+    if any(p >= need for p in patch_size):
+        return [int(p) for p in patch_size]
+    finest = min(spacing)
+    return [max(int(p), need) if s <= SPACING_RATIO * finest else int(p) for p, s in zip(patch_size, spacing)]
+
+
 def features_per_stage(n_stages: int, dim: int, base: int = BASE_FEATURES) -> list[int]:
     """``base * 2**stage``, capped at 320 (3D) or 512 (2D)."""
     return [min(base * 2**s, MAX_FEATURES[dim]) for s in range(n_stages)]

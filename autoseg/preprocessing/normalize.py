@@ -36,27 +36,52 @@ class ChannelNormalization:
 def normalize_channel(
     x: np.ndarray, norm: ChannelNormalization, mask: np.ndarray | None = None
 ) -> np.ndarray:
-    """Return a float32 normalized copy of one channel ``x`` ``(Z, Y, X)``."""
-    x = x.astype(np.float32, copy=True)
+    """Return a float32 normalized copy of one channel ``x`` ``(Z, Y, X)``.
+
+    Statistics and arithmetic are float64 (a slice at a time), so any finite float32 input gives finite
+    output: float32 sums and squares of intensities near 1e36 overflow to Inf, which made NaN images."""
     if norm.scheme == "none":
-        return x
+        return x.astype(np.float32, copy=True)
     if norm.scheme == "ct":
-        np.clip(x, norm.clip_low, norm.clip_high, out=x)
-        x -= norm.mean
-        x /= max(norm.std, 1e-8)
-        return x
+        low, high = float(norm.clip_low), float(norm.clip_high)
+        return _affine(x, float(norm.mean), max(float(norm.std), 1e-8), low, high)
     if norm.scheme == "zscore":
         if norm.use_mask and mask is not None and mask.any():
             vals = x[mask]
-            mean, std = float(vals.mean()), float(vals.std())
-            x = (x - mean) / max(std, 1e-8)
-            x[~mask] = 0
-            return x
-        mean, std = float(x.mean()), float(x.std())
-        x -= mean
-        x /= max(std, 1e-8)
-        return x
+            mean, std = _mean_std(vals)
+            out = _affine(x, mean, max(std, 1e-8))
+            out[~mask] = 0
+            return out
+        mean, std = _mean_std(x)
+        return _affine(x, mean, max(std, 1e-8))
     raise ValueError(f"unknown normalization scheme {norm.scheme!r}")
+
+
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation in float64 (two passes, no float64 copy of ``x``)."""
+    mean = float(np.mean(x, dtype=np.float64))
+    var = 0.0
+    flat = x.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.size, step):
+        d = flat[i : i + step].astype(np.float64) - mean
+        var += float(np.dot(d, d))
+    return mean, (var / max(flat.size, 1)) ** 0.5
+
+
+def _affine(
+    x: np.ndarray, mean: float, std: float, low: float | None = None, high: float | None = None
+) -> np.ndarray:
+    """``(clip(x, low, high) - mean) / std`` as float32, computed in float64 one slice at a time."""
+    out = np.empty(x.shape, dtype=np.float32)
+    for i in range(x.shape[0]):
+        s = x[i].astype(np.float64)
+        if low is not None:
+            np.clip(s, low, high, out=s)
+        s -= mean
+        s /= std
+        out[i] = s
+    return out
 
 
 def normalize(image: np.ndarray, norms: list[ChannelNormalization], mask: np.ndarray | None) -> np.ndarray:

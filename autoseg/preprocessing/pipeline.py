@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import DatasetError
+from autoseg.errors import AutosegError, DatasetError, PlansError
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
 from autoseg.io.volume import Geometry, read_4d_channels, read_volume
 from autoseg.jsonio import read_json, save_npy, save_npz, write_json
@@ -173,6 +173,20 @@ def _mm(values) -> str:
     return "x".join(f"{v:.4g}" for v in values)
 
 
+def check_finite(image: np.ndarray, files, case_id: str, stage: str, plans: Plans | None = None) -> None:
+    """Raise :class:`DatasetError` naming the channel's file if ``image`` ``(C, ...)`` holds NaN or Inf."""
+    for c in range(image.shape[0]):
+        finite = np.isfinite(image[c])
+        if finite.all():
+            continue
+        where = files[c] if c < len(files) else (files[0] if files else f"case '{case_id}'")
+        scheme = plans.normalization[c].scheme if plans is not None and c < len(plans.normalization) else "?"
+        raise DatasetError(
+            f"{where}: {int((~finite).sum())} voxel(s) are NaN/Inf once {stage} (normalisation '{scheme}'); "
+            "intensities must be finite 32-bit floats (|value| <= 3.4e38) whose normalisation stays finite"
+        )
+
+
 def preprocess_image(
     image: np.ndarray,
     geometry: Geometry,
@@ -182,14 +196,18 @@ def preprocess_image(
     label: np.ndarray | None = None,
     case_id: str = "",
     resample_device: str | None = None,
+    files: tuple[Path, ...] | list[Path] = (),
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalize, transpose and resample one case. ``image`` is ``(C, Z, Y, X)`` as returned by
     :func:`read_channels` (already in the plans' orientation, with ``geometry``).
 
     ``resample_device`` (``cpu``, ``cuda``) resamples with the torch implementation on that device (same
-    results as scipy to float32 rounding, faster for images); ``None`` uses scipy."""
+    results as scipy to float32 rounding, faster for images); ``None`` uses scipy. A normalised or resampled
+    channel that is not finite everywhere raises :class:`DatasetError` naming its file (``files``, one per
+    channel, else the case id): the network must never see NaN."""
     image, label, mask, bbox = crop_to_nonzero(image, label)
     image = normalize(image, plans.normalization, mask)
+    check_finite(image, files, case_id, "normalised", plans)
     tf = plans.transpose_forward
     image = image.transpose([0] + [a + 1 for a in tf])
     spacing_t = [geometry.spacing_mm[a] for a in tf]
@@ -210,6 +228,7 @@ def preprocess_image(
             from autoseg.preprocessing import resample_torch
 
             label = resample_torch.resample_label(label, spacing_t, target, out_shape, device=resample_device)
+    check_finite(image, files, case_id, "normalised and resampled", plans)
     props = CaseProperties(
         case_id=case_id,
         geometry=geometry,
@@ -251,7 +270,7 @@ def preprocess_training_case(
     image, geom, source = read_channels(case.images, plans.orientation, fix_nonfinite=fix_nonfinite)
     label, _ = load_label(case.label, spec.allowed_values, plans.orientation)
     image, label, props = preprocess_image(
-        image, geom, source, plans, config, label, case.case_id, resample_device
+        image, geom, source, plans, config, label, case.case_id, resample_device, files=case.images
     )
     save_npy(out_dir / f"{case.case_id}.npy", image)
     save_npy(out_dir / f"{case.case_id}_seg.npy", label.astype(np.uint8))
@@ -299,10 +318,16 @@ def preprocess_dataset(
                 pool.submit(_job, (c, spec, plans, config, out_dir, resample_device, fix_nonfinite))
                 for c in todo
             ]
-            for fut in as_completed(futures):
-                done.append(fut.result())
-                if progress:
-                    progress(done[-1])
+            try:
+                for fut in as_completed(futures):
+                    done.append(fut.result())
+                    if progress:
+                        progress(done[-1])
+            except BaseException:
+                # a refused case: start no other (the pool still waits for those already running)
+                for fut in futures:
+                    fut.cancel()
+                raise
     else:
         for c in todo:
             done.append(_job((c, spec, plans, config, out_dir, resample_device, fix_nonfinite)))
@@ -312,4 +337,13 @@ def preprocess_dataset(
 
 
 def load_case_properties(out_dir: Path, case_id: str) -> CaseProperties:
-    return CaseProperties.from_json(read_json(out_dir / f"{case_id}.json"))
+    path = out_dir / f"{case_id}.json"
+    try:
+        return CaseProperties.from_json(read_json(path, expect=dict))
+    except AutosegError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PlansError(
+            f"{path}: invalid preprocessed case properties ({type(exc).__name__}: {exc}); run 'autoseg plan' "
+            "with --clean to preprocess again"
+        ) from None

@@ -332,6 +332,12 @@ def train_fold(
                 plans, model, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w
             )
             train_loss = distributed.mean_over_ranks(float(np.mean(losses)), w)
+            if not np.isfinite(train_loss):  # every rank sees the same mean, so all stop together
+                raise AutosegError(
+                    f"{out_dir}: the training loss became {train_loss} in epoch {epoch + 1}; training stopped "
+                    f"({latest.name} holds the last epoch with a finite loss, if any). Check the intensities of "
+                    "the images, or lower initial_lr"
+                )
             mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
             if mean_dice is not None and np.isfinite(mean_dice):
                 ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import PlansError
+from autoseg.errors import AutosegError, PlansError
 from autoseg.jsonio import read_json, write_json
 
 
@@ -37,8 +37,22 @@ def load_or_create_splits(
 ) -> list[dict]:
     """Read ``splits.json`` if present (checking it names known cases), else create and write it."""
     if path.is_file():
-        splits = read_json(path)
+        try:
+            splits = read_json(path, expect=list)
+        except ValueError as exc:  # JSONFileError names the file itself
+            raise PlansError(
+                str(exc) if isinstance(exc, AutosegError) else f"{path}: not valid JSON ({exc})"
+            ) from None
         known = set(case_ids)
+        if not splits or not all(
+            isinstance(f, dict)
+            and all(isinstance(f.get(key, []), list) for key in ("train", "val"))
+            and all(isinstance(c, str) for c in f.get("train", []) + f.get("val", []))
+            for f in splits
+        ):
+            raise PlansError(
+                f'{path}: expected a list of folds like {{"train": [...], "val": [...]}} of case ids'
+            )
         for k, fold in enumerate(splits):
             unknown = sorted((set(fold.get("train", [])) | set(fold.get("val", []))) - known)
             if unknown or not fold.get("train") or "val" not in fold:
