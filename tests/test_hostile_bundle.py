@@ -542,7 +542,7 @@ PLANS_CASES = [
     ("name and key differ", lambda p: p["configurations"]["2d"].update(name="3d_fullres"), "configuration '2d' has name '3d_fullres'"),
     ("ignore not largest", lambda p: p.update(ignore_label=0), "ignore_label 0 must be null or the largest value"),
     ("file ending .exe", lambda p: p.update(file_ending=".exe"), "file_ending '.exe' must be one of"),
-    ("gpu memory NaN", lambda p: p.update(gpu_memory_gb=float("nan")), "gpu_memory_gb nan must be"),
+    ("gpu memory NaN (refused by the JSON reader)", lambda p: p.update(gpu_memory_gb=float("nan")), "NaN is not valid JSON"),
 ]  # fmt: skip
 
 
