@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from autoseg.errors import AutosegError, PlansError
@@ -24,7 +24,7 @@ from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
-from autoseg.settings import InferenceSettings, load_settings
+from autoseg.settings import MAX_WORKERS, inference_settings, load_settings
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 _log = logging.getLogger("autoseg")
@@ -60,6 +60,7 @@ def plan(
     finite minimum/maximum, with a warning).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
+    _check_plan_options(gpu_memory_gb, device, resample_device, workers)
     if _under(work.root, dataset_dir):
         raise AutosegError(f"{work.root}: WORK must not be inside the dataset folder {dataset_dir}")
     spec = load_dataset_json(dataset_dir / "dataset.json")
@@ -117,6 +118,40 @@ def plan(
             fix_nonfinite=fix_nonfinite,
         )
     return plans
+
+
+def check_workers(workers: int, option: str = "--workers") -> int:
+    """A count of worker processes, 1 to :data:`MAX_WORKERS`; else an error naming ``option``."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise AutosegError(f"{option} {workers}: must be a whole number from 1 to {MAX_WORKERS}")
+    return workers
+
+
+def _check_plan_options(gpu_memory_gb, device, resample_device, workers) -> None:
+    """plan's options, all of them before anything is read or written."""
+    check_workers(workers)
+    if gpu_memory_gb is not None:
+        if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)):
+            raise AutosegError(f"--gpu-memory {gpu_memory_gb!r}: must be a number of GB")
+        if not math.isfinite(gpu_memory_gb) or not 1.0 < gpu_memory_gb <= MAX_GPU_MEMORY_GB:
+            raise AutosegError(
+                f"--gpu-memory {gpu_memory_gb:g}: must be more than 1 and at most {MAX_GPU_MEMORY_GB:g} GB"
+            )
+    if device is not None:
+        memory_budget(gpu_memory_gb, device)  # refuses an unknown device, or cuda where there is none
+    if resample_device is not None:
+        from autoseg.inference.predictor import resolve_device
+
+        if resample_device not in ("cpu", "cuda") and not str(resample_device).startswith("cuda:"):
+            raise AutosegError(f"--resample-device {resample_device!r}: use cpu or cuda (or cuda:N)")
+        try:
+            resolve_device(resample_device)
+        except AutosegError as exc:
+            raise AutosegError(str(exc).replace("--device", "--resample-device", 1)) from None
+
+
+MAX_GPU_MEMORY_GB = 4096.0
+"""The largest --gpu-memory plan accepts (far above any accelerator; a typo's 1e9 would plan absurd patches)."""
 
 
 def preprocessed_bytes(fp: Fingerprint, plans: Plans, configurations) -> int:
@@ -236,24 +271,26 @@ def train(
     **overrides,
 ) -> Path:
     """Train one fold (0..4 or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields.
-    ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``)."""
+    ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``), once every
+    option, setting and input has been checked: a refused run leaves the earlier one as it was."""
     from autoseg.inference.predictor import resolve_device
     from autoseg.training.loop import train_fold
 
+    if str(fold) not in {"all", "0", "1", "2", "3", "4"}:
+        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
     train_settings, infer_settings = load_settings(config_file, **overrides)
     work = WorkDir(Path(workdir))
     if overwrite and resume:
         raise AutosegError("--overwrite and --resume exclude each other")
-    if overwrite:
-        Plans.load(work.plans).configuration(config)  # never delete anything for a mistyped configuration
-        shutil.rmtree(work.fold_dir(config, fold), ignore_errors=True)
+    dev = resolve_device(device)
     return train_fold(
         work,
         config,
         fold,
         train_settings,
-        resolve_device(device),
+        dev,
         resume=resume,
+        overwrite=overwrite,
         inference=infer_settings,
         on_iteration=on_iteration,
         on_epoch=on_epoch,
@@ -309,15 +346,19 @@ def predict(
     :class:`autoseg.settings.InferenceSettings`. ``reuse_heap``: on CPU with glibc, keep the memory a forward pass
     frees for the next pass (faster, more memory; see :mod:`autoseg.inference.runner`).
     """
-    settings = InferenceSettings(
+    settings = inference_settings(
         step_size=step_size,
         mirroring=mirroring,
+        mirror_axes=mirror_axes,
         fix_nonfinite=fix_nonfinite,
         compile=compile,
         slab_export_gb=slab_export_gb,
         reuse_heap=reuse_heap,
     )
     from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
+
+    dev = resolve_device(device)  # every option is checked before anything is read or written
+    folds = _check_folds(folds)
     from autoseg.postprocessing import apply_postprocessing, dataset_structures
     from autoseg.selection import load_instructions
 
@@ -348,9 +389,6 @@ def predict(
             def post(seg):
                 return apply_postprocessing(seg, pp, structs)
 
-    if mirror_axes is not None:
-        settings = replace(settings, mirror_axes=tuple(mirror_axes))
-    dev = resolve_device(device)
     predictors = []
     for c in configs:
         use = folds or available_folds(work, c)
@@ -368,6 +406,26 @@ def predict(
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
     )
+
+
+def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
+    """``folds`` as given (0-4 or ``all``, each once), or an error naming ``--folds``."""
+    if folds is None:
+        return None
+    out: list[int | str] = []
+    for f in folds:
+        text = str(f)
+        if text == "all":
+            out.append("all")
+        elif text in {"0", "1", "2", "3", "4"} and not isinstance(f, bool):
+            out.append(int(text))
+        else:
+            raise AutosegError(f"--folds {f}: folds are 0-4 or 'all'")
+    if len(set(out)) != len(out):
+        raise AutosegError(f"--folds {' '.join(map(str, folds))}: a fold is given twice")
+    if not out:
+        raise AutosegError("--folds: no fold given")
+    return out
 
 
 def _training_spacings(work: WorkDir):
@@ -402,7 +460,7 @@ def export_model(
     """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file."""
     from autoseg.bundle import export_model as _export
 
-    return _export(workdir, output, configs, folds)
+    return _export(workdir, output, configs, _check_folds(folds))
 
 
 def import_model(bundle: str | Path, workdir: str | Path) -> WorkDir:
@@ -440,6 +498,11 @@ def evaluate(
 
     if images_dir is not None and not overlays:
         raise AutosegError("--images is only used with --overlays")
+    check_workers(workers)
+    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, (int, float)):
+        raise AutosegError(f"--tolerance {tolerance_mm!r}: must be a number of mm")
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise AutosegError(f"--tolerance {tolerance_mm:g}: must be a finite number of mm, >= 0")
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
     return evaluate_folders(
@@ -460,4 +523,5 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
     the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned)."""
     from autoseg.selection import find_best as _find_best
 
+    check_workers(workers)
     return _find_best(WorkDir(Path(workdir)), configs, workers)

@@ -412,8 +412,8 @@ def evaluate(
 @app.command()
 def phantom(
     out_dir: Annotated[Path, typer.Argument(help="Empty folder for the synthetic dataset")],
-    cases: Annotated[int, typer.Option("--cases", "-n", min=2)] = 10,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    cases: Annotated[int, typer.Option("--cases", "-n", min=2, max=1000)] = 10,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Write a deterministic synthetic 2-channel, 2-label 3D dataset in the raw layout."""
     from autoseg.phantom import make_phantom_dataset
@@ -455,6 +455,8 @@ def export_network(
     """Export one fold's network for deployment (patch in, logits out)."""
     from autoseg.inference.deploy import export_network as _export
 
+    if fold not in {"all", "0", "1", "2", "3", "4"}:
+        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
     path = _export(workdir, config, fold, output, fmt)
     out.print(f"wrote {path} ({fmt})")
 
@@ -559,8 +561,18 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if argv is None:  # the real command line (not a test calling main): SIGTERM unwinds cleanly
         signal.signal(signal.SIGTERM, _terminate)
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app(args=argv, standalone_mode=True)  # handles usage errors and --help itself, then exits
+        code = app(args=argv, standalone_mode=False)  # returns the exit code of --help and the like
+    except NoArgsIsHelpError as exc:  # a bare command: its help, as typer shows it
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+        return exc.exit_code
+    except UsageError as exc:  # a bad option or argument: one line too, like every other refusal
+        err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        return 2
     except AutosegError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
@@ -569,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
