@@ -371,8 +371,9 @@ def predict(
             configs = list(instructions.configs)
         else:
             configs = ["3d_fullres"]
-    for c in configs:
-        plans.configuration(c)
+    if len(set(configs)) != len(configs):
+        raise AutosegError(f"--config {' '.join(configs)}: a configuration is given twice")
+    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     cases = discover_inputs(
         input_list, len(plans.channel_names)
@@ -391,10 +392,7 @@ def predict(
 
     predictors = []
     for c in configs:
-        use = folds or available_folds(work, c)
-        if not use:
-            raise PlansError(f"{work.root / 'results' / c}: no trained fold (checkpoint_final.pt) found")
-        predictors.append(Predictor(work, c, use, dev, settings, plans=plans))
+        predictors.append(Predictor(work, c, fold_lists[c], dev, settings, plans=plans))
     _log.info(
         "predicting %d case(s) with %s; postprocessing: %s",
         len(cases),
@@ -406,6 +404,25 @@ def predict(
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
     )
+
+
+def _folds_to_use(work: WorkDir, plans: Plans, config: str, folds, settings) -> list[int | str]:
+    """The folds of ``config`` to predict with (``folds`` or every trained one), each with its checkpoint,
+    and mirror axes that leave mirroring on when it is asked for: checked before anything is written."""
+    cfg = plans.configuration(config)
+    if settings.mirroring and not any(a < cfg.dim for a in settings.mirror_axes):
+        raise AutosegError(
+            f"--mirror-axes {','.join(map(str, settings.mirror_axes))}: configuration '{config}' is 2D "
+            "(patch axes 0 and 1), so nothing would be mirrored; use --no-mirroring to predict without"
+        )
+    use = folds or available_folds(work, config)
+    if not use:
+        raise PlansError(f"{work.root / 'results' / config}: no trained fold (checkpoint_final.pt) found")
+    for f in use:
+        ckpt = work.fold_dir(config, f) / "checkpoint_final.pt"
+        if not ckpt.is_file():
+            raise PlansError(f"{ckpt}: not found (fold {f} of {config} is not trained; see --folds)")
+    return list(use)
 
 
 def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:

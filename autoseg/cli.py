@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -541,7 +542,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         tag = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "[dim]note:[/]"
-        err.print(f"{tag} {record.getMessage()}", highlight=False, soft_wrap=True)
+        err.print(f"{tag} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 def _setup_logging() -> None:
@@ -571,10 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         rich_utils.rich_format_error(exc)
         return exc.exit_code
     except UsageError as exc:  # a bad option or argument: one line too, like every other refusal
-        err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         return 2
     except AutosegError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -33,6 +33,10 @@ def _show(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def _finite(v) -> bool:
     return math.isfinite(v)
 
@@ -70,11 +74,11 @@ def _check_range(name: str, value, low=None, high=None, *, low_open=False, what=
     too_high = high is not None and value > high
     if too_low or too_high:
         if low is not None and high is not None:
-            allowed = f"must be in {'(' if low_open else '['}{low:g}, {high:g}]"
+            allowed = f"must be in {'(' if low_open else '['}{_num(low)}, {_num(high)}]"
         elif low is not None:
-            allowed = f"must be {'>' if low_open else '>='} {low:g}"
+            allowed = f"must be {'>' if low_open else '>='} {_num(low)}"
         else:
-            allowed = f"must be <= {high:g}"
+            allowed = f"must be <= {_num(high)}"
         raise SettingError(name, value, allowed + (f" ({what})" if what else ""))
 
 
