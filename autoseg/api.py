@@ -371,8 +371,7 @@ def predict(
             configs = list(instructions.configs)
         else:
             configs = ["3d_fullres"]
-    if len(set(configs)) != len(configs):
-        raise AutosegError(f"--config {' '.join(configs)}: a configuration is given twice")
+    _check_configs(configs)
     fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     cases = discover_inputs(
@@ -423,6 +422,11 @@ def _folds_to_use(work: WorkDir, plans: Plans, config: str, folds, settings) -> 
         if not ckpt.is_file():
             raise PlansError(f"{ckpt}: not found (fold {f} of {config} is not trained; see --folds)")
     return list(use)
+
+
+def _check_configs(configs: list[str] | None) -> None:
+    if configs and len(set(configs)) != len(configs):
+        raise AutosegError(f"--config {' '.join(configs)}: a configuration is given twice")
 
 
 def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
@@ -477,6 +481,7 @@ def export_model(
     """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file."""
     from autoseg.bundle import export_model as _export
 
+    _check_configs(configs)
     return _export(workdir, output, configs, _check_folds(folds))
 
 
@@ -541,4 +546,10 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
     from autoseg.selection import find_best as _find_best
 
     check_workers(workers)
+    _check_configs(configs)
+    work = WorkDir(Path(workdir))
+    if configs:
+        plans = Plans.load(work.plans)
+        for c in configs:
+            plans.configuration(c)
     return _find_best(WorkDir(Path(workdir)), configs, workers)
