@@ -372,11 +372,13 @@ def predict(
         else:
             configs = ["3d_fullres"]
     _check_configs(configs)
-    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
+    for c in configs:
+        plans.configuration(c)
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     cases = discover_inputs(
         input_list, len(plans.channel_names)
     )  # bad input is reported before loading models
+    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
     input_dirs = sorted({(Path(p) if Path(p).is_dir() else Path(p).parent) for p in input_list})
     cases, targets = output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite)
     post = None
@@ -552,4 +554,4 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
         plans = Plans.load(work.plans)
         for c in configs:
             plans.configuration(c)
-    return _find_best(WorkDir(Path(workdir)), configs, workers)
+    return _find_best(work, configs, workers)
