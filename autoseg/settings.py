@@ -200,7 +200,7 @@ class InferenceSettings:
         if len(set(self.mirror_axes)) != len(self.mirror_axes):
             raise SettingError("mirror_axes", self.mirror_axes, "must not repeat an axis")
         _check_range("tile_batch", self.tile_batch, 0, 64, what="0: automatic")
-        _check_range("slab_export_gb", self.slab_export_gb, 0, low_open=True)
+        _check_range("slab_export_gb", self.slab_export_gb, 0, what="0: always slab by slab")
         if self.compile not in ("auto", "on", "off"):
             raise SettingError("compile", self.compile, "must be auto, on or off")
 

@@ -127,7 +127,7 @@ SETTINGS_CASES = [
     ("mirror_axes bool", "[inference]\nmirror_axes = [0, true]\n", "[inference] mirror_axes = [0, true]: must be a list of whole numbers"),
     ("tile_batch -1", "[inference]\ntile_batch = -1\n", "[inference] tile_batch = -1: must be in [0, 64]"),
     ("tile_batch 1000", "[inference]\ntile_batch = 1000\n", "[inference] tile_batch = 1000: must be in [0, 64]"),
-    ("slab_export_gb 0", "[inference]\nslab_export_gb = 0\n", "[inference] slab_export_gb = 0.0: must be > 0"),
+    ("slab_export_gb -1", "[inference]\nslab_export_gb = -1\n", "[inference] slab_export_gb = -1.0: must be >= 0"),
     ("inference compile 3", "[inference]\ncompile = 3\n", "[inference] compile = 3: must be auto, on or off"),
     ("inference mirroring", '[inference]\nmirroring = "no"\n', '[inference] mirroring = "no": must be true or false'),
     ("not TOML", "[train\nepochs = 1\n", "cannot read settings"),
@@ -156,6 +156,13 @@ def test_train_overwrite_with_a_bad_settings_file_keeps_the_fold(text, expected,
     path = _toml(tmp_path, text)
     line = _train_refuses(capfd, trained, "--config-file", path)
     assert f"error: {path}: " in line and expected in line
+
+
+def test_train_mirror_axes_that_mirror_nothing_in_2d(trained, tmp_path, capfd):
+    """Axes beyond a 2D network's two are dropped; when nothing is left, mirroring would silently be off."""
+    path = _toml(tmp_path, "[inference]\nmirror_axes = [2]\n")
+    line = _train_refuses(capfd, trained, "--config-file", path)
+    assert "mirror_axes [2]: configuration '2d' is 2D (patch axes 0 and 1), so the final validation" in line
 
 
 def test_settings_file_that_is_not_utf8_or_a_folder(trained, tmp_path, capfd):

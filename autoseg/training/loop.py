@@ -144,6 +144,11 @@ def train_fold(
     w = distributed.world()
     plans = Plans.load(work.plans)
     config = plans.configuration(config_name)
+    if inference.mirroring and not any(a < config.dim for a in inference.mirror_axes):
+        raise AutosegError(
+            f"mirror_axes {list(inference.mirror_axes)}: configuration '{config_name}' is 2D (patch axes 0 "
+            "and 1), so the final validation would mirror nothing; use --no-mirroring for that"
+        )
     data_dir = work.preprocessed(config.data_identifier)
     case_ids = sorted(p.stem for p in data_dir.glob("*.json"))
     if not case_ids:
