@@ -433,8 +433,8 @@ def _check_configs(configs: list[str] | None) -> None:
 
 def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
     """``folds`` as given (0-4 or ``all``, each once), or an error naming ``--folds``."""
-    if folds is None:
-        return None
+    if not folds:
+        return None  # every trained fold
     out: list[int | str] = []
     for f in folds:
         text = str(f)
@@ -446,8 +446,6 @@ def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
             raise AutosegError(f"--folds {f}: folds are 0-4 or 'all'")
     if len(set(out)) != len(out):
         raise AutosegError(f"--folds {' '.join(map(str, folds))}: a fold is given twice")
-    if not out:
-        raise AutosegError("--folds: no fold given")
     return out
 
 

@@ -524,3 +524,9 @@ def test_api_train_and_predict_refuse_before_touching_anything(trained, one_case
     assert not (tmp_path / "out").exists()
     with pytest.raises(AutosegError, match=r"--tolerance inf"):
         api.evaluate(tmp_path, tmp_path, tmp_path / "dataset.json", tolerance_mm=math.inf)
+
+
+def test_the_shipped_defaults_pass_the_checks():
+    defaults = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+    train, infer = load_settings(defaults)
+    assert train == TrainSettings() and infer == InferenceSettings()
