@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from autoseg.errors import AutosegError, PlansError
@@ -25,7 +25,7 @@ from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
-from autoseg.settings import InferenceSettings, load_settings
+from autoseg.settings import MAX_WORKERS, inference_settings, load_settings
 from autoseg.undo import Undo
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
@@ -62,6 +62,7 @@ def plan(
     finite minimum/maximum, with a warning).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
+    _check_plan_options(gpu_memory_gb, device, resample_device, workers)
     if _under(work.root, dataset_dir):
         raise AutosegError(f"{work.root}: WORK must not be inside the dataset folder {dataset_dir}")
     if work.root.exists() and not work.root.is_dir():
@@ -184,6 +185,40 @@ def _plan_into(
     return plans
 
 
+def check_workers(workers: int, option: str = "--workers") -> int:
+    """A count of worker processes, 1 to :data:`MAX_WORKERS`; else an error naming ``option``."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise AutosegError(f"{option} {workers}: must be a whole number from 1 to {MAX_WORKERS}")
+    return workers
+
+
+def _check_plan_options(gpu_memory_gb, device, resample_device, workers) -> None:
+    """plan's options, all of them before anything is read or written."""
+    check_workers(workers)
+    if gpu_memory_gb is not None:
+        if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)):
+            raise AutosegError(f"--gpu-memory {gpu_memory_gb!r}: must be a number of GB")
+        if not math.isfinite(gpu_memory_gb) or not 1.0 < gpu_memory_gb <= MAX_GPU_MEMORY_GB:
+            raise AutosegError(
+                f"--gpu-memory {gpu_memory_gb:g}: must be more than 1 and at most {MAX_GPU_MEMORY_GB:g} GB"
+            )
+    if device is not None:
+        memory_budget(gpu_memory_gb, device)  # refuses an unknown device, or cuda where there is none
+    if resample_device is not None:
+        from autoseg.inference.predictor import resolve_device
+
+        if resample_device not in ("cpu", "cuda") and not str(resample_device).startswith("cuda:"):
+            raise AutosegError(f"--resample-device {resample_device!r}: use cpu or cuda (or cuda:N)")
+        try:
+            resolve_device(resample_device)
+        except AutosegError as exc:
+            raise AutosegError(str(exc).replace("--device", "--resample-device", 1)) from None
+
+
+MAX_GPU_MEMORY_GB = 4096.0
+"""The largest --gpu-memory plan accepts (far above any accelerator; a typo's 1e9 would plan absurd patches)."""
+
+
 def preprocessed_bytes(fp: Fingerprint, plans: Plans, configurations) -> int:
     """Disk space the preprocessed data of ``configurations`` will take: per case and data folder, the
     cropped image resampled to the configuration's spacing (float32 per channel, a uint8 label map) plus 10 %
@@ -303,24 +338,26 @@ def train(
     **overrides,
 ) -> Path:
     """Train one fold (0..4 or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields.
-    ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``)."""
+    ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``), once every
+    option, setting and input has been checked: a refused run leaves the earlier one as it was."""
     from autoseg.inference.predictor import resolve_device
     from autoseg.training.loop import train_fold
 
+    if str(fold) not in {"all", "0", "1", "2", "3", "4"}:
+        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
     train_settings, infer_settings = load_settings(config_file, **overrides)
     work = WorkDir(Path(workdir))
     if overwrite and resume:
         raise AutosegError("--overwrite and --resume exclude each other")
-    if overwrite:
-        Plans.load(work.plans).configuration(config)  # never delete anything for a mistyped configuration
-        shutil.rmtree(work.fold_dir(config, fold), ignore_errors=True)
+    dev = resolve_device(device)
     return train_fold(
         work,
         config,
         fold,
         train_settings,
-        resolve_device(device),
+        dev,
         resume=resume,
+        overwrite=overwrite,
         inference=infer_settings,
         on_iteration=on_iteration,
         on_epoch=on_epoch,
@@ -376,15 +413,19 @@ def predict(
     :class:`autoseg.settings.InferenceSettings`. ``reuse_heap``: on CPU with glibc, keep the memory a forward pass
     frees for the next pass (faster, more memory; see :mod:`autoseg.inference.runner`).
     """
-    settings = InferenceSettings(
+    settings = inference_settings(
         step_size=step_size,
         mirroring=mirroring,
+        mirror_axes=mirror_axes,
         fix_nonfinite=fix_nonfinite,
         compile=compile,
         slab_export_gb=slab_export_gb,
         reuse_heap=reuse_heap,
     )
     from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
+
+    dev = resolve_device(device)  # every option is checked before anything is read or written
+    folds = _check_folds(folds)
     from autoseg.postprocessing import apply_postprocessing, dataset_structures
     from autoseg.selection import load_instructions
 
@@ -397,12 +438,14 @@ def predict(
             configs = list(instructions.configs)
         else:
             configs = ["3d_fullres"]
+    _check_configs(configs)
     for c in configs:
         plans.configuration(c)
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     cases = discover_inputs(
         input_list, len(plans.channel_names)
     )  # bad input is reported before loading models
+    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
     input_dirs = sorted({(Path(p) if Path(p).is_dir() else Path(p).parent) for p in input_list})
     cases, targets = output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite)
     post = None
@@ -415,15 +458,9 @@ def predict(
             def post(seg):
                 return apply_postprocessing(seg, pp, structs)
 
-    if mirror_axes is not None:
-        settings = replace(settings, mirror_axes=tuple(mirror_axes))
-    dev = resolve_device(device)
     predictors = []
     for c in configs:
-        use = folds or available_folds(work, c)
-        if not use:
-            raise PlansError(f"{work.root / 'results' / c}: no trained fold (checkpoint_final.pt) found")
-        predictors.append(Predictor(work, c, use, dev, settings, plans=plans))
+        predictors.append(Predictor(work, c, fold_lists[c], dev, settings, plans=plans))
     _log.info(
         "predicting %d case(s) with %s; postprocessing: %s",
         len(cases),
@@ -435,6 +472,48 @@ def predict(
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
     )
+
+
+def _folds_to_use(work: WorkDir, plans: Plans, config: str, folds, settings) -> list[int | str]:
+    """The folds of ``config`` to predict with (``folds`` or every trained one), each with its checkpoint,
+    and mirror axes that leave mirroring on when it is asked for: checked before anything is written."""
+    cfg = plans.configuration(config)
+    if settings.mirroring and not any(a < cfg.dim for a in settings.mirror_axes):
+        raise AutosegError(
+            f"--mirror-axes {','.join(map(str, settings.mirror_axes))}: configuration '{config}' is 2D "
+            "(patch axes 0 and 1), so nothing would be mirrored; use --no-mirroring to predict without"
+        )
+    use = folds or available_folds(work, config)
+    if not use:
+        raise PlansError(f"{work.root / 'results' / config}: no trained fold (checkpoint_final.pt) found")
+    for f in use:
+        ckpt = work.fold_dir(config, f) / "checkpoint_final.pt"
+        if not ckpt.is_file():
+            raise PlansError(f"{ckpt}: not found (fold {f} of {config} is not trained; see --folds)")
+    return list(use)
+
+
+def _check_configs(configs: list[str] | None) -> None:
+    if configs and len(set(configs)) != len(configs):
+        raise AutosegError(f"--config {' '.join(configs)}: a configuration is given twice")
+
+
+def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
+    """``folds`` as given (0-4 or ``all``, each once), or an error naming ``--folds``."""
+    if not folds:
+        return None  # every trained fold
+    out: list[int | str] = []
+    for f in folds:
+        text = str(f)
+        if text == "all":
+            out.append("all")
+        elif text in {"0", "1", "2", "3", "4"} and not isinstance(f, bool):
+            out.append(int(text))
+        else:
+            raise AutosegError(f"--folds {f}: folds are 0-4 or 'all'")
+    if len(set(out)) != len(out):
+        raise AutosegError(f"--folds {' '.join(map(str, folds))}: a fold is given twice")
+    return out
 
 
 def _training_spacings(work: WorkDir):
@@ -475,7 +554,8 @@ def export_model(
     """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file."""
     from autoseg.bundle import export_model as _export
 
-    return _export(workdir, output, configs, folds)
+    _check_configs(configs)
+    return _export(workdir, output, configs, _check_folds(folds))
 
 
 def import_model(bundle: str | Path, workdir: str | Path) -> WorkDir:
@@ -513,6 +593,11 @@ def evaluate(
 
     if images_dir is not None and not overlays:
         raise AutosegError("--images is only used with --overlays")
+    check_workers(workers)
+    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, (int, float)):
+        raise AutosegError(f"--tolerance {tolerance_mm!r}: must be a number of mm")
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise AutosegError(f"--tolerance {tolerance_mm:g}: must be a finite number of mm, >= 0")
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
     return evaluate_folders(
@@ -533,4 +618,11 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
     the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned)."""
     from autoseg.selection import find_best as _find_best
 
-    return _find_best(WorkDir(Path(workdir)), configs, workers)
+    check_workers(workers)
+    _check_configs(configs)
+    work = WorkDir(Path(workdir))
+    if configs:
+        plans = Plans.load(work.plans)
+        for c in configs:
+            plans.configuration(c)
+    return _find_best(work, configs, workers)

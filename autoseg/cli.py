@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -412,8 +413,8 @@ def evaluate(
 @app.command()
 def phantom(
     out_dir: Annotated[Path, typer.Argument(help="Empty folder for the synthetic dataset")],
-    cases: Annotated[int, typer.Option("--cases", "-n", min=2)] = 10,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    cases: Annotated[int, typer.Option("--cases", "-n", min=2, max=1000)] = 10,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Write a deterministic synthetic 2-channel, 2-label 3D dataset in the raw layout."""
     from autoseg.phantom import make_phantom_dataset
@@ -455,6 +456,8 @@ def export_network(
     """Export one fold's network for deployment (patch in, logits out)."""
     from autoseg.inference.deploy import export_network as _export
 
+    if fold not in {"all", "0", "1", "2", "3", "4"}:
+        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
     path = _export(workdir, config, fold, output, fmt)
     out.print(f"wrote {path} ({fmt})")
 
@@ -539,7 +542,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         tag = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "[dim]note:[/]"
-        err.print(f"{tag} {record.getMessage()}", highlight=False, soft_wrap=True)
+        err.print(f"{tag} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 def _setup_logging() -> None:
@@ -559,17 +562,27 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if argv is None:  # the real command line (not a test calling main): SIGTERM unwinds cleanly
         signal.signal(signal.SIGTERM, _terminate)
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app(args=argv, standalone_mode=True)  # handles usage errors and --help itself, then exits
+        code = app(args=argv, standalone_mode=False)  # returns the exit code of --help and the like
+    except NoArgsIsHelpError as exc:  # a bare command: its help, as typer shows it
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+        return exc.exit_code
+    except UsageError as exc:  # a bad option or argument: one line too, like every other refusal
+        err.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        return 2
     except AutosegError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

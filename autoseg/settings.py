@@ -6,6 +6,8 @@ the defaults below, an optional TOML file, then explicit overrides (e.g. from th
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +18,72 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+class SettingError(AutosegError):
+    """One setting has a value of the wrong type or out of range. ``str()`` names it as the API does;
+    :func:`load_settings` re-words it for a settings file (``[section] name = value``) or an option."""
+
+    def __init__(self, name: str, value, allowed: str):
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"setting {name} = {_show(value)}: {allowed}")
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+def _check_types(obj) -> None:
+    """Every field of the dataclass ``obj`` has its declared type: a bool is no number, an int is accepted
+    (and stored) as a float, a list of whole numbers as a tuple."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise SettingError(f.name, v, "must be true or false")
+        elif kind == "int":
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise SettingError(f.name, v, "must be a whole number")
+            object.__setattr__(obj, f.name, int(v))
+        elif kind == "float":
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise SettingError(f.name, v, "must be a number")
+            object.__setattr__(obj, f.name, float(v))
+            if not _finite(float(v)):
+                raise SettingError(f.name, v, "must be a finite number")
+        elif kind.startswith("tuple[int"):
+            if not isinstance(v, (list, tuple)) or any(
+                isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in v
+            ):
+                raise SettingError(f.name, v, "must be a list of whole numbers")
+            object.__setattr__(obj, f.name, tuple(int(a) for a in v))
+
+
+def _check_range(name: str, value, low=None, high=None, *, low_open=False, what="") -> None:
+    """``low <= value <= high`` (``low < value`` with ``low_open``); the message says what is allowed."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        if low is not None and high is not None:
+            allowed = f"must be in {'(' if low_open else '['}{_num(low)}, {_num(high)}]"
+        elif low is not None:
+            allowed = f"must be {'>' if low_open else '>='} {_num(low)}"
+        else:
+            allowed = f"must be <= {_num(high)}"
+        raise SettingError(name, value, allowed + (f" ({what})" if what else ""))
+
+
+MAX_WORKERS = 64
+"""Most worker processes any command starts (more only exhausts memory and process limits)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +101,15 @@ class AugmentationSettings:
     p_gamma: float = 0.3
     p_gamma_inverted: float = 0.1
     p_mirror: float = 0.5
+
+    def __post_init__(self):
+        _check_types(self)
+        for f in fields(self):
+            if f.name.startswith("p_"):
+                _check_range(f.name, getattr(self, f.name), 0, 1, what="a probability")
+        _check_range("rotation_deg", self.rotation_deg, 0, 180, what="degrees")
+        _check_range("scale_min", self.scale_min, 0, low_open=True)
+        _check_range("scale_max", self.scale_max, self.scale_min, what="at least scale_min")
 
 
 @dataclass(frozen=True)
@@ -59,6 +136,28 @@ class TrainSettings:
     deterministic: bool = False
     """Deterministic algorithms (torch.use_deterministic_algorithms); slower on a GPU."""
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
+
+    def __post_init__(self):
+        if not isinstance(self.augmentation, AugmentationSettings):
+            raise SettingError("augmentation", self.augmentation, "must be AugmentationSettings")
+        _check_types(self)
+        _check_range("epochs", self.epochs, 1)
+        _check_range("iters_per_epoch", self.iters_per_epoch, 1)
+        _check_range("val_iters", self.val_iters, 0, what="0: no pseudo-Dice")
+        _check_range("initial_lr", self.initial_lr, 0, low_open=True)
+        _check_range("momentum", self.momentum, 0, 0.999)
+        if self.nesterov and self.momentum == 0:
+            raise SettingError("momentum", self.momentum, "must be > 0 with nesterov = true")
+        _check_range("weight_decay", self.weight_decay, 0)
+        _check_range("poly_exponent", self.poly_exponent, 0)
+        _check_range("grad_clip", self.grad_clip, 0, low_open=True)
+        _check_range(
+            "oversample_foreground", self.oversample_foreground, 0, 1, what="a fraction of each batch"
+        )
+        _check_range("seed", self.seed, 0, 2**32 - 1)
+        _check_range("num_folds", self.num_folds, 2, 5, what="folds 0-4 are trained and cross-validated")
+        _check_range("loader_workers", self.loader_workers, -1, MAX_WORKERS, what="-1: one per core but one")
+        _check_range("time_budget_minutes", self.time_budget_minutes, 0, 1e6, what="0: none")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -91,30 +190,78 @@ class InferenceSettings:
         return self.tile_batch or (2 if device_type == "cuda" else 1)
 
     def __post_init__(self):
-        aliases = {"true": "on", "false": "off"}  # TOML booleans arrive here as "True"/"False"
-        object.__setattr__(self, "compile", aliases.get(str(self.compile).lower(), self.compile))
-        if not 0 < self.step_size <= 1:
-            raise AutosegError(
-                f"step size must be in (0, 1] (tiles must overlap or touch), got {self.step_size:g}"
-            )
+        aliases = {"true": "on", "false": "off"}  # TOML booleans arrive here as True/False
+        if isinstance(self.compile, (bool, str)):
+            object.__setattr__(self, "compile", aliases.get(str(self.compile).lower(), self.compile))
+        _check_types(self)
+        _check_range("step_size", self.step_size, 0, 1, low_open=True, what="tiles must overlap or touch")
+        if not self.mirror_axes or any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise SettingError("mirror_axes", self.mirror_axes, "must be patch axes among 0, 1, 2")
+        if len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise SettingError("mirror_axes", self.mirror_axes, "must not repeat an axis")
+        _check_range("tile_batch", self.tile_batch, 0, 64, what="0: automatic")
+        _check_range("slab_export_gb", self.slab_export_gb, 0, what="0: always slab by slab")
         if self.compile not in ("auto", "on", "off"):
-            raise AutosegError(f"inference setting compile must be auto, on or off, got {self.compile!r}")
+            raise SettingError("compile", self.compile, "must be auto, on or off")
 
 
-def _merge(obj, values: dict, where: str):
+OPTION_NAMES = {"time_budget_minutes": "--time-budget", "loader_workers": "--workers", "step_size": "--step"}
+"""Command-line spellings of the settings whose option is not ``--`` + the name with dashes."""
+
+
+def option_name(setting: str) -> str:
+    return OPTION_NAMES.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _merge(obj, values: dict, where):
+    """``obj`` with ``values`` set. ``where(name, value, allowed)`` words the error of a bad value: a
+    settings file names its section and key, the command line its option."""
     known = {f.name: f for f in fields(obj)}
     updates = {}
     for key, val in values.items():
         if key not in known:
-            raise AutosegError(f"{where}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
+            raise AutosegError(where(key, val, f"unknown setting (known: {', '.join(sorted(known))})"))
         current = getattr(obj, key)
         if hasattr(current, "__dataclass_fields__"):
-            updates[key] = _merge(current, val, f"{where}.{key}")
+            if not isinstance(val, dict):
+                raise AutosegError(where(key, val, "must be a table of settings"))
+            updates[key] = _merge(current, val, _nested(where, key))
         else:
-            updates[key] = (
-                type(current)(val) if current is not None and not isinstance(val, type(current)) else val
-            )
-    return replace(obj, **updates)
+            updates[key] = val
+    try:
+        return replace(obj, **updates)
+    except SettingError as exc:
+        raise AutosegError(where(exc.name, exc.value, exc.allowed)) from None
+
+
+def _nested(where, section: str):
+    return lambda name, value, allowed: where(f"{section}.{name}", value, allowed)
+
+
+def _in_file(path: Path, section: str):
+    return lambda name, value, allowed: f"{path}: [{section}] {name} = {_toml(value)}: {allowed}"
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+def _as_option(name: str, value, allowed: str) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"{option_name(name)} {value}: {allowed}"
+
+
+def inference_settings(**values) -> InferenceSettings:
+    """:class:`InferenceSettings` from keyword values (``None``: the default); a bad value is refused in one
+    line naming its command-line option."""
+    return _merge(InferenceSettings(), {k: v for k, v in values.items() if v is not None}, _as_option)
 
 
 def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSettings, InferenceSettings]:
@@ -122,21 +269,33 @@ def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSet
 
     ``overrides`` with value ``None`` are ignored; keys may name train or inference fields (a name both
     have, ``compile``, is a training override: the inference one is set in the file's ``[inference]``).
+    Every value is checked (type and range) here: a bad one raises :class:`AutosegError` naming the file,
+    section and key, or the command-line option of an override.
     """
     train, infer = TrainSettings(), InferenceSettings()
     if path is not None:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise AutosegError(f"{path}: cannot read settings ({exc})") from None
-        if "augmentation" in data:
-            data.setdefault("train", {})["augmentation"] = data.pop("augmentation")
-        unknown = set(data) - {"train", "inference"}
+        unknown = set(data) - {"train", "inference", "augmentation"}
         if unknown:
-            raise AutosegError(f"{path}: unknown section(s) {sorted(unknown)}")
-        train = _merge(train, data.get("train", {}), str(path))
-        infer = _merge(infer, data.get("inference", {}), str(path))
+            raise AutosegError(
+                f"{path}: unknown section(s) {sorted(unknown)} (known: train, augmentation, inference)"
+            )
+        for section in ("train", "inference", "augmentation"):
+            if not isinstance(data.get(section, {}), dict):
+                raise AutosegError(f"{path}: {section} = {_toml(data[section])}: must be a [{section}] table")
+        if "augmentation" in data:
+            if "augmentation" in data.get("train", {}):
+                raise AutosegError(f"{path}: [augmentation] and [train.augmentation] both given; keep one")
+            train = replace(
+                train,
+                augmentation=_merge(train.augmentation, data["augmentation"], _in_file(path, "augmentation")),
+            )
+        train = _merge(train, data.get("train", {}), _in_file(path, "train"))
+        infer = _merge(infer, data.get("inference", {}), _in_file(path, "inference"))
     tnames = {f.name for f in fields(TrainSettings)}
     inames = {f.name for f in fields(InferenceSettings)}
     tvals = {k: v for k, v in overrides.items() if v is not None and k in tnames}
@@ -144,4 +303,4 @@ def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSet
     bad = [k for k in overrides if k not in tnames | inames]
     if bad:
         raise AutosegError(f"unknown setting(s) {bad}")
-    return _merge(train, tvals, "override"), _merge(infer, ivals, "override")
+    return _merge(train, tvals, _as_option), _merge(infer, ivals, _as_option)

@@ -158,7 +158,7 @@ def test_step_size_outside_0_to_1_is_refused():
     from autoseg.errors import AutosegError
     from autoseg.settings import InferenceSettings
 
-    with pytest.raises(AutosegError, match=r"step size must be in \(0, 1\].*got 0"):
+    with pytest.raises(AutosegError, match=r"step_size = 0.0: must be in \(0, 1\]"):
         InferenceSettings(step_size=0)
 
 

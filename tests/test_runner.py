@@ -167,7 +167,7 @@ def test_compile_setting_accepts_toml_booleans_and_rejects_others(tmp_path):
     assert infer.compile == "off" and train.compile is True
     _, infer = load_settings(f, compile=False)  # the command-line override is training's
     assert infer.compile == "off"
-    with pytest.raises(Exception, match="compile must be auto, on or off, got 'sometimes'"):
+    with pytest.raises(Exception, match="compile = 'sometimes': must be auto, on or off"):
         InferenceSettings(compile="sometimes")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from autoseg.checkpoint_io import check_compatible, check_finite, check_weights, load_checkpoint
-from autoseg.errors import CheckpointError, DatasetError
+from autoseg.errors import AutosegError, CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
 from autoseg.inference.export import (
     SlabSegmenter,
@@ -49,16 +49,32 @@ _log = logging.getLogger("autoseg")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU."""
+    """``auto`` picks CUDA, then Apple MPS, then CPU; else ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, which must
+    be available on this machine (an :class:`AutosegError` naming ``--device`` otherwise)."""
+    name = str(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DatasetError("--device cuda: no CUDA GPU is available to torch")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise AutosegError(f"--device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise AutosegError(f"--device {name}: no CUDA GPU is available to torch")
+        if index and int(index) >= torch.cuda.device_count():
+            raise AutosegError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+            )
+    if kind == "mps" and not _mps_available():
+        raise AutosegError(f"--device {name}: Apple MPS is not available to torch on this machine")
     return torch.device(name)
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def topology_key(plans: Plans, config: str) -> dict:

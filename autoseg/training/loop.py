@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -133,14 +134,21 @@ def train_fold(
     inference: InferenceSettings = InferenceSettings(),
     on_iteration: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train ``config_name`` on ``fold`` (0..4 or ``all``) and validate; returns the fold folder.
+    ``overwrite``: delete the fold's earlier run, once plans, data and splits have been checked.
 
     ``on_iteration(done, total, loss)`` and ``on_epoch(report)`` are called on rank 0 only.
     """
     w = distributed.world()
     plans = Plans.load(work.plans)
     config = plans.configuration(config_name)
+    if inference.mirroring and not any(a < config.dim for a in inference.mirror_axes):
+        raise AutosegError(
+            f"mirror_axes {list(inference.mirror_axes)}: configuration '{config_name}' is 2D (patch axes 0 "
+            "and 1), so the final validation would mirror nothing; use --no-mirroring for that"
+        )
     data_dir = work.preprocessed(config.data_identifier)
     case_ids = sorted(p.stem for p in data_dir.glob("*.json"))
     if not case_ids:
@@ -152,6 +160,9 @@ def train_fold(
         train_ids, val_ids = fold_cases(splits, fold, case_ids)
     out_dir = work.fold_dir(config_name, fold)
     latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
+    previous_dir = _previous_stage_dir(work, config, train_ids + val_ids)
+    if overwrite and not resume:  # every check above passed: only now is the earlier run deleted
+        shutil.rmtree(out_dir, ignore_errors=True)
     if latest.exists() and not resume:
         raise AutosegError(
             f"{latest}: this fold already has a run; use --resume to continue it, or --overwrite to start again"
@@ -167,7 +178,6 @@ def train_fold(
     fold_index = 5 if str(fold) == "all" else int(fold)
     configure_torch(settings, device)
     k = plans.num_classes
-    previous_dir = _previous_stage_dir(work, config, train_ids + val_ids)
     network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
     network.deep_supervision = settings.deep_supervision
     optimizer = torch.optim.SGD(
