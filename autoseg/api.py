@@ -208,18 +208,22 @@ def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
 
 
 def _copy_labels(cases, dest: Path) -> None:
+    """Copy each case's label file (an ``.mhd``/``.nhdr`` header after its data files) into ``dest``."""
+    from autoseg.io.volume import header_data_files
+
     dest.mkdir(parents=True, exist_ok=True)
     for case in cases:
-        target = dest / case.label.name
-        if target.is_file() and target.stat().st_size == case.label.stat().st_size:
-            continue
-        tmp = temp_path_for(target)
-        try:
-            shutil.copyfile(case.label, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        for source in [*header_data_files(case.label), case.label]:
+            target = dest / source.name
+            if target.is_file() and target.stat().st_size == source.stat().st_size:
+                continue
+            tmp = temp_path_for(target)
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
 
 def train(
@@ -317,7 +321,13 @@ def predict(
         slab_export_gb=slab_export_gb,
         reuse_heap=reuse_heap,
     )
-    from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
+    from autoseg.inference.predictor import (
+        Predictor,
+        output_targets,
+        predict_cases,
+        remove_stale_outputs,
+        resolve_device,
+    )
     from autoseg.postprocessing import apply_postprocessing, dataset_structures
     from autoseg.selection import load_instructions
 
@@ -336,8 +346,12 @@ def predict(
     cases = discover_inputs(
         input_list, len(plans.channel_names)
     )  # bad input is reported before loading models
-    input_dirs = sorted({(Path(p) if Path(p).is_dir() else Path(p).parent) for p in input_list})
-    cases, targets = output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite)
+    input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
+    if work.owns(Path(output_dir)):
+        raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
+    cases, targets = output_targets(
+        cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
+    )
     post = None
     if instructions is not None and postprocessing and sorted(configs) == sorted(instructions.configs):
         if not instructions.postprocessing.is_identity:
@@ -365,6 +379,7 @@ def predict(
     )
     if not cases:
         return []
+    remove_stale_outputs(targets)  # only now: every check has passed and the models are loaded
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
     )
@@ -431,17 +446,31 @@ def evaluate(
     tolerance_mm: float = 1.0,
     overlays: bool = False,
     images_dir: str | Path | None = None,
+    missing_as_empty: bool = False,
 ) -> dict:
     """Score predictions against references; writes ``summary.json``, ``per_case.csv`` and ``report.png``
     beside ``output`` (default: in the prediction folder), and with ``overlays`` an ``overlays/`` folder of
     one PNG per case (over the images of ``images_dir`` when given). ``tolerance_mm``: for the normalised
-    surface Dice."""
-    from autoseg.evaluation.evaluate import evaluate_folders
+    surface Dice. A reference without a prediction is an error, or with ``missing_as_empty`` scored as an
+    empty prediction; the summary's ``n_cases`` says how many cases the means are over. Output paths are
+    checked before anything is read: ``output`` must be a ``.json`` file path outside the reference folder,
+    and none of the files written beside it may be a folder."""
+    from autoseg.atomic import check_output_file, check_output_folder
+    from autoseg.evaluation.evaluate import REPORT_PNG, evaluate_folders
 
     if images_dir is not None and not overlays:
         raise AutosegError("--images is only used with --overlays")
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
+    if output is not None and out.suffix.lower() != ".json":
+        raise AutosegError(f"{out}: --output is the summary's path and must end in .json")
+    for f in (out, out.with_name("per_case.csv"), out.with_name(REPORT_PNG)):
+        check_output_file(f, "evaluation summary" if f == out else f.name)
+    if overlays:
+        check_output_folder(out.with_name("overlays"), "overlays folder")
+    ref = Path(reference_dir)
+    if ref.is_dir() and _under(out.parent, ref) and not _under(out.parent, Path(prediction_dir)):
+        raise AutosegError(f"{out}: lies inside the reference folder {ref}; write the summary elsewhere")
     return evaluate_folders(
         Path(reference_dir),
         Path(prediction_dir),
@@ -452,6 +481,7 @@ def evaluate(
         tolerance_mm=tolerance_mm,
         overlays_dir=out.with_name("overlays") if overlays else None,
         images_dir=Path(images_dir) if images_dir is not None else None,
+        missing="empty" if missing_as_empty else "error",
     )
 
 
