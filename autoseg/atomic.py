@@ -116,9 +116,10 @@ def _nearest_existing(path: Path) -> Path:
 def _check_place(path: Path, what: str) -> None:
     """``path`` (not existing yet, or existing) can be created: no file among its ancestors, and the folder
     that would hold it (or its nearest existing ancestor) is writable."""
-    anchor = _nearest_existing(path.parent if path.parent != Path("") else Path("."))
+    anchor = _nearest_existing(path.parent)
     if not anchor.is_dir():
-        raise AutosegError(f"{path}: cannot write the {what} here: {anchor} is a file, not a folder")
+        kind = "a broken symbolic link" if anchor.is_symlink() and not anchor.exists() else "a file"
+        raise AutosegError(f"{path}: cannot write the {what} here: {anchor} is {kind}, not a folder")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise AutosegError(f"{path}: cannot write the {what}: {anchor} is not writable")
 
@@ -131,6 +132,7 @@ def check_output_file(path: str | os.PathLike, what: str, overwrite: bool | None
     if path.is_dir():
         raise AutosegError(f"{path}: is a folder; give the path of the {what} file to write")
     _check_place(path, what)
+    check_name_fits(path)
     if os.path.lexists(path) and overwrite is False:
         raise AutosegError(f"{path}: already exists; use --overwrite to replace it")
     return path
@@ -141,13 +143,33 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
     an unwritable place."""
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():
-        raise AutosegError(f"{path}: is a file, not a folder; give a folder for the {what}")
+        kind = "a broken symbolic link" if path.is_symlink() else "a file"
+        raise AutosegError(f"{path}: is {kind}, not a folder; give a folder for the {what}")
     if path.is_dir():
         if not os.access(path, os.W_OK | os.X_OK):
             raise AutosegError(f"{path}: the {what} is not writable")
         return path
     _check_place(path, what)
     return path
+
+
+TEMP_NAME_EXTRA = len(f"..{TEMP_MARKER}-") + _TOKEN_HEX_DIGITS + len(".tmp.nii.gz")
+"""Characters a temporary name adds to its target's name (at most, for autoseg's suffixes)."""
+
+
+def check_name_fits(path: str | os.PathLike) -> None:
+    """Refuse (one line) an output whose temporary name would be too long for its file system."""
+    path = Path(path)
+    anchor = _nearest_existing(path.parent)
+    try:
+        limit = os.pathconf(anchor, "PC_NAME_MAX") if anchor.is_dir() else 255
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(path.name)) + TEMP_NAME_EXTRA > limit:
+        raise AutosegError(
+            f"{path}: file name too long to write safely (at most {limit - TEMP_NAME_EXTRA} bytes here, with "
+            "room for the temporary name it is written under first)"
+        )
 
 
 def under(child: str | os.PathLike, parent: str | os.PathLike) -> bool:

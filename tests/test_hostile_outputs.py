@@ -107,7 +107,12 @@ def _inputs(phantom_dataset: Path, folder: Path, cases=(0,), ending: str = ENDIN
 def test_temp_names_are_recognised_and_nothing_else(tmp_path):
     """The maker and the matcher are one pair: every name made is recognised with its target; user names
     that merely look temporary are not."""
-    for target, suffix in [("a.nii.gz", ".tmp.nii.gz"), ("summary.json", ".tmp"), ("m.zip", ".zip"), ("x", "")]:
+    for target, suffix in [
+        ("a.nii.gz", ".tmp.nii.gz"),
+        ("summary.json", ".tmp"),
+        ("m.zip", ".zip"),
+        ("x", ""),
+    ]:
         made = temp_path_for(tmp_path / target, suffix)
         assert made.is_file() and temp_target(made.name) == target
     folder = temp_dir_for(tmp_path / "b.mhd")
@@ -281,6 +286,36 @@ def test_predict_output_that_is_a_file_or_under_one(trained, phantom_dataset, tm
     assert f"{afile / 'x' / 'y'}: cannot write the output folder here: {afile} is a file" in line
 
 
+def test_predict_output_that_is_a_broken_link_or_too_long(trained, phantom_dataset, tmp_path, capfd):
+    inputs = _inputs(phantom_dataset, tmp_path / "in")
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    line = _refused(capfd, "predict", trained.root, inputs, link, *PREDICT, watch=(tmp_path,))
+    assert f"{link}: is a broken symbolic link, not a folder" in line
+    line = _refused(capfd, "predict", trained.root, inputs, link / "sub", *PREDICT, watch=(tmp_path,))
+    assert f"{link} is a broken symbolic link, not a folder" in line
+    # a case id that fits the file system but leaves no room for the temporary name it is written under
+    long_in = tmp_path / "long"
+    long_in.mkdir()
+    case = "c" * 225
+    for c in (0, 1):
+        shutil.copyfile(inputs / f"phantom_000_{c:04d}{ENDING}", long_in / f"{case}_{c:04d}{ENDING}")
+    out = tmp_path / "out2"
+    line = _refused(capfd, "predict", trained.root, long_in, out, *PREDICT, watch=(tmp_path,))
+    assert f"{out / (case + ENDING)}: file name too long to write safely" in line
+
+
+def test_predict_header_input_without_its_data_file(trained, phantom_dataset, tmp_path, capfd):
+    inputs = _inputs(phantom_dataset, tmp_path / "in", ending=".mhd")
+    (inputs / "phantom_000_0001.zraw").unlink()
+    out = tmp_path / "out"
+    line = _refused(capfd, "predict", trained.root, inputs, out, *PREDICT, watch=(tmp_path,))
+    assert (
+        f"{inputs / 'phantom_000_0001.mhd'}: its data file phantom_000_0001.zraw (named in the header) is missing"
+        in line
+    )
+
+
 @pytest.mark.parametrize("mode", [(), ("--continue",), ("--overwrite",)])
 def test_predict_output_name_taken_by_a_folder(trained, phantom_dataset, tmp_path, capfd, mode):
     inputs = _inputs(phantom_dataset, tmp_path / "in")
@@ -350,6 +385,10 @@ def test_evaluate_output_paths(phantom_dataset, tmp_path, capfd):
     (tmp_path / "p" / "overlays").write_text("the user's")
     line = _refused(capfd, *base, tmp_path / "p" / "s.json", "--overlays", watch=watch)
     assert f"{tmp_path / 'p' / 'overlays'}: is a file, not a folder" in line
+    png = tmp_path / "q" / "overlays" / (sorted(preds.iterdir())[1].name[: -len(ENDING)] + ".png")
+    png.mkdir(parents=True)
+    line = _refused(capfd, *base, tmp_path / "q" / "s.json", "--overlays", watch=watch)
+    assert f"{png}: is a folder where evaluate writes the case's overlay" in line
 
 
 def test_export_model_output_paths(trained, tmp_path, capfd):
@@ -380,7 +419,11 @@ def test_export_network_output_paths(trained, tmp_path, capfd):
         (folder, ("--overwrite",), "is a folder; give the path of the exported network file"),
         (afile / "n.pt", (), f"{afile} is a file, not a folder"),
         (afile, (), "already exists; use --overwrite"),
-        (trained.fold_dir("2d", "all") / "checkpoint_final.pt", ("--overwrite",), "is part of the WORK folder"),
+        (
+            trained.fold_dir("2d", "all") / "checkpoint_final.pt",
+            ("--overwrite",),
+            "is part of the WORK folder",
+        ),
         (tmp_path / "n.pt", ("--format", "tflite"), "unknown export format"),
     ]:
         line = _refused(capfd, *base, output, *extra, watch=watch)
@@ -400,10 +443,18 @@ def test_predict_duplicate_channel_in_two_endings(trained, phantom_dataset, tmp_
     out = tmp_path / "out"
     line = _refused(capfd, "predict", trained.root, inputs, out, *PREDICT, watch=(inputs, out))
     assert "channel 1 of case 'phantom_000' is also given as phantom_000_0001.nii" in line
-    files = [inputs / f"phantom_000_0000{ENDING}", inputs / "phantom_000_0001.nii", inputs / f"phantom_000_0001{ENDING}"]
+    files = [
+        inputs / f"phantom_000_0000{ENDING}",
+        inputs / "phantom_000_0001.nii",
+        inputs / f"phantom_000_0001{ENDING}",
+    ]
     line = _refused(capfd, "predict", trained.root, *files, out, *PREDICT, watch=(inputs, out))
     assert f"{files[2]}: channel 1 of case 'phantom_000' is also given as phantom_000_0001.nii" in line
-    files = [inputs / f"phantom_000_0000{ENDING}", inputs / f"phantom_000_0001{ENDING}", tmp_path / "in" / ".." / "in" / f"phantom_000_0000{ENDING}"]
+    files = [
+        inputs / f"phantom_000_0000{ENDING}",
+        inputs / f"phantom_000_0001{ENDING}",
+        tmp_path / "in" / ".." / "in" / f"phantom_000_0000{ENDING}",
+    ]
     line = _refused(capfd, "predict", trained.root, *files, out, *PREDICT, watch=(inputs, out))
     assert "given twice" in line
 
@@ -487,7 +538,7 @@ def test_evaluate_prediction_without_reference_and_wrong_geometry(phantom_datase
 def test_sigterm_during_predict_leaves_only_complete_outputs(trained, phantom_dataset, tmp_path):
     """SIGTERM while predicting several cases: exit 143, every file under a final name is complete, and no
     temporary file is left behind."""
-    inputs = _inputs(phantom_dataset, tmp_path / "in", cases=range(6))
+    inputs = _inputs(phantom_dataset, tmp_path / "in", cases=range(3))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "autoseg", "predict", str(trained.root), str(inputs), str(out), *PREDICT]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

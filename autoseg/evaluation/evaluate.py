@@ -266,6 +266,13 @@ def evaluate_folders(
         raise AutosegError(f"dataset.json: {exc}") from None
     pairs, n_references = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending, missing)
     allowed = spec.allowed_values
+    if overlays_dir is not None:
+        for case, _, _ in pairs:
+            png = Path(overlays_dir) / f"{case}.png"
+            if png.is_dir():
+                raise AutosegError(
+                    f"{png}: is a folder where evaluate writes the case's overlay; move it away"
+                )
     images = Path(images_dir) if overlays_dir is not None and images_dir is not None else None
     if images is not None and not images.is_dir():
         raise AutosegError(f"{images}: image folder not found")

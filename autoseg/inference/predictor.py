@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoseg.atomic import check_output_folder, remove_stale_temporaries, under
+from autoseg.atomic import check_name_fits, check_output_folder, remove_stale_temporaries, under
 from autoseg.checkpoint_io import check_compatible, load_checkpoint
 from autoseg.errors import CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
@@ -310,6 +310,7 @@ def output_targets(
         if save_probabilities:
             written.append(_probabilities_path(t))
         for f in written:
+            check_name_fits(f)
             if f.resolve() in inputs:
                 raise DatasetError(f"{f}: the output would replace the input {inputs[f.resolve()]}")
             if f.is_dir():

@@ -322,6 +322,9 @@ def _check_file(path: Path) -> None:
         raise DatasetError(f"{path}: file is empty (0 bytes)")
     if not file_ending(path):
         raise DatasetError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+    for data in header_data_files(path):
+        if not data.is_file():
+            raise DatasetError(f"{path}: its data file {data.name} (named in the header) is missing")
 
 
 def _check_geometry(path: Path, geom: Geometry, components: int) -> None:
