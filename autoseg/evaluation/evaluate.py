@@ -238,7 +238,7 @@ def evaluate_folders(
          "mean_dice": float | None,      # mean of the foreground labels' mean Dice (regions not included)
          "mean_dice_labels": [name, ...],
          "n_cases": int,                 # cases scored (the means are over these)
-         "n_references": int,            # reference files in reference_dir
+         "n_references": int | None,     # reference files in reference_dir (None with missing="skip")
          "missing_as_empty": [case, ...]}  # references without a prediction, scored as empty ("empty")
 
     ``output_csv`` (if given) gets one row per case and name with columns :data:`CSV_COLUMNS` (the same keys
@@ -324,7 +324,7 @@ def evaluate_folders(
         "mean_dice": stats["mean_dice"],
         "mean_dice_labels": dice_labels,
         "n_cases": len(per_case),
-        "n_references": n_references,
+        "n_references": None if missing == "skip" else n_references,
         "missing_as_empty": [case for case, _, prediction in pairs if prediction is None],
     }
     if output_json is not None:
