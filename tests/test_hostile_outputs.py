@@ -167,7 +167,10 @@ def test_header_outputs_are_written_as_a_unit(trained, phantom_dataset, tmp_path
     a refused rerun, --continue and --overwrite keep the pair intact."""
     inputs = _inputs(phantom_dataset, tmp_path / "in", ending=ending)
     out = tmp_path / "out"
-    code, _, err = _run(capfd, "predict", trained.root, inputs, out, *PREDICT)
+    stale = out / f".phantom_000{ending}.autoseg-tmp-00000000dead.d"  # what a SIGKILL mid-write leaves
+    stale.mkdir(parents=True)
+    (stale / f"phantom_000{data}").write_bytes(b"half")
+    code, _, err = _run(capfd, "predict", trained.root, inputs, out, *PREDICT, "--continue")
     assert code == 0, err
     header, datafile = out / f"phantom_000{ending}", out / f"phantom_000{data}"
     assert sorted(p.name for p in out.iterdir()) == sorted([header.name, datafile.name])
@@ -466,6 +469,11 @@ def test_predict_broken_link_and_folder_named_like_an_image(trained, phantom_dat
     broken.symlink_to(tmp_path / "gone.nii.gz")
     line = _refused(capfd, "predict", trained.root, inputs, out, *PREDICT, watch=(inputs, out))
     assert f"{broken}: broken symbolic link" in line
+    line = _refused(capfd, "predict", trained.root, broken, out, *PREDICT, watch=(inputs, out))
+    assert f"{broken}: broken symbolic link" in line
+    files = [inputs / f"phantom_000_0000{ENDING}", broken]
+    line = _refused(capfd, "predict", trained.root, *files, out, *PREDICT, watch=(inputs, out))
+    assert f"{broken}: broken symbolic link" in line
     broken.unlink()
     folder = inputs / f"phantom_002_0000{ENDING}"
     folder.mkdir()
@@ -535,9 +543,10 @@ def test_evaluate_prediction_without_reference_and_wrong_geometry(phantom_datase
 # ---------------------------------------------------------------------------- signals during writes (7)
 
 
-def test_sigterm_during_predict_leaves_only_complete_outputs(trained, phantom_dataset, tmp_path):
-    """SIGTERM while predicting several cases: exit 143, every file under a final name is complete, and no
-    temporary file is left behind."""
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_predict_leaves_only_complete_outputs(trained, phantom_dataset, tmp_path, sig, code):
+    """SIGTERM or Ctrl-C while predicting several cases: exit 143 or 130 (or 0 if it won the race), every
+    file under a final name is complete, and no temporary file is left behind."""
     inputs = _inputs(phantom_dataset, tmp_path / "in", cases=range(3))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "autoseg", "predict", str(trained.root), str(inputs), str(out), *PREDICT]
@@ -546,9 +555,9 @@ def test_sigterm_during_predict_leaves_only_complete_outputs(trained, phantom_da
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and not (out.is_dir() and any(out.iterdir())):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode in (143, 0), err
+    assert proc.returncode in (code, 0), err
     assert b"Traceback" not in err
     names = [p.name for p in out.iterdir()] if out.is_dir() else []
     assert all(temp_target(n) is None for n in names), names

@@ -419,6 +419,8 @@ def discover_inputs(input_path: str | Path | Sequence[str | Path], num_channels:
     p = Path(input_path)
     if p.is_file():
         return _group_files([p], num_channels, p.parent)
+    if p.is_symlink() and not p.exists():
+        raise DatasetError(f"{p}: broken symbolic link (its target {os.readlink(p)} does not exist)")
     if not p.is_dir():
         raise DatasetError(f"{p}: input not found")
     found: dict[str, dict[int, Path]] = {}
@@ -443,6 +445,8 @@ def discover_inputs(input_path: str | Path | Sequence[str | Path], num_channels:
 
 def _check_input_file(f: Path) -> None:
     """An input named like an image must be one: a regular file (or a link to one)."""
+    if not os.path.lexists(f):
+        raise DatasetError(f"{f}: file not found")
     if f.is_symlink() and not f.exists():
         raise DatasetError(f"{f}: broken symbolic link (its target {os.readlink(f)} does not exist)")
     if f.is_dir():
