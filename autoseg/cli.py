@@ -470,7 +470,7 @@ def export_network(
     from autoseg.inference.deploy import export_network as _export
 
     if fmt not in FORMATS:
-        raise AutosegError(f"--format {fmt}: unknown export format (use one of {', '.join(FORMATS)})")
+        raise AutosegError(f"--format: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
     check_output_file(output, "exported network", overwrite)
     if WorkDir(workdir).owns(output):
         raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the network elsewhere")
