@@ -19,7 +19,7 @@ from pathlib import Path
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import discover_cases, discover_inputs, load_dataset_json
-from autoseg.jsonio import read_json, temp_path_for, write_json
+from autoseg.jsonio import read_json, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
@@ -209,21 +209,16 @@ def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
 
 def _copy_labels(cases, dest: Path) -> None:
     """Copy each case's label file (an ``.mhd``/``.nhdr`` header after its data files) into ``dest``."""
-    from autoseg.io.volume import header_data_files
+    from autoseg.io.volume import copy_volume, header_data_files
 
     dest.mkdir(parents=True, exist_ok=True)
     for case in cases:
-        for source in [*header_data_files(case.label), case.label]:
-            target = dest / source.name
-            if target.is_file() and target.stat().st_size == source.stat().st_size:
-                continue
-            tmp = temp_path_for(target)
-            try:
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        files = [*header_data_files(case.label), case.label]
+        if all(
+            (dest / f.name).is_file() and (dest / f.name).stat().st_size == f.stat().st_size for f in files
+        ):
+            continue
+        copy_volume(case.label, dest / case.label.name)
 
 
 def train(

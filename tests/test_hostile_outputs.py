@@ -563,3 +563,17 @@ def test_signal_during_predict_leaves_only_complete_outputs(trained, phantom_dat
     assert all(temp_target(n) is None for n in names), names
     for n in names:
         assert _labels(out / n).shape == _labels(inputs / n.replace(ENDING, f"_0000{ENDING}")).shape
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_copies_of_header_images_keep_their_data(phantom_dataset, tmp_path, link):
+    """WORK's copies of labels (gt_segmentations, find-best's cross-validation links, postprocessing) take a
+    header's data file along, under its own name, before the header."""
+    from autoseg.io.volume import copy_volume
+
+    src = tmp_path / "a" / "case.mhd"
+    src.parent.mkdir()
+    _convert(sorted((phantom_dataset / "labelsTr").glob(f"*{ENDING}"))[0], src)
+    dst = copy_volume(src, tmp_path / "b" / "case.mhd", link=link)
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["case.mhd", "case.zraw"]
+    np.testing.assert_array_equal(_labels(dst), _labels(src))

@@ -270,6 +270,29 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike)
     return path
 
 
+def copy_volume(src: str | os.PathLike, dst: str | os.PathLike, link: bool = False) -> Path:
+    """Copy the image file ``src`` to ``dst`` (hard-link it with ``link``, copying across file systems), each
+    file atomically: a header's data files (:func:`header_data_files`) first, beside ``dst`` under their own
+    names, then the header, so a copy that looks finished has its data."""
+    src, dst = Path(src), Path(dst)
+    for source, target in [*((d, dst.with_name(d.name)) for d in header_data_files(src)), (src, dst)]:
+        tmp = temp_path_for(target)
+        try:
+            if link:
+                tmp.unlink()
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+            else:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return dst
+
+
 def data_file_names(path: str | os.PathLike) -> tuple[str, ...]:
     """Names of the data files :func:`write_volume` writes beside the header ``path`` (none for one-file
     formats): ``<stem>.zraw`` for ``.mhd``, ``<stem>.raw.gz`` for ``.nhdr`` (both compressed)."""
