@@ -122,7 +122,10 @@ def test_stale_temporary_files_are_removed_before_preprocessing(planned_phantom,
     work = WorkDir(tmp_path / "copy")
     out = work.preprocessed("fullres")
     out.mkdir(parents=True)
-    stray = [out / ".phantom_000.npy.autoseg-tmp-0000abcd1234.tmp.npy", out / ".phantom_000.json.autoseg-tmp-0000abcd1234.tmp"]
+    stray = [
+        out / ".phantom_000.npy.autoseg-tmp-0000abcd1234.tmp.npy",
+        out / ".phantom_000.json.autoseg-tmp-0000abcd1234.tmp",
+    ]
     for p in stray:
         p.write_bytes(b"x")
     keep = out / "notes.txt"
