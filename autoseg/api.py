@@ -463,9 +463,11 @@ def evaluate(
         check_output_file(f, "evaluation summary" if f == out else f.name)
     if overlays:
         check_output_folder(out.with_name("overlays"), "overlays folder")
-    ref = Path(reference_dir)
-    if ref.is_dir() and _under(out.parent, ref) and not _under(out.parent, Path(prediction_dir)):
-        raise AutosegError(f"{out}: lies inside the reference folder {ref}; write the summary elsewhere")
+    for folder, role in ((reference_dir, "reference"), (images_dir, "image")):
+        if folder is None or not Path(folder).is_dir() or _under(out.parent, Path(prediction_dir)):
+            continue
+        if _under(out.parent, Path(folder)):
+            raise AutosegError(f"{out}: lies inside the {role} folder {folder}; write the summary elsewhere")
     return evaluate_folders(
         Path(reference_dir),
         Path(prediction_dir),

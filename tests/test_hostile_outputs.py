@@ -377,6 +377,10 @@ def test_evaluate_output_paths(phantom_dataset, tmp_path, capfd):
         (tmp_path / "summary.nii.gz", "--output is the summary's path and must end in .json"),
         (refs / "summary.json", f"lies inside the reference folder {refs}"),
     ]
+    images = tmp_path / "images"
+    images.mkdir()
+    line = _refused(capfd, *base, images / "s.json", "--overlays", "--images", images, watch=watch)
+    assert f"{images / 's.json'}: lies inside the image folder {images}" in line
     for output, expected in cases:
         line = _refused(capfd, *base, output, watch=watch)
         assert f"{output}: " in line and expected in line, line
