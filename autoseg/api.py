@@ -20,7 +20,7 @@ from pathlib import Path
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import check_training_labels, discover_cases, discover_inputs, load_dataset_json
-from autoseg.jsonio import DiskFullError, read_json, temp_path_for, write_json
+from autoseg.jsonio import DiskFullError, read_json, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
@@ -308,20 +308,21 @@ def _check_same_dataset(work: WorkDir, spec, dataset_dir: Path) -> None:
 
 
 def _copy_labels(cases, dest: Path, undo: Undo | None = None) -> None:
+    """Copy each case's label file (an ``.mhd``/``.nhdr`` header after its data files) into ``dest``; every
+    file it replaces is first kept by ``undo``."""
+    from autoseg.io.volume import copy_volume, header_data_files
+
     dest.mkdir(parents=True, exist_ok=True)
     for case in cases:
-        target = dest / case.label.name
-        if target.is_file() and target.stat().st_size == case.label.stat().st_size:
+        files = [*header_data_files(case.label), case.label]
+        if all(
+            (dest / f.name).is_file() and (dest / f.name).stat().st_size == f.stat().st_size for f in files
+        ):
             continue
         if undo is not None:
-            undo.keep(target)
-        tmp = temp_path_for(target)
-        try:
-            shutil.copyfile(case.label, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            for f in files:
+                undo.keep(dest / f.name)
+        copy_volume(case.label, dest / case.label.name)
 
 
 def train(
@@ -422,7 +423,13 @@ def predict(
         slab_export_gb=slab_export_gb,
         reuse_heap=reuse_heap,
     )
-    from autoseg.inference.predictor import Predictor, output_targets, predict_cases, resolve_device
+    from autoseg.inference.predictor import (
+        Predictor,
+        output_targets,
+        predict_cases,
+        remove_stale_outputs,
+        resolve_device,
+    )
 
     dev = resolve_device(device)  # every option is checked before anything is read or written
     folds = _check_folds(folds)
@@ -446,8 +453,12 @@ def predict(
         input_list, len(plans.channel_names)
     )  # bad input is reported before loading models
     fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
-    input_dirs = sorted({(Path(p) if Path(p).is_dir() else Path(p).parent) for p in input_list})
-    cases, targets = output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite)
+    input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
+    if work.owns(Path(output_dir)):
+        raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
+    cases, targets = output_targets(
+        cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
+    )
     post = None
     if instructions is not None and postprocessing and sorted(configs) == sorted(instructions.configs):
         if not instructions.postprocessing.is_identity:
@@ -469,6 +480,7 @@ def predict(
     )
     if not cases:
         return []
+    remove_stale_outputs(targets)  # only now: every check has passed and the models are loaded
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
     )
@@ -584,12 +596,17 @@ def evaluate(
     tolerance_mm: float = 1.0,
     overlays: bool = False,
     images_dir: str | Path | None = None,
+    missing_as_empty: bool = False,
 ) -> dict:
     """Score predictions against references; writes ``summary.json``, ``per_case.csv`` and ``report.png``
     beside ``output`` (default: in the prediction folder), and with ``overlays`` an ``overlays/`` folder of
     one PNG per case (over the images of ``images_dir`` when given). ``tolerance_mm``: for the normalised
-    surface Dice."""
-    from autoseg.evaluation.evaluate import evaluate_folders
+    surface Dice. A reference without a prediction is an error, or with ``missing_as_empty`` scored as an
+    empty prediction; the summary's ``n_cases`` says how many cases the means are over. Output paths are
+    checked before anything is read: ``output`` must be a ``.json`` file path outside the reference folder,
+    and none of the files written beside it may be a folder."""
+    from autoseg.atomic import check_output_file, check_output_folder
+    from autoseg.evaluation.evaluate import REPORT_PNG, evaluate_folders
 
     if images_dir is not None and not overlays:
         raise AutosegError("--images is only used with --overlays")
@@ -600,6 +617,17 @@ def evaluate(
         raise AutosegError(f"--tolerance {tolerance_mm:g}: must be a finite number of mm, >= 0")
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
+    if output is not None and out.suffix.lower() != ".json":
+        raise AutosegError(f"{out}: --output is the summary's path and must end in .json")
+    for f in (out, out.with_name("per_case.csv"), out.with_name(REPORT_PNG)):
+        check_output_file(f, "evaluation summary" if f == out else f.name)
+    if overlays:
+        check_output_folder(out.with_name("overlays"), "overlays folder")
+    for folder, role in ((reference_dir, "reference"), (images_dir, "image")):
+        if folder is None or not Path(folder).is_dir() or _under(out.parent, Path(prediction_dir)):
+            continue
+        if _under(out.parent, Path(folder)):
+            raise AutosegError(f"{out}: lies inside the {role} folder {folder}; write the summary elsewhere")
     return evaluate_folders(
         Path(reference_dir),
         Path(prediction_dir),
@@ -610,6 +638,7 @@ def evaluate(
         tolerance_mm=tolerance_mm,
         overlays_dir=out.with_name("overlays") if overlays else None,
         images_dir=Path(images_dir) if images_dir is not None else None,
+        missing="empty" if missing_as_empty else "error",
     )
 
 

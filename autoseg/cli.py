@@ -394,6 +394,13 @@ def evaluate(
     images: Annotated[
         Path | None, typer.Option("--images", help="Images (<case>_0000<ending>) under the overlays")
     ] = None,
+    missing_as_empty: Annotated[
+        bool,
+        typer.Option(
+            "--missing-as-empty",
+            help="Score a reference without a prediction as an empty prediction (default: an error)",
+        ),
+    ] = False,
 ) -> None:
     """Dice, IoU, precision, recall, specificity, VOE, RVD, HD, HD95, ASSD, NSD per case and label;
     summary.json, per_case.csv, report.png (and overlays)."""
@@ -406,6 +413,7 @@ def evaluate(
         tolerance_mm=tolerance,
         overlays=overlays,
         images_dir=images,
+        missing_as_empty=missing_as_empty,
     )
     _print_summary(output or prediction_dir / "summary.json")
 
@@ -437,8 +445,11 @@ def export_model(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle")] = False,
 ) -> None:
     """Write a portable model bundle: plans, dataset.json, weights, postprocessing."""
-    if output.exists() and not overwrite:
-        raise AutosegError(f"{output}: already exists; use --overwrite to replace it")
+    from autoseg.atomic import check_output_file
+
+    check_output_file(output, "model bundle", overwrite)
+    if WorkDir(workdir).owns(output):
+        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the bundle elsewhere")
     manifest = api.export_model(workdir, output, config or None, folds or None)
     size = output.stat().st_size / 2**20
     folds_text = "; ".join(f"{c}: folds {', '.join(f)}" for c, f in manifest["folds"].items())
@@ -452,12 +463,21 @@ def export_network(
     fold: Annotated[str, typer.Argument(help="Fold 0-4 or 'all'")],
     output: Annotated[Path, typer.Argument(help="File to write (e.g. net.pt or net.onnx)")],
     fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx")] = "torchscript",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file")] = False,
 ) -> None:
     """Export one fold's network for deployment (patch in, logits out)."""
+    from autoseg.atomic import check_output_file
+    from autoseg.inference.deploy import FORMATS
     from autoseg.inference.deploy import export_network as _export
 
     if fold not in {"all", "0", "1", "2", "3", "4"}:
         raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
+    if fmt not in FORMATS:
+        raise AutosegError(f"--format: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
+    check_output_file(output, "exported network", overwrite)
+    if WorkDir(workdir).owns(output):
+        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the network elsewhere")
+
     path = _export(workdir, config, fold, output, fmt)
     out.print(f"wrote {path} ({fmt})")
 
@@ -526,6 +546,19 @@ def _print_summary(path: Path) -> None:
     for label, m in s.get("mean", {}).items():
         table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95", "nsd")))
     out.print(table)
+    if "n_cases" in s:
+        empty = s.get("missing_as_empty") or []
+        out.print(
+            f"{s['n_cases']} case(s) scored"
+            + (f" of {s['n_references']} reference(s)" if s.get("n_references") is not None else "")
+            + (
+                f", {len(empty)} missing prediction(s) scored as empty: {', '.join(empty[:5])}"
+                if empty
+                else ""
+            )
+            + ("" if len(empty) <= 5 else f" and {len(empty) - 5} more"),
+            soft_wrap=True,
+        )
     out.print(f"summary: {path}", soft_wrap=True)
     if s.get("mean_dice") is not None:
         out.print(f"mean Dice {s['mean_dice']:.4f}")

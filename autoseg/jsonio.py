@@ -1,4 +1,4 @@
-"""Atomic JSON and numpy writes: temporary name in the target folder, then ``os.replace``."""
+"""Atomic JSON and numpy writes: temporary name in the target folder (:mod:`autoseg.atomic`), then ``os.replace``."""
 
 from __future__ import annotations
 
@@ -6,30 +6,13 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from autoseg.atomic import temp_path_for  # also imported from here by other modules
 from autoseg.errors import AutosegError
-
-# the process umask, read once (os.umask can only be read by setting it)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def temp_path_for(path: str | Path, suffix: str = ".tmp") -> Path:
-    """A new, empty hidden file beside ``path`` (``.<name>.<random><suffix>``) to write and then
-    ``os.replace`` onto ``path``. Unlike a bare ``mkstemp`` file (mode 0600) it gets the permissions any new
-    file would get under the umask, so outputs stay readable by the user's group."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    return Path(tmp)
-
 
 _tmp_in = temp_path_for
 

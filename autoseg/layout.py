@@ -72,3 +72,22 @@ class WorkDir:
     def fold_dir(self, config: str, fold: int | str) -> Path:
         name = "fold_all" if str(fold) == "all" else f"fold_{int(fold)}"
         return self.root / "results" / config / name
+
+    def owns(self, path: Path) -> bool:
+        """``path`` (after resolving links) is one of WORK's own files or lies in one of its folders, which
+        autoseg alone writes: never an output of export or predict."""
+        try:
+            rel = Path(path).resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return False
+        files = {
+            "dataset.json",
+            "fingerprint.json",
+            "plans.json",
+            "splits.json",
+            "inference_instructions.json",
+        }
+        folders = {"gt_segmentations", "preprocessed", "predicted_next_stage", "results"}
+        if not rel.parts:
+            return False
+        return rel.parts[0] in folders or (len(rel.parts) == 1 and rel.parts[0] in files)

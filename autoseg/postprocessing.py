@@ -46,8 +46,8 @@ from scipy import ndimage
 
 from autoseg.evaluation.evaluate import evaluate_folders, structures
 from autoseg.io.dataset import DatasetSpec
-from autoseg.io.volume import read_volume, write_volume
-from autoseg.jsonio import temp_path_for, write_json
+from autoseg.io.volume import copy_volume, read_volume, write_volume
+from autoseg.jsonio import write_json
 
 DICE_TOLERANCE = 1e-4
 """A mean Dice that falls by more than this counts as a drop."""
@@ -277,7 +277,7 @@ def _transform_folder(
         volume = read_volume(path, dtype=None)
         out = fn(volume.array)
         if np.array_equal(out, volume.array):
-            shutil.copyfile(path, dst / path.name)
+            copy_volume(path, dst / path.name)
             return False
         # the file's own geometry: read_volume without orientation leaves array and geometry as stored
         write_volume(out, volume.geometry, dst / path.name)
@@ -295,10 +295,4 @@ def _publish(src: Path, out_dir: Path, ending: str) -> None:
         if stale.name not in names:
             stale.unlink()
     for f in files:
-        tmp = temp_path_for(out_dir / f.name, ".tmp" + ending)
-        try:
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, out_dir / f.name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        copy_volume(f, out_dir / f.name)  # an .mhd/.nhdr header after its data file

@@ -33,7 +33,6 @@ import itertools
 import math
 import os
 import shlex
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,8 +44,8 @@ from autoseg.errors import AutosegError, PlansError
 from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.inference.export import probabilities_to_labels
 from autoseg.io.dataset import DatasetSpec, load_dataset_json
-from autoseg.io.volume import read_header, write_volume
-from autoseg.jsonio import JSONFileError, read_json, temp_path_for, write_json
+from autoseg.io.volume import copy_volume, read_header, write_volume
+from autoseg.jsonio import JSONFileError, read_json, write_json
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import Postprocessing, decide_postprocessing, structure_dice
@@ -404,14 +403,4 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
     Outputs are always written by rename, never in place, so a link never sees a later change of ``src``.
     """
-    tmp = temp_path_for(dst, ".tmp")
-    try:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    copy_volume(src, dst, link=True)  # an .mhd/.nhdr header with its data file

@@ -34,18 +34,21 @@ resume=""
 [ -f "$WORK/work/results/$CONFIG/fold_0/checkpoint_latest.pt" ] && resume="--resume"
 autoseg train "$WORK/work" "$CONFIG" 0 --epochs "$EPOCHS" --iters-per-epoch "$ITERS" --val-iters 4 $resume
 echo "== predict fold 0's validation cases from the raw images"
-rm -rf "$WORK/val_images" "$WORK/predictions"
-mkdir -p "$WORK/val_images"
-python - "$WORK/work/splits.json" "$DATASET" "$WORK/val_images" <<'PY'
+rm -rf "$WORK/val_images" "$WORK/val_labels" "$WORK/predictions"
+mkdir -p "$WORK/val_images" "$WORK/val_labels"
+python - "$WORK/work/splits.json" "$DATASET" "$WORK/val_images" "$WORK/val_labels" <<'PY'
 import json, os, sys
 from pathlib import Path
-splits, dataset, dest = json.load(open(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
+splits, dataset = json.load(open(sys.argv[1])), Path(sys.argv[2])
+images, labels = Path(sys.argv[3]), Path(sys.argv[4])
 for case in splits[0]["val"]:
     for f in sorted((dataset / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]*")):
-        os.symlink(f.resolve(), dest / f.name)
+        os.symlink(f.resolve(), images / f.name)
+    for f in sorted((dataset / "labelsTr").glob(f"{case}.*")):  # the references of exactly these cases
+        os.symlink(f.resolve(), labels / f.name)
 PY
 autoseg predict "$WORK/work" "$WORK/val_images" "$WORK/predictions" --config "$CONFIG" --folds 0
 echo "== evaluate"
-autoseg evaluate "$DATASET/labelsTr" "$WORK/predictions" --dataset-json "$DATASET/dataset.json" \
+autoseg evaluate "$WORK/val_labels" "$WORK/predictions" --dataset-json "$DATASET/dataset.json" \
     --output "$WORK/evaluation/summary.json"
 echo "demo finished in $(( $(date +%s) - start )) s; results in $WORK"

@@ -70,10 +70,14 @@ def test_full_pipeline_through_the_cli(phantom_dataset, tmp_path, capsys):
     assert code == 0
 
     summary = tmp_path / "eval" / "summary.json"
+    refs = tmp_path / "refs"  # the references of the predicted cases (a missing prediction is an error)
+    refs.mkdir()
+    for case in ("phantom_000", "phantom_001"):
+        shutil.copy(phantom_dataset / "labelsTr" / f"{case}.nii.gz", refs)
     code, out, _ = _run(
         capsys,
         "evaluate",
-        phantom_dataset / "labelsTr",
+        refs,
         preds,
         "--dataset-json",
         phantom_dataset / "dataset.json",

@@ -84,7 +84,7 @@ def test_killed_plan_resumes_only_unfinished_cases(phantom_dataset, tmp_path, mo
             (out / f"{case_id}.json").unlink()
         finished = _finished(out)
     assert 0 < len(finished) < N_CASES
-    (out / ".phantom_005.npy.k1lled00.tmp.npy").write_bytes(b"half a write")
+    (out / ".phantom_005.npy.autoseg-tmp-00000000dead.tmp.npy").write_bytes(b"half a write")
     mtimes = {p: p.stat().st_mtime_ns for p in _files(out, finished)}
 
     redone: list[str] = []
@@ -122,7 +122,10 @@ def test_stale_temporary_files_are_removed_before_preprocessing(planned_phantom,
     work = WorkDir(tmp_path / "copy")
     out = work.preprocessed("fullres")
     out.mkdir(parents=True)
-    stray = [out / ".phantom_000.npy.abcd1234.tmp.npy", out / ".phantom_000.json.abcd1234.tmp"]
+    stray = [
+        out / ".phantom_000.npy.autoseg-tmp-0000abcd1234.tmp.npy",
+        out / ".phantom_000.json.autoseg-tmp-0000abcd1234.tmp",
+    ]
     for p in stray:
         p.write_bytes(b"x")
     keep = out / "notes.txt"

@@ -209,8 +209,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(work_
     assert any(code == -signal.SIGKILL for _, code in kills), f"never killed mid-run: {kills}"
     assert not (fold_dir / "checkpoint_final.pt").exists() or kills[-1][1] == 0
     # what a kill inside an atomic write leaves (planted, so every run checks it), and a file not autoseg's
-    (fold_dir / ".checkpoint_latest.pt.k1lled00.tmp").write_bytes(b"half a checkpoint")
-    (fold_dir / ".progress.png.k1lled00.png").write_bytes(b"half a plot")
+    (fold_dir / ".checkpoint_latest.pt.autoseg-tmp-00000000dead.tmp").write_bytes(b"half a checkpoint")
+    (fold_dir / ".progress.png.autoseg-tmp-00000000dead.png").write_bytes(b"half a plot")
     (fold_dir / ".keep_me").write_text("the user's")
     subprocess.run(
         _cli("train", str(work_copy.root), "3d_fullres", "0", *TRAIN_ARGS, "-j", "1", "--resume"), check=True

@@ -216,10 +216,13 @@ def evaluate_folders(
     report_png: bool = True,
     overlays_dir: str | os.PathLike | None = None,
     images_dir: str | os.PathLike | None = None,
+    missing: str = "skip",
 ) -> dict:
     """Evaluate every prediction ``<case><spec.file_ending>`` in ``prediction_dir`` against ``reference_dir``.
 
-    Only predicted cases are evaluated; references without a prediction are ignored. Each pair must have the
+    A reference without a prediction is, by ``missing``: ``"skip"`` left out (only predicted cases are
+    scored: a fold's validation against every training label), ``"error"`` an error naming it, ``"empty"``
+    scored as an empty prediction (every structure missed). Each pair must have the
     same shape, spacing (relative tolerance 1e-3), origin (0.01 mm) and direction (1e-3); label maps must hold
     whole numbers declared in ``spec.labels`` (float storage is fine). Labels and ``spec.regions`` are scored
     per case with :func:`evaluate_case` (NSD at ``tolerance_mm``, distances in mm from the reference's
@@ -233,7 +236,10 @@ def evaluate_folders(
          "per_case": [{"case": id, "label": name, <metrics>}, ...],   # cases sorted, labels then regions
          "mean": {name: ...},            # see summarize()
          "mean_dice": float | None,      # mean of the foreground labels' mean Dice (regions not included)
-         "mean_dice_labels": [name, ...]}
+         "mean_dice_labels": [name, ...],
+         "n_cases": int,                 # cases scored (the means are over these)
+         "n_references": int | None,     # reference files in reference_dir (None with missing="skip")
+         "missing_as_empty": [case, ...]}  # references without a prediction, scored as empty ("empty")
 
     ``output_csv`` (if given) gets one row per case and name with columns :data:`CSV_COLUMNS` (the same keys
     as the JSON), empty cells for undefined metrics. With ``output_json`` and ``report_png``, ``report.png``
@@ -250,21 +256,34 @@ def evaluate_folders(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if missing not in ("skip", "error", "empty"):
+        raise ValueError(f"missing must be 'skip', 'error' or 'empty', got {missing!r}")
     tolerance_mm = check_tolerance(tolerance_mm)
     labels = spec.foreground_labels  # background and the ignore label are never scored
     try:
         structures(labels, spec.regions)
     except ValueError as exc:
         raise AutosegError(f"dataset.json: {exc}") from None
-    pairs = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending)
+    pairs, n_references = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending, missing)
     allowed = spec.allowed_values
+    if overlays_dir is not None:
+        for case, _, _ in pairs:
+            png = Path(overlays_dir) / f"{case}.png"
+            if png.is_dir():
+                raise AutosegError(
+                    f"{png}: is a folder where evaluate writes the case's overlay; move it away"
+                )
     images = Path(images_dir) if overlays_dir is not None and images_dir is not None else None
     if images is not None and not images.is_dir():
         raise AutosegError(f"{images}: image folder not found")
 
     def evaluate_pair(pair: tuple[str, Path, Path]):
         case, reference_path, prediction_path = pair
-        reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
+        if prediction_path is None:  # missing, scored as empty
+            reference, ref_geom = load_label(reference_path, allowed)
+            prediction, spacing_mm = np.zeros_like(reference), ref_geom.spacing_mm
+        else:
+            reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
         metrics = evaluate_case(
             reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label, tolerance_mm
         )
@@ -304,6 +323,9 @@ def evaluate_folders(
         "mean": stats["mean"],
         "mean_dice": stats["mean_dice"],
         "mean_dice_labels": dice_labels,
+        "n_cases": len(per_case),
+        "n_references": None if missing == "skip" else n_references,
+        "missing_as_empty": [case for case, _, prediction in pairs if prediction is None],
     }
     if output_json is not None:
         write_text(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -321,25 +343,51 @@ def evaluate_folders(
     return summary
 
 
-def _pair_files(reference_dir: Path, prediction_dir: Path, ending: str) -> list[tuple[str, Path, Path]]:
-    """``(case, reference, prediction)`` for every prediction file, sorted by case id."""
+def _pair_files(
+    reference_dir: Path, prediction_dir: Path, ending: str, missing: str = "skip"
+) -> tuple[list[tuple[str, Path, Path | None]], int]:
+    """``(case, reference, prediction)`` sorted by case id, and the number of references. Every prediction
+    file needs a reference; a reference without a prediction is left out, an error, or paired with ``None``
+    (to score as empty) by ``missing``. A name that looks like a label file but is not a readable file (a
+    folder, a broken link) is an error."""
     for folder, role in ((reference_dir, "reference"), (prediction_dir, "prediction")):
         if not folder.is_dir():
             raise AutosegError(f"{folder}: {role} folder not found")
-    predictions = sorted(
-        f
-        for f in prediction_dir.iterdir()
-        if f.is_file() and f.name.endswith(ending) and not f.name.startswith(".")
-    )
-    if not predictions:
+    predictions = _label_files(prediction_dir, ending)
+    references = _label_files(reference_dir, ending)
+    if not predictions and missing != "empty":
         raise AutosegError(f"{prediction_dir}: no predictions ending in '{ending}' to evaluate")
-    pairs = []
+    pairs: list[tuple[str, Path, Path | None]] = []
     for prediction in predictions:
         reference = reference_dir / prediction.name
         if not reference.is_file():
             raise AutosegError(f"{prediction}: no reference {reference} to compare it with")
         pairs.append((prediction.name[: -len(ending)], reference, prediction))
-    return pairs
+    unpredicted = [r for r in references if not (prediction_dir / r.name).is_file()]
+    if unpredicted and missing == "error":
+        raise AutosegError(
+            f"{prediction_dir / unpredicted[0].name}: prediction missing for reference {unpredicted[0]} "
+            f"({len(unpredicted)} of {len(references)} reference(s) unpredicted); predict them, or score "
+            "them as empty predictions with --missing-as-empty"
+        )
+    if missing == "empty":
+        pairs += [(r.name[: -len(ending)], r, None) for r in unpredicted]
+    if not pairs:
+        raise AutosegError(f"{reference_dir}: no references ending in '{ending}' to evaluate")
+    return sorted(pairs, key=lambda p: p[0]), len(references)
+
+
+def _label_files(folder: Path, ending: str) -> list[Path]:
+    """The ``*<ending>`` files of ``folder`` (hidden names skipped), refusing a folder or broken link named so."""
+    found = []
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.name.endswith(ending):
+            continue
+        if not f.is_file():
+            what = "a broken symbolic link" if f.is_symlink() and not f.exists() else "not a regular file"
+            raise AutosegError(f"{f}: {what}, but named like a label file")
+        found.append(f)
+    return found
 
 
 def _load_pair(

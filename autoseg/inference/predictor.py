@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from autoseg.atomic import check_name_fits, check_output_folder, remove_stale_temporaries, under
 from autoseg.checkpoint_io import check_compatible, check_finite, check_weights, load_checkpoint
 from autoseg.errors import AutosegError, CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
@@ -32,7 +33,7 @@ from autoseg.inference.export import (
 from autoseg.inference.runner import TileRunner
 from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
 from autoseg.io.dataset import Case
-from autoseg.io.volume import file_ending
+from autoseg.io.volume import data_file_names, file_ending
 from autoseg.jsonio import save_npz
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
@@ -326,25 +327,58 @@ def _probabilities_path(target: Path) -> Path:
 
 
 def output_targets(
-    cases: list[Case], output_dir: Path, input_dirs: list[Path], continue_: bool, overwrite: bool
+    cases: list[Case],
+    output_dir: Path,
+    input_dirs: list[Path],
+    continue_: bool,
+    overwrite: bool,
+    save_probabilities: bool = False,
 ) -> tuple[list[Case], list[Path]]:
     """Output paths ``<case><input ending>`` of ``cases`` in ``output_dir``; with ``continue_`` the cases already
-    written are dropped. Refuses an output folder that is an input folder, and existing outputs unless
-    ``continue_`` or ``overwrite``."""
+    written are dropped. Only checks, writes nothing: refuses an output folder that is a file, lies under a
+    file or cannot be written; the folder of an input file; one that is, or lies inside, a folder given as
+    input (``input_dirs``); an output that would replace an input file, or is a folder; and existing outputs (with their
+    data files, ``.npz`` probabilities) unless ``continue_`` or ``overwrite``. A case counts as written when
+    its label file is there (a header is renamed after its data file)."""
     output_dir = Path(output_dir)
-    for d in input_dirs:
+    check_output_folder(output_dir)
+    for d in sorted({f.parent for c in cases for f in c.images}) + list(input_dirs):
         if output_dir.resolve() == Path(d).resolve():
             raise DatasetError(f"{output_dir}: output folder must differ from the input folder")
+    for d in input_dirs:
+        if under(output_dir, d):
+            raise DatasetError(
+                f"{output_dir}: output folder lies inside the input folder {d}; choose one outside it"
+            )
+    inputs = {f.resolve(): f for c in cases for f in c.images}
     targets = [output_dir / f"{c.case_id}{file_ending(c.images[0])}" for c in cases]
-    for t in targets:  # temporary files of a killed run (autoseg's atomic writes: ".<name>.<random>...")
-        for stale in output_dir.glob(f".{glob_escape(t.name)}.*"):
-            stale.unlink(missing_ok=True)
-    existing = [t for t in targets if t.exists()]
+    existing = []
+    for t in targets:
+        written = [t, *(t.with_name(n) for n in data_file_names(t))]
+        if save_probabilities:
+            written.append(_probabilities_path(t))
+        for f in written:
+            check_name_fits(f)
+            if f.resolve() in inputs:
+                raise DatasetError(f"{f}: the output would replace the input {inputs[f.resolve()]}")
+            if f.is_dir():
+                raise DatasetError(f"{f}: is a folder where predict writes an output file; move it away")
+            if os.path.lexists(f):
+                existing.append(f)
     if existing and not (continue_ or overwrite):
         raise DatasetError(
-            f"{existing[0]}: already exists ({len(existing)} output(s)); use --continue to skip them or --overwrite"
+            f"{existing[0]}: already exists ({len(existing)} output file(s)); use --continue to skip them or --overwrite"
         )
     if continue_:
-        keep = [(c, t) for c, t in zip(cases, targets) if not t.exists()]
+        keep = [(c, t) for c, t in zip(cases, targets) if not os.path.lexists(t)]
         return [c for c, _ in keep], [t for _, t in keep]
     return cases, targets
+
+
+def remove_stale_outputs(targets: list[Path]) -> None:
+    """Delete what a killed earlier run left of ``targets``: their temporary files (:mod:`autoseg.atomic`'s
+    names, nothing else). Other targets' temporaries are kept: another run may be writing them."""
+    names = {t.name for t in targets} | {_probabilities_path(t).name for t in targets}
+    names |= {n for t in targets for n in data_file_names(t)}
+    for folder in {t.parent for t in targets}:
+        remove_stale_temporaries(folder, names)

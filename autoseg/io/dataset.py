@@ -8,6 +8,7 @@ a bad file is reported in one line that names it, instead of hours later deep in
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ import numpy as np
 
 from autoseg.errors import DatasetError
 from autoseg.io.volume import (
+    HEADER_ENDINGS,
     SUPPORTED_ENDINGS,
     Geometry,
     channels_in_file,
     file_ending,
+    header_data_files,
     read_header,
     read_volume,
 )
@@ -313,8 +316,9 @@ def group_images(folder: Path, spec: DatasetSpec, *, strict: bool = True) -> dic
         raise DatasetError(f"{folder}: folder not found")
     ending = spec.file_ending
     found: dict[str, dict[int, Path]] = {}
+    data_files = _header_data_files(folder, ending)
     for f in sorted(folder.iterdir()):
-        if f.name.startswith("."):
+        if f.name.startswith(".") or f.name in data_files:
             continue
         _check_link(f)
         if not f.name.endswith(ending):
@@ -345,6 +349,19 @@ def group_images(folder: Path, spec: DatasetSpec, *, strict: bool = True) -> dic
     return out
 
 
+def _header_data_files(folder: Path, ending: str) -> set[str]:
+    """Names of the data files that the ``.mhd`` / ``.nhdr`` headers in ``folder`` name (they belong to an
+    image, they are not stray files)."""
+    if ending.lower() not in HEADER_ENDINGS:
+        return set()
+    return {
+        d.name
+        for f in folder.iterdir()
+        if f.name.lower().endswith(ending.lower()) and not f.name.startswith(".")
+        for d in header_data_files(f)
+    }
+
+
 def discover_cases(dataset_dir: str | Path, spec: DatasetSpec | None = None) -> list[Case]:
     """List the training cases of a raw dataset folder, each with all channels and its label."""
     root = Path(dataset_dir)
@@ -356,8 +373,9 @@ def discover_cases(dataset_dir: str | Path, spec: DatasetSpec | None = None) -> 
     if not labels_dir.is_dir():
         raise DatasetError(f"{labels_dir}: folder not found")
     label_files = {}
+    data_files = _header_data_files(labels_dir, spec.file_ending)
     for f in sorted(labels_dir.iterdir()):
-        if f.name.startswith("."):
+        if f.name.startswith(".") or f.name in data_files:
             continue
         _check_link(f)
         if not f.name.endswith(spec.file_ending):
@@ -460,22 +478,29 @@ def discover_inputs(input_path: str | Path | Sequence[str | Path], num_channels:
         paths = [Path(x) for x in input_path]
         if len(paths) == 1:
             return discover_inputs(paths[0], num_channels)
+        seen_files: dict[Path, Path] = {}
         for x in paths:
             if not x.is_file():
+                _check_input_file(x)
                 raise DatasetError(f"{x}: not a file (give one folder, or image files)")
+            key = x.resolve()
+            if key in seen_files:
+                raise DatasetError(f"{x}: given twice (also as {seen_files[key]})")
+            seen_files[key] = x
         return _group_files(paths, num_channels, Path(paths[0]).parent)
     p = Path(input_path)
     if p.is_file():
         return _group_files([p], num_channels, p.parent)
+    if p.is_symlink() and not p.exists():
+        raise DatasetError(f"{p}: broken symbolic link (its target {os.readlink(p)} does not exist)")
     if not p.is_dir():
         raise DatasetError(f"{p}: input not found")
     found: dict[str, dict[int, Path]] = {}
     for f in sorted(p.iterdir()):
-        if f.name.startswith(".") or not f.is_file():
-            continue
         ending = file_ending(f)
-        if not ending:
-            continue  # not an image (e.g. a README); ignored
+        if f.name.startswith(".") or not ending:
+            continue  # hidden, or not an image (e.g. a README or an .mhd's data file); ignored
+        _check_input_file(f)
         m = _CHANNEL_RE.match(f.name[: -len(ending)])
         if not m:
             raise DatasetError(
@@ -484,10 +509,32 @@ def discover_inputs(input_path: str | Path | Sequence[str | Path], num_channels:
         ch = int(m.group("ch"))
         if ch >= num_channels:
             raise DatasetError(f"{f}: channel {ch}, but the model was trained with {num_channels} channel(s)")
-        found.setdefault(m.group("case"), {})[ch] = f
+        _add_channel(found, m.group("case"), ch, f)
     if not found:
         raise DatasetError(f"{p}: no images found (expected <case>_0000{'.nii.gz'} and so on)")
     return _cases_from_channels(found, num_channels, p)
+
+
+def _check_input_file(f: Path) -> None:
+    """An input named like an image must be one: a regular file (or a link to one)."""
+    if not os.path.lexists(f):
+        raise DatasetError(f"{f}: file not found")
+    if f.is_symlink() and not f.exists():
+        raise DatasetError(f"{f}: broken symbolic link (its target {os.readlink(f)} does not exist)")
+    if f.is_dir():
+        raise DatasetError(f"{f}: is a folder, but its name says image; rename or remove it")
+    if not f.is_file():
+        raise DatasetError(f"{f}: not a regular file (a device, pipe or socket named like an image)")
+
+
+def _add_channel(found: dict[str, dict[int, Path]], case_id: str, ch: int, f: Path) -> None:
+    """Record ``f`` as channel ``ch`` of ``case_id``; a second file for it (another ending) is an error."""
+    chans = found.setdefault(case_id, {})
+    if ch in chans:
+        raise DatasetError(
+            f"{f}: channel {ch} of case '{case_id}' is also given as {chans[ch].name}; keep only one of them"
+        )
+    chans[ch] = f
 
 
 def _group_files(files: list[Path], num_channels: int, where: Path) -> list[Case]:
@@ -514,7 +561,7 @@ def _group_files(files: list[Path], num_channels: int, where: Path) -> list[Case
         ch = int(m.group("ch"))
         if ch >= num_channels:
             raise DatasetError(f"{f}: channel {ch}, but the model was trained with {num_channels} channel(s)")
-        found.setdefault(m.group("case"), {})[ch] = f
+        _add_channel(found, m.group("case"), ch, f)
     for case_id, chans in found.items():
         missing = [c for c in range(num_channels) if c not in chans]
         if missing:

@@ -21,6 +21,7 @@ import contextlib
 import gzip
 import io
 import os
+import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -32,10 +33,12 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.imageglobals import LoggingOutputSuppressor
 
+from autoseg.atomic import temp_dir_for, temp_path_for
 from autoseg.errors import DatasetError
-from autoseg.jsonio import temp_path_for
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".mhd")
+HEADER_ENDINGS = (".mhd", ".nhdr")
+"""Formats whose header names a separate data file."""
 CANONICAL_ORIENTATION = "LPS"
 
 
@@ -268,20 +271,101 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
     """Write ``array`` with ``geometry`` to ``path`` atomically (temporary name in the same folder, then rename).
 
-    The format follows the ending of ``path``. A crash mid-write never leaves a file at ``path``.
+    The format follows the ending of ``path``. A crash mid-write never leaves a file at ``path``. A header with
+    a separate data file (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``: :func:`data_file_names`) is written as
+    a unit: into a private temporary folder beside ``path`` under the final names (so the header names the
+    final data file), then the data file is renamed into place, the header last.
     """
     path = Path(path)
     ending = file_ending(path)
     if not ending:
         raise ValueError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+    image = to_sitk(array, geometry)
+    if ending in HEADER_ENDINGS:
+        folder = temp_dir_for(path)
+        try:
+            sitk.WriteImage(image, str(folder / path.name), useCompression=True)
+            for f in sorted(folder.iterdir()):
+                if f.name != path.name:
+                    os.replace(f, path.parent / f.name)
+            os.replace(folder / path.name, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return path
     tmp = temp_path_for(path, ".tmp" + ending)  # SimpleITK picks the format from the ending
     try:
-        sitk.WriteImage(to_sitk(array, geometry), tmp, useCompression=True)
+        sitk.WriteImage(image, tmp, useCompression=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def copy_volume(src: str | os.PathLike, dst: str | os.PathLike, link: bool = False) -> Path:
+    """Copy the image file ``src`` to ``dst`` (hard-link it with ``link``, copying across file systems), each
+    file atomically: a header's data files (:func:`header_data_files`) first, beside ``dst`` under their own
+    names, then the header, so a copy that looks finished has its data."""
+    src, dst = Path(src), Path(dst)
+    for source, target in [*((d, dst.with_name(d.name)) for d in header_data_files(src)), (src, dst)]:
+        tmp = temp_path_for(target)
+        try:
+            if link:
+                tmp.unlink()
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+            else:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return dst
+
+
+def data_file_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """Names of the data files :func:`write_volume` writes beside the header ``path`` (none for one-file
+    formats): ``<stem>.zraw`` for ``.mhd``, ``<stem>.raw.gz`` for ``.nhdr`` (both compressed)."""
+    name = Path(path).name
+    ending = file_ending(name)
+    stem = name[: -len(ending)] if ending else name
+    return {".mhd": (stem + ".zraw",), ".nhdr": (stem + ".raw.gz",)}.get(ending, ())
+
+
+def header_data_files(path: str | os.PathLike) -> list[Path]:
+    """The data files a ``.mhd`` (``ElementDataFile``) or ``.nhdr`` (``data file:``) header names, one file
+    or a ``LIST``, as paths beside the header; ``[]`` for other formats, data inside the header (``LOCAL``),
+    file-name patterns, or an unreadable header (the reader reports those)."""
+    path = Path(path)
+    ending = file_ending(path)
+    if ending not in HEADER_ENDINGS:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(1 << 16).decode("latin-1")
+    except OSError:
+        return []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if ending == ".mhd":
+            key, sep, value = line.partition("=")
+            found = sep and key.strip().lower() == "elementdatafile"
+        else:
+            key, sep, value = line.partition(":")
+            found = sep and key.strip().lower() in ("data file", "datafile")
+        if not found:
+            continue
+        value = value.strip()
+        if value.upper() == "LOCAL" or "%" in value or not value:
+            return []
+        if value.upper().startswith("LIST"):
+            names = [ln.strip() for ln in lines[i + 1 :] if ln.strip()]
+        else:
+            names = [value]
+        return [path.parent / n for n in names if "/" not in n and "\\" not in n]
+    return []
 
 
 def _check_file(path: Path) -> None:
@@ -293,6 +377,9 @@ def _check_file(path: Path) -> None:
         raise DatasetError(f"{path}: file is empty (0 bytes)")
     if not file_ending(path):
         raise DatasetError(f"{path}: unsupported file ending (use one of {', '.join(SUPPORTED_ENDINGS)})")
+    for data in header_data_files(path):
+        if not data.is_file():
+            raise DatasetError(f"{path}: its data file {data.name} (named in the header) is missing")
 
 
 def _check_geometry(path: Path, geom: Geometry, components: int) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.atomic import remove_stale_temporaries
 from autoseg.errors import AutosegError, DatasetError, PlansError
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
 from autoseg.io.volume import Geometry, read_4d_channels, read_volume
@@ -299,14 +300,12 @@ def preprocess_dataset(
 ) -> list[str]:
     """Preprocess every case not already finished in ``out_dir`` (resumable). Returns the ids processed now.
 
-    Temporary files (``.``-prefixed, from the atomic writes of ``autoseg.jsonio``) left by a killed run are
+    Temporary files (:mod:`autoseg.atomic`'s names, from the atomic writes of ``autoseg.jsonio``) left by a killed run are
     deleted first; so two runs must not write into the same ``out_dir`` at once.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp*"):
-        # a killed worker never renamed it; the case it belonged to has no marker and is redone below
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
+    # a killed worker never renamed them; the case they belonged to has no marker and is redone below
+    remove_stale_temporaries(out_dir)
     todo = [c for c in cases if not case_is_done(out_dir, c.case_id)]
     for c in cases:
         if c not in todo and progress:

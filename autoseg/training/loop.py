@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoseg.atomic import remove_stale_temporaries, temp_target
 from autoseg.checkpoint_io import check_compatible, load_checkpoint, save_checkpoint
 from autoseg.errors import AutosegError, PlansError
 from autoseg.evaluation.evaluate import evaluate_folders
@@ -513,15 +514,15 @@ _VALIDATION_FILES = ("summary.json", "per_case.csv", "report.png")
 
 
 def _remove_stale_temporaries(out_dir: Path, val_ids: list[str]) -> None:
-    """Delete the temporary files (``.<name>.<random>...``, from autoseg's atomic writes) that a killed run
+    """Delete the temporary files (:mod:`autoseg.atomic`'s names, from autoseg's atomic writes) that a killed run
     left in the fold folder and its ``validation/``; nothing else is touched."""
     owners = {out_dir: _FOLD_FILES, out_dir / "validation": _VALIDATION_FILES + tuple(val_ids)}
     for folder, names in owners.items():
         if not folder.is_dir():
             continue
-        for f in folder.iterdir():
-            if f.is_file() and f.name.startswith(".") and any(f.name.startswith(f".{n}.") for n in names):
-                f.unlink(missing_ok=True)
+        targets = [temp_target(f.name) for f in folder.iterdir()]
+        owned = [t for t in targets if t and any(t == n or t.startswith(n + ".") for n in names)]
+        remove_stale_temporaries(folder, owned)
 
 
 def _truncate_log(path: Path, start_epoch: int) -> None:
