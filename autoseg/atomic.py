@@ -35,6 +35,10 @@ _TEMP_RE = re.compile(
 )
 _DIR_SUFFIX = ".d"
 
+# the process umask, read once (os.umask can only be read by setting it)
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def _temp_name(target: str, suffix: str) -> str:
     if not re.fullmatch(_SUFFIX, suffix):

@@ -50,9 +50,10 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from autoseg import __version__
+from autoseg.atomic import UMASK
 from autoseg.checkpoint_io import check_compatible, check_weights, load_checkpoint
 from autoseg.errors import AutosegError, CheckpointError, PlansError
-from autoseg.jsonio import _UMASK, read_json, temp_path_for
+from autoseg.jsonio import read_json, temp_path_for
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 
@@ -249,7 +250,7 @@ def import_model(bundle: str | os.PathLike, workdir: str | os.PathLike) -> WorkD
         try:
             try:
                 staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-                os.chmod(staging, 0o777 & ~_UMASK)  # a folder like any other, not mkdtemp's 0700
+                os.chmod(staging, 0o777 & ~UMASK)  # a folder like any other, not mkdtemp's 0700
             except OSError as exc:
                 raise PlansError(f"{target.parent}: cannot write here ({exc.strerror or exc})") from None
             work = WorkDir(staging)

@@ -143,7 +143,7 @@ def test_exported_bundle_imports_and_holds_only_what_it_lists(good, tmp_path, ca
     names = sorted(str(p.relative_to(tmp_path / "w")) for p in (tmp_path / "w").rglob("*") if p.is_file())
     assert names == sorted(["plans.json", "dataset.json", CKPT])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    from autoseg.jsonio import _UMASK
+    from autoseg.atomic import UMASK as _UMASK
 
     assert stat.S_IMODE((tmp_path / "w").stat().st_mode) == 0o777 & ~_UMASK  # not mkdtemp's 0700
 
@@ -885,8 +885,8 @@ def test_disk_full_while_extracting_is_one_line_and_leaves_nothing(good, tmp_pat
 @pytest.mark.parametrize(
     "folds, expected",
     [
-        (["abc"], "--folds 'abc': a fold is 'all' or a number from 0 to 99"),
-        (["-1"], "--folds '-1': a fold is 'all' or a number from 0 to 99"),
+        (["abc"], "--folds abc: folds are 0-4 or 'all'"),
+        (["-1"], "--folds -1: folds are 0-4 or 'all'"),
         (["3"], "fold_3/checkpoint_final.pt: checkpoint not found (train 3d_fullres fold 3 first)"),
     ],
 )
