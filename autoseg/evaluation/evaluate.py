@@ -34,6 +34,7 @@ from autoseg.evaluation.metrics import (
     check_tolerance,
 )
 from autoseg.io.dataset import DatasetSpec, load_label
+from autoseg.io.dicom_seg import DICOM_SEG_ENDING, is_dicom_seg_name, load_label_any, match_orientation
 from autoseg.io.volume import read_volume
 from autoseg.jsonio import write_text
 
@@ -264,7 +265,7 @@ def evaluate_folders(
 
     def evaluate_pair(pair: tuple[str, Path, Path]):
         case, reference_path, prediction_path = pair
-        reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
+        reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed, labels)
         metrics = evaluate_case(
             reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label, tolerance_mm
         )
@@ -331,23 +332,49 @@ def _pair_files(reference_dir: Path, prediction_dir: Path, ending: str) -> list[
         for f in prediction_dir.iterdir()
         if f.is_file() and f.name.endswith(ending) and not f.name.startswith(".")
     )
+    predictions += _dicom_seg_only(prediction_dir, ending, {f.name[: -len(ending)] for f in predictions})
     if not predictions:
-        raise AutosegError(f"{prediction_dir}: no predictions ending in '{ending}' to evaluate")
+        raise AutosegError(
+            f"{prediction_dir}: no predictions ending in '{ending}' (or '{DICOM_SEG_ENDING}') to evaluate"
+        )
     pairs = []
     for prediction in predictions:
+        case = prediction.name[: -len(DICOM_SEG_ENDING if is_dicom_seg_name(prediction) else ending)]
         reference = reference_dir / prediction.name
+        if not reference.is_file():  # NIfTI and DICOM-SEG may be compared with each other
+            other = reference_dir / (case + (ending if is_dicom_seg_name(prediction) else DICOM_SEG_ENDING))
+            reference = other if other.is_file() else reference
         if not reference.is_file():
             raise AutosegError(f"{prediction}: no reference {reference} to compare it with")
-        pairs.append((prediction.name[: -len(ending)], reference, prediction))
-    return pairs
+        pairs.append((case, reference, prediction))
+    return sorted(pairs)
+
+
+def _dicom_seg_only(prediction_dir: Path, ending: str, cases: set[str]) -> list[Path]:
+    """``<case>.seg.dcm`` predictions of cases without a ``<case><ending>`` prediction."""
+    return sorted(
+        f
+        for f in prediction_dir.iterdir()
+        if f.is_file()
+        and is_dicom_seg_name(f)
+        and not f.name.startswith(".")
+        and f.name[: -len(DICOM_SEG_ENDING)] not in cases
+    )
 
 
 def _load_pair(
-    reference_path: Path, prediction_path: Path, allowed: set[int]
+    reference_path: Path, prediction_path: Path, allowed: set[int], labels: Mapping[str, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Both label maps and the spacing, after checking the prediction's geometry against the reference's."""
-    reference, ref_geom = load_label(reference_path, allowed)
-    prediction, pred_geom = load_label(prediction_path, allowed)
+    """Both label maps and the spacing, after checking the prediction's geometry against the reference's.
+    DICOM-SEG files (``<case>.seg.dcm``) get label values by segment name (``labels``) and are permuted into
+    the other file's axis order first."""
+    if is_dicom_seg_name(reference_path) or is_dicom_seg_name(prediction_path):
+        reference, ref_geom = load_label_any(reference_path, allowed, labels or {})
+        prediction, pred_geom = load_label_any(prediction_path, allowed, labels or {})
+        prediction, pred_geom = match_orientation(prediction, pred_geom, ref_geom)
+    else:
+        reference, ref_geom = load_label(reference_path, allowed)
+        prediction, pred_geom = load_label(prediction_path, allowed)
     if pred_geom.shape != ref_geom.shape:
         raise AutosegError(
             f"{prediction_path}: shape {pred_geom.shape} differs from reference {reference_path} {ref_geom.shape}"

@@ -194,7 +194,9 @@ def _check_series(folder: Path, uid: str, items: list[tuple[Path, object]]) -> D
         if iop is None or not np.allclose(iop, iop0, atol=1e-4):
             raise DatasetError(f"{name}: {f.name}: ImageOrientationPatient differs from {items[0][0].name}")
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise DatasetError(f"{name}: {f.name}: {ds.Rows}x{ds.Columns} pixels, {items[0][0].name} {rows}x{cols}")
+            raise DatasetError(
+                f"{name}: {f.name}: {ds.Rows}x{ds.Columns} pixels, {items[0][0].name} {rows}x{cols}"
+            )
         sp = _vec(getattr(ds, "PixelSpacing", None) or [], 2)
         if sp is None or not np.allclose(sp, spacing0, rtol=1e-4, atol=1e-6):
             raise DatasetError(f"{name}: {f.name}: PixelSpacing differs from {items[0][0].name}")
@@ -257,7 +259,9 @@ def parse_channel_rules(values: Sequence[str] | None) -> dict[int, str]:
     return rules
 
 
-def match_channels(series: list[DicomSeries], rules: Mapping[int, str], where: Path) -> tuple[DicomSeries, ...]:
+def match_channels(
+    series: list[DicomSeries], rules: Mapping[int, str], where: Path
+) -> tuple[DicomSeries, ...]:
     """The series for channels ``0..len(rules)-1``: by SeriesDescription, exact (case-insensitive) first,
     else a unique substring match."""
     chosen = []
@@ -291,18 +295,24 @@ def discover_dicom_cases(
     rules = dict(rules or {})
     bad = [c for c in rules if c >= num_channels]
     if bad:
-        raise AutosegError(f"--channel {bad[0]}: the model has {num_channels} channel(s) (0-{num_channels - 1})")
+        raise AutosegError(
+            f"--channel {bad[0]}: the model has {num_channels} channel(s) (0-{num_channels - 1})"
+        )
     cases: list[DicomCase] = []
     for folder in map(Path, inputs):
         series = scan_series(folder)
         if num_channels == 1 and not rules:
             for s in series:
-                cid = _case_name(folder.name) if len(series) == 1 else _case_name(
-                    f"{folder.name}_{s.number if s.number is not None else s.uid[-8:]}"
+                cid = (
+                    _case_name(folder.name)
+                    if len(series) == 1
+                    else _case_name(f"{folder.name}_{s.number if s.number is not None else s.uid[-8:]}")
                 )
                 cases.append(DicomCase(cid, (s.files[0],), None, series=(s,)))
             continue
-        full = {c: rules.get(c, channel_names[c] if c < len(channel_names) else "") for c in range(num_channels)}
+        full = {
+            c: rules.get(c, channel_names[c] if c < len(channel_names) else "") for c in range(num_channels)
+        }
         missing = [c for c, r in full.items() if not r]
         if missing:
             raise AutosegError(
@@ -310,11 +320,15 @@ def discover_dicom_cases(
                 f"with --channel {missing[0]}=DESCRIPTION"
             )
         chosen = match_channels(series, full, folder)
-        cases.append(DicomCase(_case_name(folder.name), tuple(s.files[0] for s in chosen), None, series=chosen))
+        cases.append(
+            DicomCase(_case_name(folder.name), tuple(s.files[0] for s in chosen), None, series=chosen)
+        )
     seen: dict[str, DicomCase] = {}
     for c in cases:
         if c.case_id in seen:
-            raise DatasetError(f"{c.series[0].folder}: case '{c.case_id}' is given twice (two folders with one name)")
+            raise DatasetError(
+                f"{c.series[0].folder}: case '{c.case_id}' is given twice (two folders with one name)"
+            )
         seen[c.case_id] = c
     return sorted(cases, key=lambda c: c.case_id)
 

@@ -92,7 +92,10 @@ def write_dicom_seg(
     _check_shape(seg, headers, path)
     items = sorted(((v, n) for n, v in labels.items() if v > 0), key=lambda t: t[0])
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="autoseg", family=codes.cid7162.ArtificialIntelligence, version=_software(), source=model_name[:64]
+        name="autoseg",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=_software(),
+        source=model_name[:64],
     )
     descriptions = [
         hd.seg.SegmentDescription(
@@ -200,7 +203,9 @@ def write_rtstruct(
     series_ref.SeriesInstanceUID = first.SeriesInstanceUID
     series_ref.ContourImageSequence = DSequence([image_ref(h) for h in headers])
     study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, customary)
+    study_ref.ReferencedSOPClassUID = (
+        "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, customary)
+    )
     study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
     study_ref.RTReferencedSeriesSequence = DSequence([series_ref])
     frame_ref = Dataset()
@@ -279,7 +284,9 @@ def read_dicom_seg(path: str | os.PathLike, labels: Mapping[str, int]) -> tuple[
 
         measures = group(frames[0], "PixelMeasuresSequence")
         row_sp, col_sp = (float(v) for v in measures.PixelSpacing)
-        iop = np.array([float(v) for v in group(frames[0], "PlaneOrientationSequence").ImageOrientationPatient])
+        iop = np.array(
+            [float(v) for v in group(frames[0], "PlaneOrientationSequence").ImageOrientationPatient]
+        )
         positions = np.array(
             [[float(v) for v in group(f, "PlanePositionSequence").ImagePositionPatient] for f in frames]
         )
@@ -294,7 +301,11 @@ def read_dicom_seg(path: str | os.PathLike, labels: Mapping[str, int]) -> tuple[
     unique = np.unique(np.round(dist, 3))
     step = float(getattr(measures, "SpacingBetweenSlices", 0) or 0)
     if step <= 0:
-        step = float(np.min(np.diff(unique))) if len(unique) > 1 else float(getattr(measures, "SliceThickness", 1))
+        step = (
+            float(np.min(np.diff(unique)))
+            if len(unique) > 1
+            else float(getattr(measures, "SliceThickness", 1))
+        )
     index = np.rint((dist - unique[0]) / step).astype(int)
     if np.any(np.abs(index * step - (dist - unique[0])) > 0.01 * step + 1e-3):
         raise DatasetError(f"{path}: frames do not lie on one regular slice grid ({step:.4g} mm)")
@@ -314,3 +325,43 @@ def read_dicom_seg(path: str | os.PathLike, labels: Mapping[str, int]) -> tuple[
         direction=tuple(float(v) for v in direction.reshape(-1)),
     )
     return out, geom
+
+
+DICOM_SEG_ENDING = ".seg.dcm"
+
+
+def is_dicom_seg_name(path: str | os.PathLike) -> bool:
+    return Path(path).name.lower().endswith(DICOM_SEG_ENDING)
+
+
+def load_label_any(path: Path, allowed: set[int], labels: Mapping[str, int]) -> tuple[np.ndarray, Geometry]:
+    """:func:`autoseg.io.dataset.load_label` that also reads ``<case>.seg.dcm`` DICOM-SEG files."""
+    from autoseg.io.dataset import load_label
+
+    if not is_dicom_seg_name(path):
+        return load_label(path, allowed)
+    from autoseg.io.dicom import require
+
+    require("pydicom", why=f"{path}: reading DICOM-SEG")
+    arr, geom = read_dicom_seg(path, labels)
+    unknown = sorted(set(np.unique(arr).tolist()) - set(allowed))
+    if unknown:
+        raise DatasetError(
+            f"{path}: segments with values {unknown} are not labels of dataset.json {sorted(allowed)} "
+            "(segments are matched by SegmentLabel = label name, else by segment number)"
+        )
+    return arr, geom
+
+
+def match_orientation(array: np.ndarray, geometry: Geometry, target: Geometry) -> tuple[np.ndarray, Geometry]:
+    """``array`` permuted/flipped (exactly) into ``target``'s orientation, e.g. a DICOM-SEG's slice order
+    into a NIfTI reference's axis order; unchanged when the orientations already agree."""
+    import SimpleITK as sitk
+
+    from autoseg.io.volume import _geometry_of, orientation_code, to_sitk
+
+    code = orientation_code(target)
+    if orientation_code(geometry) == code:
+        return array, geometry
+    img = sitk.DICOMOrient(to_sitk(array, geometry), code)
+    return sitk.GetArrayFromImage(img), _geometry_of(img)
