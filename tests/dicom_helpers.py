@@ -183,3 +183,49 @@ def image_centroid(mask: np.ndarray, img: sitk.Image) -> np.ndarray:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     s = a.sum() + b.sum()
     return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
+
+
+def sorted_by_position(files: list[Path]) -> list[Path]:
+    """Slice files ordered along the normal of their ImageOrientationPatient (pydicom only)."""
+    import pydicom
+
+    def key(f: Path) -> float:
+        h = pydicom.dcmread(f, stop_before_pixels=True)
+        iop = np.array([float(v) for v in h.ImageOrientationPatient])
+        return float(np.array([float(v) for v in h.ImagePositionPatient]) @ np.cross(iop[:3], iop[3:]))
+
+    return sorted(files, key=key)
+
+
+def series_image(array: np.ndarray, series_files: list[Path]) -> sitk.Image:
+    """``array`` ``(slices, rows, columns)`` on the grid of ``series_files`` (sorted along the normal), with the
+    geometry taken from their headers: origin = first slice's position, axes = row, column, normal."""
+    import pydicom
+
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in series_files]
+    iop = np.array([float(v) for v in heads[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    ipps = np.array([[float(v) for v in h.ImagePositionPatient] for h in heads])
+    step = float(np.mean(np.diff(ipps @ normal)))
+    row_sp, col_sp = (float(v) for v in heads[0].PixelSpacing)
+    img = sitk.GetImageFromArray(array)
+    img.SetOrigin(tuple(ipps[0]))
+    img.SetSpacing((col_sp, row_sp, step))
+    img.SetDirection(tuple(np.stack([iop[:3], iop[3:], normal], axis=1).reshape(-1)))
+    return img
+
+
+def compare_in_space(mask_img: sitk.Image, ref_img: sitk.Image) -> tuple[float, float, float]:
+    """(Dice, centroid distance in mm, half the smallest voxel size in mm) of two binary masks on the same
+    physical grid, possibly stored in different axis orders (permuted/flipped exactly with DICOMOrient)."""
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ref_img.GetDirection())
+    moved = sitk.DICOMOrient(mask_img, code)
+    assert np.allclose(moved.GetOrigin(), ref_img.GetOrigin(), atol=1e-2), (moved.GetOrigin(), ref_img.GetOrigin())
+    assert np.allclose(moved.GetSpacing(), ref_img.GetSpacing(), rtol=1e-3)
+    assert np.allclose(moved.GetDirection(), ref_img.GetDirection(), atol=1e-3)
+    a = sitk.GetArrayFromImage(moved) > 0
+    b = sitk.GetArrayFromImage(ref_img) > 0
+    assert a.any() and b.any(), "empty mask"
+    own = sitk.GetArrayFromImage(mask_img) > 0  # the centroid in the mask's own geometry, not the moved one
+    dist = float(np.linalg.norm(image_centroid(own, mask_img) - image_centroid(b, ref_img)))
+    return dice(a, b), dist, 0.5 * min(ref_img.GetSpacing())
