@@ -345,6 +345,9 @@ def read_series(series: DicomSeries) -> sitk.Image:
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DatasetError(f"{series.label()}: colour images are not supported")
     img = sitk.Cast(img, sitk.sitkFloat32)
+    sx, sy, sz = img.GetSpacing()
+    if abs(round(sz, 4) - sz) < 1e-5:  # spacing measured from rounded positions: 0.5000000048 → 0.5
+        img.SetSpacing((sx, sy, round(sz, 4)))
     if not np.isclose(img.GetSpacing()[2], series.spacing_mm, rtol=SPACING_RTOL, atol=0.01):
         raise DatasetError(
             f"{series.label()}: the reader's slice spacing {img.GetSpacing()[2]:.4g} mm differs from the "
