@@ -220,7 +220,10 @@ def compare_in_space(mask_img: sitk.Image, ref_img: sitk.Image) -> tuple[float, 
     physical grid, possibly stored in different axis orders (permuted/flipped exactly with DICOMOrient)."""
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ref_img.GetDirection())
     moved = sitk.DICOMOrient(mask_img, code)
-    assert np.allclose(moved.GetOrigin(), ref_img.GetOrigin(), atol=1e-2), (moved.GetOrigin(), ref_img.GetOrigin())
+    assert np.allclose(moved.GetOrigin(), ref_img.GetOrigin(), atol=1e-2), (
+        moved.GetOrigin(),
+        ref_img.GetOrigin(),
+    )
     assert np.allclose(moved.GetSpacing(), ref_img.GetSpacing(), rtol=1e-3)
     assert np.allclose(moved.GetDirection(), ref_img.GetDirection(), atol=1e-3)
     a = sitk.GetArrayFromImage(moved) > 0
