@@ -138,10 +138,11 @@ def _series_number(headers, offset: int) -> int:
 
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     """Closed contours ``(N, 2)`` of (row, column) pixel coordinates around a 2D mask (see the module)."""
-    from skimage.measure import find_contours
+    from skimage.measure import approximate_polygon, find_contours
 
     out = []
     for c in find_contours(np.pad(mask.astype(np.float32), 1), 0.5):
+        c = approximate_polygon(c, tolerance=1e-3)  # drops only points on a straight run (same polygon)
         c = c[:-1] - 1.0 if np.allclose(c[0], c[-1]) else c - 1.0
         if len(c) >= 3:
             out.append(c)
@@ -240,7 +241,7 @@ def write_rtstruct(
                 item.ContourImageSequence = DSequence([image_ref(h)])
                 item.ContourGeometricType = "CLOSED_PLANAR"
                 item.NumberOfContourPoints = len(points)
-                item.ContourData = [f"{v:.4f}" for v in points.reshape(-1)]
+                item.ContourData = [round(float(v), 4) for v in points.reshape(-1)]  # DS: <= 16 characters
                 items_k.append(item)
         roi_contour.ContourSequence = DSequence(items_k)
         contours.append(roi_contour)
