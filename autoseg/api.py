@@ -391,16 +391,19 @@ def predict(
 def _dicom_job(work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite):
     """:func:`autoseg.inference.dicom_export.plan_job` for :func:`predict` (None: plain image files)."""
     from autoseg.inference.dicom_export import plan_job
+    from autoseg.io.dicom import is_dicom_input
+    from autoseg.io.dicom_seg import segments_of
 
-    spec = load_dataset_json(work.dataset_json) if work.dataset_json.is_file() else None
-    labels = spec.foreground_labels if spec is not None else {}
+    segments = []
+    if is_dicom_input(input_list) and work.dataset_json.is_file():  # labels name the segments
+        segments = segments_of(load_dataset_json(work.dataset_json))
     return plan_job(
         input_list,
         Path(output_dir),
         output_formats,
         channel_names=list(plans.channel_names),
         channels=channels,
-        labels=labels,
+        segments=segments,
         model_name=f"{plans.dataset_name or 'autoseg'} {'+'.join(configs)}",
         continue_=continue_,
         overwrite=overwrite,

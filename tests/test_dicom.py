@@ -499,3 +499,41 @@ def test_dicom_outputs_are_atomic(trained, phantom_dataset, tmp_path, capfd, mon
     import pydicom
 
     assert pydicom.dcmread(tmp_path / "o" / f"{case}.seg.dcm").Modality == "SEG"
+
+
+def test_region_segments_overlap_and_read_back_in_painting_order(tmp_path):
+    """Region-based models: each region is a segment / ROI (they overlap); read back, regions are painted in
+    regions_class_order, which gives the label map again."""
+    from autoseg.io.dataset import parse_dataset_json
+    from autoseg.io.dicom_seg import segment_values, segments_of
+
+    spec = parse_dataset_json(
+        {
+            "channel_names": {"0": "MR"},
+            "labels": {"background": 0, "whole": [1, 2], "core": [2]},
+            "regions_class_order": [1, 2],
+            "file_ending": ".nii.gz",
+        }
+    )
+    assert segments_of(spec) == [("whole", (1, 2)), ("core", (2,))]
+    write_series(_small(), tmp_path / "s", orientation="LPS")
+    (series,) = dicom.scan_series(tmp_path / "s")
+    seg = np.zeros((6, 12, 10), np.uint8)
+    seg[1:5, 2:10, 2:8] = 1
+    seg[2:4, 4:8, 3:6] = 2
+    write_dicom_seg(seg, series.files, segments_of(spec), tmp_path / "r.seg.dcm")
+    write_rtstruct(seg, series.files, segments_of(spec), tmp_path / "r.rt.dcm")
+    files = list(series.files)
+    import highdicom as hd
+    import pydicom
+
+    obj = hd.seg.segread(tmp_path / "r.seg.dcm")
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    for number, values in ((1, (1, 2)), (2, (2,))):
+        got = obj.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[number])
+        np.testing.assert_array_equal(np.asarray(got)[..., 0] > 0, np.isin(seg, values))
+    rt = rasterise_rtstruct(tmp_path / "r.rt.dcm", files)
+    np.testing.assert_array_equal(rt["whole"], seg > 0)
+    np.testing.assert_array_equal(rt["core"], seg == 2)
+    back, _ = read_dicom_seg(tmp_path / "r.seg.dcm", segment_values(spec))
+    np.testing.assert_array_equal(back, seg)

@@ -34,7 +34,13 @@ from autoseg.evaluation.metrics import (
     check_tolerance,
 )
 from autoseg.io.dataset import DatasetSpec, load_label
-from autoseg.io.dicom_seg import DICOM_SEG_ENDING, is_dicom_seg_name, load_label_any, match_orientation
+from autoseg.io.dicom_seg import (
+    DICOM_SEG_ENDING,
+    is_dicom_seg_name,
+    load_label_any,
+    match_orientation,
+    segment_values,
+)
 from autoseg.io.volume import read_volume
 from autoseg.jsonio import write_text
 
@@ -265,7 +271,9 @@ def evaluate_folders(
 
     def evaluate_pair(pair: tuple[str, Path, Path]):
         case, reference_path, prediction_path = pair
-        reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed, labels)
+        reference, prediction, spacing_mm = _load_pair(
+            reference_path, prediction_path, allowed, segment_values(spec)
+        )
         metrics = evaluate_case(
             reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label, tolerance_mm
         )

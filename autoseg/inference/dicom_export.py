@@ -42,7 +42,7 @@ class DicomJob:
     cases: list
     targets: list[Path]
     outputs: dict[Path, tuple[dicom.DicomCase, list[tuple[str, Path]]]]
-    labels: dict[str, int]
+    segments: list[tuple[str, tuple[int, ...]]]
     model_name: str
 
     def write(self, seg: np.ndarray, props, target: Path) -> Path:
@@ -55,9 +55,9 @@ class DicomJob:
             if fmt == "nifti":
                 write_segmentation(seg, props, path)
             elif fmt == "dicom-seg":
-                write_dicom_seg(seg, files, self.labels, path, self.model_name)
+                write_dicom_seg(seg, files, self.segments, path, self.model_name)
             else:
-                write_rtstruct(seg, files, self.labels, path, self.model_name)
+                write_rtstruct(seg, files, self.segments, path, self.model_name)
         return target
 
 
@@ -68,7 +68,7 @@ def plan_job(
     *,
     channel_names: Sequence[str],
     channels: dict[int, str] | None,
-    labels: dict[str, int],
+    segments: list[tuple[str, tuple[int, ...]]] | None = None,
     model_name: str,
     continue_: bool,
     overwrite: bool,
@@ -109,4 +109,4 @@ def plan_job(
     if continue_:
         outputs = {t: v for t, v in outputs.items() if not all(p.exists() for _, p in v[1])}
     targets = list(outputs)
-    return DicomJob([outputs[t][0] for t in targets], targets, outputs, dict(labels), model_name)
+    return DicomJob([outputs[t][0] for t in targets], targets, outputs, list(segments or []), model_name)

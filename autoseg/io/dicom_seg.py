@@ -76,21 +76,45 @@ def _software() -> str:
     return str(__version__)
 
 
+def segments_of(spec) -> list[tuple[str, tuple[int, ...]]]:
+    """The segments (ROIs) of a dataset.json (:class:`autoseg.io.dataset.DatasetSpec`): each foreground label
+    with its value, or for region-based datasets each region with the values it unites (segments may overlap)."""
+    if spec.region_based:
+        return [(name, tuple(values)) for name, values in spec.regions.items()]
+    return [(name, (v,)) for name, v in sorted(spec.foreground_labels.items(), key=lambda t: t[1])]
+
+
+def segment_values(spec) -> dict[str, int]:
+    """Segment name → label-map value when reading a DICOM-SEG back: labels by name; regions painted in
+    ``regions_class_order`` (as predictions are)."""
+    values = dict(spec.foreground_labels)
+    if spec.region_based:
+        values.update(zip(spec.regions, spec.regions_class_order))
+    return values
+
+
+def _as_segments(labels) -> list[tuple[str, tuple[int, ...]]]:
+    if isinstance(labels, Mapping):
+        return [(n, (v,)) for n, v in sorted(labels.items(), key=lambda t: t[1]) if v > 0]
+    return [(n, tuple(v)) for n, v in labels]
+
+
 def write_dicom_seg(
     seg: np.ndarray,
     source_files: Sequence[Path],
-    labels: Mapping[str, int],
+    labels,
     path: str | os.PathLike,
     model_name: str = "autoseg model",
 ) -> Path:
-    """Write ``seg`` (label values of ``labels``, foreground only) as a DICOM-SEG referencing ``source_files``."""
+    """Write ``seg`` as a DICOM-SEG referencing ``source_files``. ``labels``: ``{name: value}`` (foreground
+    values become segments) or :func:`segments_of`'s ``[(name, values), ...]``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     path = Path(path)
     headers = _headers(source_files)
     _check_shape(seg, headers, path)
-    items = sorted(((v, n) for n, v in labels.items() if v > 0), key=lambda t: t[0])
+    items = [(values, name) for name, values in _as_segments(labels)]
     algorithm = hd.AlgorithmIdentificationSequence(
         name="autoseg",
         family=codes.cid7162.ArtificialIntelligence,
@@ -108,7 +132,9 @@ def write_dicom_seg(
         )
         for i, (_, name) in enumerate(items)
     ]
-    masks = np.stack([seg == v for v, _ in items], axis=-1) if items else np.zeros((*seg.shape, 0), bool)
+    masks = (
+        np.stack([np.isin(seg, v) for v, _ in items], axis=-1) if items else np.zeros((*seg.shape, 0), bool)
+    )
     obj = hd.seg.Segmentation(
         source_images=headers,
         pixel_array=masks,
@@ -152,11 +178,12 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
 def write_rtstruct(
     seg: np.ndarray,
     source_files: Sequence[Path],
-    labels: Mapping[str, int],
+    labels,
     path: str | os.PathLike,
     model_name: str = "autoseg model",
 ) -> Path:
-    """Write ``seg`` as an RT Structure Set with one ROI per foreground label, contours per source slice."""
+    """Write ``seg`` as an RT Structure Set with one ROI per segment (``labels`` as in :func:`write_dicom_seg`),
+    contours per source slice."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DSequence
@@ -218,8 +245,7 @@ def write_rtstruct(
     row_dir, col_dir = iop[:3], iop[3:]
     row_sp, col_sp = (float(v) for v in first.PixelSpacing)
     rois, contours, observations = [], [], []
-    items = sorted(((v, n) for n, v in labels.items() if v > 0), key=lambda t: t[0])
-    for number, (value, name) in enumerate(items, start=1):
+    for number, (name, values) in enumerate(_as_segments(labels), start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
@@ -231,7 +257,7 @@ def write_rtstruct(
         roi_contour.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
         items_k = []
         for k, h in enumerate(headers):
-            mask = seg[k] == value
+            mask = np.isin(seg[k], values)
             if not mask.any():
                 continue
             ipp = np.array([float(v) for v in h.ImagePositionPatient])
