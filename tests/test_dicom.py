@@ -186,16 +186,18 @@ def test_missing_slice_is_refused_naming_series_and_gap(tmp_path):
     assert "AX T2" in msg and "#7" in msg and "gap of 6 mm" in msg and "missing slice" in msg, msg
 
 
-def test_gantry_tilt_is_refused(tmp_path):
+@pytest.mark.parametrize("shift,message", [(1.5, "shifted 7.5 mm"), (0.05, "shifted 0.25 mm")])
+def test_gantry_tilt_is_refused(shift, message, tmp_path):
+    """Slices shifted in-plane in proportion to their position (a tilted stack), even by 1 degree."""
     import pydicom
 
     files = write_series(_small(), tmp_path / "s", shuffle=False)
-    for k, f in enumerate(files):  # shift every slice along y in proportion: a sheared (tilted) stack
+    for k, f in enumerate(files):
         ds = pydicom.dcmread(f)
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y + 1.5 * k, z]
+        ds.ImagePositionPatient = [x, y + shift * k, z]
         ds.save_as(f)
-    with pytest.raises(DatasetError, match="degrees off their normal"):
+    with pytest.raises(DatasetError, match=message + r" in-plane .*gantry tilt of about"):
         dicom.scan_series(tmp_path / "s")
 
 

@@ -47,8 +47,8 @@ POSITION_TOLERANCE_MM = 0.01
 """Two slices closer than this along the normal are duplicates."""
 SPACING_RTOL = 0.01
 """Slice gaps may differ from the median gap by this fraction (and at least 0.01 mm) before a series is refused."""
-TILT_TOLERANCE = 1e-3
-"""How far (cosine) the stacking direction may deviate from the slice normal before a series is refused."""
+IN_PLANE_TOLERANCE = 0.1
+"""How far (fraction of a pixel, at least 0.01 mm) a slice may sit off the first slice's normal line."""
 
 
 def require(*modules: str, why: str = "DICOM input/output") -> None:
@@ -220,13 +220,17 @@ def _check_series(folder: Path, uid: str, items: list[tuple[Path, object]]) -> D
             f"{name}: {files[i].name} and {files[i + 1].name} are at the same position ({dist[i]:.2f} mm "
             "along the normal): several acquisitions or time points in one series are not supported"
         )
-    stack = pos[-1] - pos[0]
-    cos = float(stack @ normal / np.linalg.norm(stack))
-    if cos < 1 - TILT_TOLERANCE:
-        angle = float(np.degrees(np.arccos(min(1.0, cos))))
+    # every slice must sit on the line through the first along the normal: an in-plane offset that grows
+    # along the stack is a gantry tilt (a sheared grid that a plain 3D image cannot represent)
+    offsets = np.linalg.norm((pos - pos[0]) - np.outer(dist - dist[0], normal), axis=1)
+    tolerance = max(0.01, IN_PLANE_TOLERANCE * float(spacing0.min()))
+    if offsets.max() > tolerance:
+        i = int(np.argmax(offsets))
+        angle = float(np.degrees(np.arctan2(offsets[i], dist[i] - dist[0])))
         raise DatasetError(
-            f"{name}: slices are stacked {angle:.1f} degrees off their normal (gantry tilt or a sheared "
-            "stack); autoseg does not resample such series: reconstruct them without tilt first"
+            f"{name}: {files[i].name} is shifted {offsets[i]:.3g} mm in-plane from the first slice's line "
+            f"along the normal (gantry tilt of about {angle:.1f} degrees, or a sheared stack); autoseg does "
+            "not resample such series: reconstruct them without tilt first"
         )
     step = float(np.median(gaps))
     off = np.abs(gaps - step)
