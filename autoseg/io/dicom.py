@@ -169,7 +169,12 @@ def scan_series(folder: str | os.PathLike) -> list[DicomSeries]:
         )
     if not groups:
         raise DatasetError(f"{folder}: no DICOM image series found")
-    series = [_check_series(folder, uid, items) for uid, items in groups.items()]
+    series = []
+    for uid, items in groups.items():
+        try:
+            series.append(_check_series(folder, uid, items))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # e.g. no Rows or PixelSpacing
+            raise DatasetError(f"{folder}: series {uid}: incomplete image header ({_short(exc)})") from None
     return sorted(series, key=lambda s: (s.number if s.number is not None else 1 << 30, s.uid))
 
 
