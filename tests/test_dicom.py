@@ -539,3 +539,17 @@ def test_region_segments_overlap_and_read_back_in_painting_order(tmp_path):
     np.testing.assert_array_equal(rt["core"], seg == 2)
     back, _ = read_dicom_seg(tmp_path / "r.seg.dcm", segment_values(spec))
     np.testing.assert_array_equal(back, seg)
+
+
+@pytest.mark.parametrize(
+    "tag,message", [("PixelSpacing", "PixelSpacing"), ("Rows", "incomplete image header")]
+)
+def test_incomplete_slice_header_is_one_error(tag, message, tmp_path):
+    import pydicom
+
+    files = write_series(_small(), tmp_path / "s", description="AX", shuffle=False)
+    ds = pydicom.dcmread(files[0])
+    delattr(ds, tag)
+    ds.save_as(files[0])
+    with pytest.raises(DatasetError, match=message):
+        dicom.scan_series(tmp_path / "s")
