@@ -403,6 +403,8 @@ def predict(
     compile: str = "auto",
     slab_export_gb: float = 2.0,
     reuse_heap: bool = True,
+    output_formats: list[str] | None = None,
+    channels: dict[int, str] | None = None,
 ) -> list[Path]:
     """Predict a folder, one file or a list of files into ``output_dir``.
 
@@ -413,6 +415,8 @@ def predict(
     :mod:`autoseg.inference.runner` ("auto", "on" or "off"). ``slab_export_gb``: see
     :class:`autoseg.settings.InferenceSettings`. ``reuse_heap``: on CPU with glibc, keep the memory a forward pass
     frees for the next pass (faster, more memory; see :mod:`autoseg.inference.runner`).
+    ``output_formats``: any of "nifti", "dicom-seg", "rtstruct" (DICOM inputs: folders of DICOM series, see
+    :mod:`autoseg.io.dicom`; ``channels`` matches series to channels, ``{0: "T1"}``).
     """
     settings = inference_settings(
         step_size=step_size,
@@ -449,16 +453,23 @@ def predict(
     for c in configs:
         plans.configuration(c)
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    cases = discover_inputs(
-        input_list, len(plans.channel_names)
-    )  # bad input is reported before loading models
+    # DICOM series in, or DICOM-SEG / RT-STRUCT out: autoseg.inference.dicom_export
+    dicom_job = _dicom_job(
+        work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite
+    )
     fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
-    input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
     if work.owns(Path(output_dir)):
         raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
-    cases, targets = output_targets(
-        cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
-    )
+    if dicom_job is not None:
+        cases, targets = dicom_job.cases, dicom_job.targets
+    else:
+        cases = discover_inputs(
+            input_list, len(plans.channel_names)
+        )  # bad input is reported before loading models
+        input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
+        cases, targets = output_targets(
+            cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
+        )
     post = None
     if instructions is not None and postprocessing and sorted(configs) == sorted(instructions.configs):
         if not instructions.postprocessing.is_identity:
@@ -480,9 +491,39 @@ def predict(
     )
     if not cases:
         return []
-    remove_stale_outputs(targets)  # only now: every check has passed and the models are loaded
+    # only now: every check has passed and the models are loaded
+    remove_stale_outputs(dicom_job.paths() if dicom_job is not None else targets)
     return predict_cases(
-        predictors, cases, targets, post, save_probabilities, progress, _training_spacings(work)
+        predictors,
+        cases,
+        targets,
+        post,
+        save_probabilities,
+        progress,
+        _training_spacings(work),
+        write=dicom_job.write if dicom_job is not None else None,
+    )
+
+
+def _dicom_job(work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite):
+    """:func:`autoseg.inference.dicom_export.plan_job` for :func:`predict` (None: plain image files)."""
+    from autoseg.inference.dicom_export import plan_job
+    from autoseg.io.dicom import is_dicom_input
+    from autoseg.io.dicom_seg import segments_of
+
+    segments = []
+    if is_dicom_input(input_list) and work.dataset_json.is_file():  # labels name the segments
+        segments = segments_of(load_dataset_json(work.dataset_json))
+    return plan_job(
+        input_list,
+        Path(output_dir),
+        output_formats,
+        channel_names=list(plans.channel_names),
+        channels=channels,
+        segments=segments,
+        model_name=f"{plans.dataset_name or 'autoseg'} {'+'.join(configs)}",
+        continue_=continue_,
+        overwrite=overwrite,
     )
 
 

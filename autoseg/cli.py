@@ -284,7 +284,7 @@ def predict(
         typer.Argument(
             metavar="WORK INPUT... OUTPUT",
             help="WORK folder (left out with --model), then inputs: a folder of <case>_<cccc> images, image "
-            "files, or 4D images with channels last; then the output folder",
+            "files, 4D images with channels last, or folders of DICOM series; then the output folder",
         ),
     ],
     model: Annotated[
@@ -332,6 +332,22 @@ def predict(
             help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
         ),
     ] = False,
+    output_format: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-format",
+            help="nifti (default), dicom-seg or rtstruct; repeat for several. DICOM-SEG and RT-STRUCT need "
+            "DICOM series input (pip install 'autoseg\\[dicom]')",
+        ),
+    ] = None,
+    channel: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--channel",
+            help="DICOM input: channel N is the series whose SeriesDescription matches, e.g. --channel 0=T1 "
+            "(default: the channel names of dataset.json)",
+        ),
+    ] = None,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
     need = 2 if model is not None else 3
@@ -346,6 +362,10 @@ def predict(
     if mirror_axes is not None:
         axes = tuple(_int_option("--mirror-axes", a) for a in mirror_axes.split(",") if a.strip())
     workdir, inputs, output = (None, paths[:-1], paths[-1]) if model else (paths[0], paths[1:-1], paths[-1])
+    from autoseg.inference.dicom_export import check_formats
+    from autoseg.io.dicom import parse_channel_rules
+
+    dicom_options = dict(output_formats=check_formats(output_format), channels=parse_channel_rules(channel))
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")
         kwargs = dict(
@@ -363,6 +383,7 @@ def predict(
             postprocessing=not no_postprocessing,
             fix_nonfinite=fix_nonfinite,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
+            **dicom_options,
         )
         if model is not None:
             written = api.predict_with_model(model, inputs, output, **kwargs)

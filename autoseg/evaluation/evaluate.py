@@ -34,6 +34,13 @@ from autoseg.evaluation.metrics import (
     check_tolerance,
 )
 from autoseg.io.dataset import DatasetSpec, load_label
+from autoseg.io.dicom_seg import (
+    DICOM_SEG_ENDING,
+    is_dicom_seg_name,
+    load_label_any,
+    match_orientation,
+    segment_values,
+)
 from autoseg.io.volume import read_volume
 from autoseg.jsonio import write_text
 
@@ -280,10 +287,12 @@ def evaluate_folders(
     def evaluate_pair(pair: tuple[str, Path, Path]):
         case, reference_path, prediction_path = pair
         if prediction_path is None:  # missing, scored as empty
-            reference, ref_geom = load_label(reference_path, allowed)
+            reference, ref_geom = load_label_any(reference_path, allowed, segment_values(spec))
             prediction, spacing_mm = np.zeros_like(reference), ref_geom.spacing_mm
         else:
-            reference, prediction, spacing_mm = _load_pair(reference_path, prediction_path, allowed)
+            reference, prediction, spacing_mm = _load_pair(
+                reference_path, prediction_path, allowed, segment_values(spec)
+            )
         metrics = evaluate_case(
             reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label, tolerance_mm
         )
@@ -354,16 +363,25 @@ def _pair_files(
         if not folder.is_dir():
             raise AutosegError(f"{folder}: {role} folder not found")
     predictions = _label_files(prediction_dir, ending)
+    predictions += _dicom_seg_only(prediction_dir, ending, {f.name[: -len(ending)] for f in predictions})
     references = _label_files(reference_dir, ending)
+    references += _dicom_seg_only(reference_dir, ending, {f.name[: -len(ending)] for f in references})
     if not predictions and missing != "empty":
-        raise AutosegError(f"{prediction_dir}: no predictions ending in '{ending}' to evaluate")
+        raise AutosegError(
+            f"{prediction_dir}: no predictions ending in '{ending}' (or '{DICOM_SEG_ENDING}') to evaluate"
+        )
     pairs: list[tuple[str, Path, Path | None]] = []
     for prediction in predictions:
+        case = prediction.name[: -len(DICOM_SEG_ENDING if is_dicom_seg_name(prediction) else ending)]
         reference = reference_dir / prediction.name
+        if not reference.is_file():  # NIfTI and DICOM-SEG may be compared with each other
+            other = reference_dir / (case + (ending if is_dicom_seg_name(prediction) else DICOM_SEG_ENDING))
+            reference = other if other.is_file() else reference
         if not reference.is_file():
             raise AutosegError(f"{prediction}: no reference {reference} to compare it with")
-        pairs.append((prediction.name[: -len(ending)], reference, prediction))
-    unpredicted = [r for r in references if not (prediction_dir / r.name).is_file()]
+        pairs.append((case, reference, prediction))
+    predicted = {case for case, _, _ in pairs}
+    unpredicted = [r for r in references if _case_of(r, ending) not in predicted]
     if unpredicted and missing == "error":
         raise AutosegError(
             f"{prediction_dir / unpredicted[0].name}: prediction missing for reference {unpredicted[0]} "
@@ -371,10 +389,15 @@ def _pair_files(
             "them as empty predictions with --missing-as-empty"
         )
     if missing == "empty":
-        pairs += [(r.name[: -len(ending)], r, None) for r in unpredicted]
+        pairs += [(_case_of(r, ending), r, None) for r in unpredicted]
     if not pairs:
         raise AutosegError(f"{reference_dir}: no references ending in '{ending}' to evaluate")
     return sorted(pairs, key=lambda p: p[0]), len(references)
+
+
+def _case_of(path: Path, ending: str) -> str:
+    """The case id of a label file ``<case><ending>`` or ``<case>.seg.dcm``."""
+    return path.name[: -len(DICOM_SEG_ENDING if is_dicom_seg_name(path) else ending)]
 
 
 def _label_files(folder: Path, ending: str) -> list[Path]:
@@ -390,12 +413,31 @@ def _label_files(folder: Path, ending: str) -> list[Path]:
     return found
 
 
+def _dicom_seg_only(folder: Path, ending: str, cases: set[str]) -> list[Path]:
+    """``<case>.seg.dcm`` files of ``folder`` for cases without a ``<case><ending>`` file."""
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.is_file()
+        and is_dicom_seg_name(f)
+        and not f.name.startswith(".")
+        and f.name[: -len(DICOM_SEG_ENDING)] not in cases
+    )
+
+
 def _load_pair(
-    reference_path: Path, prediction_path: Path, allowed: set[int]
+    reference_path: Path, prediction_path: Path, allowed: set[int], labels: Mapping[str, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Both label maps and the spacing, after checking the prediction's geometry against the reference's."""
-    reference, ref_geom = load_label(reference_path, allowed)
-    prediction, pred_geom = load_label(prediction_path, allowed)
+    """Both label maps and the spacing, after checking the prediction's geometry against the reference's.
+    DICOM-SEG files (``<case>.seg.dcm``) get label values by segment name (``labels``) and are permuted into
+    the other file's axis order first."""
+    if is_dicom_seg_name(reference_path) or is_dicom_seg_name(prediction_path):
+        reference, ref_geom = load_label_any(reference_path, allowed, labels or {})
+        prediction, pred_geom = load_label_any(prediction_path, allowed, labels or {})
+        prediction, pred_geom = match_orientation(prediction, pred_geom, ref_geom)
+    else:
+        reference, ref_geom = load_label(reference_path, allowed)
+        prediction, pred_geom = load_label(prediction_path, allowed)
     if pred_geom.shape != ref_geom.shape:
         raise AutosegError(
             f"{prediction_path}: shape {pred_geom.shape} differs from reference {reference_path} {ref_geom.shape}"

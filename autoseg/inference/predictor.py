@@ -243,6 +243,7 @@ def predict_cases(
     save_probabilities: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     training_spacings: np.ndarray | None = None,
+    write: Callable[[np.ndarray, CaseProperties, Path], Path] | None = None,
 ) -> list[Path]:
     """Predict ``cases`` into ``targets`` with one or more configurations (their probabilities averaged).
 
@@ -251,7 +252,8 @@ def predict_cases(
     configuration is exported straight from its grid (channel by channel); several are averaged in the
     file's own grid. ``save_probabilities`` also writes ``<case>.npz`` (``probabilities``: float16
     ``(K, *file shape)``). ``postprocess`` is applied to each label map before writing. A case whose spacing
-    is far outside ``training_spacings`` (the fingerprint's, when known) gets a warning.
+    is far outside ``training_spacings`` (the fingerprint's, when known) gets a warning. ``write(seg, props,
+    target)`` replaces :func:`write_segmentation` (DICOM outputs: :mod:`autoseg.inference.dicom_export`).
     """
     plans = predictors[0].plans
     orientation = plans.orientation
@@ -266,7 +268,12 @@ def predict_cases(
         return plans.num_outputs * math.prod(prepared[0].props.shape_resampled) * 4 > slab_bytes
 
     def read(case: Case) -> list[Prepared]:
-        raw, geom, source = read_channels(case.images, orientation, case.four_d, fix_nonfinite=fix)
+        if getattr(case, "series", None):  # DICOM series (autoseg.io.dicom.DicomCase)
+            from autoseg.io.dicom import read_dicom_channels
+
+            raw, geom, source = read_dicom_channels(case, orientation)
+        else:
+            raw, geom, source = read_channels(case.images, orientation, case.four_d, fix_nonfinite=fix)
         if training_spacings is not None:
             why = spacing_outside_training(geom.spacing_mm, training_spacings)
             if why:
@@ -295,7 +302,7 @@ def predict_cases(
             del total
         if postprocess is not None:
             seg = postprocess(seg)
-        return write_segmentation(seg, props, target)
+        return (write or write_segmentation)(seg, props, target)
 
     written: list[Path] = []
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
