@@ -457,15 +457,13 @@ def predict(
     dicom_job = _dicom_job(
         work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite
     )
-    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
+    cases = None if dicom_job is not None else discover_inputs(input_list, len(plans.channel_names))
+    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}  # after input errors
     if work.owns(Path(output_dir)):
         raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
     if dicom_job is not None:
         cases, targets = dicom_job.cases, dicom_job.targets
     else:
-        cases = discover_inputs(
-            input_list, len(plans.channel_names)
-        )  # bad input is reported before loading models
         input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
         cases, targets = output_targets(
             cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
