@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from autoseg import api
+from autoseg.checkpoint_io import load_checkpoint
 from autoseg.layout import WorkDir
 from autoseg.networks import ARCHITECTURES, build_network
 from autoseg.planning import memory, speed
 from autoseg.planning.plans import NetworkTopology, Plans
-from autoseg.checkpoint_io import load_checkpoint
 from tests.conftest import shrink_network
 
 
@@ -61,11 +61,11 @@ def tiny3(monkeypatch):
     return "tiny3"
 
 
-def test_a_network_registered_from_a_test_is_planned_trained_and_predicted(
-    tiny3, phantom_dataset, tmp_path
-):
+def test_a_network_registered_from_a_test_is_planned_trained_and_predicted(tiny3, phantom_dataset, tmp_path):
     work = WorkDir(tmp_path / "work")
-    plans = api.plan(phantom_dataset, work.root, workers=1, configurations=("3d_fullres",), architecture=tiny3)
+    plans = api.plan(
+        phantom_dataset, work.root, workers=1, configurations=("3d_fullres",), architecture=tiny3
+    )
     c = plans.configurations["3d_fullres"]
     assert c.network.architecture == "tiny3" and c.network.n_stages >= 3
     # the planner's figures are the tiny network's own: its weights, its activations, its FLOPs
@@ -76,7 +76,9 @@ def test_a_network_registered_from_a_test_is_planned_trained_and_predicted(
     assert c.estimated_memory_gb == round(est / 1024**3, 3)
     flops = speed.step_flops(c.network, c.patch_size, 2, 3) * c.batch_size
     assert c.estimated_step_seconds["cpu"] == round(flops / speed.CPU_FLOPS, 3)
-    assert any(r.startswith("3d_fullres: ") and "tiny3 measured on the meta device" in r for r in plans.reasons)
+    assert any(
+        r.startswith("3d_fullres: ") and "tiny3 measured on the meta device" in r for r in plans.reasons
+    )
 
     shrink_network(work, base=4, cap=8)  # narrow, so one CPU step takes no time
     fold = api.train(
