@@ -12,11 +12,12 @@ step of batch ``B`` is then
   per cent of the total and is covered by the overhead), 1 without;
 - ``ACTIVATION_OVERHEAD``, the one calibration constant of the GPU class: what the backward pass and the
   allocator add to the saved activations (gradients of activations alive at peak, cuDNN workspaces,
-  fragmentation). Chosen so that the model reproduces the plans of the earlier per-architecture formulas for
-  the plain U-Net (1.25 per formula byte, the formula counting ~1.47 tensors per saved one), which were set to
-  reproduce nnU-Net v2's default plans at 8 GB (Hippocampus 40×56×40 batch 9, BraTS-like 6 stages at batch
-  2 below 8 GB). Not yet fitted to ``torch.cuda.max_memory_allocated`` on a GPU (no GPU was lent to the
-  sessions that wrote this; ``scripts`` has no such check yet);
+  fragmentation). The earlier per-architecture formulas counted 1.25 × 2 bytes per tensor, and for the plain
+  U-Net ~1.47 tensors per one autograd keeps (3 per convolution where the in-place activation shares the
+  norm's storage); those formulas had been set to reproduce nnU-Net v2's default plans at 8 GB (Hippocampus
+  40×56×40 batch 9, BraTS-like 6 stages at batch 2). Every U-Net plan of the golden tests and of
+  ``docs/planning.md`` keeps its patch, batch and topology for constants in [1.846, 1.854]: 1.85. Not yet
+  fitted to ``torch.cuda.max_memory_allocated`` on a GPU (no GPU was lent to the sessions that wrote this);
 - 16 bytes per parameter (fp32 weights, gradients, SGD momentum, fp16 copy) and a fixed ``WORKSPACE_BYTES``
   for the CUDA context.
 
@@ -90,7 +91,9 @@ def registered_builder(topo: NetworkTopology):
 
 
 def training_loss(num_classes: int, region_based: bool = False):
-    """The loss a training step uses (:func:`autoseg.training.loop.make_loss` without ignore label)."""
+    """The loss a training step uses (:func:`autoseg.training.loop.make_loss` without the ignore label's
+    masks): the planner measures network and loss together. Imported here, from the pure-torch
+    ``training/losses.py``: the one import from planning into training, until losses live below both."""
     from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 
     inner = RegionDiceBCELoss([[c + 1] for c in range(num_classes)]) if region_based else DiceCELoss()
