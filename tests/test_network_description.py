@@ -151,3 +151,15 @@ def test_planning_does_not_touch_the_random_state_or_the_grad_mode():
         assert speed.step_flops(topo, [8, 8, 8], 1, 2, region_based=True) > 0
     assert torch.equal(state, torch.random.get_rng_state())
     assert torch.is_grad_enabled()
+
+
+def test_a_one_stage_network_without_outputs_is_measured_without_a_loss():
+    # an image too small to pool gives a 1-stage U-Net: no decoder, no deep-supervision output to train
+    topo = NetworkTopology("unet", 3, [[1, 1, 1]], [[3, 3, 3]], [8])
+    # patch 2³: conv 1 saves the input (8 voxels · 4 = 32 bytes); each of the 2 norms its conv's output
+    # (8 channels · 8 · 4 = 256), each in-place LeakyReLU its norm's output (256, also conv 2's input); and per
+    # norm its mean, inverse std and weight repeated per sample (3 · 8 floats = 96). Not a multiple of the
+    # voxels: the statistics stay fixed when the patch grows (4³: 256 + 4 · 2048 + 192).
+    assert memory.activation_bytes(topo, [2, 2, 2], 1, 2) == 32 + 4 * 256 + 2 * 96
+    assert memory.activation_bytes(topo, [4, 4, 4], 1, 2) == 256 + 4 * 2048 + 2 * 96
+    assert speed.step_flops(topo, [2, 2, 2], 1, 2) == 2 * 8 * 27 * (1 * 8 + 8 * 8)

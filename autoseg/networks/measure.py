@@ -76,10 +76,13 @@ def saved_activation_bytes(
 
 def step_flops(network: nn.Module, in_channels: int, patch: Sequence[int], loss: Loss, batch: int = 1) -> int:
     """FLOPs of forward + backward of ``loss(network(x), target)`` (inputs as in
-    :func:`saved_activation_bytes`); ``network`` on the meta device. Parameter gradients are left as None."""
+    :func:`saved_activation_bytes`; forward only where the loss needs no gradient); ``network`` on the meta
+    device. Parameter gradients are left as None."""
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(False), torch.enable_grad(), counter:
         x, target = _step_inputs(in_channels, patch, batch)
-        loss(network(x), target).backward()
+        value = loss(network(x), target)
+        if value.requires_grad:
+            value.backward()
     network.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

@@ -97,7 +97,14 @@ def training_loss(num_classes: int, region_based: bool = False):
     from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 
     inner = RegionDiceBCELoss([[c + 1] for c in range(num_classes)]) if region_based else DiceCELoss()
-    return DeepSupervisionLoss(inner)
+    deep_supervision = DeepSupervisionLoss(inner)
+
+    def loss(outputs, target):
+        if isinstance(outputs, (list, tuple)) and not outputs:
+            return target.new_zeros(())  # a one-stage U-Net has no decoder output: nothing to train
+        return deep_supervision(outputs, target)
+
+    return loss
 
 
 def reference_patches(topo: NetworkTopology) -> tuple[list[int], list[int]]:
