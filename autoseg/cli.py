@@ -25,7 +25,7 @@ from rich.table import Table
 from autoseg import api
 from autoseg.errors import AutosegError
 from autoseg.layout import WorkDir
-from autoseg.planning.memory import ARCHITECTURES
+from autoseg.networks import ARCHITECTURES
 
 app = typer.Typer(
     add_completion=False,

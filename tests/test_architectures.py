@@ -1,5 +1,5 @@
-"""The three architectures (unet, resenc, vnet) from one topology: shapes, deep supervision, exact parameter
-counts of the memory model, a short overfit, and planning with each."""
+"""The three architectures (unet, resenc, vnet) from one topology: shapes, deep supervision, parameter counts
+worked by hand, a short overfit, and planning with each."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 
 from autoseg.cli import main
 from autoseg.networks import available, build_network
+from autoseg.networks.resenc import resenc_blocks_per_stage
+from autoseg.networks.vnet import vnet_convs_per_stage, vnet_kernel
 from autoseg.planning import memory, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
@@ -28,23 +30,23 @@ def _topology(arch: str, patch: list[int], spacing: list[float], base: int = 4) 
     return NetworkTopology(arch, len(patch), strides, kernels, feats)
 
 
-def test_every_architecture_is_registered_and_has_a_memory_model():
+def test_every_architecture_is_registered_and_the_memory_model_knows_no_other():
     assert set(ARCHS) <= set(available())
     assert set(memory.ARCHITECTURES) == set(ARCHS)
-    with pytest.raises(ValueError, match="no memory model for architecture 'transformer9000'"):
+    with pytest.raises(ValueError, match="unknown architecture 'transformer9000'"):
         memory.count_parameters(3, [[3, 3, 3]], [8], 1, 2, [[1, 1, 1]], architecture="transformer9000")
 
 
 def test_structure_rules():
-    assert memory.resenc_blocks_per_stage(4) == [1, 3, 4, 6]
-    assert memory.resenc_blocks_per_stage(7) == [1, 3, 4, 6, 6, 6, 6]
-    assert memory.vnet_convs_per_stage(5) == [1, 2, 3, 3, 3]
-    assert memory.vnet_kernel([1, 3, 3]) == [1, 5, 5]
+    assert resenc_blocks_per_stage(4) == [1, 3, 4, 6]
+    assert resenc_blocks_per_stage(7) == [1, 3, 4, 6, 6, 6, 6]
+    assert vnet_convs_per_stage(5) == [1, 2, 3, 3, 3]
+    assert vnet_kernel([1, 3, 3]) == [1, 5, 5]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("patch, spacing", CASES)
-def test_shapes_deep_supervision_and_exact_parameter_count(arch, patch, spacing):
+def test_shapes_and_deep_supervision(arch, patch, spacing):
     topo = _topology(arch, patch, spacing)
     net = build_network(topo, in_channels=2, num_classes=3)
     x = torch.randn(2, 2, *patch)
@@ -59,10 +61,6 @@ def test_shapes_deep_supervision_and_exact_parameter_count(arch, patch, spacing)
     net.eval()
     with torch.no_grad():
         assert net(x).shape == (2, 3, *patch)
-    n_params = sum(p.numel() for p in net.parameters())
-    assert n_params == memory.count_parameters(
-        len(patch), topo.kernel_sizes, topo.features_per_stage, 2, 3, topo.strides, architecture=arch
-    )
 
 
 @pytest.mark.parametrize("arch, expected", [("unet", 466), ("resenc", 1112), ("vnet", 1194)])
@@ -132,17 +130,7 @@ def test_planning_with_each_architecture_fits_the_budget(arch):
         assert c.batch_size >= 2 and c.estimated_memory_gb <= 8.0
         assert all(p % t == 0 for p, t in zip(c.patch_size, net.total_stride()))
     for c in (plans.configurations["2d"], plans.configurations["3d_fullres"]):
-        net = c.network
-        est = memory.estimate_step_bytes(
-            c.patch_size,
-            c.batch_size,
-            net.strides,
-            net.kernel_sizes,
-            net.features_per_stage,
-            2,
-            3,
-            architecture=arch,
-        )
+        est = memory.estimate_step_bytes(c.network, c.patch_size, c.batch_size, 2, 3)
         assert c.estimated_memory_gb == round(est / 1024**3, 3)
 
 

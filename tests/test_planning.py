@@ -132,9 +132,8 @@ def test_memory_budget_shrinks_the_patch_and_the_estimate_grows_with_batch():
     large = make_plans(_spec(), fp, gpu_memory_gb=16).configurations["3d_fullres"]
     assert np.prod(small.patch_size) < np.prod(large.patch_size)
     assert small.estimated_memory_gb <= 4 and large.estimated_memory_gb <= 16
-    s, k, f = small.network.strides, small.network.kernel_sizes, small.network.features_per_stage
-    one = memory.estimate_step_bytes(small.patch_size, 1, s, k, f, 1, 2)
-    two = memory.estimate_step_bytes(small.patch_size, 2, s, k, f, 1, 2)
+    one = memory.estimate_step_bytes(small.network, small.patch_size, 1, 1, 2)
+    two = memory.estimate_step_bytes(small.network, small.patch_size, 2, 1, 2)
     assert two > one
 
 
@@ -199,17 +198,6 @@ def test_brats_plans_fit_the_budget(tmp_path):
     assert plans.configurations["2d"].batch_size > c3.batch_size
     # BraTS intensities were z-scored by the distributors: the background is not zero, nothing is cropped
     assert all(c.crop_fraction_kept > 0.99 for c in fp.cases)
-
-
-def test_forward_flops_by_hand():
-    # patch 4^3, two stages (features 2, 4), 3^3 kernels, 1 input channel, 2 classes, 2 convs per stage:
-    # encoder 0: 64 vox * 27 * (1*2 + 2*2) * 2 = 20736; encoder 1: 8 * 27 * (2*4 + 4*4) * 2 = 10368;
-    # decoder: transposed conv 64 * 4*2 * 2 = 1024, convs 64 * 27 * (4*2 + 2*2) * 2 = 41472, head 64*2*2*2 = 512
-    from autoseg.planning import speed
-
-    flops = speed.forward_flops([4, 4, 4], [[1, 1, 1], [2, 2, 2]], [[3, 3, 3]] * 2, [2, 4], 1, 2)
-    assert flops == 20736 + 10368 + 1024 + 41472 + 512
-    assert speed.estimate_step_seconds(flops, 2, "cpu") == pytest.approx(3 * flops * 2 / speed.CPU_FLOPS)
 
 
 def test_memory_budget_precedence():

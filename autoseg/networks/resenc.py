@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoseg.networks import register
 from autoseg.networks.blocks import ConvNormAct, conv_cls, norm_cls
 from autoseg.networks.unet import UNet
-from autoseg.planning.memory import resenc_blocks_per_stage
 from autoseg.planning.plans import NetworkTopology
+
+# residual blocks per encoder stage (as nnU-Net's ResEnc presets); stages past the list repeat the last entry
+BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6)
+
+
+def resenc_blocks_per_stage(n_stages: int) -> list[int]:
+    """``[1, 3, 4, 6, 6, 6, ...]`` truncated or extended (with 6) to ``n_stages`` entries."""
+    return [BLOCKS_PER_STAGE[min(s, len(BLOCKS_PER_STAGE) - 1)] for s in range(n_stages)]
 
 
 def _pool_cls(dim: int) -> type[nn.Module]:
@@ -48,7 +54,7 @@ def residual_encoder(topo: NetworkTopology, in_channels: int) -> nn.ModuleList:
     """Encoder stages made of :class:`ResidualBlock` stacks (the first block of a stage carries its stride).
 
     Blocks per encoder stage: 1, 3, 4, 6, 6, 6 (then 6), as nnU-Net's residual-encoder presets
-    (``autoseg.planning.memory.RESENC_BLOCKS_PER_STAGE``, shared with the memory model). There is no stem: the
+    (``BLOCKS_PER_STAGE``). There is no stem: the
     first block of stage 0 projects the input channels onto its shortcut with a 1×1 convolution. The decoder is
     the plain one of :class:`autoseg.networks.unet.UNet`.
     """
@@ -63,6 +69,5 @@ def residual_encoder(topo: NetworkTopology, in_channels: int) -> nn.ModuleList:
     return stages
 
 
-@register("resenc")
 def build_resenc(topo: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:
     return UNet(topo, in_channels, num_classes, encoder=residual_encoder(topo, in_channels))

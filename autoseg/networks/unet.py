@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoseg.networks import register
 from autoseg.networks.blocks import StackedConvs, conv_cls, transp_conv_cls
 from autoseg.planning.plans import NetworkTopology
 
@@ -61,6 +60,5 @@ class UNet(nn.Module):
         return outputs[-1]
 
 
-@register("unet")
 def build_unet(topo: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:
     return UNet(topo, in_channels, num_classes)

@@ -6,10 +6,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoseg.networks import register
 from autoseg.networks.blocks import conv_cls, norm_cls, transp_conv_cls
-from autoseg.planning.memory import vnet_convs_per_stage, vnet_kernel
 from autoseg.planning.plans import NetworkTopology
+
+# convolutions per residual stage (Milletari et al. 2016: 1, 2, 3, 3, 3); decoder stages mirror them
+CONVS_PER_STAGE = (1, 2, 3)
+KERNEL = 5  # replaces every kernel entry > 1 of the topology; 1 (an axis still too coarse) stays 1
+
+
+def vnet_convs_per_stage(n_stages: int) -> list[int]:
+    """``[1, 2, 3, 3, ...]`` truncated or extended (with 3) to ``n_stages`` entries."""
+    return [CONVS_PER_STAGE[min(s, len(CONVS_PER_STAGE) - 1)] for s in range(n_stages)]
+
+
+def vnet_kernel(kernel: list[int]) -> list[int]:
+    """The topology's kernel with every entry > 1 widened to ``KERNEL`` (``[1, 3, 3]`` -> ``[1, 5, 5]``)."""
+    return [1 if k == 1 else KERNEL for k in kernel]
 
 
 def _conv_norm(
@@ -121,6 +133,5 @@ class VNet(nn.Module):
         return outputs[-1]
 
 
-@register("vnet")
 def build_vnet(topo: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:
     return VNet(topo, in_channels, num_classes)

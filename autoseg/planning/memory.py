@@ -1,68 +1,181 @@
-"""A model of the peak GPU memory of one training step of a U-Net-like network, used to size patch and batch.
+"""Peak GPU memory of one training step, from the network that will be trained, used to size patch and batch.
 
-The estimate counts the activations kept for the backward pass, per architecture (``unet``, ``resenc``,
-``vnet``; their structure rules are the constants below, which the networks import):
-- ``unet`` encoder, per convolution: conv output, normalisation output, nonlinearity output (3 tensors of
-  ``features × voxels``); decoder, per stage: transposed-conv output, the concatenated skip (2× features), the
-  convolutions as in the encoder, and the deep-supervision head (``classes × voxels``);
-- ``resenc`` encoder, per residual block: 2 convolutions (3 tensors each) plus the residual sum (7 tensors),
-  and 2 more per stage for the shortcut of its first block (pooled/projected input, its norm); decoder as unet;
-- ``vnet`` per residual stage of ``n`` convolutions: ``3n + 1`` tensors (the sum before the last PReLU), plus
-  3 for the strided down-convolution (encoder) or for the transposed convolution (decoder), 2× features for the
-  concatenated skip and the head in the decoder (the 1×1 input projection of stage 0 counts as 1);
-stored at 2 bytes with mixed precision (4 without), times ``ACTIVATION_OVERHEAD`` for what autograd and the
-allocator add (saved inputs of convolutions, gradient buffers at peak, fragmentation). Parameters cost
-16 bytes each (fp32 weights, gradients, SGD momentum, fp16 copy), plus a fixed ``WORKSPACE_BYTES`` for the
-CUDA context and cuDNN workspaces.
+The planner describes no architecture itself: it asks the registry (:mod:`autoseg.networks`) for the network
+of a candidate topology, builds it on PyTorch's ``meta`` device and measures one training step — forward with
+deep supervision, the training loss on every output, backward — with :mod:`autoseg.networks.measure`:
+parameters, and the bytes of activations autograd saves for backward per sample (float32). The peak of a
+step of batch ``B`` is then
 
-Calibration: the constants are chosen so that the model reproduces nnU-Net v2's default plans at its 8 GB
-target (BraTS-like 128³ at batch 2 with 6 stages: ~7.8 GB; Hippocampus 40×56×40 at batch 9). They have not yet
-been checked against ``torch.cuda.max_memory_allocated`` on a GPU; that calibration is tracked in issue 3.
+    B × saved bytes × AMP_FACTOR × ACTIVATION_OVERHEAD + BYTES_PER_PARAM × parameters + WORKSPACE_BYTES
+
+- ``AMP_FACTOR``: 0.5 with mixed precision (activations kept in 16 bits; the loss's float32 softmax is a few
+  per cent of the total and is covered by the overhead), 1 without;
+- ``ACTIVATION_OVERHEAD``, the one calibration constant of the GPU class: what the backward pass and the
+  allocator add to the saved activations (gradients of activations alive at peak, cuDNN workspaces,
+  fragmentation). The earlier per-architecture formulas counted 1.25 × 2 bytes per tensor, and for the plain
+  U-Net ~1.47 tensors per one autograd keeps (3 per convolution where the in-place activation shares the
+  norm's storage); those formulas had been set to reproduce nnU-Net v2's default plans at 8 GB (Hippocampus
+  40×56×40 batch 9, BraTS-like 6 stages at batch 2). Every U-Net plan of the golden tests and of
+  ``docs/planning.md`` keeps its patch, batch and topology for constants in [1.846, 1.854]: 1.85. Not yet
+  fitted to ``torch.cuda.max_memory_allocated`` on a GPU (no GPU was lent to the sessions that wrote this);
+- 16 bytes per parameter (fp32 weights, gradients, SGD momentum, fp16 copy) and a fixed ``WORKSPACE_BYTES``
+  for the CUDA context.
+
+Measuring a forward on meta at every candidate patch would cost ~0.1–1 s each for the hundreds of patches the
+planner tries. Instead each network (topology, input channels, outputs, loss kind) is measured at two small
+reference patches (twice and four times the total stride along the first axis, twice along the others) and
+the saved bytes are extended linearly in the patch's voxel count: exact for a fully convolutional network at
+a patch divisible by its total stride, where every feature map is the patch divided by one stage's stride
+(``tests/test_network_description.py`` checks it against a measurement at the planned patch for each
+architecture). A network whose saved tensors grow otherwise with the patch (attention over all voxels) needs
+a measurement at its patch instead. Measurements are cached per process (``functools.lru_cache``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
+from autoseg.networks import ARCHITECTURES, measure  # plans.py validates names against ARCHITECTURES here
+from autoseg.planning.plans import NetworkTopology
 from autoseg.planning.topology import total_stride
 
-ACTIVATION_OVERHEAD = 1.25
+ACTIVATION_OVERHEAD = 1.85
+AMP_FACTOR = 0.5
 WORKSPACE_BYTES = 1.0 * 1024**3
 BYTES_PER_PARAM = 16
 
-ARCHITECTURES = ("unet", "resenc", "vnet")
-# residual blocks per encoder stage of "resenc" (as nnU-Net's ResEnc presets); stages past the list repeat 6
-RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6)
-# convolutions per residual stage of "vnet" (Milletari et al. 2016: 1, 2, 3, 3, 3); decoder stages mirror them
-VNET_CONVS_PER_STAGE = (1, 2, 3)
-VNET_KERNEL = 5  # replaces every kernel entry > 1 of the topology; 1 (an axis still too coarse) stays 1
+
+@dataclass(frozen=True)
+class NetworkCost:
+    """A network's measured cost per training sample: parameters, and saved-activation bytes (float32) at two
+    reference patches of ``reference_voxels`` voxels, from which :meth:`saved_bytes` extends to any patch."""
+
+    parameters: int
+    reference_voxels: tuple[int, int]
+    reference_saved_bytes: tuple[int, int]
+
+    def saved_bytes(self, patch_size: list[int]) -> int:
+        """Saved-activation bytes of one sample at ``patch_size`` (linear in its voxel count)."""
+        (v0, v1), (s0, s1) = self.reference_voxels, self.reference_saved_bytes
+        return s0 + (s1 - s0) * (math.prod(patch_size) - v0) // (v1 - v0)
 
 
-def resenc_blocks_per_stage(n_stages: int) -> list[int]:
-    """``[1, 3, 4, 6, 6, 6, ...]`` truncated or extended (with 6) to ``n_stages`` entries."""
-    return [RESENC_BLOCKS_PER_STAGE[min(s, len(RESENC_BLOCKS_PER_STAGE) - 1)] for s in range(n_stages)]
+def cache_key(topo: NetworkTopology) -> tuple:
+    return (
+        topo.architecture,
+        topo.dim,
+        tuple(map(tuple, topo.strides)),
+        tuple(map(tuple, topo.kernel_sizes)),
+        tuple(topo.features_per_stage),
+        topo.n_conv_per_stage,
+        topo.deep_supervision,
+    )
 
 
-def vnet_convs_per_stage(n_stages: int) -> list[int]:
-    """``[1, 2, 3, 3, ...]`` truncated or extended (with 3) to ``n_stages`` entries."""
-    return [VNET_CONVS_PER_STAGE[min(s, len(VNET_CONVS_PER_STAGE) - 1)] for s in range(n_stages)]
+def topology_from_key(key: tuple) -> NetworkTopology:
+    arch, dim, strides, kernels, feats, n_conv, ds = key
+    return NetworkTopology(
+        arch, dim, [list(s) for s in strides], [list(k) for k in kernels], list(feats), n_conv, ds
+    )
 
 
-def vnet_kernel(kernel: list[int]) -> list[int]:
-    """The topology's kernel with every entry > 1 widened to ``VNET_KERNEL`` (``[1, 3, 3]`` -> ``[1, 5, 5]``)."""
-    return [1 if k == 1 else VNET_KERNEL for k in kernel]
-
-
-def _check_architecture(architecture: str) -> None:
-    if architecture not in ARCHITECTURES:
+def registered_builder(topo: NetworkTopology):
+    """The registered builder (part of the cache key, so re-registering a name is measured anew)."""
+    if topo.architecture not in ARCHITECTURES:
         raise ValueError(
-            f"no memory model for architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})"
+            f"unknown architecture {topo.architecture!r} (available: {', '.join(sorted(ARCHITECTURES))})"
         )
+    return ARCHITECTURES[topo.architecture]
 
 
-def _conv_norm(cin: int, cout: int, kvol: int) -> int:
-    """Conv with bias + affine instance norm."""
-    return cin * cout * kvol + cout + 2 * cout
+def training_loss(num_classes: int, region_based: bool = False):
+    """The loss a training step uses (:func:`autoseg.training.loop.make_loss` without the ignore label's
+    masks): the planner measures network and loss together. Imported here, from the pure-torch
+    ``training/losses.py``: the one import from planning into training, until losses live below both."""
+    from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+
+    inner = RegionDiceBCELoss([[c + 1] for c in range(num_classes)]) if region_based else DiceCELoss()
+    deep_supervision = DeepSupervisionLoss(inner)
+
+    def loss(outputs, target):
+        if isinstance(outputs, (list, tuple)) and not outputs:
+            return target.new_zeros(())  # a one-stage U-Net has no decoder output: nothing to train
+        return deep_supervision(outputs, target)
+
+    return loss
+
+
+def reference_patches(topo: NetworkTopology) -> tuple[list[int], list[int]]:
+    """Two small patches divisible by the total stride: twice it, and the same with the first axis doubled."""
+    small = [2 * t for t in total_stride(topo.strides)]
+    return small, [2 * small[0], *small[1:]]
+
+
+def network_parameters(topo: NetworkTopology, in_channels: int, num_classes: int) -> int:
+    """Weights of the network ``topo`` builds (counted on the meta device, cached)."""
+    return _parameters(registered_builder(topo), cache_key(topo), in_channels, num_classes)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(builder, key: tuple, in_channels: int, num_classes: int) -> int:
+    topo = topology_from_key(key)
+    return measure.count_parameters(measure.on_meta(lambda: builder(topo, in_channels, num_classes)))
+
+
+def network_cost(
+    topo: NetworkTopology, in_channels: int, num_classes: int, region_based: bool = False
+) -> NetworkCost:
+    """Parameters and saved activations of one training sample of ``topo``'s network (measured, cached)."""
+    return _cost(registered_builder(topo), cache_key(topo), in_channels, num_classes, region_based)
+
+
+@functools.lru_cache(maxsize=256)
+def _cost(builder, key: tuple, in_channels: int, num_classes: int, region_based: bool) -> NetworkCost:
+    topo = topology_from_key(key)
+    network = measure.on_meta(lambda: builder(topo, in_channels, num_classes))
+    loss = training_loss(num_classes, region_based)
+    patches = reference_patches(topo)
+    saved = [measure.saved_activation_bytes(network, in_channels, p, loss) for p in patches]
+    return NetworkCost(
+        measure.count_parameters(network),
+        (math.prod(patches[0]), math.prod(patches[1])),
+        (saved[0], saved[1]),
+    )
+
+
+def check_patch(patch_size: list[int], topo: NetworkTopology) -> None:
+    if any(p % t for p, t in zip(patch_size, total_stride(topo.strides))):
+        raise ValueError(f"patch {patch_size} not divisible by total stride {total_stride(topo.strides)}")
+
+
+def activation_bytes(
+    topo: NetworkTopology,
+    patch_size: list[int],
+    in_channels: int,
+    num_classes: int,
+    region_based: bool = False,
+) -> int:
+    """Measured bytes (float32) that one training sample at ``patch_size`` keeps for backward."""
+    check_patch(patch_size, topo)
+    return network_cost(topo, in_channels, num_classes, region_based).saved_bytes(patch_size)
+
+
+def estimate_step_bytes(
+    topo: NetworkTopology,
+    patch_size: list[int],
+    batch_size: int,
+    in_channels: int,
+    num_classes: int,
+    amp: bool = True,
+    region_based: bool = False,
+) -> int:
+    """Estimated peak bytes of one training step (forward + backward + optimizer) of ``topo``'s network."""
+    check_patch(patch_size, topo)
+    cost = network_cost(topo, in_channels, num_classes, region_based)
+    act = cost.saved_bytes(patch_size) * (AMP_FACTOR if amp else 1.0) * ACTIVATION_OVERHEAD
+    return int(batch_size * act + cost.parameters * BYTES_PER_PARAM + WORKSPACE_BYTES)
 
 
 def count_parameters(
@@ -75,126 +188,9 @@ def count_parameters(
     n_conv: int = 2,
     architecture: str = "unet",
 ) -> int:
-    """Number of weights of the network that ``autoseg.networks`` builds for ``architecture`` (norm affine and
-    PReLU parameters included). ``n_conv`` is the convolutions per stage of the unet encoder/decoder and of the
-    resenc decoder; vnet ignores it."""
-    _check_architecture(architecture)
-    if architecture == "vnet":
-        return _count_vnet(kernels, features, in_channels, num_classes, strides)
-    total = 0
-    prev = in_channels
-    if architecture == "unet":
-        for k, f in zip(kernels, features):
-            kvol = math.prod(k)
-            for i in range(n_conv):
-                total += _conv_norm(prev if i == 0 else f, f, kvol)
-            prev = f
-    else:  # resenc
-        for k, f, blocks in zip(kernels, features, resenc_blocks_per_stage(len(features))):
-            kvol = math.prod(k)
-            for b in range(blocks):
-                cin = prev if b == 0 else f
-                total += _conv_norm(cin, f, kvol) + _conv_norm(f, f, kvol)
-                if cin != f:  # 1×1 projection (no bias) + norm on the shortcut
-                    total += cin * f + 2 * f
-            prev = f
-    for s in range(len(features) - 1, 0, -1):
-        f_hi, f_lo = features[s], features[s - 1]
-        total += f_hi * f_lo * math.prod(strides[s]) + f_lo  # transposed conv
-        kvol = math.prod(kernels[s - 1])
-        for i in range(n_conv):
-            total += _conv_norm(2 * f_lo if i == 0 else f_lo, f_lo, kvol)
-        total += f_lo * num_classes + num_classes  # segmentation head
-    return total
-
-
-def _count_vnet(
-    kernels: list[list[int]],
-    features: list[int],
-    in_channels: int,
-    num_classes: int,
-    strides: list[list[int]],
-) -> int:
-    convs = vnet_convs_per_stage(len(features))
-    total = 0
-    prev = in_channels
-    for s, (k, f, n) in enumerate(zip(kernels, features, convs)):
-        kvol = math.prod(vnet_kernel(k))
-        if s == 0:
-            cin = in_channels
-            if in_channels != f:
-                total += in_channels * f  # 1×1 projection of the input onto the residual path (no bias)
-        else:
-            total += _conv_norm(prev, f, math.prod(strides[s])) + f  # strided down-conv + PReLU
-            cin = f
-        for i in range(n):
-            total += _conv_norm(cin if i == 0 else f, f, kvol)
-        total += n * f  # PReLU after each conv but the last, and after the residual sum
-        prev = f
-    for s in range(len(features) - 1, 0, -1):
-        f_hi, f_lo, n = features[s], features[s - 1], convs[s - 1]
-        total += f_hi * f_lo * math.prod(strides[s]) + f_lo + 2 * f_lo + f_lo  # transposed conv, norm, PReLU
-        kvol = math.prod(vnet_kernel(kernels[s - 1]))
-        for i in range(n):
-            total += _conv_norm(2 * f_lo if i == 0 else f_lo, f_lo, kvol)
-        total += n * f_lo  # PReLUs
-        total += f_lo * num_classes + num_classes  # segmentation head
-    return total
-
-
-def activation_elements(
-    patch_size: list[int],
-    strides: list[list[int]],
-    features: list[int],
-    num_classes: int,
-    n_conv: int = 2,
-    architecture: str = "unet",
-) -> int:
-    """Activation elements kept for backward for one sample (see module docstring)."""
-    _check_architecture(architecture)
-    size = list(patch_size)
-    total = 0
-    n = len(features)
-    blocks = resenc_blocks_per_stage(n)
-    convs = vnet_convs_per_stage(n)
-    for s, (stride, f) in enumerate(zip(strides, features)):
-        size = [max(1, v // st) for v, st in zip(size, stride)]
-        vox = math.prod(size)
-        if architecture == "unet":
-            total += n_conv * 3 * f * vox
-        elif architecture == "resenc":
-            total += (7 * blocks[s] + 2) * f * vox
-        else:  # vnet: down-conv (or input projection), residual convs
-            total += ((3 if s > 0 else 1) + 3 * convs[s] + 1) * f * vox
-        if s < n - 1:  # decoder stage at this resolution
-            if architecture == "vnet":
-                total += (3 * f + 2 * f + (3 * convs[s] + 1) * f + num_classes) * vox
-            else:
-                total += f * vox + 2 * f * vox + n_conv * 3 * f * vox + num_classes * vox
-    return total
-
-
-def estimate_step_bytes(
-    patch_size: list[int],
-    batch_size: int,
-    strides: list[list[int]],
-    kernels: list[list[int]],
-    features: list[int],
-    in_channels: int,
-    num_classes: int,
-    amp: bool = True,
-    architecture: str = "unet",
-) -> int:
-    """Estimated peak bytes of one training step (forward + backward + optimizer) of ``architecture``."""
-    if any(p % t for p, t in zip(patch_size, total_stride(strides))):
-        raise ValueError(f"patch {patch_size} not divisible by total stride {total_stride(strides)}")
-    bytes_per = 2 if amp else 4
-    act = activation_elements(patch_size, strides, features, num_classes, architecture=architecture)
-    act_bytes = act * bytes_per * ACTIVATION_OVERHEAD
-    params = count_parameters(
-        len(patch_size), kernels, features, in_channels, num_classes, strides, architecture=architecture
-    )
-    return int(batch_size * act_bytes + params * BYTES_PER_PARAM + WORKSPACE_BYTES)
+    """Weights of the network ``autoseg.networks`` builds for this topology (for ``Plans.parameter_count``)."""
+    topo = NetworkTopology(architecture, dim, strides, kernels, features, n_conv)
+    return network_parameters(topo, in_channels, num_classes)
 
 
 def estimate_inference_bytes(

@@ -61,10 +61,13 @@ def plan_configuration(
     architecture: str,
     data_identifier: str,
     reasons: list[str],
+    region_based: bool = False,
 ) -> Configuration:
     """Patch, topology and batch for one configuration under ``budget_bytes`` (see module docstrings).
 
-    ``dataset_voxels`` (cases × median image voxels) caps the batch at 5 % of the dataset per step.
+    ``dataset_voxels`` (cases × median image voxels) caps the batch at 5 % of the dataset per step. Memory and
+    FLOPs are measured on the registered network of ``architecture`` (``memory``, ``speed``), trained with the
+    loss of ``region_based`` plans or not.
     """
     patch = topology.initial_patch_size(spacing, median_shape, dim)
     start = list(patch)
@@ -74,14 +77,24 @@ def plan_configuration(
             f"{name}: median shape {_fmt(median_shape, 0)} is too small to pool; patch grown to {_fmt(patch, 0)} "
             "(images are zero-padded to it) so the network has at least two stages"
         )
+
+    def step_bytes(net: NetworkTopology, patch_size: list[int], batch_size: int) -> int:
+        return memory.estimate_step_bytes(
+            net, patch_size, batch_size, in_channels, num_classes, region_based=region_based
+        )
+
     while True:
         strides, kernels = topology.pooling_and_kernels(patch, spacing)
         patch_r = topology.round_up_to_stride(patch, strides)
         feats = topology.features_per_stage(len(strides), dim)
-        mem = memory.estimate_step_bytes(
-            patch_r, MIN_BATCH, strides, kernels, feats, in_channels, num_classes, architecture=architecture
+        net = NetworkTopology(
+            architecture=architecture,
+            dim=dim,
+            strides=strides,
+            kernel_sizes=kernels,
+            features_per_stage=feats,
         )
-        if mem <= budget_bytes:
+        if step_bytes(net, patch_r, MIN_BATCH) <= budget_bytes:
             break
         ratios = [p / m for p, m in zip(patch_r, median_shape)]
         axis = int(np.argmax(ratios))
@@ -92,30 +105,23 @@ def plan_configuration(
         patch = list(patch_r)
         patch[axis] = shrunk
     patch = patch_r
-    per_sample = memory.estimate_step_bytes(
-        patch, 2, strides, kernels, feats, in_channels, num_classes, architecture=architecture
-    ) - memory.estimate_step_bytes(
-        patch, 1, strides, kernels, feats, in_channels, num_classes, architecture=architecture
-    )
-    fixed = (
-        memory.estimate_step_bytes(
-            patch, 1, strides, kernels, feats, in_channels, num_classes, architecture=architecture
-        )
-        - per_sample
-    )
+    per_sample = step_bytes(net, patch, 2) - step_bytes(net, patch, 1)
+    fixed = step_bytes(net, patch, 1) - per_sample
     fit = max(MIN_BATCH, int((budget_bytes - fixed) // max(per_sample, 1)))
     cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
     batch = max(MIN_BATCH, min(fit, cap))
-    flops = speed.forward_flops(patch, strides, kernels, feats, in_channels, num_classes)
-    est = memory.estimate_step_bytes(
-        patch, batch, strides, kernels, feats, in_channels, num_classes, architecture=architecture
-    )
+    est = step_bytes(net, patch, batch)
+    flops = speed.step_flops(net, patch, in_channels, num_classes, region_based)
+    cost = memory.network_cost(net, in_channels, num_classes, region_based)
     reasons.append(
         f"{name}: spacing {_fmt(spacing)} mm, median shape {_fmt(median_shape, 0)}; patch starts at "
         f"{_fmt(start, 0)} ({'256^3' if dim == 3 else '2048^2'} voxels, isotropic in mm, clipped to the median shape) and ends at "
         f"{_fmt(patch, 0)} (divisible by total stride {_fmt(topology.total_stride(strides), 0)}); "
         f"{len(strides)} stages; batch {batch} (memory allows {fit}, 5% of the dataset's voxels allows {cap}, "
-        f"at least {MIN_BATCH}); estimated {est / 1024**3:.2f} GB of {budget_bytes / 1024**3:.1f} GB"
+        f"at least {MIN_BATCH}); estimated {est / 1024**3:.2f} GB of {budget_bytes / 1024**3:.1f} GB; "
+        f"{architecture} measured on the meta device: {cost.parameters / 1e6:.2f} M parameters, "
+        f"{cost.saved_bytes(patch) / 1024**3:.3g} GB of activations saved per sample (float32), "
+        f"{flops * batch / 1e12:.3g} TFLOP per step of {batch}"
     )
     return Configuration(
         name=name,
@@ -125,13 +131,7 @@ def plan_configuration(
         median_shape=[int(round(m)) for m in median_shape],
         patch_size=[int(p) for p in patch],
         batch_size=int(batch),
-        network=NetworkTopology(
-            architecture=architecture,
-            dim=dim,
-            strides=strides,
-            kernel_sizes=kernels,
-            features_per_stage=feats,
-        ),
+        network=net,
         estimated_memory_gb=round(est / 1024**3, 3),
         estimated_step_seconds={
             device: round(speed.estimate_step_seconds(flops, batch, device), 3) for device in ("gpu", "cpu")
@@ -226,6 +226,7 @@ def make_plans(
         architecture=architecture,
         data_identifier="fullres",
         reasons=reasons,
+        region_based=spec.region_based,
     )
     cfg3d = plan_configuration("3d_fullres", 3, spacing_t, median_t, **common)
     lowres = plan_lowres(spacing_t, median_t, cfg3d, common, reasons)
