@@ -96,7 +96,7 @@ class TrainedFold:
     val_ids: list[str]
     """The fold's validation cases (none for fold ``all``)."""
     trained: bool
-    """False when a finished run was resumed with nothing left to do (then it was not touched)."""
+    """False when a finished run was resumed with nothing left to do (checkpoints and log left as they were)."""
     writer: bool
     """This process writes results (rank 0 of a DDP run, or the only process)."""
 
