@@ -16,6 +16,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
@@ -25,8 +26,11 @@ from autoseg.layout import WorkDir
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
-from autoseg.settings import MAX_WORKERS, inference_settings, load_settings
+from autoseg.settings import MAX_WORKERS, InferenceSettings, TrainSettings, inference_settings, load_settings
 from autoseg.undo import Undo
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 _log = logging.getLogger("autoseg")
@@ -342,7 +346,6 @@ def train(
     ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``), once every
     option, setting and input has been checked: a refused run leaves the earlier one as it was."""
     from autoseg.inference.predictor import resolve_device
-    from autoseg.training.loop import train_fold
 
     if str(fold) not in {"all", "0", "1", "2", "3", "4"}:
         raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
@@ -351,7 +354,7 @@ def train(
     if overwrite and resume:
         raise AutosegError("--overwrite and --resume exclude each other")
     dev = resolve_device(device)
-    return train_fold(
+    return train_and_validate(
         work,
         config,
         fold,
@@ -363,6 +366,38 @@ def train(
         on_iteration=on_iteration,
         on_epoch=on_epoch,
     )
+
+
+def train_and_validate(
+    work: WorkDir,
+    config: str,
+    fold: int | str,
+    settings: TrainSettings,
+    device: torch.device,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    inference: InferenceSettings = InferenceSettings(),
+    on_iteration=None,
+    on_epoch=None,
+) -> Path:
+    """The stages of ``autoseg train`` on a WORK folder: train the fold
+    (:func:`autoseg.training.loop.train_fold`), then predict and score its validation cases
+    (:func:`autoseg.validation.validate_fold`: on rank 0, when the fold has validation cases and was trained
+    now or has no validation yet). Returns the fold folder."""
+    from autoseg import validation
+    from autoseg.training.loop import train_fold
+
+    plans = Plans.load(work.plans)
+    validation.check_settings(plans, config, inference)
+    done = validation.is_validated(work, config, fold)
+    hooks = dict(on_iteration=on_iteration, on_epoch=on_epoch)
+    fold_run = train_fold(
+        work, config, fold, settings, device, resume, overwrite=overwrite, validated=done, **hooks
+    )
+    if fold_run.trained and fold_run.writer and fold_run.val_ids:
+        validation.validate_fold(work, plans, config, fold, fold_run.val_ids, device, inference)
+    return fold_run.folder
 
 
 def join_torchrun(device: str = "auto") -> str:

@@ -514,9 +514,9 @@ def autoseg_worker(spec_path: str) -> int:
     reports = []
     t_setup = time.perf_counter()
     if w > 0:
-        ts, inf = load_settings(None, epochs=1, iters_per_epoch=w, val_iters=0, **extra)
-        train_fold(work, config, fold, ts, device, inference=inf)
-    ts, inf = load_settings(None, epochs=2 if w > 0 else 1, iters_per_epoch=n, val_iters=0, **extra)
+        ts, _ = load_settings(None, epochs=1, iters_per_epoch=w, val_iters=0, **extra)
+        train_fold(work, config, fold, ts, device)
+    ts, _ = load_settings(None, epochs=2 if w > 0 else 1, iters_per_epoch=n, val_iters=0, **extra)
     train_fold(
         work,
         config,
@@ -524,7 +524,6 @@ def autoseg_worker(spec_path: str) -> int:
         ts,
         device,
         resume=w > 0,
-        inference=inf,
         on_iteration=lambda it, total, loss: stamps.append(time.perf_counter()),  # loss is a float: synced
         on_epoch=reports.append,
     )

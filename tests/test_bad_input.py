@@ -625,13 +625,13 @@ def trained_2d(planned_phantom, tmp_path_factory) -> WorkDir:
     'all': no validation afterwards, which would take most of this file's time budget)."""
     import torch
 
-    from autoseg.settings import InferenceSettings, TrainSettings
+    from autoseg.settings import TrainSettings
     from autoseg.training.loop import train_fold
 
     work = WorkDir(tmp_path_factory.mktemp("trained") / "work")
     shutil.copytree(planned_phantom.root, work.root)
     settings = TrainSettings(epochs=1, iters_per_epoch=1, val_iters=1, loader_workers=0)
-    train_fold(work, "2d", "all", settings, torch.device("cpu"), inference=InferenceSettings(mirroring=False))
+    train_fold(work, "2d", "all", settings, torch.device("cpu"))
     return work
 
 

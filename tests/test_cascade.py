@@ -10,10 +10,10 @@ import SimpleITK as sitk
 import torch
 
 from autoseg import api
+from autoseg.api import train_and_validate
 from autoseg.errors import AutosegError
 from autoseg.layout import WorkDir
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.loop import train_fold
 from tests.conftest import shrink_network
 
 TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
@@ -33,10 +33,10 @@ def test_lowres_and_cascade_train_and_predict(phantom_dataset, tmp_path):
     cpu = torch.device("cpu")
 
     with pytest.raises(AutosegError, match="train all five folds of 3d_lowres first"):
-        train_fold(work, "3d_cascade_fullres", 0, TINY, cpu, inference=NO_TTA)
+        train_and_validate(work, "3d_cascade_fullres", 0, TINY, cpu, inference=NO_TTA)
 
     for fold in range(5):
-        train_fold(work, "3d_lowres", fold, TINY, cpu, inference=NO_TTA)
+        train_and_validate(work, "3d_lowres", fold, TINY, cpu, inference=NO_TTA)
     splits = json.loads(work.splits.read_text())
     every_case = sorted(c for f in splits for c in f["val"])
     next_stage = sorted(p.stem for p in work.next_stage("3d_lowres").glob("*.npy"))
@@ -46,7 +46,7 @@ def test_lowres_and_cascade_train_and_predict(phantom_dataset, tmp_path):
         seg = np.load(work.preprocessed("fullres") / f"{case}_seg.npy")
         assert prev.shape == seg.shape and prev.dtype == np.uint8  # on the fullres grid
 
-    fold_dir = train_fold(work, "3d_cascade_fullres", 0, TINY, cpu, inference=NO_TTA)
+    fold_dir = train_and_validate(work, "3d_cascade_fullres", 0, TINY, cpu, inference=NO_TTA)
     assert (fold_dir / "validation" / "summary.json").is_file()
 
     preds = tmp_path / "preds"

@@ -20,7 +20,7 @@ from autoseg.errors import AutosegError, DatasetError  # noqa: E402
 from autoseg.io import dicom  # noqa: E402
 from autoseg.io.dicom_seg import read_dicom_seg, write_dicom_seg, write_rtstruct  # noqa: E402
 from autoseg.layout import WorkDir  # noqa: E402
-from autoseg.settings import InferenceSettings, TrainSettings  # noqa: E402
+from autoseg.settings import TrainSettings  # noqa: E402
 from autoseg.training.loop import train_fold  # noqa: E402
 from tests.conftest import real_dataset  # noqa: E402
 from tests.dicom_helpers import (  # noqa: E402
@@ -275,7 +275,7 @@ def trained(planned_phantom, tmp_path_factory) -> WorkDir:
     root = tmp_path_factory.mktemp("trained_dicom") / "work"
     shutil.copytree(planned_phantom.root, root, ignore=shutil.ignore_patterns("results"))
     work = WorkDir(root)
-    train_fold(work, "3d_fullres", 0, TINY, torch.device("cpu"), inference=InferenceSettings(mirroring=False))
+    train_fold(work, "3d_fullres", 0, TINY, torch.device("cpu"))
     return work
 
 

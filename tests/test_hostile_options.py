@@ -41,7 +41,7 @@ def trained(planned_phantom, tmp_path_factory) -> WorkDir:
     work = WorkDir(tmp_path_factory.mktemp("hostile") / "work")
     shutil.copytree(planned_phantom.root, work.root)
     settings = TrainSettings(epochs=1, iters_per_epoch=1, val_iters=1, loader_workers=0)
-    train_fold(work, "2d", "all", settings, torch.device("cpu"), inference=InferenceSettings(mirroring=False))
+    train_fold(work, "2d", "all", settings, torch.device("cpu"))
     return work
 
 

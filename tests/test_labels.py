@@ -13,10 +13,10 @@ import SimpleITK as sitk
 import torch
 
 from autoseg import api
+from autoseg.api import train_and_validate
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.loop import train_fold
 from autoseg.training.losses import DiceCELoss, RegionDiceBCELoss
 from tests.conftest import real_dataset, shrink_network
 
@@ -69,7 +69,7 @@ def test_region_based_phantom_trains_predicts_and_scores_regions(phantom_dataset
     plans = api.plan(ds, work.root, workers=1)
     assert plans.region_based and plans.num_outputs == 2 and plans.training_regions == [[1, 2], [2]]
     shrink_network(work)
-    fold = train_fold(work, "3d_fullres", 0, TINY, torch.device("cpu"), inference=NO_TTA)
+    fold = train_and_validate(work, "3d_fullres", 0, TINY, torch.device("cpu"), inference=NO_TTA)
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert set(summary["mean"]) == {"organ", "lesion"} and summary["mean_dice_labels"] == ["organ", "lesion"]
     for f in (fold / "validation").glob("*.nii.gz"):
@@ -83,7 +83,7 @@ def test_ignore_label_is_never_predicted_and_left_out_of_metrics(phantom_dataset
     plans = api.plan(ds, work.root, workers=1)
     assert plans.ignore_label == 2 and plans.num_outputs == 2
     shrink_network(work)
-    fold = train_fold(work, "3d_fullres", 0, TINY, torch.device("cpu"), inference=NO_TTA)
+    fold = train_and_validate(work, "3d_fullres", 0, TINY, torch.device("cpu"), inference=NO_TTA)
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert set(summary["mean"]) == {"organ"}
     for f in (fold / "validation").glob("*.nii.gz"):
@@ -105,7 +105,7 @@ def test_brats_region_based_plan_and_short_training(tmp_path):
     small = replace(cfg, patch_size=[64, 128, 128], batch_size=2)
     replace(plans, configurations={**plans.configurations, "3d_fullres": small}).save(work.plans)
     # step 1.0: 12 tiles per 155x240x240 case instead of 63
-    fold = train_fold(
+    fold = train_and_validate(
         work,
         "3d_fullres",
         0,

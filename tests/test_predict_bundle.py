@@ -16,13 +16,13 @@ import SimpleITK as sitk
 import torch
 
 from autoseg import api
+from autoseg.api import train_and_validate
 from autoseg.bundle import import_model
 from autoseg.cli import main
 from autoseg.errors import AutosegError, PlansError
 from autoseg.layout import WorkDir
 from autoseg.postprocessing import Postprocessing
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.loop import train_fold
 
 TINY = TrainSettings(epochs=2, iters_per_epoch=3, val_iters=1, seed=5, loader_workers=0)
 FAST = dict(device="cpu", mirroring=False)
@@ -35,7 +35,9 @@ def trained(planned_phantom, tmp_path_factory) -> WorkDir:
     shutil.copytree(planned_phantom.root, root, ignore=shutil.ignore_patterns("results"))
     work = WorkDir(root)
     for config in ("2d", "3d_fullres"):
-        train_fold(work, config, 0, TINY, torch.device("cpu"), inference=InferenceSettings(mirroring=False))
+        train_and_validate(
+            work, config, 0, TINY, torch.device("cpu"), inference=InferenceSettings(mirroring=False)
+        )
     return work
 
 

@@ -254,8 +254,8 @@ def test_find_best_on_really_trained_folds(planned_phantom, tmp_path):
 
     import torch
 
+    from autoseg.api import train_and_validate
     from autoseg.settings import InferenceSettings, TrainSettings
-    from autoseg.training.loop import train_fold
 
     work = WorkDir(tmp_path / "work")
     shutil.copytree(planned_phantom.root, work.root, ignore=shutil.ignore_patterns("results"))
@@ -265,7 +265,7 @@ def test_find_best_on_really_trained_folds(planned_phantom, tmp_path):
     settings = TrainSettings(epochs=1, iters_per_epoch=1, val_iters=1, seed=7)
     for config in ("2d", "3d_fullres"):
         for fold in (0, 1):
-            train_fold(
+            train_and_validate(
                 work,
                 config,
                 fold,

@@ -10,11 +10,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from autoseg.api import train_and_validate
 from autoseg.checkpoint_io import load_checkpoint
 from autoseg.errors import AutosegError
 from autoseg.layout import WorkDir
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.loop import train_fold
 from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.sampling import CaseStore, PatchSampler
 from autoseg.training.schedule import poly_lr
@@ -96,7 +96,7 @@ def test_interrupted_run_resumes_to_the_same_weights(work_copy, tmp_path):
     straight_root = tmp_path / "straight"
     shutil.copytree(work_copy.root, straight_root)
     straight = WorkDir(straight_root)
-    train_fold(straight, "3d_fullres", 0, _tiny(), cpu, inference=NO_TTA)
+    train_and_validate(straight, "3d_fullres", 0, _tiny(), cpu, inference=NO_TTA)
 
     class Stop(Exception):
         pass
@@ -106,13 +106,15 @@ def test_interrupted_run_resumes_to_the_same_weights(work_copy, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train_fold(work_copy, "3d_fullres", 0, _tiny(), cpu, inference=NO_TTA, on_epoch=stop_after_two)
+        train_and_validate(
+            work_copy, "3d_fullres", 0, _tiny(), cpu, inference=NO_TTA, on_epoch=stop_after_two
+        )
     fold = work_copy.fold_dir("3d_fullres", 0)
     assert load_checkpoint(fold / "checkpoint_latest.pt")["epoch"] == 2
     assert not (fold / "checkpoint_final.pt").exists()
     with pytest.raises(AutosegError, match="already has a run; use --resume"):
-        train_fold(work_copy, "3d_fullres", 0, _tiny(), cpu, inference=NO_TTA)
-    train_fold(work_copy, "3d_fullres", 0, _tiny(), cpu, resume=True, inference=NO_TTA)
+        train_and_validate(work_copy, "3d_fullres", 0, _tiny(), cpu, inference=NO_TTA)
+    train_and_validate(work_copy, "3d_fullres", 0, _tiny(), cpu, resume=True, inference=NO_TTA)
 
     a = load_checkpoint(straight.fold_dir("3d_fullres", 0) / "checkpoint_final.pt")
     b = load_checkpoint(fold / "checkpoint_final.pt")
@@ -126,7 +128,7 @@ def test_interrupted_run_resumes_to_the_same_weights(work_copy, tmp_path):
 
 
 def test_2d_training_runs_and_validates(work_copy):
-    fold_dir = train_fold(work_copy, "2d", 1, _tiny(epochs=1), torch.device("cpu"), inference=NO_TTA)
+    fold_dir = train_and_validate(work_copy, "2d", 1, _tiny(epochs=1), torch.device("cpu"), inference=NO_TTA)
     val = sorted((fold_dir / "validation").glob("*.nii.gz"))
     assert val and (fold_dir / "validation" / "summary.json").is_file()
     assert (fold_dir / "checkpoint_final.pt").is_file() and (fold_dir / "settings.json").is_file()

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from autoseg.api import train_and_validate
 from autoseg.checkpoint_io import load_checkpoint
 from autoseg.layout import WorkDir
 from autoseg.settings import AugmentationSettings, InferenceSettings, TrainSettings
 from autoseg.training.dataloader import BatchLoader, LoaderSpec
-from autoseg.training.loop import train_fold
 from autoseg.training.schedule import budget_epochs, poly_lr
 
 NO_TTA = InferenceSettings(mirroring=False)
@@ -91,7 +91,7 @@ def test_time_budget_ends_the_schedule_with_the_budget(work_copy):
     settings = TrainSettings(
         epochs=200, iters_per_epoch=1, val_iters=1, seed=3, loader_workers=0, time_budget_minutes=1 / 3
     )
-    fold_dir = train_fold(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
+    fold_dir = train_and_validate(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
     log = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
     n = len(log)
     assert 1 <= n < 200
@@ -113,7 +113,7 @@ def test_time_budget_is_a_hard_limit_inside_an_epoch(work_copy, caplog):
         epochs=5, iters_per_epoch=100_000, val_iters=1, seed=3, loader_workers=0, time_budget_minutes=0.1
     )
     with caplog.at_level("WARNING", logger="autoseg"):
-        fold_dir = train_fold(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
+        fold_dir = train_and_validate(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
     log = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["epochs"] == 1 and log[0]["train_seconds"] < 6 + log[0]["seconds"] / 2
     assert "time budget used up after" in caplog.text and "of 100000 iterations of epoch 1" in caplog.text
@@ -125,7 +125,7 @@ def test_time_budget_is_a_hard_limit_inside_an_epoch(work_copy, caplog):
 
 def test_log_and_progress_plot_are_written_every_epoch(work_copy):
     settings = TrainSettings(epochs=2, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
-    fold_dir = train_fold(work_copy, "2d", 0, settings, CPU, inference=NO_TTA)
+    fold_dir = train_and_validate(work_copy, "2d", 0, settings, CPU, inference=NO_TTA)
     lines = (fold_dir / "log.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for line in lines]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -138,13 +138,13 @@ def test_log_and_progress_plot_are_written_every_epoch(work_copy):
 
 def test_resume_extends_a_finished_run(work_copy):
     short = TrainSettings(epochs=2, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
-    fold_dir = train_fold(work_copy, "3d_fullres", 0, short, CPU, inference=NO_TTA)
+    fold_dir = train_and_validate(work_copy, "3d_fullres", 0, short, CPU, inference=NO_TTA)
     first = load_checkpoint(fold_dir / "checkpoint_final.pt")
     # resuming a finished run with the same settings does nothing
-    train_fold(work_copy, "3d_fullres", 0, short, CPU, resume=True, inference=NO_TTA)
+    train_and_validate(work_copy, "3d_fullres", 0, short, CPU, resume=True, inference=NO_TTA)
     assert load_checkpoint(fold_dir / "checkpoint_final.pt")["epoch"] == 2
     longer = TrainSettings(epochs=4, iters_per_epoch=2, val_iters=1, seed=3, loader_workers=0)
-    train_fold(work_copy, "3d_fullres", 0, longer, CPU, resume=True, inference=NO_TTA)
+    train_and_validate(work_copy, "3d_fullres", 0, longer, CPU, resume=True, inference=NO_TTA)
     extended = load_checkpoint(fold_dir / "checkpoint_final.pt")
     assert extended["epoch"] == 4
     assert any(not torch.equal(first["network"][k], extended["network"][k]) for k in first["network"])

@@ -1,12 +1,14 @@
-"""The training loop for one fold: a composition of data loading, loss, schedule, checkpoints and logging.
+"""The training loop for one fold: build the run, restore or start its state, run the epochs, finish.
 
 Per epoch: ``iters_per_epoch`` augmented batches (made by :mod:`autoseg.training.dataloader` in worker
 processes, each batch a pure function of seed, fold, rank, epoch and iteration, so a resumed run continues
-exactly), then ``val_iters`` unaugmented batches from the validation cases for a pseudo-Dice, a line in
-``log.jsonl``, ``progress.png`` and an atomic ``checkpoint_latest.pt``. With a time budget the poly schedule
-runs on the clock (the fraction of the budget used when an epoch starts), the number of epochs is
-re-estimated from the mean epoch time so far, and the epoch during which the budget runs out is cut there. After the last epoch: ``checkpoint_final.pt``, then the fold's validation cases are predicted with
-the full sliding-window predictor and scored into ``validation/summary.json``.
+exactly), then ``val_iters`` unaugmented batches from the validation cases for a pseudo-Dice
+(:mod:`autoseg.training.patch_validation`), a line in ``log.jsonl``, ``progress.png`` and an atomic
+``checkpoint_latest.pt``. With a time budget (:class:`autoseg.training.budget.TimeBudget`) the poly schedule
+runs on the clock (the fraction of the budget used when an epoch starts), the number of epochs is re-estimated
+from the mean epoch time so far, and the epoch during which the budget runs out is cut there. After the last
+epoch: ``checkpoint_final.pt``. Predicting and scoring the fold's validation cases is the next stage,
+:func:`autoseg.validation.validate_fold`, which the API runs after this one.
 
 Under DDP (``torchrun``) every rank trains on its share of each batch; rank 0 alone writes.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,34 +25,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoseg.atomic import remove_stale_temporaries, temp_target
-from autoseg.checkpoint_io import check_compatible, load_checkpoint, save_checkpoint
-from autoseg.errors import AutosegError, PlansError
-from autoseg.evaluation.evaluate import evaluate_folders
-from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
-from autoseg.inference.export import (
-    probabilities_to_original,
-    probabilities_to_segmentation,
-    write_segmentation,
-)
-from autoseg.inference.predictor import Predictor, topology_key
-from autoseg.io.dataset import load_dataset_json
-from autoseg.jsonio import save_npy, save_npz, write_json, write_text
+from autoseg.checkpoint_io import save_checkpoint
+from autoseg.errors import AutosegError
+from autoseg.jsonio import write_text
 from autoseg.layout import WorkDir
-from autoseg.networks import build_network
-from autoseg.planning.plans import Plans
-from autoseg.preprocessing.pipeline import load_case_properties
-from autoseg.settings import InferenceSettings, TrainSettings
+from autoseg.settings import TrainSettings
 from autoseg.training import distributed
-from autoseg.training.augmentation import augmentation_patch_size, center_crop
-from autoseg.training.dataloader import BatchLoader, LoaderSpec, default_workers, network_batch
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+from autoseg.training.dataloader import BatchLoader
+from autoseg.training.patch_validation import output_structures, validate_patches
 from autoseg.training.progress import plot_progress, read_log
-from autoseg.training.sampling import CaseStore, PatchSampler
-from autoseg.training.schedule import budget_epochs, poly_lr, set_lr
-from autoseg.training.splits import fold_cases, load_or_create_splits
+from autoseg.training.run import (
+    TrainingRun,
+    batch_model,
+    build_run,
+    configure_torch,
+    loader_spec,
+    loader_workers,
+    make_loss,
+)
+from autoseg.training.sampling import CaseStore
+from autoseg.training.schedule import poly_lr, set_lr
+from autoseg.training.state import EMA_DECAY, RunState, checkpoint_contents, restore_or_start
 
-EMA_DECAY = 0.9
+__all__ = [
+    "EMA_DECAY",
+    "Callbacks",
+    "EpochReport",
+    "TrainedFold",
+    "configure_torch",
+    "make_loss",
+    "output_structures",
+    "train_fold",
+]
+
 _log = logging.getLogger("autoseg")
 
 
@@ -73,56 +79,26 @@ class EpochReport:
     """Training time of the run (all earlier epochs, their logging and checkpoints) when this epoch started."""
 
 
-def output_structures(plans: Plans) -> list[tuple[str, list[int]]]:
-    """What the network's outputs stand for: regions (region-based plans) or foreground classes."""
-    if plans.region_based:
-        return [(name, list(values)) for name, values in plans.regions.items()]
-    names = {v: n for n, v in plans.labels.items()}
-    return [(names.get(c, str(c)), [c]) for c in range(1, plans.num_classes)]
+@dataclass(frozen=True)
+class Callbacks:
+    """Called on rank 0 only: ``on_iteration(done, total, loss)`` after each training iteration,
+    ``on_epoch(report)`` after each epoch's log line and checkpoints."""
+
+    on_iteration: Callable[[int, int, float], None] | None = None
+    on_epoch: Callable[[EpochReport], None] | None = None
 
 
-def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, plans: Plans) -> np.ndarray:
-    """Per output structure (tp, fp, fn) summed over the batch: argmax for classes, sigmoid > 0.5 for
-    regions; ignore-label voxels are left out."""
-    tgt = target[:, 0].long()
-    valid = (
-        tgt != plans.ignore_label
-        if plans.ignore_label is not None
-        else torch.ones_like(tgt, dtype=torch.bool)
-    )
-    rows = []
-    for i, (_, values) in enumerate(output_structures(plans)):
-        truth = torch.isin(tgt, torch.tensor(values, device=tgt.device)) & valid
-        if plans.region_based:
-            pred = (logits[:, i] > 0) & valid
-        else:
-            pred = (logits.argmax(1) == values[0]) & valid
-        rows.append([(pred & truth).sum().item(), (pred & ~truth).sum().item(), (~pred & truth).sum().item()])
-    return np.array(rows, dtype=np.float64)
+@dataclass(frozen=True)
+class TrainedFold:
+    """What training leaves for the stages after it."""
 
-
-def make_loss(plans: Plans, batch_dice: bool) -> DeepSupervisionLoss:
-    if plans.region_based:
-        inner = RegionDiceBCELoss(
-            plans.training_regions, batch_dice=batch_dice, ignore_label=plans.ignore_label
-        )
-    else:
-        inner = DiceCELoss(batch_dice=batch_dice, ignore_label=plans.ignore_label)
-    return DeepSupervisionLoss(inner)
-
-
-def configure_torch(settings: TrainSettings, device: torch.device) -> None:
-    """Seeds and algorithm choices for a run: deterministic algorithms when asked, else cuDNN autotuning."""
-    torch.manual_seed(settings.seed)
-    if settings.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        if device.type == "cuda":
-            import os  # cuBLAS reads this when it creates its workspace: set it, never read it
-
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    folder: Path
+    val_ids: list[str]
+    """The fold's validation cases (none for fold ``all``)."""
+    trained: bool
+    """False when a finished run was resumed with nothing left to do (checkpoints and log left as they were)."""
+    writer: bool
+    """This process writes results (rank 0 of a DDP run, or the only process)."""
 
 
 def train_fold(
@@ -132,271 +108,217 @@ def train_fold(
     settings: TrainSettings,
     device: torch.device,
     resume: bool = False,
-    inference: InferenceSettings = InferenceSettings(),
     on_iteration: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     overwrite: bool = False,
-) -> Path:
-    """Train ``config_name`` on ``fold`` (0..4 or ``all``) and validate; returns the fold folder.
-    ``overwrite``: delete the fold's earlier run, once plans, data and splits have been checked.
+    validated: bool = False,
+) -> TrainedFold:
+    """Train ``config_name`` on ``fold`` (0..4 or ``all``) up to ``checkpoint_final.pt``.
 
-    ``on_iteration(done, total, loss)`` and ``on_epoch(report)`` are called on rank 0 only.
+    ``resume`` continues ``checkpoint_latest.pt`` (or extends a finished run); ``overwrite`` deletes the
+    fold's earlier run once plans, data and splits have been checked. ``validated``: the fold's final
+    validation exists, so a resumed run with nothing left to train returns at once (else it writes
+    ``checkpoint_final.pt`` again for the validation that follows). See :class:`Callbacks` for the hooks.
     """
-    w = distributed.world()
-    plans = Plans.load(work.plans)
-    config = plans.configuration(config_name)
-    if inference.mirroring and not any(a < config.dim for a in inference.mirror_axes):
-        raise AutosegError(
-            f"mirror_axes {list(inference.mirror_axes)}: configuration '{config_name}' is 2D (patch axes 0 "
-            "and 1), so the final validation would mirror nothing; use --no-mirroring for that"
-        )
-    data_dir = work.preprocessed(config.data_identifier)
-    case_ids = sorted(p.stem for p in data_dir.glob("*.json"))
-    if not case_ids:
-        raise PlansError(f"{data_dir}: no preprocessed cases (run 'autoseg plan' first)")
-    if str(fold) == "all":  # every case, no validation: needs no split (works for a one-case dataset)
-        train_ids, val_ids = list(case_ids), []
-    else:
-        splits = load_or_create_splits(work.splits, case_ids, settings.num_folds, settings.seed)
-        train_ids, val_ids = fold_cases(splits, fold, case_ids)
-    out_dir = work.fold_dir(config_name, fold)
-    latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
-    previous_dir = _previous_stage_dir(work, config, train_ids + val_ids)
-    if overwrite and not resume:  # every check above passed: only now is the earlier run deleted
-        shutil.rmtree(out_dir, ignore_errors=True)
-    if latest.exists() and not resume:
-        raise AutosegError(
-            f"{latest}: this fold already has a run; use --resume to continue it, or --overwrite to start again"
-        )
-    if w.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out_dir, val_ids)
-        write_json(
-            out_dir / "settings.json",
-            {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size},
-        )
-
-    fold_index = 5 if str(fold) == "all" else int(fold)
-    configure_torch(settings, device)
-    k = plans.num_classes
-    network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
-    network.deep_supervision = settings.deep_supervision
-    optimizer = torch.optim.SGD(
-        network.parameters(),
-        lr=settings.initial_lr,
-        momentum=settings.momentum,
-        nesterov=settings.nesterov,
-        weight_decay=settings.weight_decay,
-    )
-    loss_fn = make_loss(plans, config.batch_dice)
-    amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-    key = topology_key(plans, config_name)
-
-    start_epoch, best_ema, ema, elapsed, planned = 0, -1.0, None, 0.0, settings.epochs
-    if resume and latest.exists():
-        ckpt = load_checkpoint(latest, map_location=device)
-        check_compatible(ckpt, latest, config_name, key)
-        network.load_state_dict(ckpt["network"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        if isinstance(ckpt.get("rng"), dict) and "torch" in ckpt["rng"]:
-            torch.set_rng_state(ckpt["rng"]["torch"])
-        start_epoch = int(ckpt["epoch"])
-        best_ema = float(ckpt.get("best_ema", -1.0))
-        ema = ckpt.get("ema")
-        elapsed = float(ckpt.get("elapsed_seconds", 0.0))
-        if settings.time_budget_minutes > 0 and "planned_epochs" in ckpt:
-            planned = min(settings.epochs, max(start_epoch, int(ckpt["planned_epochs"])))
-    summary = out_dir / "validation" / "summary.json"
-    if resume and final.exists() and start_epoch >= planned and (summary.exists() or not val_ids):
-        return out_dir  # finished earlier, nothing to extend
-    if w.is_main:
-        _truncate_log(out_dir / "log.jsonl", start_epoch)
-
-    # the model that runs the batches: compiled on CUDA, wrapped for DDP; `network` keeps the weights
-    model: torch.nn.Module = network
-    if settings.compile and device.type == "cuda":
-        model = torch.compile(model)
-    if w.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,  # the lowest-resolution head has deep-supervision weight 0
-        )
-
-    spec = LoaderSpec(
-        data_dir=data_dir,
-        case_ids=tuple(train_ids),
-        previous_dir=previous_dir,
-        extract_size=tuple(augmentation_patch_size(config.patch_size, settings.augmentation)),
-        patch_size=tuple(config.patch_size),
-        batch_size=distributed.rank_batch_size(config.batch_size, w),
-        dim=config.dim,
-        oversample_foreground=settings.oversample_foreground,
-        augmentation=settings.augmentation,
-        num_classes=k,
-        seed=settings.seed,
-        fold_index=fold_index,
-        rank=w.rank,
-    )
-    workers = settings.loader_workers if settings.loader_workers >= 0 else default_workers()
-    if w.distributed and settings.loader_workers < 0:
-        workers = max(0, workers // w.size)
+    run = build_run(work, config_name, fold, settings, device, resume, overwrite)
+    state = restore_or_start(run, resume)
+    if resume and run.final.exists() and state.epoch >= state.planned and (validated or not run.val_ids):
+        return TrainedFold(run.folder, run.val_ids, trained=False, writer=run.world.is_main)
+    if run.world.is_main:
+        _truncate_log(run.folder / "log.jsonl", state.epoch)
+    model = batch_model(run)
+    spec, workers = loader_spec(run), loader_workers(settings, run.world)
     # built once: its memory maps and previous-stage maps are reused every epoch
-    val_store = CaseStore(data_dir, val_ids, previous_dir) if val_ids else None
-
-    def state(epoch: int, resumable: bool = True) -> dict:
-        """Checkpoint contents; ``checkpoint_best`` and ``checkpoint_final`` (for prediction) leave out the
-        optimizer and scaler, which only ``checkpoint_latest`` needs to resume, and are half the size."""
-        training = (
-            {
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            }
-            if resumable
-            else {}
-        )
-        return {
-            "network": network.state_dict(),
-            **training,
-            "epoch": epoch,
-            "config": config_name,
-            "topology": json.dumps(key),
-            "rng": {"torch": torch.get_rng_state()},
-            "best_ema": best_ema,
-            "ema": ema,
-            "elapsed_seconds": elapsed,
-            "planned_epochs": planned,
-        }
-
-    epoch = start_epoch
-    budget_s = settings.time_budget_minutes * 60
-    if w.is_main:
-        _log.info(
-            "%s fold %s: %d training / %d validation cases; epochs %d-%d of %d x %d iterations%s; batch %d, "
-            "patch %s; %s, %d augmentation worker(s)%s",
-            config_name,
-            fold,
-            len(train_ids),
-            len(val_ids),
-            start_epoch + 1,
-            planned,
-            settings.epochs,
-            settings.iters_per_epoch,
-            f" within {settings.time_budget_minutes:g} min" if budget_s else "",
-            config.batch_size,
-            "x".join(map(str, config.patch_size)),
-            device,
-            workers,
-            f", {w.size} processes" if w.distributed else "",
-        )
+    val_store = CaseStore(run.data_dir, run.val_ids, run.previous_dir) if run.val_ids else None
+    _log_start(run, state, workers)
+    callbacks = Callbacks(on_iteration, on_epoch)
     with BatchLoader(spec, workers) as loader:
-        while epoch < planned:
-            t0 = time.perf_counter()
-            if settings.time_budget_minutes > 0:  # the schedule runs on the clock: it ends with the budget
-                lr = poly_lr(
-                    settings.initial_lr, elapsed, settings.time_budget_minutes * 60, settings.poly_exponent
-                )
-            else:
-                lr = poly_lr(settings.initial_lr, epoch, planned, settings.poly_exponent)
-            set_lr(optimizer, lr)
-            model.train()
-            losses, wait = [], 0.0
-            t_train = time.perf_counter()
-            batches = loader.epoch(epoch, settings.iters_per_epoch)
-            out_of_time = False
-            for it in range(settings.iters_per_epoch):
-                tw = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - tw
-                x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
-                y = torch.from_numpy(batch["seg"]).to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    loss = loss_fn(model(x), y)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                if on_iteration and w.is_main:
-                    on_iteration(it + 1, settings.iters_per_epoch, losses[-1])
-                if budget_s and not w.distributed and elapsed + time.perf_counter() - t0 >= budget_s:
-                    out_of_time = it + 1 < settings.iters_per_epoch  # the budget is a hard limit
-                    if out_of_time:
-                        _log.warning(
-                            "time budget used up after %d of %d iterations of epoch %d: training ends here",
-                            it + 1,
-                            settings.iters_per_epoch,
-                            epoch + 1,
-                        )
-                    break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_seconds = time.perf_counter() - t_train
+        while state.epoch < state.planned:
+            _run_epoch(run, state, model, loader, val_store, callbacks)
+    return _finish(run, state)
 
-            val_loss, dice = _validate(
-                plans, model, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w
-            )
-            train_loss = distributed.mean_over_ranks(float(np.mean(losses)), w)
-            if not np.isfinite(train_loss):  # every rank sees the same mean, so all stop together
-                raise AutosegError(
-                    f"{out_dir}: the training loss became {train_loss} in epoch {epoch + 1}; training stopped "
-                    f"({latest.name} holds the last epoch with a finite loss, if any). Check the intensities of "
-                    "the images, or lower initial_lr"
-                )
-            mean_dice = float(np.nanmean(list(dice.values()))) if dice else None
-            if mean_dice is not None and np.isfinite(mean_dice):
-                ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
-            epoch += 1
-            seconds = time.perf_counter() - t0
-            started_at = elapsed
-            elapsed += seconds  # this epoch's logging and checkpoints are added below
-            if budget_s:
-                planned = budget_epochs(budget_s, elapsed, epoch, settings.epochs)
-                planned = epoch if out_of_time else distributed.from_main(planned, w)
-                if epoch == start_epoch + 1 and seconds > settings.time_budget_minutes * 60 / 4 and w.is_main:
-                    _log.warning(
-                        "one epoch (%d iterations) took %.0f s of the %.0f s budget: the schedule has few "
-                        "steps; use fewer --iters-per-epoch for short budgets",
-                        settings.iters_per_epoch,
-                        seconds,
-                        settings.time_budget_minutes * 60,
-                    )
-            report = EpochReport(
-                epoch=epoch,
-                epochs=planned,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                pseudo_dice=dice,
-                ema_dice=ema,
-                lr=lr,
-                seconds=seconds,
-                train_seconds=train_seconds,
-                data_wait_seconds=wait,
-                elapsed_seconds=started_at,
-            )
-            t_save = time.perf_counter()
-            if w.is_main:
-                _log_epoch(out_dir, report)
-                if ema is not None and ema > best_ema:
-                    best_ema = ema
-                    save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch, resumable=False))
-                save_checkpoint(latest, state(epoch))
-                if on_epoch:
-                    on_epoch(report)
-            elapsed += time.perf_counter() - t_save
 
-    if not w.is_main:
-        return out_dir
-    save_checkpoint(final, state(epoch, resumable=False))
-    if val_ids:
-        validate_fold(work, plans, config_name, fold, val_ids, device, inference)
-    return out_dir
+def _log_start(run: TrainingRun, state: RunState, workers: int) -> None:
+    if not run.world.is_main:
+        return
+    settings, w = run.settings, run.world
+    _log.info(
+        "%s fold %s: %d training / %d validation cases; epochs %d-%d of %d x %d iterations%s; batch %d, "
+        "patch %s; %s, %d augmentation worker(s)%s",
+        run.config_name,
+        run.fold,
+        len(run.train_ids),
+        len(run.val_ids),
+        state.epoch + 1,
+        state.planned,
+        settings.epochs,
+        settings.iters_per_epoch,
+        f" within {settings.time_budget_minutes:g} min" if state.budget.limited else "",
+        run.config.batch_size,
+        "x".join(map(str, run.config.patch_size)),
+        run.device,
+        workers,
+        f", {w.size} processes" if w.distributed else "",
+    )
+
+
+@dataclass
+class _Iterations:
+    losses: list[float]
+    data_wait_seconds: float
+    out_of_time: bool
+    """The time budget ran out before the epoch's last iteration."""
+
+
+def _run_epoch(
+    run: TrainingRun,
+    state: RunState,
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    val_store: CaseStore | None,
+    callbacks: Callbacks,
+) -> None:
+    """One epoch: training iterations, pseudo-Dice, the state's bookkeeping, then (rank 0) log line,
+    checkpoints and ``on_epoch``."""
+    t0 = time.perf_counter()
+    lr = _learning_rate(run.settings, state)
+    set_lr(run.optimizer, lr)
+    model.train()
+    t_train = time.perf_counter()
+    done = _train_iterations(run, state, model, loader, t0, callbacks.on_iteration)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    train_seconds = time.perf_counter() - t_train
+
+    val_loss, dice = validate_patches(run, model, val_store, state.epoch)
+    train_loss = distributed.mean_over_ranks(float(np.mean(done.losses)), run.world)
+    _refuse_non_finite(run, train_loss, state.epoch)
+    state.update_ema(float(np.nanmean(list(dice.values()))) if dice else None)
+    state.epoch += 1
+    seconds = time.perf_counter() - t0
+    started_at = state.budget.used_s
+    state.budget.add(seconds)  # this epoch's logging and checkpoints are added below
+    if state.budget.limited:
+        _replan(run, state, seconds, done.out_of_time)
+    report = EpochReport(
+        epoch=state.epoch,
+        epochs=state.planned,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        pseudo_dice=dice,
+        ema_dice=state.ema,
+        lr=lr,
+        seconds=seconds,
+        train_seconds=train_seconds,
+        data_wait_seconds=done.data_wait_seconds,
+        elapsed_seconds=started_at,
+    )
+    t_save = time.perf_counter()
+    if run.world.is_main:
+        _save_epoch(run, state, report, callbacks.on_epoch)
+    state.budget.add(time.perf_counter() - t_save)
+
+
+def _learning_rate(settings: TrainSettings, state: RunState) -> float:
+    """Poly decay over the epochs, or with a time budget over the budget: it ends with the budget."""
+    if state.budget.limited:
+        return poly_lr(settings.initial_lr, state.budget.used_fraction(), 1.0, settings.poly_exponent)
+    return poly_lr(settings.initial_lr, state.epoch, state.planned, settings.poly_exponent)
+
+
+def _train_iterations(
+    run: TrainingRun,
+    state: RunState,
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    epoch_started: float,
+    on_iteration: Callable[[int, int, float], None] | None,
+) -> _Iterations:
+    """The epoch's training iterations; cut when the time budget runs out (a hard limit, checked after
+    every iteration; not under DDP, where ranks must stay in step)."""
+    total = run.settings.iters_per_epoch
+    losses, wait = [], 0.0
+    batches = loader.epoch(state.epoch, total)
+    for it in range(total):
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t_wait
+        losses.append(_train_step(run, model, batch))
+        if on_iteration and run.world.is_main:
+            on_iteration(it + 1, total, losses[-1])
+        if not run.world.distributed and state.budget.expired(epoch_started):
+            out_of_time = it + 1 < total
+            if out_of_time:
+                _log.warning(
+                    "time budget used up after %d of %d iterations of epoch %d: training ends here",
+                    it + 1,
+                    total,
+                    state.epoch + 1,
+                )
+            return _Iterations(losses, wait, out_of_time)
+    return _Iterations(losses, wait, out_of_time=False)
+
+
+def _train_step(run: TrainingRun, model: torch.nn.Module, batch: dict[str, np.ndarray]) -> float:
+    """One optimizer step on ``batch``; returns its loss."""
+    device, precision, optimizer = run.device, run.precision, run.optimizer
+    x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
+    y = torch.from_numpy(batch["seg"]).to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.autocast):
+        loss = run.loss_fn(model(x), y)
+    precision.scaler.scale(loss).backward()
+    precision.scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.settings.grad_clip)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return float(loss.detach())
+
+
+def _refuse_non_finite(run: TrainingRun, train_loss: float, epoch: int) -> None:
+    """Stop on a NaN/Inf training loss (every rank sees the same mean, so all stop together)."""
+    if not np.isfinite(train_loss):
+        raise AutosegError(
+            f"{run.folder}: the training loss became {train_loss} in epoch {epoch + 1}; training stopped "
+            f"({run.latest.name} holds the last epoch with a finite loss, if any). Check the intensities of "
+            "the images, or lower initial_lr"
+        )
+
+
+def _replan(run: TrainingRun, state: RunState, epoch_seconds: float, out_of_time: bool) -> None:
+    """With a time budget: the epochs that still fit (rank 0's estimate on every rank); none after an epoch
+    cut by the budget. Warns once when one epoch takes more than a quarter of the budget."""
+    planned = state.budget.epochs_that_fit(state.epoch, run.settings.epochs)
+    state.planned = state.epoch if out_of_time else distributed.from_main(planned, run.world)
+    first = state.epoch == state.start_epoch + 1
+    if first and state.budget.too_coarse_for(epoch_seconds) and run.world.is_main:
+        _log.warning(
+            "one epoch (%d iterations) took %.0f s of the %.0f s budget: the schedule has few "
+            "steps; use fewer --iters-per-epoch for short budgets",
+            run.settings.iters_per_epoch,
+            epoch_seconds,
+            state.budget.limit_s,
+        )
+
+
+def _save_epoch(
+    run: TrainingRun, state: RunState, report: EpochReport, on_epoch: Callable[[EpochReport], None] | None
+) -> None:
+    """Rank 0 after each epoch: log line and plot, ``checkpoint_best.pt`` when the pseudo-Dice average
+    improved, ``checkpoint_latest.pt``, then ``on_epoch``."""
+    _log_epoch(run.folder, report)
+    if state.improved():
+        save_checkpoint(run.folder / "checkpoint_best.pt", checkpoint_contents(run, state, resumable=False))
+    save_checkpoint(run.latest, checkpoint_contents(run, state))
+    if on_epoch:
+        on_epoch(report)
+
+
+def _finish(run: TrainingRun, state: RunState) -> TrainedFold:
+    """``checkpoint_final.pt`` (rank 0): the weights prediction uses."""
+    if run.world.is_main:
+        save_checkpoint(run.final, checkpoint_contents(run, state, resumable=False))
+    return TrainedFold(run.folder, run.val_ids, trained=True, writer=run.world.is_main)
 
 
 def _log_epoch(out_dir: Path, report: EpochReport) -> None:
@@ -406,123 +328,6 @@ def _log_epoch(out_dir: Path, report: EpochReport) -> None:
     with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, allow_nan=False) + "\n")
     plot_progress(read_log(out_dir / "log.jsonl"), out_dir / "progress.png")
-
-
-def _validate(plans, network, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w):
-    """Pseudo-Dice on ``val_iters`` unaugmented patches (foreground-oversampled like training); under DDP
-    each rank scores its share and the counts are summed."""
-    if val_store is None or settings.val_iters <= 0:
-        return None, {}
-    # a fresh generator per epoch: validation never disturbs the training random state
-    rng = np.random.default_rng([settings.seed, 999, w.rank, epoch])
-    sampler = PatchSampler(
-        val_store,
-        config.patch_size,
-        distributed.rank_batch_size(config.batch_size, w),
-        config.dim,
-        settings.oversample_foreground,
-        rng,
-    )
-    network.eval()
-    structures = output_structures(plans)
-    counts = np.zeros((len(structures), 3))
-    losses = []
-    with torch.no_grad():
-        for _ in range(settings.val_iters):
-            batch = network_batch(center_crop(sampler.next_batch(), config.patch_size), k)
-            x = torch.from_numpy(batch["data"]).to(device)
-            y = torch.from_numpy(batch["seg"]).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                out = network(x)
-                losses.append(float(loss_fn(out, y)))
-            counts += _pseudo_dice(out.float(), y, plans)
-    counts = distributed.sum_over_ranks(counts, w)
-    val_loss = distributed.mean_over_ranks(float(np.mean(losses)), w)
-    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-    denom = 2 * tp + fp + fn
-    dice = {
-        name: (float(2 * tp[i] / denom[i]) if denom[i] > 0 else float("nan"))
-        for i, (name, _) in enumerate(structures)
-    }
-    return val_loss, dice
-
-
-def validate_fold(
-    work: WorkDir,
-    plans: Plans,
-    config_name: str,
-    fold: int | str,
-    val_ids: list[str],
-    device: torch.device,
-    inference: InferenceSettings,
-) -> dict:
-    """Predict the fold's validation cases from their preprocessed arrays with the final checkpoint, export
-    them in the original geometry to ``validation/`` and score them against ``WORK/gt_segmentations``."""
-    config = plans.configuration(config_name)
-    predictor = Predictor(
-        work, config_name, [fold], device, inference, plans=plans, with_previous_stage=False
-    )
-    data_dir = work.preprocessed(config.data_identifier)
-    previous_dir = _previous_stage_dir(work, config, val_ids)
-    # a stage that feeds a cascade also exports its validation predictions onto the cascade's grid
-    feeds = [c for c in plans.configurations.values() if c.previous_stage == config_name]
-    out = work.fold_dir(config_name, fold) / "validation"
-    for case_id in val_ids:
-        image = np.load(data_dir / f"{case_id}.npy")
-        props = load_case_properties(data_dir, case_id)
-        if previous_dir is not None:
-            image = append_previous_stage(image, np.load(previous_dir / f"{case_id}.npy"), plans.num_classes)
-        probs = predictor.predict_preprocessed(image)
-        # kept for find-best: ensembles of configurations are scored on these, in the original geometry
-        save_npz(out / f"{case_id}.npz", probabilities=probabilities_to_original(probs, props, plans))
-        write_segmentation(
-            probabilities_to_segmentation(probs, props, plans), props, out / f"{case_id}{plans.file_ending}"
-        )
-        for nxt in feeds:
-            target = load_case_properties(work.preprocessed(nxt.data_identifier), case_id).shape_resampled
-            seg = next_stage_segmentation(probs, config.spacing, target, plans)
-            save_npy(work.next_stage(config_name) / f"{case_id}.npy", seg)
-    spec = load_dataset_json(work.dataset_json)
-    return evaluate_folders(work.gt_segmentations, out, spec, out / "summary.json", out / "per_case.csv")
-
-
-def _previous_stage_dir(work: WorkDir, config, case_ids: list[str]) -> Path | None:
-    """Folder of the previous stage's predictions for a cascade configuration (None otherwise); every case
-    needed must be there, or the user is told which folds of the previous stage to train first."""
-    if not config.previous_stage:
-        return None
-    folder = work.next_stage(config.previous_stage)
-    missing = [c for c in case_ids if not (folder / f"{c}.npy").is_file()]
-    if missing:
-        raise AutosegError(
-            f"{folder}: no {config.previous_stage} prediction for {len(missing)} case(s) (e.g. {missing[0]}); "
-            f"train all five folds of {config.previous_stage} first: their validation predictions feed "
-            f"{config.name}"
-        )
-    return folder
-
-
-_FOLD_FILES = (
-    "checkpoint_latest.pt",
-    "checkpoint_best.pt",
-    "checkpoint_final.pt",
-    "settings.json",
-    "log.jsonl",
-    "progress.png",
-)
-_VALIDATION_FILES = ("summary.json", "per_case.csv", "report.png")
-
-
-def _remove_stale_temporaries(out_dir: Path, val_ids: list[str]) -> None:
-    """Delete the temporary files (:mod:`autoseg.atomic`'s names, from autoseg's atomic writes) that a killed run
-    left in the fold folder and its ``validation/``; nothing else is touched."""
-    owners = {out_dir: _FOLD_FILES, out_dir / "validation": _VALIDATION_FILES + tuple(val_ids)}
-    for folder, names in owners.items():
-        if not folder.is_dir():
-            continue
-        targets = [temp_target(f.name) for f in folder.iterdir()]
-        owned = [t for t in targets if t and any(t == n or t.startswith(n + ".") for n in names)]
-        remove_stale_temporaries(folder, owned)
 
 
 def _truncate_log(path: Path, start_epoch: int) -> None:
