@@ -33,7 +33,7 @@ from autoseg.inference.export import (
 from autoseg.inference.runner import TileRunner
 from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
 from autoseg.io.dataset import Case
-from autoseg.io.volume import data_file_names, file_ending
+from autoseg.io.volume import data_file_names, file_ending, read_channels
 from autoseg.jsonio import save_npz
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
@@ -41,7 +41,6 @@ from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import (
     CaseProperties,
     preprocess_image,
-    read_channels,
     spacing_outside_training,
 )
 from autoseg.settings import InferenceSettings
