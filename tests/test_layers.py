@@ -40,7 +40,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("autoseg.planning.plans",),  # typed artifacts shared by every stage (plans, normalization schemes)
     ("autoseg.phantom",),  # test/demo datasets, writes volumes through io
     ("autoseg.io",),
-    ("autoseg.settings", "autoseg.layout", "autoseg.checkpoint_io", "autoseg.undo"),
+    ("autoseg.settings", "autoseg.checkpoint_io", "autoseg.undo"),
+    ("autoseg.layout",),  # every name in a WORK folder, the fold list (settings check num_folds against it)
     ("autoseg.jsonio",),
     ("autoseg.atomic",),
     ("autoseg.errors", "autoseg"),  # ``autoseg`` itself: the package's __init__ (only __version__)

@@ -92,7 +92,7 @@ class Predictor:
         folds: list[int | str],
         device: torch.device,
         settings: InferenceSettings = InferenceSettings(),
-        checkpoint_name: str = "checkpoint_final.pt",
+        checkpoint_name: str = WorkDir.CHECKPOINT_FINAL,
         plans: Plans | None = None,
         with_previous_stage: bool = True,
     ):
@@ -108,7 +108,7 @@ class Predictor:
         # one network per fold: a compiled network has its weights frozen in, so folds cannot share one
         self.runners: list[TileRunner] = []
         for fold in folds:
-            path = work.fold_dir(config, fold) / checkpoint_name
+            path = work.checkpoint(config, fold, checkpoint_name)
             if not path.is_file():
                 raise CheckpointError(
                     f"{path}: not found (train it with 'autoseg train {work.root} {config} {fold}')"

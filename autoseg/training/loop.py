@@ -160,7 +160,7 @@ def train_fold(
         splits = load_or_create_splits(work.splits, case_ids, settings.num_folds, settings.seed)
         train_ids, val_ids = fold_cases(splits, fold, case_ids)
     out_dir = work.fold_dir(config_name, fold)
-    latest, final = out_dir / "checkpoint_latest.pt", out_dir / "checkpoint_final.pt"
+    latest, final = out_dir / WorkDir.CHECKPOINT_LATEST, out_dir / WorkDir.CHECKPOINT_FINAL
     previous_dir = _previous_stage_dir(work, config, train_ids + val_ids)
     if overwrite and not resume:  # every check above passed: only now is the earlier run deleted
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -172,7 +172,7 @@ def train_fold(
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out_dir, val_ids)
         write_json(
-            out_dir / "settings.json",
+            out_dir / WorkDir.FOLD_SETTINGS,
             {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size},
         )
 
@@ -210,11 +210,11 @@ def train_fold(
         elapsed = float(ckpt.get("elapsed_seconds", 0.0))
         if settings.time_budget_minutes > 0 and "planned_epochs" in ckpt:
             planned = min(settings.epochs, max(start_epoch, int(ckpt["planned_epochs"])))
-    summary = out_dir / "validation" / "summary.json"
+    summary = out_dir / WorkDir.VALIDATION / WorkDir.SUMMARY
     if resume and final.exists() and start_epoch >= planned and (summary.exists() or not val_ids):
         return out_dir  # finished earlier, nothing to extend
     if w.is_main:
-        _truncate_log(out_dir / "log.jsonl", start_epoch)
+        _truncate_log(out_dir / WorkDir.LOG, start_epoch)
 
     # the model that runs the batches: compiled on CUDA, wrapped for DDP; `network` keeps the weights
     model: torch.nn.Module = network
@@ -385,7 +385,7 @@ def train_fold(
                 _log_epoch(out_dir, report)
                 if ema is not None and ema > best_ema:
                     best_ema = ema
-                    save_checkpoint(out_dir / "checkpoint_best.pt", state(epoch, resumable=False))
+                    save_checkpoint(out_dir / WorkDir.CHECKPOINT_BEST, state(epoch, resumable=False))
                 save_checkpoint(latest, state(epoch))
                 if on_epoch:
                     on_epoch(report)
@@ -403,9 +403,9 @@ def _log_epoch(out_dir: Path, report: EpochReport) -> None:
     """Append the epoch to ``log.jsonl`` (NaN written as null: the file stays strict JSON) and redraw
     ``progress.png``."""
     record = json.loads(json.dumps(asdict(report)).replace("NaN", "null"))
-    with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+    with open(out_dir / WorkDir.LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, allow_nan=False) + "\n")
-    plot_progress(read_log(out_dir / "log.jsonl"), out_dir / "progress.png")
+    plot_progress(read_log(out_dir / WorkDir.LOG), out_dir / WorkDir.PROGRESS)
 
 
 def _validate(plans, network, loss_fn, val_store, config, settings, epoch, device, amp, amp_dtype, k, w):
@@ -466,7 +466,7 @@ def validate_fold(
     previous_dir = _previous_stage_dir(work, config, val_ids)
     # a stage that feeds a cascade also exports its validation predictions onto the cascade's grid
     feeds = [c for c in plans.configurations.values() if c.previous_stage == config_name]
-    out = work.fold_dir(config_name, fold) / "validation"
+    out = work.validation(config_name, fold)
     for case_id in val_ids:
         image = np.load(data_dir / f"{case_id}.npy")
         props = load_case_properties(data_dir, case_id)
@@ -483,7 +483,7 @@ def validate_fold(
             seg = next_stage_segmentation(probs, config.spacing, target, plans)
             save_npy(work.next_stage(config_name) / f"{case_id}.npy", seg)
     spec = load_dataset_json(work.dataset_json)
-    return evaluate_folders(work.gt_segmentations, out, spec, out / "summary.json", out / "per_case.csv")
+    return evaluate_folders(work.gt_segmentations, out, spec, out / WorkDir.SUMMARY, out / WorkDir.PER_CASE)
 
 
 def _previous_stage_dir(work: WorkDir, config, case_ids: list[str]) -> Path | None:
@@ -496,27 +496,27 @@ def _previous_stage_dir(work: WorkDir, config, case_ids: list[str]) -> Path | No
     if missing:
         raise AutosegError(
             f"{folder}: no {config.previous_stage} prediction for {len(missing)} case(s) (e.g. {missing[0]}); "
-            f"train all five folds of {config.previous_stage} first: their validation predictions feed "
+            f"train every fold of {config.previous_stage} first: their validation predictions feed "
             f"{config.name}"
         )
     return folder
 
 
 _FOLD_FILES = (
-    "checkpoint_latest.pt",
-    "checkpoint_best.pt",
-    "checkpoint_final.pt",
-    "settings.json",
-    "log.jsonl",
-    "progress.png",
+    WorkDir.CHECKPOINT_LATEST,
+    WorkDir.CHECKPOINT_BEST,
+    WorkDir.CHECKPOINT_FINAL,
+    WorkDir.FOLD_SETTINGS,
+    WorkDir.LOG,
+    WorkDir.PROGRESS,
 )
-_VALIDATION_FILES = ("summary.json", "per_case.csv", "report.png")
+_VALIDATION_FILES = (WorkDir.SUMMARY, WorkDir.PER_CASE, WorkDir.REPORT)
 
 
 def _remove_stale_temporaries(out_dir: Path, val_ids: list[str]) -> None:
     """Delete the temporary files (:mod:`autoseg.atomic`'s names, from autoseg's atomic writes) that a killed run
     left in the fold folder and its ``validation/``; nothing else is touched."""
-    owners = {out_dir: _FOLD_FILES, out_dir / "validation": _VALIDATION_FILES + tuple(val_ids)}
+    owners = {out_dir: _FOLD_FILES, out_dir / WorkDir.VALIDATION: _VALIDATION_FILES + tuple(val_ids)}
     for folder, names in owners.items():
         if not folder.is_dir():
             continue
