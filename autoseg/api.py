@@ -22,7 +22,7 @@ from autoseg.errors import AutosegError, PlansError
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import check_training_labels, discover_cases, discover_inputs, load_dataset_json
 from autoseg.jsonio import DiskFullError, read_json, write_json
-from autoseg.layout import WorkDir
+from autoseg.layout import MAX_FOLDS, WorkDir, fold_names, fold_range
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
@@ -342,14 +342,13 @@ def train(
     overwrite: bool = False,
     **overrides,
 ) -> Path:
-    """Train one fold (0..4 or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields.
+    """Train one fold (``0 .. num_folds-1`` or ``all``); ``overrides`` are :class:`TrainSettings` / inference fields.
     ``overwrite`` deletes the fold's earlier run first (else an earlier run needs ``resume``), once every
     option, setting and input has been checked: a refused run leaves the earlier one as it was."""
     from autoseg.inference.predictor import resolve_device
 
-    if str(fold) not in {"all", "0", "1", "2", "3", "4"}:
-        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
     train_settings, infer_settings = load_settings(config_file, **overrides)
+    check_fold(fold, train_settings.num_folds)
     work = WorkDir(Path(workdir))
     if overwrite and resume:
         raise AutosegError("--overwrite and --resume exclude each other")
@@ -398,6 +397,24 @@ def train_and_validate(
     if fold_run.trained and fold_run.writer and fold_run.val_ids:
         validation.validate_fold(work, plans, config, fold, fold_run.val_ids, device, inference)
     return fold_run.folder
+
+
+def check_fold(fold: int | str, num_folds: int = MAX_FOLDS, *, all_folds: bool = False) -> str:
+    """``fold`` as text when it names a fold (``0 .. num_folds-1`` or ``all``; with ``all_folds`` also
+    ``all-folds``), else an error that names the real range."""
+    allowed = [*fold_names(num_folds), "all", *(["all-folds"] if all_folds else [])]
+    if isinstance(fold, bool) or str(fold) not in allowed:
+        others = ", 'all-folds' or 'all'" if all_folds else " or 'all'"
+        raise AutosegError(f"fold must be {fold_range(num_folds)}{others}, got '{fold}'")
+    return str(fold)
+
+
+def train_folds(fold: int | str, config_file: str | Path | None = None, **overrides) -> list[str]:
+    """The folds ``autoseg train WORK CONFIG FOLD`` trains: ``fold`` checked against the settings'
+    ``num_folds``; ``all-folds`` is each of ``0 .. num_folds-1`` in turn."""
+    num_folds = load_settings(config_file, **overrides)[0].num_folds
+    text = check_fold(fold, num_folds, all_folds=True)
+    return fold_names(num_folds) if text == "all-folds" else [text]
 
 
 def join_torchrun(device: str = "auto") -> str:
@@ -569,11 +586,13 @@ def _folds_to_use(work: WorkDir, plans: Plans, config: str, folds, settings) -> 
             f"--mirror-axes {','.join(map(str, settings.mirror_axes))}: configuration '{config}' is 2D "
             "(patch axes 0 and 1), so nothing would be mirrored; use --no-mirroring to predict without"
         )
-    use = folds or available_folds(work, config)
+    use = folds or work.trained_folds(config)
     if not use:
-        raise PlansError(f"{work.root / 'results' / config}: no trained fold (checkpoint_final.pt) found")
+        raise PlansError(
+            f"{work.root / 'results' / config}: no trained fold ({WorkDir.CHECKPOINT_FINAL}) found"
+        )
     for f in use:
-        ckpt = work.fold_dir(config, f) / "checkpoint_final.pt"
+        ckpt = work.checkpoint(config, f)
         if not ckpt.is_file():
             raise PlansError(f"{ckpt}: not found (fold {f} of {config} is not trained; see --folds)")
     return list(use)
@@ -585,7 +604,7 @@ def _check_configs(configs: list[str] | None) -> None:
 
 
 def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
-    """``folds`` as given (0-4 or ``all``, each once), or an error naming ``--folds``."""
+    """``folds`` as given (``0 .. MAX_FOLDS-1`` or ``all``, each once), or an error naming ``--folds``."""
     if not folds:
         return None  # every trained fold
     out: list[int | str] = []
@@ -593,10 +612,10 @@ def _check_folds(folds: list[int | str] | None) -> list[int | str] | None:
         text = str(f)
         if text == "all":
             out.append("all")
-        elif text in {"0", "1", "2", "3", "4"} and not isinstance(f, bool):
+        elif text in fold_names() and not isinstance(f, bool):
             out.append(int(text))
         else:
-            raise AutosegError(f"--folds {f}: folds are 0-4 or 'all'")
+            raise AutosegError(f"--folds {f}: folds are {fold_range()} or 'all'")
     if len(set(out)) != len(out):
         raise AutosegError(f"--folds {' '.join(map(str, folds))}: a fold is given twice")
     return out
@@ -649,16 +668,6 @@ def import_model(bundle: str | Path, workdir: str | Path) -> WorkDir:
     from autoseg.bundle import import_model as _import
 
     return _import(bundle, workdir)
-
-
-def available_folds(work: WorkDir, config: str) -> list[int | str]:
-    out: list[int | str] = []
-    for k in range(5):
-        if (work.fold_dir(config, k) / "checkpoint_final.pt").is_file():
-            out.append(k)
-    if not out and (work.fold_dir(config, "all") / "checkpoint_final.pt").is_file():
-        out.append("all")
-    return out
 
 
 def evaluate(

@@ -68,7 +68,8 @@ MAX_RATIO = 100
 _CHUNK = 2**20
 _JSON_MEMBERS = ("plans.json", "dataset.json", "inference_instructions.json")
 _CHECKPOINT = re.compile(
-    r"results/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(fold_(?:all|[0-9]|[1-9][0-9]))/checkpoint_final\.pt"
+    r"results/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(fold_(?:all|[0-9]|[1-9][0-9]))/"
+    + re.escape(WorkDir.CHECKPOINT_FINAL)
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -113,7 +114,7 @@ def export_model(
         if not use:
             raise CheckpointError(f"{work.root / 'results' / c}: no trained fold to export")
         for f in use:
-            path = work.fold_dir(c, f) / "checkpoint_final.pt"
+            path = work.checkpoint(c, f)
             if not path.is_file():
                 raise CheckpointError(f"{path}: checkpoint not found (train {c} fold {f} first)")
         chosen[c] = use
@@ -132,7 +133,7 @@ def export_model(
             for c, use in chosen.items():
                 expected = _expected_weights(plans, c, str(work.plans))
                 for f in use:
-                    path = work.fold_dir(c, f) / "checkpoint_final.pt"
+                    path = work.checkpoint(c, f)
                     ckpt = load_checkpoint(path)
                     check_compatible(ckpt, path, c, _topology(plans, c))
                     check_weights(ckpt, path, expected)
@@ -141,7 +142,7 @@ def export_model(
                     buf = io.BytesIO()
                     torch.save(slim, buf)
                     del slim
-                    name = f"results/{c}/{work.fold_dir(c, f).name}/checkpoint_final.pt"
+                    name = f"results/{c}/{work.fold_dir(c, f).name}/{WorkDir.CHECKPOINT_FINAL}"
                     hashes[name] = hashlib.sha256(buf.getbuffer()).hexdigest()
                     zf.writestr(name, buf.getbuffer())
                     del buf
@@ -161,10 +162,7 @@ def export_model(
 
 
 def _trained_folds(work: WorkDir, config: str) -> list[str]:
-    folds = [str(k) for k in range(5) if (work.fold_dir(config, k) / "checkpoint_final.pt").is_file()]
-    if not folds and (work.fold_dir(config, "all") / "checkpoint_final.pt").is_file():
-        folds = ["all"]
-    return folds
+    return [str(f) for f in work.trained_folds(config)]
 
 
 def _safe_name(name: str, bundle: Path) -> str:
@@ -335,7 +333,7 @@ def _check_entries(zf: zipfile.ZipFile, bundle: Path) -> dict[str, zipfile.ZipIn
         if not _allowed(name):
             raise PlansError(
                 f"{bundle}:{name}: not something a model bundle holds (only manifest.json, plans.json, "
-                "dataset.json, inference_instructions.json and results/<config>/fold_<k>/checkpoint_final.pt)"
+                f"dataset.json, inference_instructions.json and results/<config>/fold_<k>/{WorkDir.CHECKPOINT_FINAL})"
             )
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise PlansError(f"{bundle}:{name}: member is not a regular file; refusing to extract")

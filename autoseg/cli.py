@@ -145,7 +145,10 @@ def train(
     ],
     fold: Annotated[
         str,
-        typer.Argument(help="Fold 0-4; 'all-folds' for 0-4 one after another; 'all' to train on every case"),
+        typer.Argument(
+            help="Fold 0 .. num_folds-1 (0-4 by default); 'all-folds' for each of them in turn; "
+            "'all' to train on every case"
+        ),
     ],
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (default 1000)")] = None,
     iters_per_epoch: Annotated[int | None, typer.Option(help="Iterations per epoch (default 250)")] = None,
@@ -166,7 +169,10 @@ def train(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt (or extend a finished run)")
+        bool,
+        typer.Option(
+            "--resume", help=f"Continue from {WorkDir.CHECKPOINT_LATEST} (or extend a finished run)"
+        ),
     ] = False,
     config_file: Annotated[
         Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
@@ -186,14 +192,6 @@ def train(
 
     Multi-GPU: torchrun --nproc_per_node N -m autoseg train WORK CONFIG FOLD (one process per GPU).
     """
-    if fold not in {"all", "all-folds", "0", "1", "2", "3", "4"}:
-        raise AutosegError(f"fold must be 0-4, 'all-folds' or 'all', got '{fold}'")
-    from autoseg.training import distributed
-
-    if distributed.launched_by_torchrun():
-        device = api.join_torchrun(device)
-    main_rank = distributed.world().is_main
-    folds: list[str] = ["0", "1", "2", "3", "4"] if fold == "all-folds" else [fold]
     overrides = dict(
         epochs=epochs,
         iters_per_epoch=iters_per_epoch,
@@ -204,8 +202,14 @@ def train(
         deterministic=True if deterministic else None,
         mirroring=False if no_mirroring else None,
     )
+    folds = api.train_folds(fold, config_file, **overrides)
+    from autoseg.training import distributed
+
+    if distributed.launched_by_torchrun():
+        device = api.join_torchrun(device)
+    main_rank = distributed.world().is_main
     for f in folds:
-        done = WorkDir(Path(workdir)).fold_dir(config, f) / "checkpoint_final.pt"
+        done = WorkDir(Path(workdir)).checkpoint(config, f)
         if fold == "all-folds" and not resume and not overwrite and done.is_file():
             if main_rank:
                 out.print(f"fold {f}: finished earlier ({done}), skipped")
@@ -215,7 +219,7 @@ def train(
         fold_dir = _train_one(
             workdir, config, f, device, resume, config_file, {**overrides, "overwrite": overwrite}, main_rank
         )
-        summary = fold_dir / "validation" / "summary.json"
+        summary = fold_dir / WorkDir.VALIDATION / WorkDir.SUMMARY
         if main_rank and summary.is_file():
             _print_summary(summary)
         if main_rank:
@@ -481,7 +485,7 @@ def export_model(
 def export_network(
     workdir: Annotated[Path, typer.Argument(help="WORK folder with trained folds")],
     config: Annotated[str, typer.Argument(help="Configuration")],
-    fold: Annotated[str, typer.Argument(help="Fold 0-4 or 'all'")],
+    fold: Annotated[str, typer.Argument(help="Fold 0 .. num_folds-1 (0-4 by default) or 'all'")],
     output: Annotated[Path, typer.Argument(help="File to write (e.g. net.pt or net.onnx)")],
     fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx")] = "torchscript",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file")] = False,
@@ -491,8 +495,7 @@ def export_network(
     from autoseg.inference.deploy import FORMATS
     from autoseg.inference.deploy import export_network as _export
 
-    if fold not in {"all", "0", "1", "2", "3", "4"}:
-        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
+    api.check_fold(fold)
     if fmt not in FORMATS:
         raise AutosegError(f"--format: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
     check_output_file(output, "exported network", overwrite)

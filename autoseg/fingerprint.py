@@ -20,9 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
-from autoseg.io.volume import CANONICAL_ORIENTATION, orientation_code
+from autoseg.io.volume import CANONICAL_ORIENTATION, orientation_code, read_channels
 from autoseg.preprocessing.crop import crop_to_nonzero
-from autoseg.preprocessing.pipeline import read_channels
 
 # 2: per case ``orientation`` and ``label_components``. An older fingerprint.json is recomputed, not upgraded.
 FINGERPRINT_SCHEMA_VERSION = 2
@@ -121,7 +120,7 @@ def case_fingerprint(
     """Fingerprint one case; also returns a seeded sample of foreground intensities per channel.
 
     NaN/Inf intensities raise :class:`DatasetError` naming the file, or with ``fix_nonfinite`` are replaced
-    (as preprocessing will replace them, see :func:`autoseg.preprocessing.pipeline.replace_nonfinite`)."""
+    (as preprocessing will replace them, see :func:`autoseg.io.volume.replace_nonfinite`)."""
     check_case_geometry(case)
     # spacing in the canonical array order, as preprocessing will see it
     image, geom, source = read_channels(case.images, CANONICAL_ORIENTATION, fix_nonfinite=fix_nonfinite)

@@ -48,6 +48,7 @@ from autoseg.evaluation.evaluate import evaluate_folders, structures
 from autoseg.io.dataset import DatasetSpec
 from autoseg.io.volume import copy_volume, read_volume, write_volume
 from autoseg.jsonio import write_json
+from autoseg.layout import WorkDir
 
 DICE_TOLERANCE = 1e-4
 """A mean Dice that falls by more than this counts as a drop."""
@@ -211,7 +212,7 @@ def decide_postprocessing(
             else:
                 shutil.rmtree(trial_dir)
         _publish(current_dir, out_dir, spec.file_ending)
-    write_json(out_dir / "summary.json", current)
+    write_json(out_dir / WorkDir.SUMMARY, current)
     pp = Postprocessing(keep_largest_foreground=keep_fg, keep_largest=tuple(kept_names))
     report = {
         "tolerance": DICE_TOLERANCE,

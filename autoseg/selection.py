@@ -46,14 +46,12 @@ from autoseg.inference.export import probabilities_to_labels
 from autoseg.io.dataset import DatasetSpec, load_dataset_json
 from autoseg.io.volume import copy_volume, read_header, write_volume
 from autoseg.jsonio import JSONFileError, read_json, write_json
-from autoseg.layout import WorkDir
+from autoseg.layout import MAX_FOLDS, WorkDir, fold_names
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import Postprocessing, decide_postprocessing, structure_dice
 
 INSTRUCTIONS_SCHEMA_VERSION = 1
 ENSEMBLE_PREFIX = "ensemble__"
-DEFAULT_FOLDS = (0, 1, 2, 3, 4)
-"""The folds ``autoseg predict`` uses when none are given (every trained fold 0-4)."""
 
 
 def crossval_dir(work: WorkDir, name: str) -> Path:
@@ -242,12 +240,13 @@ def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = Non
 
 
 def predict_command(work: WorkDir, configs: Sequence[str], folds: Sequence[int]) -> str:
-    """``autoseg predict WORK INPUT OUTPUT -c A [-c B]``, with ``-f k`` only for folds other than 0-4
-    (``predict`` uses every trained fold 0-4 by default)."""
+    """``autoseg predict WORK INPUT OUTPUT -c A [-c B]``, with ``-f k`` only for folds other than
+    ``0 .. MAX_FOLDS - 1``: ``predict`` uses every trained fold among those by default
+    (:meth:`WorkDir.trained_folds`), and find-best only picks configurations whose folds are all trained."""
     parts = ["autoseg", "predict", shlex.quote(str(work.root)), "INPUT", "OUTPUT"]
     for c in configs:
         parts += ["-c", shlex.quote(c)]
-    if tuple(folds) != DEFAULT_FOLDS:
+    if [str(k) for k in folds] != fold_names(MAX_FOLDS):
         for k in folds:
             parts += ["-f", str(k)]
     return " ".join(parts)
@@ -282,16 +281,18 @@ def _case_folds(splits: list[dict]) -> dict[str, int]:
 
 
 def _validation(work: WorkDir, config: str, fold: int) -> Path:
-    return work.fold_dir(config, fold) / "validation"
+    return work.validation(config, fold)
 
 
 def _candidate_problem(
     work: WorkDir, config: str, splits: list[dict], case_folds: dict[str, int], ending: str
 ) -> str | None:
     """Why ``config`` cannot be scored (``None`` if it can): an untrained fold or a missing prediction."""
-    missing = [k for k in range(len(splits)) if not (_validation(work, config, k) / "summary.json").is_file()]
+    missing = [
+        k for k in range(len(splits)) if not (_validation(work, config, k) / WorkDir.SUMMARY).is_file()
+    ]
     if missing:
-        unvalidated = [k for k in missing if (work.fold_dir(config, k) / "checkpoint_final.pt").is_file()]
+        unvalidated = [k for k in missing if work.checkpoint(config, k).is_file()]
         untrained = [k for k in missing if k not in unvalidated]
         parts = []
         if untrained:
@@ -384,7 +385,7 @@ def _evaluate(
 ) -> Scored:
     folder = crossval_dir(work, name)
     summary = evaluate_folders(
-        work.gt_segmentations, folder, spec, folder / "summary.json", folder / "per_case.csv", workers
+        work.gt_segmentations, folder, spec, folder / WorkDir.SUMMARY, folder / WorkDir.PER_CASE, workers
     )
     return Scored(name, configs, networks, summary["mean_dice"], structure_dice(summary))
 

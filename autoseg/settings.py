@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from autoseg.errors import AutosegError
+from autoseg.layout import MAX_FOLDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,7 +156,13 @@ class TrainSettings:
             "oversample_foreground", self.oversample_foreground, 0, 1, what="a fraction of each batch"
         )
         _check_range("seed", self.seed, 0, 2**32 - 1)
-        _check_range("num_folds", self.num_folds, 2, 5, what="folds 0-4 are trained and cross-validated")
+        _check_range(
+            "num_folds",
+            self.num_folds,
+            2,
+            MAX_FOLDS,
+            what="folds 0 .. num_folds-1 are trained and cross-validated",
+        )
         _check_range("loader_workers", self.loader_workers, -1, MAX_WORKERS, what="-1: one per core but one")
         _check_range("time_budget_minutes", self.time_budget_minutes, 0, 1e6, what="0: none")
 

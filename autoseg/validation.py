@@ -42,7 +42,7 @@ def check_settings(plans: Plans, config_name: str, inference: InferenceSettings)
 
 def is_validated(work: WorkDir, config_name: str, fold: int | str) -> bool:
     """Whether the fold's final validation has been written (its ``summary.json`` comes last)."""
-    return (work.fold_dir(config_name, fold) / "validation" / "summary.json").is_file()
+    return (work.validation(config_name, fold) / WorkDir.SUMMARY).is_file()
 
 
 def validate_fold(
@@ -64,7 +64,7 @@ def validate_fold(
     previous_dir = previous_stage_dir(work, config, val_ids)
     # a stage that feeds a cascade also exports its validation predictions onto the cascade's grid
     feeds = [c for c in plans.configurations.values() if c.previous_stage == config_name]
-    out = work.fold_dir(config_name, fold) / "validation"
+    out = work.validation(config_name, fold)
     for case_id in val_ids:
         image = np.load(data_dir / f"{case_id}.npy")
         props = load_case_properties(data_dir, case_id)
@@ -81,4 +81,4 @@ def validate_fold(
             seg = next_stage_segmentation(probs, config.spacing, target, plans)
             save_npy(work.next_stage(config_name) / f"{case_id}.npy", seg)
     spec = load_dataset_json(work.dataset_json)
-    return evaluate_folders(work.gt_segmentations, out, spec, out / "summary.json", out / "per_case.csv")
+    return evaluate_folders(work.gt_segmentations, out, spec, out / WorkDir.SUMMARY, out / WorkDir.PER_CASE)

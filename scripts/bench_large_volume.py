@@ -367,7 +367,7 @@ def save_random_checkpoint(work: Path, base: int, cap: int) -> dict:
     fold = wd.fold_dir("3d_fullres", 0)
     fold.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
-        fold / "checkpoint_final.pt",
+        fold / WorkDir.CHECKPOINT_FINAL,
         {
             "network": net.state_dict(),
             "config": "3d_fullres",

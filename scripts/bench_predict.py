@@ -279,7 +279,7 @@ def make_weights(args, work: Path, scratch: Path) -> dict:
     torch.manual_seed(args.seed)
     net = build_network(cfg.network, in_ch, plans.num_outputs)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    path = wd.fold_dir(AUTOSEG_CONFIG, FOLD) / "checkpoint_final.pt"
+    path = wd.checkpoint(AUTOSEG_CONFIG, FOLD)
     path.parent.mkdir(parents=True, exist_ok=True)
     topo = json.dumps(topology_key(plans, AUTOSEG_CONFIG))
     save_checkpoint(path, {"network": state, "config": AUTOSEG_CONFIG, "topology": topo, "epoch": 0})

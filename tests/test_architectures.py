@@ -11,12 +11,12 @@ import torch
 
 from autoseg.cli import main
 from autoseg.networks import available, build_network
+from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss
 from autoseg.networks.resenc import resenc_blocks_per_stage
 from autoseg.networks.vnet import vnet_convs_per_stage, vnet_kernel
 from autoseg.planning import memory, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from tests.test_planning import _fingerprint, _spec
 
 ARCHS = ["unet", "resenc", "vnet"]

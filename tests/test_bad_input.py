@@ -495,8 +495,7 @@ def test_origin_within_tolerance_is_accepted(tmp_path, capfd):
 
 def test_fix_nonfinite_replaces_nan_and_inf(tmp_path):
     """``read_channels(..., fix_nonfinite=True)``: NaN and -Inf become the finite minimum, +Inf the maximum."""
-    from autoseg.io.volume import Geometry, write_volume
-    from autoseg.preprocessing.pipeline import read_channels
+    from autoseg.io.volume import Geometry, read_channels, write_volume
 
     arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4) + 10
     arr.flat[[0, 1, 2]] = [np.nan, np.inf, -np.inf]

@@ -127,7 +127,8 @@ def test_huge_finite_intensities_plan_to_finite_arrays(tmp_path, capfd, raw):
 
 def test_normalisation_is_float64_exact():
     """``normalize_channel`` agrees with a float64 reference, for ordinary and for huge intensities."""
-    from autoseg.preprocessing.normalize import ChannelNormalization, normalize_channel
+    from autoseg.planning.plans import ChannelNormalization
+    from autoseg.preprocessing.normalize import normalize_channel
 
     rng = np.random.default_rng(1)
     for scale in (1.0, 1e36):

@@ -15,9 +15,9 @@ import torch
 from autoseg import api
 from autoseg.api import train_and_validate
 from autoseg.layout import WorkDir
+from autoseg.networks.losses import DiceCELoss, RegionDiceBCELoss
 from autoseg.planning.plans import Plans
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.losses import DiceCELoss, RegionDiceBCELoss
 from tests.conftest import real_dataset, shrink_network
 
 TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=5, loader_workers=0)

@@ -8,12 +8,12 @@ import SimpleITK as sitk
 
 from autoseg.inference.export import probabilities_to_segmentation, write_segmentation
 from autoseg.io.dataset import discover_cases, load_dataset_json, load_label
-from autoseg.io.volume import orientation_code
+from autoseg.io.volume import orientation_code, read_channels
 from autoseg.layout import WorkDir
-from autoseg.planning.plans import Plans
+from autoseg.planning.plans import ChannelNormalization, Plans
 from autoseg.preprocessing.crop import bbox_of, crop_to_nonzero, uncrop
-from autoseg.preprocessing.normalize import ChannelNormalization, normalize_channel
-from autoseg.preprocessing.pipeline import load_case_properties, preprocess_image, read_channels
+from autoseg.preprocessing.normalize import normalize_channel
+from autoseg.preprocessing.pipeline import load_case_properties, preprocess_image
 from autoseg.preprocessing.resample import new_shape, resample_image, resample_label
 from tests.conftest import real_dataset
 

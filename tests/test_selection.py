@@ -24,9 +24,8 @@ from autoseg.io.dataset import DatasetSpec
 from autoseg.io.volume import Geometry, read_volume, write_volume
 from autoseg.jsonio import read_json, save_npz, write_json
 from autoseg.layout import WorkDir
-from autoseg.planning.plans import Configuration, NetworkTopology, Plans
+from autoseg.planning.plans import ChannelNormalization, Configuration, NetworkTopology, Plans
 from autoseg.postprocessing import Postprocessing
-from autoseg.preprocessing.normalize import ChannelNormalization
 from autoseg.selection import (
     InferenceInstructions,
     Scored,

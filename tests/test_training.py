@@ -14,8 +14,8 @@ from autoseg.api import train_and_validate
 from autoseg.checkpoint_io import load_checkpoint
 from autoseg.errors import AutosegError
 from autoseg.layout import WorkDir
+from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.settings import InferenceSettings, TrainSettings
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.sampling import CaseStore, PatchSampler
 from autoseg.training.schedule import poly_lr
 from autoseg.training.splits import fold_cases, make_splits

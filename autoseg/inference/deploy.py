@@ -30,7 +30,7 @@ def load_fold_network(work: WorkDir, config: str, fold: int | str) -> tuple[torc
     cfg = plans.configuration(config)
     in_ch = plans.input_channels(config)
     network = build_network(cfg.network, in_ch, plans.num_outputs)
-    path = work.fold_dir(config, fold) / "checkpoint_final.pt"
+    path = work.checkpoint(config, fold)
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, path, config, topology_key(plans, config))
     check_weights(ckpt, path, network.state_dict())

@@ -33,7 +33,7 @@ from autoseg.inference.export import (
 from autoseg.inference.runner import TileRunner
 from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
 from autoseg.io.dataset import Case
-from autoseg.io.volume import data_file_names, file_ending
+from autoseg.io.volume import data_file_names, file_ending, read_channels
 from autoseg.jsonio import save_npz
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
@@ -41,7 +41,6 @@ from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import (
     CaseProperties,
     preprocess_image,
-    read_channels,
     spacing_outside_training,
 )
 from autoseg.settings import InferenceSettings
@@ -93,7 +92,7 @@ class Predictor:
         folds: list[int | str],
         device: torch.device,
         settings: InferenceSettings = InferenceSettings(),
-        checkpoint_name: str = "checkpoint_final.pt",
+        checkpoint_name: str = WorkDir.CHECKPOINT_FINAL,
         plans: Plans | None = None,
         with_previous_stage: bool = True,
     ):
@@ -109,7 +108,7 @@ class Predictor:
         # one network per fold: a compiled network has its weights frozen in, so folds cannot share one
         self.runners: list[TileRunner] = []
         for fold in folds:
-            path = work.fold_dir(config, fold) / checkpoint_name
+            path = work.checkpoint(config, fold, checkpoint_name)
             if not path.is_file():
                 raise CheckpointError(
                     f"{path}: not found (train it with 'autoseg train {work.root} {config} {fold}')"

@@ -383,7 +383,7 @@ def series_geometry(series: DicomSeries) -> Geometry:
 
 
 def read_dicom_channels(case: DicomCase, orientation: str | None) -> tuple[np.ndarray, Geometry, Geometry]:
-    """:func:`autoseg.preprocessing.pipeline.read_channels` for a DICOM case: ``(C, Z, Y, X)`` float32 in
+    """:func:`autoseg.io.volume.read_channels` for a DICOM case: ``(C, Z, Y, X)`` float32 in
     ``orientation``, its geometry, and the geometry as stored (the series' own slice order)."""
     arrays, source, geom = [], None, None
     for s in case.series:

@@ -93,8 +93,8 @@ def registered_builder(topo: NetworkTopology):
 def training_loss(num_classes: int, region_based: bool = False):
     """The loss a training step uses (:func:`autoseg.training.loop.make_loss` without the ignore label's
     masks): the planner measures network and loss together. Imported here, from the pure-torch
-    ``training/losses.py``: the one import from planning into training, until losses live below both."""
-    from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+    ``networks/losses.py`` (below planning, beside the networks it trains)."""
+    from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 
     inner = RegionDiceBCELoss([[c + 1] for c in range(num_classes)]) if region_based else DiceCELoss()
     deep_supervision = DeepSupervisionLoss(inner)

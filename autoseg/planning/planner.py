@@ -11,9 +11,8 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.io.dataset import DatasetSpec
 from autoseg.io.volume import CANONICAL_ORIENTATION
 from autoseg.planning import memory, speed, topology
-from autoseg.planning.plans import Configuration, NetworkTopology, Plans
+from autoseg.planning.plans import ChannelNormalization, Configuration, NetworkTopology, Plans
 from autoseg.planning.spacing import target_spacing, transpose_coarse_first
-from autoseg.preprocessing.normalize import ChannelNormalization
 
 MIN_BATCH = 2
 MAX_DATASET_FRACTION_PER_BATCH = 0.05

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from autoseg.errors import PlansError
 from autoseg.jsonio import JSONFileError, read_json, write_json
-from autoseg.preprocessing.normalize import ChannelNormalization
 
 PLANS_SCHEMA_VERSION = 1
 # Sanity limits for plans read from disk (a hand-edited WORK/plans.json, or one from a model bundle, is
@@ -51,6 +50,25 @@ _REQUIRED_KEYS = (
     "gpu_memory_gb",
     "configurations",
 )
+
+
+@dataclass(frozen=True)
+class ChannelNormalization:
+    """How one channel is normalized (see :mod:`autoseg.preprocessing.normalize`)."""
+
+    scheme: str  # one of NORMALIZATION_SCHEMES
+    use_mask: bool = False
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ChannelNormalization:
+        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -11,26 +11,9 @@ Schemes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class ChannelNormalization:
-    scheme: str  # "zscore" | "ct" | "none"
-    use_mask: bool = False
-    clip_low: float | None = None
-    clip_high: float | None = None
-    mean: float | None = None
-    std: float | None = None
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> ChannelNormalization:
-        return cls(**d)
+from autoseg.planning.plans import ChannelNormalization
 
 
 def normalize_channel(

@@ -24,7 +24,7 @@ import numpy as np
 from autoseg.atomic import remove_stale_temporaries
 from autoseg.errors import AutosegError, DatasetError, PlansError
 from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_label
-from autoseg.io.volume import Geometry, read_4d_channels, read_volume
+from autoseg.io.volume import Geometry, read_channels
 from autoseg.jsonio import read_json, save_npy, save_npz, write_json
 from autoseg.planning.plans import Configuration, Plans
 from autoseg.preprocessing.crop import crop_to_nonzero
@@ -68,21 +68,6 @@ class CaseProperties:
         )
 
 
-def replace_nonfinite(array: np.ndarray) -> tuple[np.ndarray, int]:
-    """``array`` with NaN and -Inf replaced by its finite minimum and +Inf by its finite maximum (0 where no
-    value is finite), and the number of voxels replaced. A copy only when something was replaced."""
-    bad = ~np.isfinite(array)
-    n = int(bad.sum())
-    if n == 0:
-        return array, 0
-    finite = array[~bad]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    out = array.copy()
-    out[np.isnan(array) | np.isneginf(array)] = low
-    out[np.isposinf(array)] = high
-    return out, n
-
-
 def spacing_outside_training(
     spacing_mm: tuple[float, ...] | list[float], training_spacings_mm, factor: float = 2.0
 ) -> str | None:
@@ -104,42 +89,6 @@ def spacing_outside_training(
     if not out:
         return None
     return f"spacing far outside the training range (more than {factor:g}x; {'; '.join(out)})"
-
-
-def read_channels(
-    files: tuple[Path, ...] | list[Path],
-    orientation: str | None,
-    four_d: bool = False,
-    fix_nonfinite: bool = False,
-) -> tuple[np.ndarray, Geometry, Geometry]:
-    """Read the channel files of one case (or, with ``four_d``, the channels of one 4D file), reoriented to
-    ``orientation``, stacked into ``(C, Z, Y, X)`` float32. Returns ``(image, geometry after reorienting,
-    geometry as stored)``.
-
-    NaN or Inf intensities raise :class:`DatasetError` naming the file, unless ``fix_nonfinite``: then they
-    are replaced (see :func:`replace_nonfinite`) and a warning names the file and the count."""
-    if four_d:
-        vols = read_4d_channels(files[0], orientation=orientation)
-        files = [files[0]] * len(vols)
-    else:
-        vols = [read_volume(f, orientation=orientation) for f in files]
-    ref = vols[0].geometry
-    for v in vols[1:]:
-        if v.geometry.shape != ref.shape:
-            raise DatasetError(f"{v.path}: shape {v.geometry.shape} differs from {files[0]} {ref.shape}")
-    for f, v in zip(files, vols):
-        if fix_nonfinite:
-            v.array, n = replace_nonfinite(v.array)
-            if n:
-                _log.warning("%s: replaced %d NaN/Inf intensity value(s) (--fix-nonfinite)", f, n)
-            continue
-        finite = np.isfinite(v.array)
-        if not finite.all():
-            raise DatasetError(
-                f"{f}: contains {int((~finite).sum())} NaN/Inf intensity value(s) "
-                "(use --fix-nonfinite to replace them by the image's finite minimum/maximum)"
-            )
-    return np.stack([v.array for v in vols]), ref, vols[0].source_geometry
 
 
 def memory_bytes(device=None) -> int:

@@ -125,7 +125,7 @@ def train_fold(
     if resume and run.final.exists() and state.epoch >= state.planned and (validated or not run.val_ids):
         return TrainedFold(run.folder, run.val_ids, trained=False, writer=run.world.is_main)
     if run.world.is_main:
-        _truncate_log(run.folder / "log.jsonl", state.epoch)
+        _truncate_log(run.folder / WorkDir.LOG, state.epoch)
     model = batch_model(run)
     spec, workers = loader_spec(run), loader_workers(settings, run.world)
     # built once: its memory maps and previous-stage maps are reused every epoch
@@ -308,7 +308,9 @@ def _save_epoch(
     improved, ``checkpoint_latest.pt``, then ``on_epoch``."""
     _log_epoch(run.folder, report)
     if state.improved():
-        save_checkpoint(run.folder / "checkpoint_best.pt", checkpoint_contents(run, state, resumable=False))
+        save_checkpoint(
+            run.folder / WorkDir.CHECKPOINT_BEST, checkpoint_contents(run, state, resumable=False)
+        )
     save_checkpoint(run.latest, checkpoint_contents(run, state))
     if on_epoch:
         on_epoch(report)
@@ -325,9 +327,9 @@ def _log_epoch(out_dir: Path, report: EpochReport) -> None:
     """Append the epoch to ``log.jsonl`` (NaN written as null: the file stays strict JSON) and redraw
     ``progress.png``."""
     record = json.loads(json.dumps(asdict(report)).replace("NaN", "null"))
-    with open(out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+    with open(out_dir / WorkDir.LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, allow_nan=False) + "\n")
-    plot_progress(read_log(out_dir / "log.jsonl"), out_dir / "progress.png")
+    plot_progress(read_log(out_dir / WorkDir.LOG), out_dir / WorkDir.PROGRESS)
 
 
 def _truncate_log(path: Path, start_epoch: int) -> None:

@@ -18,12 +18,12 @@ from autoseg.inference.predictor import topology_key
 from autoseg.jsonio import write_json
 from autoseg.layout import WorkDir
 from autoseg.networks import build_network
+from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from autoseg.planning.plans import Configuration, Plans
 from autoseg.settings import TrainSettings
 from autoseg.training import distributed
 from autoseg.training.augmentation import augmentation_patch_size
 from autoseg.training.dataloader import LoaderSpec, default_workers
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
 _log = logging.getLogger("autoseg")
@@ -76,11 +76,11 @@ class TrainingRun:
 
     @property
     def latest(self) -> Path:
-        return self.folder / "checkpoint_latest.pt"
+        return self.folder / WorkDir.CHECKPOINT_LATEST
 
     @property
     def final(self) -> Path:
-        return self.folder / "checkpoint_final.pt"
+        return self.folder / WorkDir.CHECKPOINT_FINAL
 
     @property
     def fold_index(self) -> int:
@@ -161,7 +161,7 @@ def _prepare_folder(
 ) -> None:
     """Refuse to start over an earlier run unless resuming; on rank 0 create the folder, delete what killed
     runs left half-written and write the run's settings (``record``) to ``settings.json``."""
-    latest = out_dir / "checkpoint_latest.pt"
+    latest = out_dir / WorkDir.CHECKPOINT_LATEST
     if latest.exists() and not resume:
         raise AutosegError(
             f"{latest}: this fold already has a run; use --resume to continue it, or --overwrite to start again"
@@ -169,7 +169,7 @@ def _prepare_folder(
     if w.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out_dir, val_ids)
-        write_json(out_dir / "settings.json", record)
+        write_json(out_dir / WorkDir.FOLD_SETTINGS, record)
 
 
 def make_loss(plans: Plans, batch_dice: bool) -> DeepSupervisionLoss:
@@ -205,7 +205,7 @@ def previous_stage_dir(work: WorkDir, config: Configuration, case_ids: list[str]
     if missing:
         raise AutosegError(
             f"{folder}: no {config.previous_stage} prediction for {len(missing)} case(s) (e.g. {missing[0]}); "
-            f"train all five folds of {config.previous_stage} first: their validation predictions feed "
+            f"train every fold of {config.previous_stage} first: their validation predictions feed "
             f"{config.name}"
         )
     return folder
@@ -255,20 +255,20 @@ def batch_model(run: TrainingRun) -> torch.nn.Module:
 
 
 _FOLD_FILES = (
-    "checkpoint_latest.pt",
-    "checkpoint_best.pt",
-    "checkpoint_final.pt",
-    "settings.json",
-    "log.jsonl",
-    "progress.png",
+    WorkDir.CHECKPOINT_LATEST,
+    WorkDir.CHECKPOINT_BEST,
+    WorkDir.CHECKPOINT_FINAL,
+    WorkDir.FOLD_SETTINGS,
+    WorkDir.LOG,
+    WorkDir.PROGRESS,
 )
-_VALIDATION_FILES = ("summary.json", "per_case.csv", "report.png")
+_VALIDATION_FILES = (WorkDir.SUMMARY, WorkDir.PER_CASE, WorkDir.REPORT)
 
 
 def _remove_stale_temporaries(out_dir: Path, val_ids: list[str]) -> None:
     """Delete the temporary files (:mod:`autoseg.atomic`'s names, from autoseg's atomic writes) that a killed run
     left in the fold folder and its ``validation/``; nothing else is touched."""
-    owners = {out_dir: _FOLD_FILES, out_dir / "validation": _VALIDATION_FILES + tuple(val_ids)}
+    owners = {out_dir: _FOLD_FILES, out_dir / WorkDir.VALIDATION: _VALIDATION_FILES + tuple(val_ids)}
     for folder, names in owners.items():
         if not folder.is_dir():
             continue
