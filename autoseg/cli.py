@@ -23,9 +23,6 @@ from rich.progress import (
 from rich.table import Table
 
 from autoseg import api
-from autoseg.errors import AutosegError
-from autoseg.layout import WorkDir
-from autoseg.planning.memory import ARCHITECTURES
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +33,9 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 # the architectures the planner has a memory model for (each is registered in autoseg.networks)
-Architecture = Enum("Architecture", {name: name for name in ARCHITECTURES}, type=str)
+Architecture = Enum("Architecture", {name: name for name in api.architectures()}, type=str)
+TRAIN = api.TrainSettings  # option defaults are the settings' own (written once, in autoseg.settings)
+INFER = api.InferenceSettings
 
 
 def _progress() -> Progress:
@@ -147,10 +146,12 @@ def train(
         str,
         typer.Argument(help="Fold 0-4; 'all-folds' for 0-4 one after another; 'all' to train on every case"),
     ],
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs (default 1000)")] = None,
-    iters_per_epoch: Annotated[int | None, typer.Option(help="Iterations per epoch (default 250)")] = None,
+    epochs: Annotated[int | None, typer.Option(help=f"Number of epochs (default {TRAIN.epochs})")] = None,
+    iters_per_epoch: Annotated[
+        int | None, typer.Option(help=f"Iterations per epoch (default {TRAIN.iters_per_epoch})")
+    ] = None,
     val_iters: Annotated[
-        int | None, typer.Option(help="Validation iterations per epoch (default 50)")
+        int | None, typer.Option(help=f"Validation iterations per epoch (default {TRAIN.val_iters})")
     ] = None,
     time_budget: Annotated[
         float | None,
@@ -186,14 +187,6 @@ def train(
 
     Multi-GPU: torchrun --nproc_per_node N -m autoseg train WORK CONFIG FOLD (one process per GPU).
     """
-    if fold not in {"all", "all-folds", "0", "1", "2", "3", "4"}:
-        raise AutosegError(f"fold must be 0-4, 'all-folds' or 'all', got '{fold}'")
-    from autoseg.training import distributed
-
-    if distributed.launched_by_torchrun():
-        device = api.join_torchrun(device)
-    main_rank = distributed.world().is_main
-    folds: list[str] = ["0", "1", "2", "3", "4"] if fold == "all-folds" else [fold]
     overrides = dict(
         epochs=epochs,
         iters_per_epoch=iters_per_epoch,
@@ -204,29 +197,31 @@ def train(
         deterministic=True if deterministic else None,
         mirroring=False if no_mirroring else None,
     )
-    for f in folds:
-        done = WorkDir(Path(workdir)).fold_dir(config, f) / "checkpoint_final.pt"
-        if fold == "all-folds" and not resume and not overwrite and done.is_file():
-            if main_rank:
-                out.print(f"fold {f}: finished earlier ({done}), skipped")
+    runs = api.train_folds(
+        workdir, config, fold, device=device, resume=resume, overwrite=overwrite, config_file=config_file,
+        **overrides,
+    )  # fmt: skip
+    for run in runs:
+        if run.finished is not None:
+            if run.show:
+                out.print(f"fold {run.fold}: finished earlier ({run.finished}), skipped")
             continue
-        if fold == "all-folds" and main_rank:
-            out.print(f"[bold]fold {f}[/bold]")
-        fold_dir = _train_one(
-            workdir, config, f, device, resume, config_file, {**overrides, "overwrite": overwrite}, main_rank
-        )
-        summary = fold_dir / "validation" / "summary.json"
-        if main_rank and summary.is_file():
+        if run.announce and run.show:
+            out.print(f"[bold]fold {run.fold}[/bold]")
+        fold_dir = _train_one(run)
+        summary = run.summary() if run.show else None
+        if summary is not None:
             _print_summary(summary)
-        if main_rank:
+        if run.show:
             out.print(f"results in {fold_dir}", soft_wrap=True)
 
 
-def _train_one(workdir, config, fold, device, resume, config_file, overrides, show: bool) -> Path:
+def _train_one(run) -> Path:
     """One fold with a live display: iteration bar (loss, iterations/s, epoch ETA), a line per epoch
     (losses, pseudo-Dice per structure, learning rate, seconds, ETA of the run)."""
     import time
 
+    show = run.show
     with _progress() as bar:
         task = bar.add_task("epoch 1", total=None, info="", visible=show and err.is_terminal)
         started = {"t": time.perf_counter(), "epoch_seconds": []}
@@ -257,17 +252,7 @@ def _train_one(workdir, config, fold, device, resume, config_file, overrides, sh
             )
             bar.update(task, description=f"epoch {r.epoch + 1}", completed=0)
 
-        return api.train(
-            workdir,
-            config,
-            fold,
-            device=device,
-            resume=resume,
-            config_file=config_file,
-            on_iteration=on_iteration if show else None,
-            on_epoch=on_epoch if show else None,
-            **overrides,
-        )
+        return run.train(on_iteration=on_iteration if show else None, on_epoch=on_epoch if show else None)
 
 
 def _duration(seconds: float) -> str:
@@ -298,7 +283,9 @@ def predict(
     folds: Annotated[
         list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")
     ] = None,
-    step: Annotated[float, typer.Option("--step", help="Tile step as a fraction of the patch")] = 0.5,
+    step: Annotated[
+        float, typer.Option("--step", help="Tile step as a fraction of the patch")
+    ] = INFER.step_size,
     no_mirroring: Annotated[bool, typer.Option("--no-mirroring", help="No test-time mirroring")] = False,
     mirror_axes: Annotated[
         str | None, typer.Option("--mirror-axes", help="Patch axes to mirror, e.g. 1,2 (default: all)")
@@ -324,7 +311,7 @@ def predict(
             "--compile",
             help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
         ),
-    ] = "auto",
+    ] = INFER.compile,
     no_heap_reuse: Annotated[
         bool,
         typer.Option(
@@ -350,53 +337,32 @@ def predict(
     ] = None,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
-    need = 2 if model is not None else 3
-    if len(paths) < need:
-        raise AutosegError(
-            "predict needs " + ("INPUT... OUTPUT with --model" if model else "WORK INPUT... OUTPUT")
-        )
-    fold_list: list[int | str] | None = None
-    if folds:
-        fold_list = ["all" if f == "all" else _int_option("--folds", f) for f in folds]
-    axes = None
-    if mirror_axes is not None:
-        axes = tuple(_int_option("--mirror-axes", a) for a in mirror_axes.split(",") if a.strip())
-    workdir, inputs, output = (None, paths[:-1], paths[-1]) if model else (paths[0], paths[1:-1], paths[-1])
-    from autoseg.inference.dicom_export import check_formats
-    from autoseg.io.dicom import parse_channel_rules
-
-    dicom_options = dict(output_formats=check_formats(output_format), channels=parse_channel_rules(channel))
+    settings = dict(
+        step_size=step,
+        mirroring=False if no_mirroring else None,
+        compile=compile_,
+        reuse_heap=False if no_heap_reuse else None,
+        fix_nonfinite=True if fix_nonfinite else None,
+    )
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")
-        kwargs = dict(
+        written = api.predict_paths(
+            paths,
+            model=model,
+            folds=folds,
+            mirror_axes=mirror_axes,
+            output_formats=output_format,
+            channels=channel,
+            settings=settings,
             configs=config or None,
-            folds=fold_list,
-            step_size=step,
-            mirroring=not no_mirroring,
-            mirror_axes=axes,
             device=device,
             continue_=continue_,
             overwrite=overwrite,
             save_probabilities=save_probabilities,
-            compile=compile_,
-            reuse_heap=not no_heap_reuse,
             postprocessing=not no_postprocessing,
-            fix_nonfinite=fix_nonfinite,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
-            **dicom_options,
         )
-        if model is not None:
-            written = api.predict_with_model(model, inputs, output, **kwargs)
-        else:
-            written = api.predict(workdir, inputs, output, **kwargs)
-    out.print(f"{len(written)} prediction(s) written to {output}")
-
-
-def _int_option(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise AutosegError(f"{name}: '{value}' is not a whole number") from None
+    out.print(f"{len(written)} prediction(s) written to {paths[-1]}")
 
 
 @app.command()
@@ -425,7 +391,7 @@ def evaluate(
 ) -> None:
     """Dice, IoU, precision, recall, specificity, VOE, RVD, HD, HD95, ASSD, NSD per case and label;
     summary.json, per_case.csv, report.png (and overlays)."""
-    api.evaluate(
+    report = api.evaluate_report(
         reference_dir,
         prediction_dir,
         dataset_json,
@@ -436,7 +402,7 @@ def evaluate(
         images_dir=images,
         missing_as_empty=missing_as_empty,
     )
-    _print_summary(output or prediction_dir / "summary.json")
+    _print_summary(report)
 
 
 @app.command()
@@ -446,9 +412,7 @@ def phantom(
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Write a deterministic synthetic 2-channel, 2-label 3D dataset in the raw layout."""
-    from autoseg.phantom import make_phantom_dataset
-
-    make_phantom_dataset(out_dir, n_cases=cases, seed=seed)
+    api.make_phantom(out_dir, cases=cases, seed=seed)
     out.print(f"phantom dataset with {cases} cases written to {out_dir}")
 
 
@@ -466,12 +430,7 @@ def export_model(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle")] = False,
 ) -> None:
     """Write a portable model bundle: plans, dataset.json, weights, postprocessing."""
-    from autoseg.atomic import check_output_file
-
-    check_output_file(output, "model bundle", overwrite)
-    if WorkDir(workdir).owns(output):
-        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the bundle elsewhere")
-    manifest = api.export_model(workdir, output, config or None, folds or None)
+    manifest = api.export_model(workdir, output, config or None, folds or None, overwrite=overwrite)
     size = output.stat().st_size / 2**20
     folds_text = "; ".join(f"{c}: folds {', '.join(f)}" for c, f in manifest["folds"].items())
     out.print(f"wrote {output} ({size:.1f} MiB; {folds_text})", soft_wrap=True)
@@ -487,19 +446,7 @@ def export_network(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file")] = False,
 ) -> None:
     """Export one fold's network for deployment (patch in, logits out)."""
-    from autoseg.atomic import check_output_file
-    from autoseg.inference.deploy import FORMATS
-    from autoseg.inference.deploy import export_network as _export
-
-    if fold not in {"all", "0", "1", "2", "3", "4"}:
-        raise AutosegError(f"fold must be 0-4 or 'all', got '{fold}'")
-    if fmt not in FORMATS:
-        raise AutosegError(f"--format: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
-    check_output_file(output, "exported network", overwrite)
-    if WorkDir(workdir).owns(output):
-        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the network elsewhere")
-
-    path = _export(workdir, config, fold, output, fmt)
+    path = api.export_network(workdir, config, fold, output, fmt, overwrite=overwrite)
     out.print(f"wrote {path} ({fmt})")
 
 
@@ -554,41 +501,19 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _print_summary(path: Path) -> None:
-    from autoseg.jsonio import read_json
-
-    s = read_json(path)
+def _print_summary(report) -> None:
+    """An :class:`autoseg.api.SummaryReport`: a table of the mean metrics per label, then its lines."""
     table = Table(title="mean over cases")
-    table.add_column("label")
-    table.add_column("Dice")
-    table.add_column("IoU")
-    table.add_column("HD95 (mm)")
-    table.add_column("NSD")
-    for label, m in s.get("mean", {}).items():
-        table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95", "nsd")))
+    for col in report.columns:
+        table.add_column(col)
+    for row in report.rows:
+        table.add_row(*row)
     out.print(table)
-    if "n_cases" in s:
-        empty = s.get("missing_as_empty") or []
-        out.print(
-            f"{s['n_cases']} case(s) scored"
-            + (f" of {s['n_references']} reference(s)" if s.get("n_references") is not None else "")
-            + (
-                f", {len(empty)} missing prediction(s) scored as empty: {', '.join(empty[:5])}"
-                if empty
-                else ""
-            )
-            + ("" if len(empty) <= 5 else f" and {len(empty) - 5} more"),
-            soft_wrap=True,
-        )
-    out.print(f"summary: {path}", soft_wrap=True)
-    if s.get("mean_dice") is not None:
-        out.print(f"mean Dice {s['mean_dice']:.4f}")
-
-
-def _mean_of(metrics: dict, key: str) -> str:
-    v = metrics.get(key, {})
-    v = v.get("mean") if isinstance(v, dict) else v
-    return "n/a" if v is None else f"{v:.4f}"
+    if report.cases is not None:
+        out.print(report.cases, soft_wrap=True)
+    out.print(f"summary: {report.path}", soft_wrap=True)
+    if report.mean_dice is not None:
+        out.print(f"mean Dice {report.mean_dice:.4f}")
 
 
 class _ConsoleHandler(logging.Handler):
@@ -628,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:  # a bad option or argument: one line too, like every other refusal
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         return 2
-    except AutosegError as exc:
+    except api.AutosegError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
