@@ -30,6 +30,10 @@ from autoseg.settings import TrainSettings as TrainSettings  # re-exported: the 
 from autoseg.undo import Undo
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+DEFAULT_WORKERS = 2
+"""Worker processes of plan, evaluate and find-best unless told otherwise."""
+DEFAULT_TOLERANCE_MM = 1.0
+"""Tolerance of evaluate's normalised surface Dice."""
 _log = logging.getLogger("autoseg")
 
 
@@ -47,7 +51,7 @@ def plan(
     gpu_memory_gb: float | None = None,
     device: str | None = None,
     resample_device: str | None = None,
-    workers: int = 2,
+    workers: int = DEFAULT_WORKERS,
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
     progress: Progress | None = None,
@@ -196,6 +200,26 @@ def _cached_fingerprint(work: WorkDir, cases, spec) -> Fingerprint | None:
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
     return None
+
+
+PLAN_COLUMNS = ("config", "spacing mm", "patch", "batch", "stages", "memory GB", "step s GPU/CPU")
+
+
+def plan_rows(plans: Plans) -> list[tuple[str, ...]]:
+    """One row per configuration of ``plans`` under :data:`PLAN_COLUMNS`, as ``autoseg plan`` shows them."""
+    rows = []
+    for name, c in plans.configurations.items():
+        step = c.estimated_step_seconds
+        rows.append((
+            name,
+            "×".join(f"{s:.3g}" for s in c.spacing),
+            "×".join(map(str, c.patch_size)),
+            str(c.batch_size),
+            str(c.network.n_stages),
+            f"{c.estimated_memory_gb:.2f}",
+            f"{step.get('gpu', float('nan')):.3f}/{step.get('cpu', float('nan')):.1f}",
+        ))  # fmt: skip
+    return rows
 
 
 def check_workers(workers: int, option: str = "--workers") -> int:
@@ -647,8 +671,8 @@ def evaluate(
     prediction_dir: str | Path,
     dataset_json: str | Path,
     output: str | Path | None = None,
-    workers: int = 2,
-    tolerance_mm: float = 1.0,
+    workers: int = DEFAULT_WORKERS,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     overlays: bool = False,
     images_dir: str | Path | None = None,
     missing_as_empty: bool = False,
@@ -697,7 +721,7 @@ def evaluate(
     )
 
 
-def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = 2) -> dict:
+def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = DEFAULT_WORKERS) -> dict:
     """Score the cross-validation of every fully trained configuration and of their pairwise ensembles, pick
     the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned)."""
     from autoseg.selection import find_best as _find_best

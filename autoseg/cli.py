@@ -63,40 +63,49 @@ def _stage_progress(bar: Progress):
     return update
 
 
+# plan's options
+_PlanDatasetDir = Annotated[
+    Path, typer.Argument(help="Raw dataset folder (dataset.json, imagesTr, labelsTr)")
+]
+_PlanGpuMemory = Annotated[
+    float | None,
+    typer.Option(
+        "--gpu-memory",
+        help=f"GPU memory budget of a training step, GB (default {api.DEFAULT_GPU_MEMORY_GB:g}, or --device's)",
+    ),
+]
+_PlanDevice = Annotated[
+    str | None,
+    typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
+]
+_PlanResampleDevice = Annotated[
+    str | None,
+    typer.Option("--resample-device", help="cpu or cuda: resample with torch (faster) instead of scipy"),
+]
+_PlanExplain = Annotated[bool, typer.Option("--explain", help="Print every planning decision and its reason")]
+_PlanArchitecture = Annotated[
+    Architecture, typer.Option("--architecture", help="Network to plan and size for")
+]
+_PlanFixNonfinite = Annotated[
+    bool,
+    typer.Option("--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"),
+]
+
+
 @app.command()
 def plan(
-    dataset_dir: Annotated[
-        Path, typer.Argument(help="Raw dataset folder (dataset.json, imagesTr, labelsTr)")
-    ],
+    dataset_dir: _PlanDatasetDir,
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for everything derived")],
-    gpu_memory: Annotated[
-        float | None,
-        typer.Option(
-            "--gpu-memory", help="GPU memory budget of a training step, GB (default 8, or --device's)"
-        ),
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
-    ] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel processes")] = 2,
-    resample_device: Annotated[
-        str | None,
-        typer.Option("--resample-device", help="cpu or cuda: resample with torch (faster) instead of scipy"),
-    ] = None,
+    gpu_memory: _PlanGpuMemory = None,
+    device: _PlanDevice = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=1, help="Parallel processes")
+    ] = api.DEFAULT_WORKERS,
+    resample_device: _PlanResampleDevice = None,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
-    explain: Annotated[
-        bool, typer.Option("--explain", help="Print every planning decision and its reason")
-    ] = False,
-    architecture: Annotated[
-        Architecture, typer.Option("--architecture", help="Network to plan and size for")
-    ] = Architecture.unet,
-    fix_nonfinite: Annotated[
-        bool,
-        typer.Option(
-            "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
-        ),
-    ] = False,
+    explain: _PlanExplain = False,
+    architecture: _PlanArchitecture = Architecture.unet,
+    fix_nonfinite: _PlanFixNonfinite = False,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
@@ -115,20 +124,10 @@ def plan(
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"
     )
-    columns = ("config", "spacing mm", "patch", "batch", "stages", "memory GB", "step s GPU/CPU")
-    for col in columns:
+    for col in api.PLAN_COLUMNS:
         table.add_column(col)
-    for name, c in plans.configurations.items():
-        step = c.estimated_step_seconds
-        table.add_row(
-            name,
-            "×".join(f"{s:.3g}" for s in c.spacing),
-            "×".join(map(str, c.patch_size)),
-            str(c.batch_size),
-            str(c.network.n_stages),
-            f"{c.estimated_memory_gb:.2f}",
-            f"{step.get('gpu', float('nan')):.3f}/{step.get('cpu', float('nan')):.1f}",
-        )
+    for row in api.plan_rows(plans):
+        table.add_row(*row)
     out.print(table)
     if explain:
         for r in plans.reasons:
@@ -136,52 +135,66 @@ def plan(
     out.print(f"plans written to {Path(workdir) / 'plans.json'}")
 
 
+# train's options
+_TrainConfig = Annotated[
+    str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
+]
+_TrainFold = Annotated[
+    str,
+    typer.Argument(help="Fold 0-4; 'all-folds' for 0-4 one after another; 'all' to train on every case"),
+]
+_TrainItersPerEpoch = Annotated[
+    int | None, typer.Option(help=f"Iterations per epoch (default {TRAIN.iters_per_epoch})")
+]
+_TrainValIters = Annotated[
+    int | None, typer.Option(help=f"Validation iterations per epoch (default {TRAIN.val_iters})")
+]
+_TrainTimeBudget = Annotated[
+    float | None,
+    typer.Option(
+        "--time-budget",
+        min=0,
+        help="Minutes of training per fold: the epochs (at most --epochs) are fitted into it, "
+        "the learning rate still decays to its end",
+    ),
+]
+_TrainWorkers = Annotated[
+    int | None, typer.Option("--workers", "-j", min=0, help="Augmentation processes (default: cores - 1)")
+]
+_TrainResume = Annotated[
+    bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt (or extend a finished run)")
+]
+_TrainConfigFile = Annotated[
+    Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
+]
+_TrainOverwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Delete the fold's earlier run and train from scratch")
+]
+_TrainDeterministic = Annotated[
+    bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
+]
+_TrainNoMirroring = Annotated[
+    bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
+]
+
+
 @app.command()
 def train(
     workdir: Annotated[Path, typer.Argument(help="WORK folder made by 'autoseg plan'")],
-    config: Annotated[
-        str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
-    ],
-    fold: Annotated[
-        str,
-        typer.Argument(help="Fold 0-4; 'all-folds' for 0-4 one after another; 'all' to train on every case"),
-    ],
+    config: _TrainConfig,
+    fold: _TrainFold,
     epochs: Annotated[int | None, typer.Option(help=f"Number of epochs (default {TRAIN.epochs})")] = None,
-    iters_per_epoch: Annotated[
-        int | None, typer.Option(help=f"Iterations per epoch (default {TRAIN.iters_per_epoch})")
-    ] = None,
-    val_iters: Annotated[
-        int | None, typer.Option(help=f"Validation iterations per epoch (default {TRAIN.val_iters})")
-    ] = None,
-    time_budget: Annotated[
-        float | None,
-        typer.Option(
-            "--time-budget",
-            min=0,
-            help="Minutes of training per fold: the epochs (at most --epochs) are fitted into it, "
-            "the learning rate still decays to its end",
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option("--workers", "-j", min=0, help="Augmentation processes (default: cores - 1)")
-    ] = None,
+    iters_per_epoch: _TrainItersPerEpoch = None,
+    val_iters: _TrainValIters = None,
+    time_budget: _TrainTimeBudget = None,
+    workers: _TrainWorkers = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt (or extend a finished run)")
-    ] = False,
-    config_file: Annotated[
-        Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Delete the fold's earlier run and train from scratch")
-    ] = False,
+    resume: _TrainResume = False,
+    config_file: _TrainConfigFile = None,
+    overwrite: _TrainOverwrite = False,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="No torch.compile on CUDA")] = False,
-    deterministic: Annotated[
-        bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
-    ] = False,
-    no_mirroring: Annotated[
-        bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
-    ] = False,
+    deterministic: _TrainDeterministic = False,
+    no_mirroring: _TrainNoMirroring = False,
 ) -> None:
     """Train one fold of a configuration (or all five), then predict and score its validation cases.
 
@@ -262,79 +275,89 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# predict's options
+_PredictPaths = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="WORK INPUT... OUTPUT",
+        help="WORK folder (left out with --model), then inputs: a folder of <case>_<cccc> images, image "
+        "files, 4D images with channels last, or folders of DICOM series; then the output folder",
+    ),
+]
+_PredictModel = Annotated[
+    Path | None,
+    typer.Option("--model", help="A model bundle from 'autoseg export-model' instead of WORK"),
+]
+_PredictConfig = Annotated[
+    list[str] | None,
+    typer.Option("--config", "-c", help="Configuration(s); several are ensembled (default: find-best's)"),
+]
+_PredictFolds = Annotated[list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")]
+_PredictStep = Annotated[float, typer.Option("--step", help="Tile step as a fraction of the patch")]
+_PredictMirrorAxes = Annotated[
+    str | None, typer.Option("--mirror-axes", help="Patch axes to mirror, e.g. 1,2 (default: all)")
+]
+_PredictSaveProbabilities = Annotated[
+    bool, typer.Option("--save-probabilities", help="Also write <case>.npz probabilities (original grid)")
+]
+_PredictNoPostprocessing = Annotated[
+    bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
+]
+_PredictFixNonfinite = Annotated[
+    bool,
+    typer.Option("--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"),
+]
+_PredictCompile = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
+    ),
+]
+_PredictNoHeapReuse = Annotated[
+    bool,
+    typer.Option(
+        "--no-heap-reuse",
+        help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
+    ),
+]
+_PredictOutputFormat = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--output-format",
+        help="nifti (default), dicom-seg or rtstruct; repeat for several. DICOM-SEG and RT-STRUCT need "
+        "DICOM series input (pip install 'autoseg\\[dicom]')",
+    ),
+]
+_PredictChannel = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--channel",
+        help="DICOM input: channel N is the series whose SeriesDescription matches, e.g. --channel 0=T1 "
+        "(default: the channel names of dataset.json)",
+    ),
+]
+
+
 @app.command()
 def predict(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="WORK INPUT... OUTPUT",
-            help="WORK folder (left out with --model), then inputs: a folder of <case>_<cccc> images, image "
-            "files, 4D images with channels last, or folders of DICOM series; then the output folder",
-        ),
-    ],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="A model bundle from 'autoseg export-model' instead of WORK"),
-    ] = None,
-    config: Annotated[
-        list[str] | None,
-        typer.Option("--config", "-c", help="Configuration(s); several are ensembled (default: find-best's)"),
-    ] = None,
-    folds: Annotated[
-        list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")
-    ] = None,
-    step: Annotated[
-        float, typer.Option("--step", help="Tile step as a fraction of the patch")
-    ] = INFER.step_size,
+    paths: _PredictPaths,
+    model: _PredictModel = None,
+    config: _PredictConfig = None,
+    folds: _PredictFolds = None,
+    step: _PredictStep = INFER.step_size,
     no_mirroring: Annotated[bool, typer.Option("--no-mirroring", help="No test-time mirroring")] = False,
-    mirror_axes: Annotated[
-        str | None, typer.Option("--mirror-axes", help="Patch axes to mirror, e.g. 1,2 (default: all)")
-    ] = None,
+    mirror_axes: _PredictMirrorAxes = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     continue_: Annotated[bool, typer.Option("--continue", help="Skip cases already written")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs")] = False,
-    save_probabilities: Annotated[
-        bool, typer.Option("--save-probabilities", help="Also write <case>.npz probabilities (original grid)")
-    ] = False,
-    no_postprocessing: Annotated[
-        bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
-    ] = False,
-    fix_nonfinite: Annotated[
-        bool,
-        typer.Option(
-            "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
-        ),
-    ] = False,
-    compile_: Annotated[
-        str,
-        typer.Option(
-            "--compile",
-            help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
-        ),
-    ] = INFER.compile,
-    no_heap_reuse: Annotated[
-        bool,
-        typer.Option(
-            "--no-heap-reuse",
-            help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
-        ),
-    ] = False,
-    output_format: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--output-format",
-            help="nifti (default), dicom-seg or rtstruct; repeat for several. DICOM-SEG and RT-STRUCT need "
-            "DICOM series input (pip install 'autoseg\\[dicom]')",
-        ),
-    ] = None,
-    channel: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--channel",
-            help="DICOM input: channel N is the series whose SeriesDescription matches, e.g. --channel 0=T1 "
-            "(default: the channel names of dataset.json)",
-        ),
-    ] = None,
+    save_probabilities: _PredictSaveProbabilities = False,
+    no_postprocessing: _PredictNoPostprocessing = False,
+    fix_nonfinite: _PredictFixNonfinite = False,
+    compile_: _PredictCompile = INFER.compile,
+    no_heap_reuse: _PredictNoHeapReuse = False,
+    output_format: _PredictOutputFormat = None,
+    channel: _PredictChannel = None,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
     settings = dict(
@@ -371,10 +394,10 @@ def evaluate(
     prediction_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps")],
     dataset_json: Annotated[Path, typer.Option("--dataset-json", help="The dataset's dataset.json")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="summary.json path")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = api.DEFAULT_WORKERS,
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0, help="Tolerance in mm of the normalised surface Dice")
-    ] = 1.0,
+    ] = api.DEFAULT_TOLERANCE_MM,
     overlays: Annotated[
         bool, typer.Option("--overlays", help="A PNG per case: slice with most reference, both contours")
     ] = False,
@@ -466,7 +489,7 @@ def find_best(
     config: Annotated[
         list[str] | None, typer.Option("--config", "-c", help="Only these configurations (default: all)")
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = api.DEFAULT_WORKERS,
 ) -> None:
     """Choose the best configuration or ensemble by cross-validation Dice, and its postprocessing."""
     result = api.find_best(workdir, config or None, workers)
