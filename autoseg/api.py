@@ -472,15 +472,10 @@ def predict(
         return []
     # only now: every check has passed and the models are loaded
     remove_stale_outputs(dicom_job.paths() if dicom_job is not None else targets)
+    write = dicom_job.write if dicom_job is not None else None
+    spacings = _training_spacings(work)
     return predict_cases(
-        predictors,
-        cases,
-        targets,
-        post,
-        save_probabilities,
-        progress,
-        _training_spacings(work),
-        write=dicom_job.write if dicom_job is not None else None,
+        predictors, cases, targets, post, save_probabilities, progress, spacings, write=write
     )
 
 
