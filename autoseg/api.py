@@ -460,9 +460,10 @@ def predict(
     dicom_job = _dicom_job(
         work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite
     )
-    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}
+    cases = None if dicom_job is not None else discover_inputs(input_list, len(plans.channel_names))
+    fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}  # after input errors
     cases, targets = _predict_targets(
-        work, plans, dicom_job, input_list, output_dir, continue_, overwrite, save_probabilities
+        work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
     )
     post = _postprocessor(work, configs, instructions) if postprocessing else None
     predictors = [Predictor(work, c, fold_lists[c], dev, settings, plans=plans) for c in configs]
@@ -500,17 +501,16 @@ def _predict_configs(plans: Plans, configs, config, instructions) -> list[str]:
 
 
 def _predict_targets(
-    work, plans, dicom_job, input_list, output_dir, continue_, overwrite, save_probabilities
+    work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
 ):
-    """The cases to predict and their output files (bad input is reported before loading models): the DICOM
-    job's, or those of plain image inputs. The output folder must not lie in WORK's own files."""
+    """The cases to predict and their output files: the DICOM job's, or those of the plain image inputs'
+    ``cases``. The output folder must not lie in WORK's own files."""
     from autoseg.inference.predictor import output_targets
 
     if work.owns(Path(output_dir)):
         raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
     if dicom_job is not None:
         return dicom_job.cases, dicom_job.targets
-    cases = discover_inputs(input_list, len(plans.channel_names))
     input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
     return output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities)
 
