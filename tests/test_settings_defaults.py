@@ -154,3 +154,34 @@ def test_functions_stay_short_or_say_why(module):
             if lines > 60 and "long because" not in (ast.get_docstring(node) or ""):
                 long.append(f"{node.name}: {lines} lines")
     assert long == []
+
+
+def test_all_folds_loop_lives_in_the_api(tmp_path, monkeypatch, capsys):
+    """``train WORK CONFIG all-folds``: api.train_folds skips a finished fold (unless --resume/--overwrite)
+    and trains the others in order; the CLI only prints what each FoldRun says."""
+    from autoseg.cli import main
+    from autoseg.jsonio import write_json
+    from autoseg.layout import WorkDir
+
+    work = WorkDir(tmp_path / "work")
+    finished = work.fold_dir("3d_fullres", 1) / "checkpoint_final.pt"
+    finished.parent.mkdir(parents=True)
+    finished.write_bytes(b"")
+    calls = []
+
+    def fake_train(workdir, config, fold, **kwargs):
+        calls.append((fold, kwargs["overwrite"], kwargs["epochs"]))
+        fold_dir = work.fold_dir(config, fold)
+        write_json(fold_dir / "validation" / "summary.json", {"mean": {"a": {"dice": 0.5}}, "mean_dice": 0.5})
+        return fold_dir
+
+    monkeypatch.setattr(api, "train", fake_train)
+    assert main(["train", str(work.root), "3d_fullres", "all-folds", "--epochs", "3"]) == 0
+    text = capsys.readouterr().out
+    assert [c[0] for c in calls] == ["0", "2", "3", "4"] and calls[0][1:] == (False, 3)
+    squeezed = "".join(text.split())  # the console wraps long lines at its width
+    assert "".join(f"fold 1: finished earlier ({finished}), skipped".split()) in squeezed
+    assert text.count("mean Dice 0.5000") == 4 and text.count("results in ") == 4
+    calls.clear()
+    assert main(["train", str(work.root), "3d_fullres", "all-folds", "--overwrite"]) == 0
+    assert [c[0] for c in calls] == ["0", "1", "2", "3", "4"] and calls[0][1:] == (True, None)
