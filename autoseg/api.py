@@ -26,13 +26,18 @@ from autoseg.layout import MAX_FOLDS, WorkDir, fold_names, fold_range
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
-from autoseg.settings import MAX_WORKERS, InferenceSettings, TrainSettings, inference_settings, load_settings
+from autoseg.settings import MAX_WORKERS, InferenceSettings, inference_settings, load_settings
+from autoseg.settings import TrainSettings as TrainSettings  # re-exported: the CLI's option defaults
 from autoseg.undo import Undo
 
 if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+DEFAULT_WORKERS = 2
+"""Worker processes of plan, evaluate and find-best unless told otherwise."""
+DEFAULT_TOLERANCE_MM = 1.0
+"""Tolerance of evaluate's normalised surface Dice."""
 _log = logging.getLogger("autoseg")
 
 
@@ -50,7 +55,7 @@ def plan(
     gpu_memory_gb: float | None = None,
     device: str | None = None,
     resample_device: str | None = None,
-    workers: int = 2,
+    workers: int = DEFAULT_WORKERS,
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
     progress: Progress | None = None,
@@ -90,25 +95,31 @@ def plan(
         )  # fmt: skip
     except (AutosegError, OSError) as exc:
         undo.rollback()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            exc = DiskFullError(str(exc), exc.filename)
-        if isinstance(exc, DiskFullError):  # said once everything this run wrote is gone again
-            free = shutil.disk_usage(_existing(work.root)).free
-            need = getattr(exc, "need_bytes", None)
-            raise DiskFullError(
-                f"{exc.path or work.root}: no space left on the disk (ENOSPC) while planning; nothing was kept"
-                + (f"; preprocessing needs about {need / 1e9:.2f} GB" if need else "")
-                + f", {free / 1e9:.2f} GB are free",
-                exc.path,
-            ) from None
-        if isinstance(exc, OSError):
-            raise AutosegError(f"{exc.filename or work.root}: {exc.strerror or exc}") from None
-        raise
+        _raise_plan_failure(exc, work)
     except BaseException:
         undo.commit()  # an interruption: what is done stays, and the next run resumes it
         raise
     undo.commit()
     return plans
+
+
+def _raise_plan_failure(exc: AutosegError | OSError, work: WorkDir):
+    """Re-raise a refusal of :func:`plan` once its writes are rolled back: a full disk says how much space
+    preprocessing needs and how much is free, another OSError is one line naming its file."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        exc = DiskFullError(str(exc), exc.filename)
+    if isinstance(exc, DiskFullError):  # said once everything this run wrote is gone again
+        free = shutil.disk_usage(_existing(work.root)).free
+        need = getattr(exc, "need_bytes", None)
+        raise DiskFullError(
+            f"{exc.path or work.root}: no space left on the disk (ENOSPC) while planning; nothing was kept"
+            + (f"; preprocessing needs about {need / 1e9:.2f} GB" if need else "")
+            + f", {free / 1e9:.2f} GB are free",
+            exc.path,
+        ) from None
+    if isinstance(exc, OSError):
+        raise AutosegError(f"{exc.filename or work.root}: {exc.strerror or exc}") from None
+    raise exc
 
 
 # what plan writes directly under WORK (a refused plan removes nothing else there)
@@ -126,19 +137,7 @@ def _plan_into(
     fix_nonfinite, resample_device,
 ) -> Plans:  # fmt: skip
     """The writing part of :func:`plan`; every file it replaces is first kept by ``undo``."""
-    from autoseg.fingerprint import FINGERPRINT_SCHEMA_VERSION, dataset_hash
-
-    fp = None
-    if work.fingerprint.is_file() and not clean:
-        try:
-            raw = read_json(work.fingerprint)
-            # an older schema lacks fields that a newer planner may use: recompute rather than guess them
-            if raw.get("schema_version") == FINGERPRINT_SCHEMA_VERSION:
-                cached = Fingerprint.from_json(raw)
-                if cached.dataset_hash == dataset_hash(cases, spec):
-                    fp = cached
-        except (KeyError, TypeError, ValueError, AttributeError):
-            fp = None
+    fp = None if clean else _cached_fingerprint(work, cases, spec)
     fresh_fingerprint = fp is None
     if fp is None:
         done = [0]
@@ -187,6 +186,44 @@ def _plan_into(
         exc.need_bytes = preprocessed_bytes(fp, plans, wanted)
         raise
     return plans
+
+
+def _cached_fingerprint(work: WorkDir, cases, spec) -> Fingerprint | None:
+    """WORK's fingerprint when it is of this schema and this dataset (same files, sizes, mtimes), else None."""
+    from autoseg.fingerprint import FINGERPRINT_SCHEMA_VERSION, dataset_hash
+
+    if not work.fingerprint.is_file():
+        return None
+    try:
+        raw = read_json(work.fingerprint)
+        # an older schema lacks fields that a newer planner may use: recompute rather than guess them
+        if raw.get("schema_version") == FINGERPRINT_SCHEMA_VERSION:
+            cached = Fingerprint.from_json(raw)
+            if cached.dataset_hash == dataset_hash(cases, spec):
+                return cached
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return None
+
+
+PLAN_COLUMNS = ("config", "spacing mm", "patch", "batch", "stages", "memory GB", "step s GPU/CPU")
+
+
+def plan_rows(plans: Plans) -> list[tuple[str, ...]]:
+    """One row per configuration of ``plans`` under :data:`PLAN_COLUMNS`, as ``autoseg plan`` shows them."""
+    rows = []
+    for name, c in plans.configurations.items():
+        step = c.estimated_step_seconds
+        rows.append((
+            name,
+            "×".join(f"{s:.3g}" for s in c.spacing),
+            "×".join(map(str, c.patch_size)),
+            str(c.batch_size),
+            str(c.network.n_stages),
+            f"{c.estimated_memory_gb:.2f}",
+            f"{step.get('gpu', float('nan')):.3f}/{step.get('cpu', float('nan')):.1f}",
+        ))  # fmt: skip
+    return rows
 
 
 def check_workers(workers: int, option: str = "--workers") -> int:
@@ -409,7 +446,7 @@ def check_fold(fold: int | str, num_folds: int = MAX_FOLDS, *, all_folds: bool =
     return str(fold)
 
 
-def train_folds(fold: int | str, config_file: str | Path | None = None, **overrides) -> list[str]:
+def folds_to_train(fold: int | str, config_file: str | Path | None = None, **overrides) -> list[str]:
     """The folds ``autoseg train WORK CONFIG FOLD`` trains: ``fold`` checked against the settings'
     ``num_folds``; ``all-folds`` is each of ``0 .. num_folds-1`` in turn."""
     num_folds = load_settings(config_file, **overrides)[0].num_folds
@@ -439,11 +476,9 @@ def predict(
     inputs: str | Path | list[str | Path],
     output_dir: str | Path,
     *,
+    settings: InferenceSettings | None = None,
     configs: list[str] | None = None,
     folds: list[int | str] | None = None,
-    step_size: float = 0.5,
-    mirroring: bool = True,
-    mirror_axes: tuple[int, ...] | None = None,
     device: str = "auto",
     continue_: bool = False,
     overwrite: bool = False,
@@ -451,59 +486,27 @@ def predict(
     postprocessing: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     config: str | None = None,
-    fix_nonfinite: bool = False,
-    compile: str = "auto",
-    slab_export_gb: float = 2.0,
-    reuse_heap: bool = True,
     output_formats: list[str] | None = None,
     channels: dict[int, str] | None = None,
 ) -> list[Path]:
-    """Predict a folder, one file or a list of files into ``output_dir``.
+    """Predict a folder, one file or a list of files into ``output_dir``. ``settings``: step, mirroring,
+    compile, ... (:class:`autoseg.settings.InferenceSettings`; None: its defaults).
 
-    Without ``configs``, what ``autoseg find-best`` chose (``WORK/inference_instructions.json``: configurations,
-    folds and postprocessing) is used, else ``3d_fullres``. Several configurations are ensembled. The chosen
-    postprocessing is applied when the configurations are the ones it was decided for (and ``postprocessing``).
-    Folds default to every trained fold. What was chosen is logged (logger ``autoseg``). ``compile``: see
-    :mod:`autoseg.inference.runner` ("auto", "on" or "off"). ``slab_export_gb``: see
-    :class:`autoseg.settings.InferenceSettings`. ``reuse_heap``: on CPU with glibc, keep the memory a forward pass
-    frees for the next pass (faster, more memory; see :mod:`autoseg.inference.runner`).
-    ``output_formats``: any of "nifti", "dicom-seg", "rtstruct" (DICOM inputs: folders of DICOM series, see
-    :mod:`autoseg.io.dicom`; ``channels`` matches series to channels, ``{0: "T1"}``).
-    """
-    settings = inference_settings(
-        step_size=step_size,
-        mirroring=mirroring,
-        mirror_axes=mirror_axes,
-        fix_nonfinite=fix_nonfinite,
-        compile=compile,
-        slab_export_gb=slab_export_gb,
-        reuse_heap=reuse_heap,
-    )
-    from autoseg.inference.predictor import (
-        Predictor,
-        output_targets,
-        predict_cases,
-        remove_stale_outputs,
-        resolve_device,
-    )
-
-    dev = resolve_device(device)  # every option is checked before anything is read or written
-    folds = _check_folds(folds)
-    from autoseg.postprocessing import apply_postprocessing, dataset_structures
+    Without ``configs``, find-best's choice (``WORK/inference_instructions.json``: configurations, folds,
+    postprocessing), else ``3d_fullres``; several are ensembled. The chosen postprocessing is applied when the
+    configurations are the ones it was decided for (and ``postprocessing``). Folds default to every trained
+    fold. What was chosen is logged (logger ``autoseg``). ``output_formats``: any of "nifti", "dicom-seg",
+    "rtstruct" (DICOM series inputs, :mod:`autoseg.io.dicom`; ``channels`` matches series, ``{0: "T1"}``)."""
+    from autoseg.inference.predictor import Predictor, predict_cases, remove_stale_outputs, resolve_device
     from autoseg.selection import load_instructions
 
+    settings = _inference(settings)
+    dev = resolve_device(device)  # every option is checked before anything is read or written
+    folds = _check_folds(folds)
     work = WorkDir(Path(workdir))
     plans = Plans.load(work.plans)
-    configs = list(configs or ([config] if config else []))
     instructions = load_instructions(work) if work.inference_instructions.is_file() else None
-    if not configs:
-        if instructions is not None:
-            configs = list(instructions.configs)
-        else:
-            configs = ["3d_fullres"]
-    _check_configs(configs)
-    for c in configs:
-        plans.configuration(c)
+    configs = _predict_configs(plans, configs, config, instructions)
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     # DICOM series in, or DICOM-SEG / RT-STRUCT out: autoseg.inference.dicom_export
     dicom_job = _dicom_job(
@@ -511,48 +514,74 @@ def predict(
     )
     cases = None if dicom_job is not None else discover_inputs(input_list, len(plans.channel_names))
     fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}  # after input errors
-    if work.owns(Path(output_dir)):
-        raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
-    if dicom_job is not None:
-        cases, targets = dicom_job.cases, dicom_job.targets
-    else:
-        input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
-        cases, targets = output_targets(
-            cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
-        )
-    post = None
-    if instructions is not None and postprocessing and sorted(configs) == sorted(instructions.configs):
-        if not instructions.postprocessing.is_identity:
-            spec = load_dataset_json(work.dataset_json)
-            structs = dataset_structures(spec)
-            pp = instructions.postprocessing
-
-            def post(seg):
-                return apply_postprocessing(seg, pp, structs)
-
-    predictors = []
-    for c in configs:
-        predictors.append(Predictor(work, c, fold_lists[c], dev, settings, plans=plans))
-    _log.info(
-        "predicting %d case(s) with %s; postprocessing: %s",
-        len(cases),
-        " + ".join(configs),
-        instructions.postprocessing.to_json() if post is not None else "none",
+    cases, targets = _predict_targets(
+        work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
     )
+    post = _postprocessor(work, configs, instructions) if postprocessing else None
+    predictors = [Predictor(work, c, fold_lists[c], dev, settings, plans=plans) for c in configs]
+    pp_text = instructions.postprocessing.to_json() if post is not None else "none"
+    _log.info("predicting %d case(s) with %s; postprocessing: %s", len(cases), " + ".join(configs), pp_text)
     if not cases:
         return []
     # only now: every check has passed and the models are loaded
     remove_stale_outputs(dicom_job.paths() if dicom_job is not None else targets)
+    write = dicom_job.write if dicom_job is not None else None
+    spacings = _training_spacings(work)
     return predict_cases(
-        predictors,
-        cases,
-        targets,
-        post,
-        save_probabilities,
-        progress,
-        _training_spacings(work),
-        write=dicom_job.write if dicom_job is not None else None,
+        predictors, cases, targets, post, save_probabilities, progress, spacings, write=write
     )
+
+
+def _inference(settings: InferenceSettings | None) -> InferenceSettings:
+    if settings is None:
+        return InferenceSettings()
+    if not isinstance(settings, InferenceSettings):
+        raise AutosegError(f"settings: must be InferenceSettings, got {type(settings).__name__}")
+    return settings
+
+
+def _predict_configs(plans: Plans, configs, config, instructions) -> list[str]:
+    """The configurations to predict with: ``configs`` (or ``config``), else find-best's, else 3d_fullres;
+    each checked against the plans."""
+    configs = list(configs or ([config] if config else []))
+    if not configs:
+        configs = list(instructions.configs) if instructions is not None else ["3d_fullres"]
+    _check_configs(configs)
+    for c in configs:
+        plans.configuration(c)
+    return configs
+
+
+def _predict_targets(
+    work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
+):
+    """The cases to predict and their output files: the DICOM job's, or those of the plain image inputs'
+    ``cases``. The output folder must not lie in WORK's own files."""
+    from autoseg.inference.predictor import output_targets
+
+    if work.owns(Path(output_dir)):
+        raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
+    if dicom_job is not None:
+        return dicom_job.cases, dicom_job.targets
+    input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
+    return output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities)
+
+
+def _postprocessor(work: WorkDir, configs: list[str], instructions):
+    """find-best's postprocessing as a function of a label map, when it was decided for ``configs``."""
+    from autoseg.postprocessing import apply_postprocessing, dataset_structures
+
+    if instructions is None or sorted(configs) != sorted(instructions.configs):
+        return None
+    if instructions.postprocessing.is_identity:
+        return None
+    structs = dataset_structures(load_dataset_json(work.dataset_json))
+    pp = instructions.postprocessing
+
+    def post(seg):
+        return apply_postprocessing(seg, pp, structs)
+
+    return post
 
 
 def _dicom_job(work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite):
@@ -655,10 +684,16 @@ def export_model(
     output: str | Path,
     configs: list[str] | None = None,
     folds: list[int | str] | None = None,
+    overwrite: bool | None = None,
 ) -> dict:
-    """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file."""
+    """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file.
+    ``overwrite=False`` refuses an existing ``output`` (None: replaces it); it must lie outside WORK."""
+    from autoseg.atomic import check_output_file
     from autoseg.bundle import export_model as _export
 
+    check_output_file(output, "model bundle", overwrite)
+    if WorkDir(Path(workdir)).owns(Path(output)):
+        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the bundle elsewhere")
     _check_configs(configs)
     return _export(workdir, output, configs, _check_folds(folds))
 
@@ -675,8 +710,8 @@ def evaluate(
     prediction_dir: str | Path,
     dataset_json: str | Path,
     output: str | Path | None = None,
-    workers: int = 2,
-    tolerance_mm: float = 1.0,
+    workers: int = DEFAULT_WORKERS,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     overlays: bool = False,
     images_dir: str | Path | None = None,
     missing_as_empty: bool = False,
@@ -725,7 +760,7 @@ def evaluate(
     )
 
 
-def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = 2) -> dict:
+def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = DEFAULT_WORKERS) -> dict:
     """Score the cross-validation of every fully trained configuration and of their pairwise ensembles, pick
     the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned)."""
     from autoseg.selection import find_best as _find_best
@@ -738,3 +773,178 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
         for c in configs:
             plans.configuration(c)
     return _find_best(work, configs, workers)
+
+
+# ---- what the command line needs: option checks, the all-folds loop, summaries (cli.py only parses options)
+
+
+def architectures() -> tuple[str, ...]:
+    """The architectures ``plan --architecture`` accepts (each has a planner model and a registered network)."""
+    from autoseg.planning.memory import ARCHITECTURES
+
+    return tuple(ARCHITECTURES)
+
+
+def make_phantom(out_dir: str | Path, cases: int = 10, seed: int = 0) -> Path:
+    """Write a deterministic synthetic 2-channel, 2-label 3D dataset in the raw layout."""
+    from autoseg.phantom import make_phantom_dataset
+
+    make_phantom_dataset(Path(out_dir), n_cases=cases, seed=seed)
+    return Path(out_dir)
+
+
+def predict_paths(
+    paths: list[Path],
+    *,
+    model: Path | None = None,
+    folds: list[str] | None = None,
+    mirror_axes: str | None = None,
+    output_formats: list[str] | None = None,
+    channels: list[str] | None = None,
+    settings: dict | None = None,
+    **kwargs,
+) -> list[Path]:
+    """``autoseg predict``: ``paths`` is WORK INPUT... OUTPUT (INPUT... OUTPUT with ``model``, a bundle);
+    ``folds``, ``mirror_axes`` ("1,2"), ``output_formats`` and ``channels`` ("0=T1") as typed on the command
+    line; ``settings``: :class:`InferenceSettings` fields (None: the default). Everything is checked, in the
+    order of the options, before :func:`predict` (or :func:`predict_with_model`) reads anything;
+    ``kwargs`` go to it."""
+    from autoseg.inference.dicom_export import check_formats
+    from autoseg.io.dicom import parse_channel_rules
+
+    need = 2 if model is not None else 3
+    if len(paths) < need:
+        raise AutosegError(
+            "predict needs " + ("INPUT... OUTPUT with --model" if model else "WORK INPUT... OUTPUT")
+        )
+    fold_list = ["all" if f == "all" else _int_option("--folds", f) for f in folds] if folds else None
+    axes = None
+    if mirror_axes is not None:
+        axes = tuple(_int_option("--mirror-axes", a) for a in mirror_axes.split(",") if a.strip())
+    workdir, inputs, output = (None, paths[:-1], paths[-1]) if model else (paths[0], paths[1:-1], paths[-1])
+    kwargs.update(output_formats=check_formats(output_formats), channels=parse_channel_rules(channels))
+    infer = inference_settings(**{**(settings or {}), "mirror_axes": axes})
+    if model is not None:
+        return predict_with_model(model, inputs, output, folds=fold_list, settings=infer, **kwargs)
+    return predict(workdir, inputs, output, folds=fold_list, settings=infer, **kwargs)
+
+
+def _int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AutosegError(f"{name}: '{value}' is not a whole number") from None
+
+
+class FoldRun:
+    """One fold of :func:`train_folds`: ``train()`` runs it; ``finished`` is the ``checkpoint_final.pt`` of an
+    earlier run that an all-folds loop skips (else None); ``show``: this process reports (the main rank)."""
+
+    def __init__(self, fold: str, finished: Path | None, show: bool, announce: bool, start: Callable):
+        self.fold, self.finished, self.show, self.announce = fold, finished, show, announce
+        self._start = start
+        self.fold_dir: Path | None = None
+
+    def train(self, on_iteration=None, on_epoch=None) -> Path:
+        self.fold_dir = self._start(on_iteration=on_iteration, on_epoch=on_epoch)
+        return self.fold_dir
+
+    def summary(self) -> SummaryReport | None:
+        """The trained fold's validation summary, when it has one."""
+        path = None if self.fold_dir is None else self.fold_dir / WorkDir.VALIDATION / WorkDir.SUMMARY
+        return summary_report(path) if path is not None and path.is_file() else None
+
+
+def train_folds(
+    workdir: str | Path,
+    config: str,
+    fold: str,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    **kwargs,
+):
+    """``autoseg train``: the folds to train, one :class:`FoldRun` each (``fold``: a fold, ``all``, or
+    ``all-folds`` for each fold of the settings' ``num_folds`` one after another, skipping finished folds unless ``resume``/``overwrite``). Under
+    ``torchrun`` this process first joins the process group. ``kwargs`` go to :func:`train`."""
+    settings_args = {k: v for k, v in kwargs.items() if k != "on_iteration" and k != "on_epoch"}
+    folds = folds_to_train(fold, **settings_args)  # checked against the settings' num_folds first
+    from functools import partial
+
+    from autoseg.training import distributed
+
+    if distributed.launched_by_torchrun():
+        device = join_torchrun(device)
+    main_rank = distributed.world().is_main
+    every = fold == "all-folds"
+    for f in folds:
+        done = WorkDir(Path(workdir)).checkpoint(config, f)
+        skip = every and not resume and not overwrite and done.is_file()
+        start = partial(
+            train, workdir, config, f, device=device, resume=resume, overwrite=overwrite, **kwargs
+        )
+        yield FoldRun(f, done if skip else None, main_rank, every, start)
+
+
+class SummaryReport:
+    """What the command line shows of an evaluation's ``summary.json``: per label the mean Dice, IoU, HD95
+    and NSD (formatted), a line saying how many cases were scored, the mean Dice."""
+
+    columns = ("label", "Dice", "IoU", "HD95 (mm)", "NSD")
+
+    def __init__(self, path: Path, rows: list[tuple[str, ...]], cases: str | None, mean_dice: float | None):
+        self.path, self.rows, self.cases, self.mean_dice = path, rows, cases, mean_dice
+
+
+def summary_report(path: str | Path) -> SummaryReport:
+    """:class:`SummaryReport` of the ``summary.json`` at ``path``."""
+    s = read_json(Path(path))
+    rows = [
+        (label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95", "nsd")))
+        for label, m in s.get("mean", {}).items()
+    ]
+    cases = None
+    if "n_cases" in s:
+        empty = s.get("missing_as_empty") or []
+        cases = (
+            f"{s['n_cases']} case(s) scored"
+            + (f" of {s['n_references']} reference(s)" if s.get("n_references") is not None else "")
+            + (
+                f", {len(empty)} missing prediction(s) scored as empty: {', '.join(empty[:5])}"
+                if empty
+                else ""
+            )
+            + ("" if len(empty) <= 5 else f" and {len(empty) - 5} more")
+        )
+    return SummaryReport(Path(path), rows, cases, s.get("mean_dice"))
+
+
+def _mean_of(metrics: dict, key: str) -> str:
+    v = metrics.get(key, {})
+    v = v.get("mean") if isinstance(v, dict) else v
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def evaluate_report(reference_dir, prediction_dir, dataset_json, output=None, **kwargs) -> SummaryReport:
+    """``autoseg evaluate``: :func:`evaluate`, then the :class:`SummaryReport` of the summary it wrote."""
+    evaluate(reference_dir, prediction_dir, dataset_json, output, **kwargs)
+    return summary_report(output or Path(prediction_dir) / WorkDir.SUMMARY)
+
+
+def export_network(
+    workdir: str | Path, config: str, fold: str, output: str | Path, fmt: str, overwrite: bool | None = None
+) -> Path:
+    """Export one fold's network (patch in, logits out) as ``fmt`` ("torchscript" or "onnx"); the fold, the
+    format and the output path are checked first (``overwrite=False``: an existing file is refused)."""
+    from autoseg.atomic import check_output_file
+    from autoseg.inference.deploy import FORMATS
+    from autoseg.inference.deploy import export_network as _export
+
+    check_fold(fold)
+    if fmt not in FORMATS:
+        raise AutosegError(f"--format: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
+    check_output_file(output, "exported network", overwrite)
+    if WorkDir(Path(workdir)).owns(Path(output)):
+        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the network elsewhere")
+    return _export(workdir, config, fold, output, fmt)

@@ -23,9 +23,6 @@ from rich.progress import (
 from rich.table import Table
 
 from autoseg import api
-from autoseg.errors import AutosegError
-from autoseg.layout import WorkDir
-from autoseg.networks import ARCHITECTURES
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +33,9 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 # the architectures the planner has a memory model for (each is registered in autoseg.networks)
-Architecture = Enum("Architecture", {name: name for name in ARCHITECTURES}, type=str)
+Architecture = Enum("Architecture", {name: name for name in api.architectures()}, type=str)
+TRAIN = api.TrainSettings  # option defaults are the settings' own (written once, in autoseg.settings)
+INFER = api.InferenceSettings
 
 
 def _progress() -> Progress:
@@ -64,40 +63,49 @@ def _stage_progress(bar: Progress):
     return update
 
 
+# plan's options
+_PlanDatasetDir = Annotated[
+    Path, typer.Argument(help="Raw dataset folder (dataset.json, imagesTr, labelsTr)")
+]
+_PlanGpuMemory = Annotated[
+    float | None,
+    typer.Option(
+        "--gpu-memory",
+        help=f"GPU memory budget of a training step, GB (default {api.DEFAULT_GPU_MEMORY_GB:g}, or --device's)",
+    ),
+]
+_PlanDevice = Annotated[
+    str | None,
+    typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
+]
+_PlanResampleDevice = Annotated[
+    str | None,
+    typer.Option("--resample-device", help="cpu or cuda: resample with torch (faster) instead of scipy"),
+]
+_PlanExplain = Annotated[bool, typer.Option("--explain", help="Print every planning decision and its reason")]
+_PlanArchitecture = Annotated[
+    Architecture, typer.Option("--architecture", help="Network to plan and size for")
+]
+_PlanFixNonfinite = Annotated[
+    bool,
+    typer.Option("--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"),
+]
+
+
 @app.command()
 def plan(
-    dataset_dir: Annotated[
-        Path, typer.Argument(help="Raw dataset folder (dataset.json, imagesTr, labelsTr)")
-    ],
+    dataset_dir: _PlanDatasetDir,
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for everything derived")],
-    gpu_memory: Annotated[
-        float | None,
-        typer.Option(
-            "--gpu-memory", help="GPU memory budget of a training step, GB (default 8, or --device's)"
-        ),
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
-    ] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel processes")] = 2,
-    resample_device: Annotated[
-        str | None,
-        typer.Option("--resample-device", help="cpu or cuda: resample with torch (faster) instead of scipy"),
-    ] = None,
+    gpu_memory: _PlanGpuMemory = None,
+    device: _PlanDevice = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=1, help="Parallel processes")
+    ] = api.DEFAULT_WORKERS,
+    resample_device: _PlanResampleDevice = None,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
-    explain: Annotated[
-        bool, typer.Option("--explain", help="Print every planning decision and its reason")
-    ] = False,
-    architecture: Annotated[
-        Architecture, typer.Option("--architecture", help="Network to plan and size for")
-    ] = Architecture.unet,
-    fix_nonfinite: Annotated[
-        bool,
-        typer.Option(
-            "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
-        ),
-    ] = False,
+    explain: _PlanExplain = False,
+    architecture: _PlanArchitecture = Architecture.unet,
+    fix_nonfinite: _PlanFixNonfinite = False,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
@@ -116,20 +124,10 @@ def plan(
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"
     )
-    columns = ("config", "spacing mm", "patch", "batch", "stages", "memory GB", "step s GPU/CPU")
-    for col in columns:
+    for col in api.PLAN_COLUMNS:
         table.add_column(col)
-    for name, c in plans.configurations.items():
-        step = c.estimated_step_seconds
-        table.add_row(
-            name,
-            "×".join(f"{s:.3g}" for s in c.spacing),
-            "×".join(map(str, c.patch_size)),
-            str(c.batch_size),
-            str(c.network.n_stages),
-            f"{c.estimated_memory_gb:.2f}",
-            f"{step.get('gpu', float('nan')):.3f}/{step.get('cpu', float('nan')):.1f}",
-        )
+    for row in api.plan_rows(plans):
+        table.add_row(*row)
     out.print(table)
     if explain:
         for r in plans.reasons:
@@ -137,56 +135,69 @@ def plan(
     out.print(f"plans written to {Path(workdir) / 'plans.json'}")
 
 
+# train's options
+_TrainConfig = Annotated[
+    str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
+]
+_TrainFold = Annotated[
+    str,
+    typer.Argument(
+        help="Fold 0 .. num_folds-1 (0-4 by default); 'all-folds' for each of them in turn; "
+        "'all' to train on every case"
+    ),
+]
+_TrainItersPerEpoch = Annotated[
+    int | None, typer.Option(help=f"Iterations per epoch (default {TRAIN.iters_per_epoch})")
+]
+_TrainValIters = Annotated[
+    int | None, typer.Option(help=f"Validation iterations per epoch (default {TRAIN.val_iters})")
+]
+_TrainTimeBudget = Annotated[
+    float | None,
+    typer.Option(
+        "--time-budget",
+        min=0,
+        help="Minutes of training per fold: the epochs (at most --epochs) are fitted into it, "
+        "the learning rate still decays to its end",
+    ),
+]
+_TrainWorkers = Annotated[
+    int | None, typer.Option("--workers", "-j", min=0, help="Augmentation processes (default: cores - 1)")
+]
+_TrainResume = Annotated[
+    bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt (or extend a finished run)")
+]
+_TrainConfigFile = Annotated[
+    Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
+]
+_TrainOverwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Delete the fold's earlier run and train from scratch")
+]
+_TrainDeterministic = Annotated[
+    bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
+]
+_TrainNoMirroring = Annotated[
+    bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
+]
+
+
 @app.command()
 def train(
     workdir: Annotated[Path, typer.Argument(help="WORK folder made by 'autoseg plan'")],
-    config: Annotated[
-        str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
-    ],
-    fold: Annotated[
-        str,
-        typer.Argument(
-            help="Fold 0 .. num_folds-1 (0-4 by default); 'all-folds' for each of them in turn; "
-            "'all' to train on every case"
-        ),
-    ],
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs (default 1000)")] = None,
-    iters_per_epoch: Annotated[int | None, typer.Option(help="Iterations per epoch (default 250)")] = None,
-    val_iters: Annotated[
-        int | None, typer.Option(help="Validation iterations per epoch (default 50)")
-    ] = None,
-    time_budget: Annotated[
-        float | None,
-        typer.Option(
-            "--time-budget",
-            min=0,
-            help="Minutes of training per fold: the epochs (at most --epochs) are fitted into it, "
-            "the learning rate still decays to its end",
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option("--workers", "-j", min=0, help="Augmentation processes (default: cores - 1)")
-    ] = None,
+    config: _TrainConfig,
+    fold: _TrainFold,
+    epochs: Annotated[int | None, typer.Option(help=f"Number of epochs (default {TRAIN.epochs})")] = None,
+    iters_per_epoch: _TrainItersPerEpoch = None,
+    val_iters: _TrainValIters = None,
+    time_budget: _TrainTimeBudget = None,
+    workers: _TrainWorkers = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume", help=f"Continue from {WorkDir.CHECKPOINT_LATEST} (or extend a finished run)"
-        ),
-    ] = False,
-    config_file: Annotated[
-        Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Delete the fold's earlier run and train from scratch")
-    ] = False,
+    resume: _TrainResume = False,
+    config_file: _TrainConfigFile = None,
+    overwrite: _TrainOverwrite = False,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="No torch.compile on CUDA")] = False,
-    deterministic: Annotated[
-        bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
-    ] = False,
-    no_mirroring: Annotated[
-        bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
-    ] = False,
+    deterministic: _TrainDeterministic = False,
+    no_mirroring: _TrainNoMirroring = False,
 ) -> None:
     """Train one fold of a configuration (or all five), then predict and score its validation cases.
 
@@ -202,35 +213,31 @@ def train(
         deterministic=True if deterministic else None,
         mirroring=False if no_mirroring else None,
     )
-    folds = api.train_folds(fold, config_file, **overrides)
-    from autoseg.training import distributed
-
-    if distributed.launched_by_torchrun():
-        device = api.join_torchrun(device)
-    main_rank = distributed.world().is_main
-    for f in folds:
-        done = WorkDir(Path(workdir)).checkpoint(config, f)
-        if fold == "all-folds" and not resume and not overwrite and done.is_file():
-            if main_rank:
-                out.print(f"fold {f}: finished earlier ({done}), skipped")
+    runs = api.train_folds(
+        workdir, config, fold, device=device, resume=resume, overwrite=overwrite, config_file=config_file,
+        **overrides,
+    )  # fmt: skip
+    for run in runs:
+        if run.finished is not None:
+            if run.show:
+                out.print(f"fold {run.fold}: finished earlier ({run.finished}), skipped")
             continue
-        if fold == "all-folds" and main_rank:
-            out.print(f"[bold]fold {f}[/bold]")
-        fold_dir = _train_one(
-            workdir, config, f, device, resume, config_file, {**overrides, "overwrite": overwrite}, main_rank
-        )
-        summary = fold_dir / WorkDir.VALIDATION / WorkDir.SUMMARY
-        if main_rank and summary.is_file():
+        if run.announce and run.show:
+            out.print(f"[bold]fold {run.fold}[/bold]")
+        fold_dir = _train_one(run)
+        summary = run.summary() if run.show else None
+        if summary is not None:
             _print_summary(summary)
-        if main_rank:
+        if run.show:
             out.print(f"results in {fold_dir}", soft_wrap=True)
 
 
-def _train_one(workdir, config, fold, device, resume, config_file, overrides, show: bool) -> Path:
+def _train_one(run) -> Path:
     """One fold with a live display: iteration bar (loss, iterations/s, epoch ETA), a line per epoch
     (losses, pseudo-Dice per structure, learning rate, seconds, ETA of the run)."""
     import time
 
+    show = run.show
     with _progress() as bar:
         task = bar.add_task("epoch 1", total=None, info="", visible=show and err.is_terminal)
         started = {"t": time.perf_counter(), "epoch_seconds": []}
@@ -261,17 +268,7 @@ def _train_one(workdir, config, fold, device, resume, config_file, overrides, sh
             )
             bar.update(task, description=f"epoch {r.epoch + 1}", completed=0)
 
-        return api.train(
-            workdir,
-            config,
-            fold,
-            device=device,
-            resume=resume,
-            config_file=config_file,
-            on_iteration=on_iteration if show else None,
-            on_epoch=on_epoch if show else None,
-            **overrides,
-        )
+        return run.train(on_iteration=on_iteration if show else None, on_epoch=on_epoch if show else None)
 
 
 def _duration(seconds: float) -> str:
@@ -281,126 +278,117 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# predict's options
+_PredictPaths = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="WORK INPUT... OUTPUT",
+        help="WORK folder (left out with --model), then inputs: a folder of <case>_<cccc> images, image "
+        "files, 4D images with channels last, or folders of DICOM series; then the output folder",
+    ),
+]
+_PredictModel = Annotated[
+    Path | None,
+    typer.Option("--model", help="A model bundle from 'autoseg export-model' instead of WORK"),
+]
+_PredictConfig = Annotated[
+    list[str] | None,
+    typer.Option("--config", "-c", help="Configuration(s); several are ensembled (default: find-best's)"),
+]
+_PredictFolds = Annotated[list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")]
+_PredictStep = Annotated[float, typer.Option("--step", help="Tile step as a fraction of the patch")]
+_PredictMirrorAxes = Annotated[
+    str | None, typer.Option("--mirror-axes", help="Patch axes to mirror, e.g. 1,2 (default: all)")
+]
+_PredictSaveProbabilities = Annotated[
+    bool, typer.Option("--save-probabilities", help="Also write <case>.npz probabilities (original grid)")
+]
+_PredictNoPostprocessing = Annotated[
+    bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
+]
+_PredictFixNonfinite = Annotated[
+    bool,
+    typer.Option("--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"),
+]
+_PredictCompile = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
+    ),
+]
+_PredictNoHeapReuse = Annotated[
+    bool,
+    typer.Option(
+        "--no-heap-reuse",
+        help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
+    ),
+]
+_PredictOutputFormat = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--output-format",
+        help="nifti (default), dicom-seg or rtstruct; repeat for several. DICOM-SEG and RT-STRUCT need "
+        "DICOM series input (pip install 'autoseg\\[dicom]')",
+    ),
+]
+_PredictChannel = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--channel",
+        help="DICOM input: channel N is the series whose SeriesDescription matches, e.g. --channel 0=T1 "
+        "(default: the channel names of dataset.json)",
+    ),
+]
+
+
 @app.command()
 def predict(
-    paths: Annotated[
-        list[Path],
-        typer.Argument(
-            metavar="WORK INPUT... OUTPUT",
-            help="WORK folder (left out with --model), then inputs: a folder of <case>_<cccc> images, image "
-            "files, 4D images with channels last, or folders of DICOM series; then the output folder",
-        ),
-    ],
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", help="A model bundle from 'autoseg export-model' instead of WORK"),
-    ] = None,
-    config: Annotated[
-        list[str] | None,
-        typer.Option("--config", "-c", help="Configuration(s); several are ensembled (default: find-best's)"),
-    ] = None,
-    folds: Annotated[
-        list[str] | None, typer.Option("--folds", "-f", help="Folds to ensemble, or 'all'")
-    ] = None,
-    step: Annotated[float, typer.Option("--step", help="Tile step as a fraction of the patch")] = 0.5,
+    paths: _PredictPaths,
+    model: _PredictModel = None,
+    config: _PredictConfig = None,
+    folds: _PredictFolds = None,
+    step: _PredictStep = INFER.step_size,
     no_mirroring: Annotated[bool, typer.Option("--no-mirroring", help="No test-time mirroring")] = False,
-    mirror_axes: Annotated[
-        str | None, typer.Option("--mirror-axes", help="Patch axes to mirror, e.g. 1,2 (default: all)")
-    ] = None,
+    mirror_axes: _PredictMirrorAxes = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     continue_: Annotated[bool, typer.Option("--continue", help="Skip cases already written")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs")] = False,
-    save_probabilities: Annotated[
-        bool, typer.Option("--save-probabilities", help="Also write <case>.npz probabilities (original grid)")
-    ] = False,
-    no_postprocessing: Annotated[
-        bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
-    ] = False,
-    fix_nonfinite: Annotated[
-        bool,
-        typer.Option(
-            "--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"
-        ),
-    ] = False,
-    compile_: Annotated[
-        str,
-        typer.Option(
-            "--compile",
-            help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
-        ),
-    ] = "auto",
-    no_heap_reuse: Annotated[
-        bool,
-        typer.Option(
-            "--no-heap-reuse",
-            help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
-        ),
-    ] = False,
-    output_format: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--output-format",
-            help="nifti (default), dicom-seg or rtstruct; repeat for several. DICOM-SEG and RT-STRUCT need "
-            "DICOM series input (pip install 'autoseg\\[dicom]')",
-        ),
-    ] = None,
-    channel: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--channel",
-            help="DICOM input: channel N is the series whose SeriesDescription matches, e.g. --channel 0=T1 "
-            "(default: the channel names of dataset.json)",
-        ),
-    ] = None,
+    save_probabilities: _PredictSaveProbabilities = False,
+    no_postprocessing: _PredictNoPostprocessing = False,
+    fix_nonfinite: _PredictFixNonfinite = False,
+    compile_: _PredictCompile = INFER.compile,
+    no_heap_reuse: _PredictNoHeapReuse = False,
+    output_format: _PredictOutputFormat = None,
+    channel: _PredictChannel = None,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
-    need = 2 if model is not None else 3
-    if len(paths) < need:
-        raise AutosegError(
-            "predict needs " + ("INPUT... OUTPUT with --model" if model else "WORK INPUT... OUTPUT")
-        )
-    fold_list: list[int | str] | None = None
-    if folds:
-        fold_list = ["all" if f == "all" else _int_option("--folds", f) for f in folds]
-    axes = None
-    if mirror_axes is not None:
-        axes = tuple(_int_option("--mirror-axes", a) for a in mirror_axes.split(",") if a.strip())
-    workdir, inputs, output = (None, paths[:-1], paths[-1]) if model else (paths[0], paths[1:-1], paths[-1])
-    from autoseg.inference.dicom_export import check_formats
-    from autoseg.io.dicom import parse_channel_rules
-
-    dicom_options = dict(output_formats=check_formats(output_format), channels=parse_channel_rules(channel))
+    settings = dict(
+        step_size=step,
+        mirroring=False if no_mirroring else None,
+        compile=compile_,
+        reuse_heap=False if no_heap_reuse else None,
+        fix_nonfinite=True if fix_nonfinite else None,
+    )
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")
-        kwargs = dict(
+        written = api.predict_paths(
+            paths,
+            model=model,
+            folds=folds,
+            mirror_axes=mirror_axes,
+            output_formats=output_format,
+            channels=channel,
+            settings=settings,
             configs=config or None,
-            folds=fold_list,
-            step_size=step,
-            mirroring=not no_mirroring,
-            mirror_axes=axes,
             device=device,
             continue_=continue_,
             overwrite=overwrite,
             save_probabilities=save_probabilities,
-            compile=compile_,
-            reuse_heap=not no_heap_reuse,
             postprocessing=not no_postprocessing,
-            fix_nonfinite=fix_nonfinite,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
-            **dicom_options,
         )
-        if model is not None:
-            written = api.predict_with_model(model, inputs, output, **kwargs)
-        else:
-            written = api.predict(workdir, inputs, output, **kwargs)
-    out.print(f"{len(written)} prediction(s) written to {output}")
-
-
-def _int_option(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise AutosegError(f"{name}: '{value}' is not a whole number") from None
+    out.print(f"{len(written)} prediction(s) written to {paths[-1]}")
 
 
 @app.command()
@@ -409,10 +397,10 @@ def evaluate(
     prediction_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps")],
     dataset_json: Annotated[Path, typer.Option("--dataset-json", help="The dataset's dataset.json")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="summary.json path")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = api.DEFAULT_WORKERS,
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0, help="Tolerance in mm of the normalised surface Dice")
-    ] = 1.0,
+    ] = api.DEFAULT_TOLERANCE_MM,
     overlays: Annotated[
         bool, typer.Option("--overlays", help="A PNG per case: slice with most reference, both contours")
     ] = False,
@@ -429,7 +417,7 @@ def evaluate(
 ) -> None:
     """Dice, IoU, precision, recall, specificity, VOE, RVD, HD, HD95, ASSD, NSD per case and label;
     summary.json, per_case.csv, report.png (and overlays)."""
-    api.evaluate(
+    report = api.evaluate_report(
         reference_dir,
         prediction_dir,
         dataset_json,
@@ -440,7 +428,7 @@ def evaluate(
         images_dir=images,
         missing_as_empty=missing_as_empty,
     )
-    _print_summary(output or prediction_dir / "summary.json")
+    _print_summary(report)
 
 
 @app.command()
@@ -450,9 +438,7 @@ def phantom(
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Write a deterministic synthetic 2-channel, 2-label 3D dataset in the raw layout."""
-    from autoseg.phantom import make_phantom_dataset
-
-    make_phantom_dataset(out_dir, n_cases=cases, seed=seed)
+    api.make_phantom(out_dir, cases=cases, seed=seed)
     out.print(f"phantom dataset with {cases} cases written to {out_dir}")
 
 
@@ -470,12 +456,7 @@ def export_model(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle")] = False,
 ) -> None:
     """Write a portable model bundle: plans, dataset.json, weights, postprocessing."""
-    from autoseg.atomic import check_output_file
-
-    check_output_file(output, "model bundle", overwrite)
-    if WorkDir(workdir).owns(output):
-        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the bundle elsewhere")
-    manifest = api.export_model(workdir, output, config or None, folds or None)
+    manifest = api.export_model(workdir, output, config or None, folds or None, overwrite=overwrite)
     size = output.stat().st_size / 2**20
     folds_text = "; ".join(f"{c}: folds {', '.join(f)}" for c, f in manifest["folds"].items())
     out.print(f"wrote {output} ({size:.1f} MiB; {folds_text})", soft_wrap=True)
@@ -491,18 +472,7 @@ def export_network(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file")] = False,
 ) -> None:
     """Export one fold's network for deployment (patch in, logits out)."""
-    from autoseg.atomic import check_output_file
-    from autoseg.inference.deploy import FORMATS
-    from autoseg.inference.deploy import export_network as _export
-
-    api.check_fold(fold)
-    if fmt not in FORMATS:
-        raise AutosegError(f"--format: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
-    check_output_file(output, "exported network", overwrite)
-    if WorkDir(workdir).owns(output):
-        raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the network elsewhere")
-
-    path = _export(workdir, config, fold, output, fmt)
+    path = api.export_network(workdir, config, fold, output, fmt, overwrite=overwrite)
     out.print(f"wrote {path} ({fmt})")
 
 
@@ -522,7 +492,7 @@ def find_best(
     config: Annotated[
         list[str] | None, typer.Option("--config", "-c", help="Only these configurations (default: all)")
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 2,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = api.DEFAULT_WORKERS,
 ) -> None:
     """Choose the best configuration or ensemble by cross-validation Dice, and its postprocessing."""
     result = api.find_best(workdir, config or None, workers)
@@ -557,41 +527,19 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _print_summary(path: Path) -> None:
-    from autoseg.jsonio import read_json
-
-    s = read_json(path)
+def _print_summary(report) -> None:
+    """An :class:`autoseg.api.SummaryReport`: a table of the mean metrics per label, then its lines."""
     table = Table(title="mean over cases")
-    table.add_column("label")
-    table.add_column("Dice")
-    table.add_column("IoU")
-    table.add_column("HD95 (mm)")
-    table.add_column("NSD")
-    for label, m in s.get("mean", {}).items():
-        table.add_row(label, *(_mean_of(m, key) for key in ("dice", "iou", "hd95", "nsd")))
+    for col in report.columns:
+        table.add_column(col)
+    for row in report.rows:
+        table.add_row(*row)
     out.print(table)
-    if "n_cases" in s:
-        empty = s.get("missing_as_empty") or []
-        out.print(
-            f"{s['n_cases']} case(s) scored"
-            + (f" of {s['n_references']} reference(s)" if s.get("n_references") is not None else "")
-            + (
-                f", {len(empty)} missing prediction(s) scored as empty: {', '.join(empty[:5])}"
-                if empty
-                else ""
-            )
-            + ("" if len(empty) <= 5 else f" and {len(empty) - 5} more"),
-            soft_wrap=True,
-        )
-    out.print(f"summary: {path}", soft_wrap=True)
-    if s.get("mean_dice") is not None:
-        out.print(f"mean Dice {s['mean_dice']:.4f}")
-
-
-def _mean_of(metrics: dict, key: str) -> str:
-    v = metrics.get(key, {})
-    v = v.get("mean") if isinstance(v, dict) else v
-    return "n/a" if v is None else f"{v:.4f}"
+    if report.cases is not None:
+        out.print(report.cases, soft_wrap=True)
+    out.print(f"summary: {report.path}", soft_wrap=True)
+    if report.mean_dice is not None:
+        out.print(f"mean Dice {report.mean_dice:.4f}")
 
 
 class _ConsoleHandler(logging.Handler):
@@ -631,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:  # a bad option or argument: one line too, like every other refusal
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         return 2
-    except AutosegError as exc:
+    except api.AutosegError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

@@ -56,7 +56,7 @@ def test_lowres_and_cascade_train_and_predict(phantom_dataset, tmp_path):
         preds,
         config="3d_cascade_fullres",
         folds=[0],
-        mirroring=False,
+        settings=InferenceSettings(mirroring=False),
         device="cpu",
     )
     for image in sorted((phantom_dataset / "imagesTr").glob("*_0000.nii.gz")):

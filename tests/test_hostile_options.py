@@ -511,16 +511,18 @@ def test_api_train_and_predict_refuse_before_touching_anything(trained, one_case
         api.train(trained.root, "2d", 9, overwrite=True, device="cpu")
     assert _listing(trained.root) == before
     for kwargs in (
-        dict(step_size=0.0),
+        dict(settings=dict(step_size=0.0)),
         dict(device="tpu"),
         dict(folds=[7]),
         dict(folds=[0, 0]),
-        dict(mirror_axes=(5,)),
+        dict(settings=dict(mirror_axes=(5,))),
     ):
         with pytest.raises(AutosegError):
+            settings = InferenceSettings(**kwargs.pop("settings", {}))
             api.predict(
-                trained.root, one_case, tmp_path / "out", configs=["2d"], **{"device": "cpu", **kwargs}
-            )
+                trained.root, one_case, tmp_path / "out", configs=["2d"], settings=settings,
+                **{"device": "cpu", **kwargs},
+            )  # fmt: skip
     assert not (tmp_path / "out").exists()
     with pytest.raises(AutosegError, match=r"--tolerance inf"):
         api.evaluate(tmp_path, tmp_path, tmp_path / "dataset.json", tolerance_mm=math.inf)

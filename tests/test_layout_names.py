@@ -85,9 +85,9 @@ def test_trained_folds_is_one_discovery(tmp_path):
 def test_train_fold_range_comes_from_num_folds(tmp_path, capfd):
     settings = tmp_path / "three.toml"
     settings.write_text("[train]\nnum_folds = 3\n")
-    assert api.train_folds("all-folds", settings) == ["0", "1", "2"]
-    assert api.train_folds("all-folds") == ["0", "1", "2", "3", "4"]
-    assert api.train_folds(2, settings) == ["2"] and api.train_folds("all", settings) == ["all"]
+    assert api.folds_to_train("all-folds", settings) == ["0", "1", "2"]
+    assert api.folds_to_train("all-folds") == ["0", "1", "2", "3", "4"]
+    assert api.folds_to_train(2, settings) == ["2"] and api.folds_to_train("all", settings) == ["all"]
     code, _, err = _run(capfd, "train", tmp_path / "work", "2d", "3", "--config-file", settings)
     assert "fold must be 0-2, 'all-folds' or 'all', got '3'" in _error_line(code, err)
     with pytest.raises(AutosegError, match="fold must be 0-2 or 'all', got '4'"):

@@ -25,7 +25,7 @@ from autoseg.postprocessing import Postprocessing
 from autoseg.settings import InferenceSettings, TrainSettings
 
 TINY = TrainSettings(epochs=2, iters_per_epoch=3, val_iters=1, seed=5, loader_workers=0)
-FAST = dict(device="cpu", mirroring=False)
+FAST = dict(device="cpu", settings=InferenceSettings(mirroring=False))
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +247,15 @@ def test_torchscript_export_gives_the_same_logits(trained, tmp_path, capsys):
 def test_slab_by_slab_export_gives_the_whole_volume_labels(trained, phantom_dataset, tmp_path, config):
     """With the size limit at 0 every case is exported slab by slab as the window finishes it; the label maps
     (mirroring on, resampled back to each case's own spacing) equal the whole-volume export's."""
-    kwargs = dict(configs=[config], device="cpu", mirror_axes=(0, 1))
-    whole = api.predict(trained.root, phantom_dataset / "imagesTr", tmp_path / "whole", **kwargs)
+    kwargs = dict(configs=[config], device="cpu")
+    whole = api.predict(
+        trained.root, phantom_dataset / "imagesTr", tmp_path / "whole",
+        settings=InferenceSettings(mirror_axes=(0, 1)), **kwargs,
+    )  # fmt: skip
     slabs = api.predict(
-        trained.root, phantom_dataset / "imagesTr", tmp_path / "slabs", slab_export_gb=0, **kwargs
-    )
+        trained.root, phantom_dataset / "imagesTr", tmp_path / "slabs",
+        settings=InferenceSettings(mirror_axes=(0, 1), slab_export_gb=0), **kwargs,
+    )  # fmt: skip
     assert [p.name for p in whole] == [p.name for p in slabs] and len(whole) >= 3
     for a, b in zip(whole, slabs):
         ra, rb = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
