@@ -780,7 +780,7 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
 
 def architectures() -> tuple[str, ...]:
     """The architectures ``plan --architecture`` accepts (each has a planner model and a registered network)."""
-    from autoseg.planning.memory import ARCHITECTURES
+    from autoseg.networks import ARCHITECTURES
 
     return tuple(ARCHITECTURES)
 

@@ -165,7 +165,10 @@ _TrainWorkers = Annotated[
     int | None, typer.Option("--workers", "-j", min=0, help="Augmentation processes (default: cores - 1)")
 ]
 _TrainResume = Annotated[
-    bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt (or extend a finished run)")
+    bool,
+    typer.Option(
+        "--resume", help=f"Continue from {api.WorkDir.CHECKPOINT_LATEST} (or extend a finished run)"
+    ),
 ]
 _TrainConfigFile = Annotated[
     Path | None, typer.Option("--config-file", help="TOML settings (see configs/default.toml)")

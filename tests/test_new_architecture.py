@@ -17,6 +17,7 @@ from autoseg.layout import WorkDir
 from autoseg.networks import ARCHITECTURES, build_network
 from autoseg.planning import memory, speed
 from autoseg.planning.plans import NetworkTopology, Plans
+from autoseg.settings import InferenceSettings
 from tests.conftest import shrink_network
 
 
@@ -102,7 +103,11 @@ def test_a_network_registered_from_a_test_is_planned_trained_and_predicted(tiny3
     image = phantom_dataset / "imagesTr" / "phantom_000_0000.nii.gz"
     out = tmp_path / "out"
     api.predict(
-        work.root, [image, image.with_name("phantom_000_0001.nii.gz")], out, folds=[0], mirroring=False
+        work.root,
+        [image, image.with_name("phantom_000_0001.nii.gz")],
+        out,
+        folds=[0],
+        settings=InferenceSettings(mirroring=False),
     )
     (seg_path,) = out.glob("*.nii.gz")
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_path)))
