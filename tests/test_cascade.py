@@ -32,7 +32,7 @@ def test_lowres_and_cascade_train_and_predict(phantom_dataset, tmp_path):
     shrink_network(work)
     cpu = torch.device("cpu")
 
-    with pytest.raises(AutosegError, match="train all five folds of 3d_lowres first"):
+    with pytest.raises(AutosegError, match="train every fold of 3d_lowres first"):
         train_and_validate(work, "3d_cascade_fullres", 0, TINY, cpu, inference=NO_TTA)
 
     for fold in range(5):

@@ -460,6 +460,24 @@ def test_predict_dicom_user_errors(trained, tmp_path, capfd):
     assert _listing(tmp_path) == before and not out.exists()
 
 
+def test_refused_dicom_predict_deletes_nothing_in_output(trained, tmp_path, capfd):
+    """Issue 13's rule holds for DICOM outputs too: every check comes first, and a refused run touches nothing
+    in OUTPUT: not a user's hidden file named like an output's temporary, not an earlier output."""
+    write_series(_small(), tmp_path / "in" / "s1", description="T1", series_number=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".s1.seg.dcm.my-notes.txt").write_text("mine")
+    (out / "s1.seg.dcm").write_bytes(b"an earlier output")
+    before = _listing(out)
+    channels = ["--channel", "0=T1", "--channel", "1=T1", "--output-format", "dicom-seg"]
+    for extra, expected in (([], "already exists"), (["--overwrite", "--folds", "7"], "--folds 7")):
+        code, _, err = _run(
+            capfd, "predict", *FAST, *channels, *extra, trained.root, tmp_path / "in" / "s1", out
+        )
+        assert expected in _error_line(code, err)
+    assert _listing(out) == before
+
+
 def test_missing_extra_is_one_error_line(trained, tmp_path, capfd, monkeypatch):
     write_series(_small(), tmp_path / "in", description="T1")
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
