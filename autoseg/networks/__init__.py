@@ -6,7 +6,7 @@ module whose forward gives, in training mode with deep supervision, a list of lo
 in eval mode, the full-resolution logits.
 
 Adding an architecture is one entry in ``ARCHITECTURES`` (or ``ARCHITECTURES[name] = builder`` from outside,
-as ``tests/test_new_architecture.py`` does): the planner measures the network it builds
+as ``tests/networks/test_new_architecture.py`` does): the planner measures the network it builds
 (:mod:`autoseg.networks.measure`), so nothing in ``autoseg/planning`` describes it a second time.
 """
 

@@ -26,7 +26,7 @@ planner tries. Instead each network (topology, input channels, outputs, loss kin
 reference patches (twice and four times the total stride along the first axis, twice along the others) and
 the saved bytes are extended linearly in the patch's voxel count: exact for a fully convolutional network at
 a patch divisible by its total stride, where every feature map is the patch divided by one stage's stride
-(``tests/test_network_description.py`` checks it against a measurement at the planned patch for each
+(``tests/networks/test_network_description.py`` checks it against a measurement at the planned patch for each
 architecture). A network whose saved tensors grow otherwise with the patch (attention over all voxels) needs
 a measurement at its patch instead. Measurements are cached per process (``functools.lru_cache``).
 """

@@ -23,7 +23,7 @@ from autoseg.training.schedule import budget_epochs, poly_lr
 
 CPU = torch.device("cpu")
 NO_TTA = InferenceSettings(mirroring=False)
-PACKAGE = Path(__file__).resolve().parents[1] / "autoseg"
+PACKAGE = Path(__file__).resolve().parents[2] / "autoseg"
 
 
 def test_time_budget_fraction_expiry_and_epochs_that_fit():

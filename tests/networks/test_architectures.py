@@ -17,7 +17,7 @@ from autoseg.networks.vnet import vnet_convs_per_stage, vnet_kernel
 from autoseg.planning import memory, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
-from tests.test_planning import _fingerprint, _spec
+from tests.planning.test_planning import _fingerprint, _spec
 
 ARCHS = ["unet", "resenc", "vnet"]
 # 3D anisotropic (z at 3 mm: kernel 1 along z and z not pooled at first) and 2D

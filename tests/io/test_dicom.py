@@ -23,7 +23,7 @@ from autoseg.layout import WorkDir  # noqa: E402
 from autoseg.settings import TrainSettings  # noqa: E402
 from autoseg.training.loop import train_fold  # noqa: E402
 from tests.conftest import real_dataset  # noqa: E402
-from tests.dicom_helpers import (  # noqa: E402
+from tests.io.dicom_helpers import (  # noqa: E402
     compare_in_space,
     quantize,
     rasterise_rtstruct,

@@ -17,7 +17,7 @@ from autoseg.evaluation.metrics import binary_metrics
 from autoseg.io.dataset import DatasetSpec, load_dataset_json
 from autoseg.io.volume import read_volume, write_volume
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SPINAL_CORD = SHARED_DATA / "Dataset003_SpinalCordTiny"
 
 SPACING_MM = (3.0, 1.0, 1.0)  # array order (z, y, x): thick slices

@@ -14,7 +14,7 @@ from autoseg.networks.unet import build_unet
 from autoseg.planning import memory, speed, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
-from tests.test_planning import _fingerprint, _spec
+from tests.planning.test_planning import _fingerprint, _spec
 
 
 def _sum(outputs, target):
