@@ -131,12 +131,45 @@ def _as_tuple(m: np.ndarray) -> tuple[tuple[float, float, float], ...]:
 
 
 def draw_case_params(seed: int, index: int) -> CaseParams:
-    """Draw the random parameters of case ``index`` for ``seed`` (deterministic; independent of other cases)."""
+    """Draw the random parameters of case ``index`` for ``seed`` (deterministic; independent of other cases).
+
+    The helpers draw from one generator in a fixed order (geometry, body, organ, lesion, cysts, then the
+    intensity parameters below); changing that order changes every phantom."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    geometry = _draw_geometry(rng, index)
+    fov = np.asarray(geometry.shape) * np.asarray(geometry.spacing_mm)
+    body_semi = (float(rng.uniform(0.43, 0.47) * fov[1]), float(rng.uniform(0.45, 0.48) * fov[2]))
+    body_centre = (float(rng.uniform(-0.02, 0.02) * fov[1]), float(rng.uniform(-0.02, 0.02) * fov[2]))
+    body_taper = float(rng.uniform(0.0, 0.1))
+    fat_mm = float(rng.uniform(2.0, 3.5))
+    # The lean tissue: inside the fat shell, where the body is narrowest.
+    inner = np.array(body_semi) * (1 - body_taper) - fat_mm - 1.0
+    organ = _draw_organ(rng, fov, body_centre, inner)
+    lesion = _draw_lesion(rng, organ)
+    cysts = _draw_cysts(rng, fov, body_centre, inner, organ)
+    bias = tuple(tuple(float(v) for v in rng.normal(0.0, 0.07, size=9)) for _ in CHANNEL_NAMES)
+    return CaseParams(
+        case_id=case_id_of(index),
+        geometry=geometry,
+        body_semi_axes_mm=body_semi,
+        body_centre_mm=body_centre,
+        body_taper=body_taper,
+        fat_thickness_mm=fat_mm,
+        organ=organ,
+        lesion=lesion,
+        cysts=cysts,
+        bias_coefficients=bias,
+        noise_std=float(rng.uniform(0.025, 0.05)),
+        scale=(float(rng.uniform(600, 1400)), float(rng.uniform(300, 900))),
+        offset=(float(rng.uniform(-20, 60)), float(rng.uniform(-20, 60))),
+        noise_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def _draw_geometry(rng: np.random.Generator, index: int) -> Geometry:
+    """Shape, spacing, origin and direction of case ``index`` (draws: shape, then origin)."""
     shape = (int(rng.integers(20, 29)), int(rng.integers(56, 73)), int(rng.integers(56, 73)))
     spacing = ODD_SPACING_MM if index % 5 == 3 else DEFAULT_SPACING_MM
-    fov = np.asarray(shape) * np.asarray(spacing)
-
     # Physical (x, y, z) order from here to the Geometry: the field of view straddles the scanner origin.
     flip_x = index == FLIPPED_CASE_INDEX
     direction = (-1.0 if flip_x else 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -144,23 +177,21 @@ def draw_case_params(seed: int, index: int) -> CaseParams:
     origin = [-h + float(rng.uniform(-15, 15)) for h in half_phys]
     if flip_x:
         origin[0] = half_phys[0] + float(rng.uniform(-15, 15))
-    geometry = Geometry(
+    return Geometry(
         shape=shape,
         spacing_mm=tuple(float(s) for s in spacing),
         origin_mm=tuple(origin),
         direction=direction,
     )
 
-    body_semi = (float(rng.uniform(0.43, 0.47) * fov[1]), float(rng.uniform(0.45, 0.48) * fov[2]))
-    body_centre = (float(rng.uniform(-0.02, 0.02) * fov[1]), float(rng.uniform(-0.02, 0.02) * fov[2]))
-    body_taper = float(rng.uniform(0.0, 0.1))
-    fat_mm = float(rng.uniform(2.0, 3.5))
 
+def _draw_organ(
+    rng: np.random.Generator, fov: np.ndarray, body_centre: tuple[float, float], inner: np.ndarray
+) -> Ellipsoid:
+    """The organ: a rotated ellipsoid kept inside the lean tissue (``inner`` semi-axes (y, x)) and in view."""
     organ_axes = np.array([rng.uniform(16, 24), rng.uniform(11, 16), rng.uniform(12, 17)])
     organ_rot = _rotation(rng.uniform(0, math.pi), rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3))
     organ_half = Ellipsoid((0.0, 0.0, 0.0), tuple(organ_axes), _as_tuple(organ_rot)).half_extent_mm()
-    # Keep the organ inside the lean tissue (inside the fat shell, where the body is narrowest) and in view.
-    inner = np.array(body_semi) * (1 - body_taper) - fat_mm - 1.0
     room = np.maximum(inner - organ_half[1:], 0.0)
     room_z = max(fov[0] / 2 - organ_half[0] - 2.0, 0.0)
     organ_centre = np.array(
@@ -170,23 +201,39 @@ def draw_case_params(seed: int, index: int) -> CaseParams:
             body_centre[1] + rng.uniform(-1, 1) * room[1],
         ]
     )
-    organ = Ellipsoid(
+    return Ellipsoid(
         tuple(float(v) for v in organ_centre), tuple(float(v) for v in organ_axes), _as_tuple(organ_rot)
     )
 
-    # The lesion in the organ's normalised frame (organ = unit ball) is a small ellipsoid with semi-axes
-    # ``frac`` centred at ``u``; |u| + max(frac) < 1 keeps it strictly inside the organ.
+
+def _draw_lesion(rng: np.random.Generator, organ: Ellipsoid) -> Ellipsoid:
+    """The lesion, strictly inside ``organ``.
+
+    In the organ's normalised frame (organ = unit ball) the lesion is a small ellipsoid with semi-axes
+    ``frac`` centred at ``u``; |u| + max(frac) < 1 keeps it strictly inside the organ."""
+    organ_centre = np.asarray(organ.centre_mm)
+    organ_axes = np.asarray(organ.semi_axes_mm)
+    organ_rot = np.asarray(organ.rotation)
     frac = rng.uniform(0.5, 0.62, size=3)
     direction_u = rng.normal(size=3)
     direction_u /= np.linalg.norm(direction_u)
     u = direction_u * rng.uniform(0.15, 0.92 - frac.max())
     lesion_rot = organ_rot @ _rotation(rng.uniform(0, math.pi), 0.0, 0.0)
-    lesion = Ellipsoid(
+    return Ellipsoid(
         tuple(float(v) for v in organ_centre + organ_rot @ (u * organ_axes)),
         tuple(float(v) for v in _lesion_semi_axes(organ_axes, frac)),
         _as_tuple(lesion_rot),
     )
 
+
+def _draw_cysts(
+    rng: np.random.Generator,
+    fov: np.ndarray,
+    body_centre: tuple[float, float],
+    inner: np.ndarray,
+    organ: Ellipsoid,
+) -> tuple[tuple[tuple[float, float, float], float], ...]:
+    """0-2 cysts (centre_mm, radius_mm) in the body, each clear of the organ (up to 20 tries each)."""
     cysts = []
     for _ in range(int(rng.integers(0, 3))):
         for _try in range(20):
@@ -201,24 +248,7 @@ def draw_case_params(seed: int, index: int) -> CaseParams:
             if _outside_ellipsoid(centre, organ, margin_mm=radius + 3.0):
                 cysts.append((tuple(float(v) for v in centre), radius))
                 break
-
-    bias = tuple(tuple(float(v) for v in rng.normal(0.0, 0.07, size=9)) for _ in CHANNEL_NAMES)
-    return CaseParams(
-        case_id=case_id_of(index),
-        geometry=geometry,
-        body_semi_axes_mm=body_semi,
-        body_centre_mm=body_centre,
-        body_taper=body_taper,
-        fat_thickness_mm=fat_mm,
-        organ=organ,
-        lesion=lesion,
-        cysts=tuple(cysts),
-        bias_coefficients=bias,
-        noise_std=float(rng.uniform(0.025, 0.05)),
-        scale=(float(rng.uniform(600, 1400)), float(rng.uniform(300, 900))),
-        offset=(float(rng.uniform(-20, 60)), float(rng.uniform(-20, 60))),
-        noise_seed=int(rng.integers(0, 2**31 - 1)),
-    )
+    return tuple(cysts)
 
 
 def _lesion_semi_axes(organ_axes: np.ndarray, frac: np.ndarray) -> np.ndarray:

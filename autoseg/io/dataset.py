@@ -145,60 +145,8 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
     for key in _REQUIRED_KEYS:
         if key not in raw:
             raise DatasetError(f"{path}: required key '{key}' is missing")
-    channels = raw["channel_names"]
-    if not isinstance(channels, dict) or not channels:
-        raise DatasetError(f'{path}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}')
-    if not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k for k in channels):
-        # "00", " 1" or "1.0" would parse as an index but could not be looked up as "0", "1"
-        raise DatasetError(
-            f'{path}: \'channel_names\' keys must be channel indices "0", "1", ..., got {sorted(map(str, channels))}'
-        )
-    idx = sorted(int(k) for k in channels)
-    if idx != list(range(len(idx))):
-        raise DatasetError(f"{path}: 'channel_names' keys must be 0..{len(idx) - 1} without gaps, got {idx}")
-    channel_names = tuple(str(channels[str(i)]) for i in idx)
-
-    labels_raw = raw["labels"]
-    if not isinstance(labels_raw, dict) or not labels_raw:
-        raise DatasetError(
-            f'{path}: \'labels\' must be a non-empty object like {{"background": 0, "organ": 1}}'
-        )
-    labels: dict[str, int] = {}
-    regions: dict[str, tuple[int, ...]] = {}
-    ignore: int | None = None
-    region_syntax = any(isinstance(v, list) for v in labels_raw.values())
-    for name, value in labels_raw.items():
-        if isinstance(value, list):
-            if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-                raise DatasetError(
-                    f"{path}: label '{name}' must be an integer or a list of positive integers"
-                )
-            if max(value) > MAX_LABEL_VALUE:
-                raise DatasetError(
-                    f"{path}: label '{name}' lists value {_short_int(max(value))}; label values must be at most "
-                    f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
-                )
-            regions[name] = tuple(int(v) for v in value)
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (isinstance(value, float) and (not np.isfinite(value) or not value.is_integer()))
-        ):
-            raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
-        if int(value) < 0:
-            raise DatasetError(f"{path}: label '{name}' has negative value {_short_int(int(value))}")
-        if int(value) > MAX_LABEL_VALUE:
-            raise DatasetError(
-                f"{path}: label '{name}' has value {_short_int(int(value))}; label values must be at most "
-                f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
-            )
-        if name.lower() == "ignore":
-            ignore = int(value)
-        elif region_syntax and int(value) != 0:
-            regions[name] = (int(value),)  # with region syntax, a plain label is a one-value region
-            continue
-        labels[name] = int(value)
+    channel_names = _parse_channel_names(raw["channel_names"], path)
+    labels, regions, ignore, region_syntax = _parse_labels(raw["labels"], path)
     values = sorted(v for v in labels.values() if v != ignore)
     if 0 not in values:
         raise DatasetError(f"{path}: 'labels' must contain background with value 0")
@@ -206,40 +154,14 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         raise DatasetError(f"{path}: two labels share one value: {labels}")
     order: tuple[int, ...] = ()
     if region_syntax:
-        raw_order = raw.get("regions_class_order")
-        if not isinstance(raw_order, list) or len(raw_order) != len(regions):
-            raise DatasetError(
-                f"{path}: labels given as lists (regions) need 'regions_class_order', one label value per region "
-                f"({len(regions)}), saying which value each predicted region is written as"
-            )
-        if not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in raw_order
-        ):
-            raise DatasetError(
-                f"{path}: 'regions_class_order' must list integers from 1 to {MAX_LABEL_VALUE}, "
-                "got [" + ", ".join(_short_int(v) if isinstance(v, int) else repr(v) for v in raw_order) + "]"
-            )
-        order = tuple(int(v) for v in raw_order)
+        order = _parse_regions_class_order(raw.get("regions_class_order"), len(regions), path)
     elif values != list(range(len(values))):
         raise DatasetError(f"{path}: label values must be consecutive integers from 0, got {values}")
     all_values = set(values) | {v for vals in regions.values() for v in vals}
     if ignore is not None and ignore <= max(all_values):
         raise DatasetError(f"{path}: the 'ignore' label ({ignore}) must have the largest value")
-
-    # evaluation-only regions: a 'regions' key, or the 'brats_regions' key of our shared BraTS data
-    for key in ("regions", "brats_regions"):
-        extra = raw.get(key)
-        if isinstance(extra, dict) and not region_syntax:
-            for name, vals in extra.items():
-                if (
-                    isinstance(vals, list)
-                    and vals
-                    and all(
-                        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE
-                        for v in vals
-                    )
-                ):
-                    regions.setdefault(str(name), tuple(int(v) for v in vals))
+    if not region_syntax:
+        _add_evaluation_regions(raw, regions)
 
     ending = raw["file_ending"]
     if not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS:
@@ -264,6 +186,117 @@ def parse_dataset_json(raw: object, path: str | Path = "dataset.json") -> Datase
         regions_class_order=order,
         ignore_label=ignore,
     )
+
+
+def _parse_channel_names(channels: object, path: str | Path) -> tuple[str, ...]:
+    """``channel_names`` ordered by channel index; the keys must be "0", "1", ... without gaps."""
+    if not isinstance(channels, dict) or not channels:
+        raise DatasetError(f'{path}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}')
+    if not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k for k in channels):
+        # "00", " 1" or "1.0" would parse as an index but could not be looked up as "0", "1"
+        raise DatasetError(
+            f'{path}: \'channel_names\' keys must be channel indices "0", "1", ..., got {sorted(map(str, channels))}'
+        )
+    idx = sorted(int(k) for k in channels)
+    if idx != list(range(len(idx))):
+        raise DatasetError(f"{path}: 'channel_names' keys must be 0..{len(idx) - 1} without gaps, got {idx}")
+    return tuple(str(channels[str(i)]) for i in idx)
+
+
+def _parse_labels(
+    labels_raw: object, path: str | Path
+) -> tuple[dict[str, int], dict[str, tuple[int, ...]], int | None, bool]:
+    """(labels, regions, ignore value, region syntax) from the ``labels`` object, each value checked.
+
+    With region syntax (some label is a list of values), every non-background label becomes a region.
+    """
+    if not isinstance(labels_raw, dict) or not labels_raw:
+        raise DatasetError(
+            f'{path}: \'labels\' must be a non-empty object like {{"background": 0, "organ": 1}}'
+        )
+    labels: dict[str, int] = {}
+    regions: dict[str, tuple[int, ...]] = {}
+    ignore: int | None = None
+    region_syntax = any(isinstance(v, list) for v in labels_raw.values())
+    for name, value in labels_raw.items():
+        if isinstance(value, list):
+            regions[name] = _region_values(name, value, path)
+            continue
+        value = _label_value(name, value, path)
+        if name.lower() == "ignore":
+            ignore = value
+        elif region_syntax and value != 0:
+            regions[name] = (value,)  # with region syntax, a plain label is a one-value region
+            continue
+        labels[name] = value
+    return labels, regions, ignore, region_syntax
+
+
+def _region_values(name: str, value: list, path: str | Path) -> tuple[int, ...]:
+    """The values of a label given as a list (a region): positive integers up to :data:`MAX_LABEL_VALUE`."""
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise DatasetError(f"{path}: label '{name}' must be an integer or a list of positive integers")
+    if max(value) > MAX_LABEL_VALUE:
+        raise DatasetError(
+            f"{path}: label '{name}' lists value {_short_int(max(value))}; label values must be at most "
+            f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
+        )
+    return tuple(int(v) for v in value)
+
+
+def _label_value(name: str, value: object, path: str | Path) -> int:
+    """A plain label's value: an integer (or integral float) from 0 to :data:`MAX_LABEL_VALUE`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and (not np.isfinite(value) or not value.is_integer()))
+    ):
+        raise DatasetError(f"{path}: label '{name}' has value {value!r}; label values must be integers")
+    if int(value) < 0:
+        raise DatasetError(f"{path}: label '{name}' has negative value {_short_int(int(value))}")
+    if int(value) > MAX_LABEL_VALUE:
+        raise DatasetError(
+            f"{path}: label '{name}' has value {_short_int(int(value))}; label values must be at most "
+            f"{MAX_LABEL_VALUE} (label maps are read as 16-bit integers)"
+        )
+    return int(value)
+
+
+def _parse_regions_class_order(raw_order: object, num_regions: int, path: str | Path) -> tuple[int, ...]:
+    """``regions_class_order``: one label value (1 to :data:`MAX_LABEL_VALUE`) per region."""
+    if not isinstance(raw_order, list) or len(raw_order) != num_regions:
+        raise DatasetError(
+            f"{path}: labels given as lists (regions) need 'regions_class_order', one label value per region "
+            f"({num_regions}), saying which value each predicted region is written as"
+        )
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in raw_order
+    ):
+        raise DatasetError(
+            f"{path}: 'regions_class_order' must list integers from 1 to {MAX_LABEL_VALUE}, "
+            "got [" + ", ".join(_short_int(v) if isinstance(v, int) else repr(v) for v in raw_order) + "]"
+        )
+    return tuple(int(v) for v in raw_order)
+
+
+def _add_evaluation_regions(raw: dict, regions: dict[str, tuple[int, ...]]) -> None:
+    """Add evaluation-only regions from a 'regions' key, or the 'brats_regions' key of our shared BraTS data.
+
+    Malformed entries are skipped (they are optional extras); a name already in ``regions`` is kept.
+    """
+    for key in ("regions", "brats_regions"):
+        extra = raw.get(key)
+        if not isinstance(extra, dict):
+            continue
+        for name, vals in extra.items():
+            if (
+                isinstance(vals, list)
+                and vals
+                and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_LABEL_VALUE for v in vals
+                )
+            ):
+                regions.setdefault(str(name), tuple(int(v) for v in vals))
 
 
 def _check_link(f: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -185,13 +186,37 @@ def write_rtstruct(
     """Write ``seg`` as an RT Structure Set with one ROI per segment (``labels`` as in :func:`write_dicom_seg`),
     contours per source slice."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     path = Path(path)
     headers = _headers(source_files)
     _check_shape(seg, headers, path)
+    first = headers[0]
+    ds = _rtstruct_dataset(headers, model_name)
+    frame_uid = str(getattr(first, "FrameOfReferenceUID", "") or generate_uid())
+    ds.ReferencedFrameOfReferenceSequence = DSequence([_referenced_frame(headers, frame_uid)])
+    rois, contours, observations = [], [], []
+    for number, (name, values) in enumerate(_as_segments(labels), start=1):
+        rois.append(_structure_set_roi(number, name, frame_uid))
+        contours.append(_roi_contour(seg, headers, number, values))
+        observations.append(_roi_observation(number))
+    ds.StructureSetROISequence = DSequence(rois)
+    ds.ROIContourSequence = DSequence(contours)
+    ds.RTROIObservationsSequence = DSequence(observations)
+
+    def save(tmp: Path) -> None:
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+
+    return _replace(save, path)
+
+
+def _rtstruct_dataset(headers: list, model_name: str):
+    """The RT-STRUCT's file meta and top-level attributes: patient and study copied from the first source
+    slice, a new series and instance."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     first = headers[0]
     now = datetime.datetime.now()
     meta = FileMetaDataset()
@@ -219,17 +244,28 @@ def write_rtstruct(
     ds.StructureSetName = model_name[:16]
     ds.StructureSetDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.StructureSetTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
-    frame_uid = str(getattr(first, "FrameOfReferenceUID", "") or generate_uid())
+    return ds
 
-    def image_ref(h) -> Dataset:
-        r = Dataset()
-        r.ReferencedSOPClassUID = h.SOPClassUID
-        r.ReferencedSOPInstanceUID = h.SOPInstanceUID
-        return r
 
+def _image_ref(h):
+    """A reference to one source slice (its SOP class and instance)."""
+    from pydicom.dataset import Dataset
+
+    r = Dataset()
+    r.ReferencedSOPClassUID = h.SOPClassUID
+    r.ReferencedSOPInstanceUID = h.SOPInstanceUID
+    return r
+
+
+def _referenced_frame(headers: list, frame_uid: str):
+    """The frame of reference item: study -> series -> every source slice."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DSequence
+
+    first = headers[0]
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = first.SeriesInstanceUID
-    series_ref.ContourImageSequence = DSequence([image_ref(h) for h in headers])
+    series_ref.ContourImageSequence = DSequence([_image_ref(h) for h in headers])
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = (
         "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, customary)
@@ -239,52 +275,60 @@ def write_rtstruct(
     frame_ref = Dataset()
     frame_ref.FrameOfReferenceUID = frame_uid
     frame_ref.RTReferencedStudySequence = DSequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = DSequence([frame_ref])
+    return frame_ref
 
+
+def _structure_set_roi(number: int, name: str, frame_uid: str):
+    from pydicom.dataset import Dataset
+
+    roi = Dataset()
+    roi.ROINumber = number
+    roi.ReferencedFrameOfReferenceUID = frame_uid
+    roi.ROIName = name[:64]
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    return roi
+
+
+def _roi_contour(seg: np.ndarray, headers: list, number: int, values) -> object:
+    """ROI ``number``'s contours: every slice's polygons of ``np.isin(seg[k], values)`` in patient
+    coordinates (ImagePositionPatient + column/row steps along ImageOrientationPatient)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DSequence
+
+    first = headers[0]
     iop = np.array([float(v) for v in first.ImageOrientationPatient])
     row_dir, col_dir = iop[:3], iop[3:]
     row_sp, col_sp = (float(v) for v in first.PixelSpacing)
-    rois, contours, observations = [], [], []
-    for number, (name, values) in enumerate(_as_segments(labels), start=1):
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = frame_uid
-        roi.ROIName = name[:64]
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        rois.append(roi)
-        roi_contour = Dataset()
-        roi_contour.ReferencedROINumber = number
-        roi_contour.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
-        items_k = []
-        for k, h in enumerate(headers):
-            mask = np.isin(seg[k], values)
-            if not mask.any():
-                continue
-            ipp = np.array([float(v) for v in h.ImagePositionPatient])
-            for c in slice_contours(mask):
-                points = ipp + np.outer(c[:, 1] * col_sp, row_dir) + np.outer(c[:, 0] * row_sp, col_dir)
-                item = Dataset()
-                item.ContourImageSequence = DSequence([image_ref(h)])
-                item.ContourGeometricType = "CLOSED_PLANAR"
-                item.NumberOfContourPoints = len(points)
-                item.ContourData = [round(float(v), 4) for v in points.reshape(-1)]  # DS: <= 16 characters
-                items_k.append(item)
-        roi_contour.ContourSequence = DSequence(items_k)
-        contours.append(roi_contour)
-        obs = Dataset()
-        obs.ObservationNumber = number
-        obs.ReferencedROINumber = number
-        obs.RTROIInterpretedType = "ORGAN"
-        obs.ROIInterpreter = ""
-        observations.append(obs)
-    ds.StructureSetROISequence = DSequence(rois)
-    ds.ROIContourSequence = DSequence(contours)
-    ds.RTROIObservationsSequence = DSequence(observations)
+    roi_contour = Dataset()
+    roi_contour.ReferencedROINumber = number
+    roi_contour.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
+    items_k = []
+    for k, h in enumerate(headers):
+        mask = np.isin(seg[k], values)
+        if not mask.any():
+            continue
+        ipp = np.array([float(v) for v in h.ImagePositionPatient])
+        for c in slice_contours(mask):
+            points = ipp + np.outer(c[:, 1] * col_sp, row_dir) + np.outer(c[:, 0] * row_sp, col_dir)
+            item = Dataset()
+            item.ContourImageSequence = DSequence([_image_ref(h)])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourData = [round(float(v), 4) for v in points.reshape(-1)]  # DS: <= 16 characters
+            items_k.append(item)
+    roi_contour.ContourSequence = DSequence(items_k)
+    return roi_contour
 
-    def save(tmp: Path) -> None:
-        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
 
-    return _replace(save, path)
+def _roi_observation(number: int):
+    from pydicom.dataset import Dataset
+
+    obs = Dataset()
+    obs.ObservationNumber = number
+    obs.ReferencedROINumber = number
+    obs.RTROIInterpretedType = "ORGAN"
+    obs.ROIInterpreter = ""
+    return obs
 
 
 def read_dicom_seg(path: str | os.PathLike, labels: Mapping[str, int]) -> tuple[np.ndarray, Geometry]:
@@ -302,56 +346,96 @@ def read_dicom_seg(path: str | os.PathLike, labels: Mapping[str, int]) -> tuple[
         raise DatasetError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if str(getattr(ds, "SOPClassUID", "")) != SEG_SOP_CLASS:
         raise DatasetError(f"{path}: not a DICOM-SEG (SOP class {getattr(ds, 'SOPClassUID', 'missing')})")
-    try:
-        shared = ds.SharedFunctionalGroupsSequence[0]
-        frames = ds.PerFrameFunctionalGroupsSequence
+    frames = _SegFrames.read(ds, path)
+    index, step, origin = _frame_grid(frames, path)
+    out = np.zeros((int(index.max()) + 1, int(ds.Rows), int(ds.Columns)), dtype=np.uint8)
+    for i, (k, s) in enumerate(zip(index, frames.segments)):
+        value = labels.get(frames.names.get(s, ""), s)
+        out[k][frames.pixels[i] > 0] = value
+    direction = np.stack([frames.iop[:3], frames.iop[3:], frames.normal], axis=1)
+    geom = Geometry(
+        shape=tuple(out.shape),
+        spacing_mm=(step, frames.row_sp, frames.col_sp),
+        origin_mm=tuple(float(v) for v in origin),
+        direction=tuple(float(v) for v in direction.reshape(-1)),
+    )
+    return out, geom
 
-        def group(frame, name: str):  # a functional group: per frame, else shared
-            return (getattr(frame, name, None) or getattr(shared, name))[0]
 
-        measures = group(frames[0], "PixelMeasuresSequence")
-        row_sp, col_sp = (float(v) for v in measures.PixelSpacing)
-        iop = np.array(
-            [float(v) for v in group(frames[0], "PlaneOrientationSequence").ImageOrientationPatient]
+@dataclass(frozen=True)
+class _SegFrames:
+    """What :func:`read_dicom_seg` needs from a DICOM-SEG's functional groups, one entry per frame."""
+
+    row_sp: float
+    col_sp: float
+    iop: np.ndarray  # ImageOrientationPatient (row direction, column direction)
+    positions: np.ndarray  # (frames, 3) ImagePositionPatient
+    segments: list[int]  # ReferencedSegmentNumber per frame
+    names: dict[int, str]  # SegmentNumber -> SegmentLabel
+    pixels: np.ndarray  # (frames, rows, columns)
+    measures: object  # the PixelMeasuresSequence item (SpacingBetweenSlices, SliceThickness)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.iop[:3], self.iop[3:])
+
+    @classmethod
+    def read(cls, ds, path: Path) -> _SegFrames:
+        try:
+            shared = ds.SharedFunctionalGroupsSequence[0]
+            frames = ds.PerFrameFunctionalGroupsSequence
+
+            def group(frame, name: str):  # a functional group: per frame, else shared
+                return (getattr(frame, name, None) or getattr(shared, name))[0]
+
+            measures = group(frames[0], "PixelMeasuresSequence")
+            row_sp, col_sp = (float(v) for v in measures.PixelSpacing)
+            iop = np.array(
+                [float(v) for v in group(frames[0], "PlaneOrientationSequence").ImageOrientationPatient]
+            )
+            positions = np.array(
+                [[float(v) for v in group(f, "PlanePositionSequence").ImagePositionPatient] for f in frames]
+            )
+            segments = [
+                int(group(f, "SegmentIdentificationSequence").ReferencedSegmentNumber) for f in frames
+            ]
+            names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
+            pixels = ds.pixel_array
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"{path}: DICOM-SEG without the geometry autoseg needs ({exc})") from None
+        return cls(
+            row_sp=row_sp,
+            col_sp=col_sp,
+            iop=iop,
+            positions=positions,
+            segments=segments,
+            names=names,
+            pixels=pixels.reshape(len(frames), int(ds.Rows), int(ds.Columns)),
+            measures=measures,
         )
-        positions = np.array(
-            [[float(v) for v in group(f, "PlanePositionSequence").ImagePositionPatient] for f in frames]
-        )
-        segments = [int(group(f, "SegmentIdentificationSequence").ReferencedSegmentNumber) for f in frames]
-        names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
-        pixels = ds.pixel_array
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-        raise DatasetError(f"{path}: DICOM-SEG without the geometry autoseg needs ({exc})") from None
-    pixels = pixels.reshape(len(frames), int(ds.Rows), int(ds.Columns))
-    normal = np.cross(iop[:3], iop[3:])
+
+
+def _frame_grid(frames: _SegFrames, path: Path) -> tuple[np.ndarray, float, np.ndarray]:
+    """(slice index per frame, slice step in mm, origin) of the regular grid the frames lie on; refuses frames
+    off that grid or not stacked along the slice normal."""
+    positions, normal = frames.positions, frames.normal
     dist = positions @ normal
     unique = np.unique(np.round(dist, 3))
-    step = float(getattr(measures, "SpacingBetweenSlices", 0) or 0)
+    step = float(getattr(frames.measures, "SpacingBetweenSlices", 0) or 0)
     if step <= 0:
         step = (
             float(np.min(np.diff(unique)))
             if len(unique) > 1
-            else float(getattr(measures, "SliceThickness", 1))
+            else float(getattr(frames.measures, "SliceThickness", 1))
         )
     index = np.rint((dist - unique[0]) / step).astype(int)
     if np.any(np.abs(index * step - (dist - unique[0])) > 0.01 * step + 1e-3):
         raise DatasetError(f"{path}: frames do not lie on one regular slice grid ({step:.4g} mm)")
     origin = positions[np.argmin(dist)]
     in_plane = positions - np.outer(dist - dist.min(), normal) - origin
-    if np.abs(in_plane).max() > 0.01 + 1e-3 * max(row_sp, col_sp):
+    if np.abs(in_plane).max() > 0.01 + 1e-3 * max(frames.row_sp, frames.col_sp):
         raise DatasetError(f"{path}: frames are not stacked along the slice normal")
-    out = np.zeros((int(index.max()) + 1, int(ds.Rows), int(ds.Columns)), dtype=np.uint8)
-    for i, (k, s) in enumerate(zip(index, segments)):
-        value = labels.get(names.get(s, ""), s)
-        out[k][pixels[i] > 0] = value
-    direction = np.stack([iop[:3], iop[3:], normal], axis=1)
-    geom = Geometry(
-        shape=tuple(out.shape),
-        spacing_mm=(step, row_sp, col_sp),
-        origin_mm=tuple(float(v) for v in origin),
-        direction=tuple(float(v) for v in direction.reshape(-1)),
-    )
-    return out, geom
+    return index, step, origin
 
 
 DICOM_SEG_ENDING = ".seg.dcm"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -68,6 +69,53 @@ def plan_configuration(
     FLOPs are measured on the registered network of ``architecture`` (``memory``, ``speed``), trained with the
     loss of ``region_based`` plans or not.
     """
+    start, patch = _start_patch(name, spacing, median_shape, dim, reasons)
+
+    def step_bytes(net: NetworkTopology, patch_size: list[int], batch_size: int) -> int:
+        return memory.estimate_step_bytes(
+            net, patch_size, batch_size, in_channels, num_classes, region_based=region_based
+        )
+
+    net, patch = _fit_patch(patch, spacing, median_shape, dim, architecture, budget_bytes, step_bytes)
+    fit, cap, batch = _batch_size(net, patch, dataset_voxels, budget_bytes, step_bytes)
+    est = step_bytes(net, patch, batch)
+    flops = speed.step_flops(net, patch, in_channels, num_classes, region_based)
+    cost = memory.network_cost(net, in_channels, num_classes, region_based)
+    reasons.append(
+        f"{name}: spacing {_fmt(spacing)} mm, median shape {_fmt(median_shape, 0)}; patch starts at "
+        f"{_fmt(start, 0)} ({'256^3' if dim == 3 else '2048^2'} voxels, isotropic in mm, clipped to the median shape) and ends at "
+        f"{_fmt(patch, 0)} (divisible by total stride {_fmt(topology.total_stride(net.strides), 0)}); "
+        f"{len(net.strides)} stages; batch {batch} (memory allows {fit}, 5% of the dataset's voxels allows {cap}, "
+        f"at least {MIN_BATCH}); estimated {est / 1024**3:.2f} GB of {budget_bytes / 1024**3:.1f} GB; "
+        f"{architecture} measured on the meta device: {cost.parameters / 1e6:.2f} M parameters, "
+        f"{cost.saved_bytes(patch) / 1024**3:.3g} GB of activations saved per sample (float32), "
+        f"{flops * batch / 1e12:.3g} TFLOP per step of {batch}"
+    )
+    return Configuration(
+        name=name,
+        dim=dim,
+        data_identifier=data_identifier,
+        spacing=[float(s) for s in spacing] if dim == 3 else [],
+        median_shape=[int(round(m)) for m in median_shape],
+        patch_size=[int(p) for p in patch],
+        batch_size=int(batch),
+        network=net,
+        estimated_memory_gb=round(est / 1024**3, 3),
+        estimated_step_seconds={
+            device: round(speed.estimate_step_seconds(flops, batch, device), 3) for device in ("gpu", "cpu")
+        },
+        batch_dice=dim == 2,  # as nnU-Net v2: batch Dice for 2D, per-sample Dice for 3D
+    )
+
+
+StepBytes = Callable[[NetworkTopology, list[int], int], int]
+"""Estimated bytes of one training step: (network, patch, batch) -> bytes."""
+
+
+def _start_patch(
+    name: str, spacing: list[float], median_shape: list[float], dim: int, reasons: list[str]
+) -> tuple[list[int], list[int]]:
+    """(initial patch, that patch grown until the network has at least two stages)."""
     patch = topology.initial_patch_size(spacing, median_shape, dim)
     start = list(patch)
     patch = topology.ensure_poolable(patch, spacing)
@@ -76,12 +124,20 @@ def plan_configuration(
             f"{name}: median shape {_fmt(median_shape, 0)} is too small to pool; patch grown to {_fmt(patch, 0)} "
             "(images are zero-padded to it) so the network has at least two stages"
         )
+    return start, patch
 
-    def step_bytes(net: NetworkTopology, patch_size: list[int], batch_size: int) -> int:
-        return memory.estimate_step_bytes(
-            net, patch_size, batch_size, in_channels, num_classes, region_based=region_based
-        )
 
+def _fit_patch(
+    patch: list[int],
+    spacing: list[float],
+    median_shape: list[float],
+    dim: int,
+    architecture: str,
+    budget_bytes: int,
+    step_bytes: StepBytes,
+) -> tuple[NetworkTopology, list[int]]:
+    """(network, patch): shrink the patch one total stride at a time, along the axis largest relative to the
+    median shape, until a step of :data:`MIN_BATCH` fits ``budget_bytes`` (or nothing is left to shrink)."""
     while True:
         strides, kernels = topology.pooling_and_kernels(patch, spacing)
         patch_r = topology.round_up_to_stride(patch, strides)
@@ -103,40 +159,18 @@ def plan_configuration(
             break
         patch = list(patch_r)
         patch[axis] = shrunk
-    patch = patch_r
+    return net, patch_r
+
+
+def _batch_size(
+    net: NetworkTopology, patch: list[int], dataset_voxels: float, budget_bytes: int, step_bytes: StepBytes
+) -> tuple[int, int, int]:
+    """(batch memory allows, batch 5 % of the dataset allows, chosen batch of at least :data:`MIN_BATCH`)."""
     per_sample = step_bytes(net, patch, 2) - step_bytes(net, patch, 1)
     fixed = step_bytes(net, patch, 1) - per_sample
     fit = max(MIN_BATCH, int((budget_bytes - fixed) // max(per_sample, 1)))
     cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
-    batch = max(MIN_BATCH, min(fit, cap))
-    est = step_bytes(net, patch, batch)
-    flops = speed.step_flops(net, patch, in_channels, num_classes, region_based)
-    cost = memory.network_cost(net, in_channels, num_classes, region_based)
-    reasons.append(
-        f"{name}: spacing {_fmt(spacing)} mm, median shape {_fmt(median_shape, 0)}; patch starts at "
-        f"{_fmt(start, 0)} ({'256^3' if dim == 3 else '2048^2'} voxels, isotropic in mm, clipped to the median shape) and ends at "
-        f"{_fmt(patch, 0)} (divisible by total stride {_fmt(topology.total_stride(strides), 0)}); "
-        f"{len(strides)} stages; batch {batch} (memory allows {fit}, 5% of the dataset's voxels allows {cap}, "
-        f"at least {MIN_BATCH}); estimated {est / 1024**3:.2f} GB of {budget_bytes / 1024**3:.1f} GB; "
-        f"{architecture} measured on the meta device: {cost.parameters / 1e6:.2f} M parameters, "
-        f"{cost.saved_bytes(patch) / 1024**3:.3g} GB of activations saved per sample (float32), "
-        f"{flops * batch / 1e12:.3g} TFLOP per step of {batch}"
-    )
-    return Configuration(
-        name=name,
-        dim=dim,
-        data_identifier=data_identifier,
-        spacing=[float(s) for s in spacing] if dim == 3 else [],
-        median_shape=[int(round(m)) for m in median_shape],
-        patch_size=[int(p) for p in patch],
-        batch_size=int(batch),
-        network=net,
-        estimated_memory_gb=round(est / 1024**3, 3),
-        estimated_step_seconds={
-            device: round(speed.estimate_step_seconds(flops, batch, device), 3) for device in ("gpu", "cpu")
-        },
-        batch_dice=dim == 2,  # as nnU-Net v2: batch Dice for 2D, per-sample Dice for 3D
-    )
+    return fit, cap, max(MIN_BATCH, min(fit, cap))
 
 
 LOWRES_MIN_COVERAGE = 0.25  # plan 3d_lowres when the fullres patch covers less than this of the median image
