@@ -185,9 +185,38 @@ def decide_postprocessing(
     Raises :class:`AutosegError` as :func:`evaluate_folders` does (missing folders, no predictions, ...).
     """
     reference_dir, prediction_dir, out_dir = Path(reference_dir), Path(prediction_dir), Path(out_dir)
-    named = dataset_structures(spec)
     baseline = evaluate_folders(reference_dir, prediction_dir, spec, workers=workers)
     out_dir.mkdir(parents=True, exist_ok=True)
+    current, steps, keep_fg, kept_names = _greedy_steps(
+        reference_dir, prediction_dir, out_dir, spec, baseline, workers
+    )
+    write_json(out_dir / WorkDir.SUMMARY, current)
+    pp = Postprocessing(keep_largest_foreground=keep_fg, keep_largest=tuple(kept_names))
+    report = {
+        "tolerance": DICE_TOLERANCE,
+        "connectivity": CONNECTIVITY,
+        "baseline": _scores(baseline),
+        "steps": steps,
+        "final": _scores(current),
+        "postprocessing": pp.to_json(),
+    }
+    return pp, report
+
+
+def _greedy_steps(
+    reference_dir: Path,
+    prediction_dir: Path,
+    out_dir: Path,
+    spec: DatasetSpec,
+    baseline: dict,
+    workers: int,
+) -> tuple[dict, list[dict], bool, list[str]]:
+    """Try each step in turn (largest foreground component, then each structure's largest component) on the
+    predictions as they stand, keep it by :func:`_judge`, and publish the final folder into ``out_dir``.
+
+    Returns (final summary, step reports, keep the largest foreground, structures whose largest component is
+    kept)."""
+    named = dataset_structures(spec)
     current_dir, current = prediction_dir, baseline
     steps: list[dict] = []
     keep_fg, kept_names = False, []
@@ -212,17 +241,7 @@ def decide_postprocessing(
             else:
                 shutil.rmtree(trial_dir)
         _publish(current_dir, out_dir, spec.file_ending)
-    write_json(out_dir / WorkDir.SUMMARY, current)
-    pp = Postprocessing(keep_largest_foreground=keep_fg, keep_largest=tuple(kept_names))
-    report = {
-        "tolerance": DICE_TOLERANCE,
-        "connectivity": CONNECTIVITY,
-        "baseline": _scores(baseline),
-        "steps": steps,
-        "final": _scores(current),
-        "postprocessing": pp.to_json(),
-    }
-    return pp, report
+    return current, steps, keep_fg, kept_names
 
 
 def structure_dice(summary: Mapping) -> dict[str, float | None]:

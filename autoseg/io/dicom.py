@@ -186,6 +186,43 @@ def _check_series(folder: Path, uid: str, items: list[tuple[Path, object]]) -> D
     except (TypeError, ValueError):
         number = None
     name = DicomSeries(uid, desc, number, str(getattr(first, "Modality", "")), folder, (), 0.0).label()
+    iop0, spacing0, positions = _slice_headers(name, items)
+    if len(items) < 2:
+        raise DatasetError(f"{name}: a single slice; a 3D series needs at least 2")
+    normal = np.cross(iop0[:3], iop0[3:])
+    pos = np.array(positions)
+    dist = pos @ normal
+    order = np.argsort(dist, kind="stable")
+    dist, pos = dist[order], pos[order]
+    files = [items[i][0] for i in order]
+    gaps = np.diff(dist)
+    dup = np.flatnonzero(gaps < POSITION_TOLERANCE_MM)
+    if dup.size:
+        i = int(dup[0])
+        raise DatasetError(
+            f"{name}: {files[i].name} and {files[i + 1].name} are at the same position ({dist[i]:.2f} mm "
+            "along the normal): several acquisitions or time points in one series are not supported"
+        )
+    _check_no_tilt(name, files, pos, dist, normal, float(spacing0.min()))
+    step = float(np.median(gaps))
+    off = np.abs(gaps - step)
+    bad = np.flatnonzero(off > max(SPACING_RTOL * step, 0.01))
+    if bad.size:
+        i = int(bad[0])
+        raise DatasetError(
+            f"{name}: irregular slice spacing: a gap of {gaps[i]:.3g} mm between {files[i].name} (at "
+            f"{dist[i]:.2f} mm) and {files[i + 1].name} (at {dist[i + 1]:.2f} mm) where the others are "
+            f"{step:.3g} mm (a missing slice?); autoseg does not resample such series"
+        )
+    return DicomSeries(uid, desc, number, str(getattr(first, "Modality", "")), folder, tuple(files), step)
+
+
+def _slice_headers(
+    name: str, items: list[tuple[Path, object]]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(orientation, pixel spacing, position of each slice): every slice must have the first slice's
+    orientation, pixel grid and pixel spacing."""
+    first = items[0][1]
     iop0 = _vec(first.ImageOrientationPatient, 6)
     if iop0 is None:
         raise DatasetError(f"{name}: {items[0][0].name}: ImageOrientationPatient is not six numbers")
@@ -209,26 +246,17 @@ def _check_series(folder: Path, uid: str, items: list[tuple[Path, object]]) -> D
         if ipp is None:
             raise DatasetError(f"{name}: {f.name}: ImagePositionPatient is not three numbers")
         positions.append(ipp)
-    if len(items) < 2:
-        raise DatasetError(f"{name}: a single slice; a 3D series needs at least 2")
-    normal = np.cross(iop0[:3], iop0[3:])
-    pos = np.array(positions)
-    dist = pos @ normal
-    order = np.argsort(dist, kind="stable")
-    dist, pos = dist[order], pos[order]
-    files = [items[i][0] for i in order]
-    gaps = np.diff(dist)
-    dup = np.flatnonzero(gaps < POSITION_TOLERANCE_MM)
-    if dup.size:
-        i = int(dup[0])
-        raise DatasetError(
-            f"{name}: {files[i].name} and {files[i + 1].name} are at the same position ({dist[i]:.2f} mm "
-            "along the normal): several acquisitions or time points in one series are not supported"
-        )
-    # every slice must sit on the line through the first along the normal: an in-plane offset that grows
-    # along the stack is a gantry tilt (a sheared grid that a plain 3D image cannot represent)
+    return iop0, spacing0, positions
+
+
+def _check_no_tilt(
+    name: str, files: list[Path], pos: np.ndarray, dist: np.ndarray, normal: np.ndarray, min_spacing: float
+) -> None:
+    """Every slice (sorted along the normal) must sit on the line through the first along the normal: an
+    in-plane offset that grows along the stack is a gantry tilt (a sheared grid that a plain 3D image cannot
+    represent)."""
     offsets = np.linalg.norm((pos - pos[0]) - np.outer(dist - dist[0], normal), axis=1)
-    tolerance = max(0.01, IN_PLANE_TOLERANCE * float(spacing0.min()))
+    tolerance = max(0.01, IN_PLANE_TOLERANCE * min_spacing)
     if offsets.max() > tolerance:
         i = int(np.argmax(offsets))
         angle = float(np.degrees(np.arctan2(offsets[i], dist[i] - dist[0])))
@@ -237,17 +265,6 @@ def _check_series(folder: Path, uid: str, items: list[tuple[Path, object]]) -> D
             f"along the normal (gantry tilt of about {angle:.1f} degrees, or a sheared stack); autoseg does "
             "not resample such series: reconstruct them without tilt first"
         )
-    step = float(np.median(gaps))
-    off = np.abs(gaps - step)
-    bad = np.flatnonzero(off > max(SPACING_RTOL * step, 0.01))
-    if bad.size:
-        i = int(bad[0])
-        raise DatasetError(
-            f"{name}: irregular slice spacing: a gap of {gaps[i]:.3g} mm between {files[i].name} (at "
-            f"{dist[i]:.2f} mm) and {files[i + 1].name} (at {dist[i + 1]:.2f} mm) where the others are "
-            f"{step:.3g} mm (a missing slice?); autoseg does not resample such series"
-        )
-    return DicomSeries(uid, desc, number, str(getattr(first, "Modality", "")), folder, tuple(files), step)
 
 
 def _case_name(text: str) -> str:

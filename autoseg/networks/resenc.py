@@ -7,7 +7,7 @@ from torch import nn
 
 from autoseg.networks.blocks import ConvNormAct, conv_cls, norm_cls
 from autoseg.networks.unet import UNet
-from autoseg.planning.plans import NetworkTopology
+from autoseg.planning.network_topology import NetworkTopology
 
 # residual blocks per encoder stage (as nnU-Net's ResEnc presets); stages past the list repeat the last entry
 BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from autoseg.networks.blocks import StackedConvs, conv_cls, transp_conv_cls
-from autoseg.planning.plans import NetworkTopology
+from autoseg.planning.network_topology import NetworkTopology
 
 
 class UNet(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from autoseg.networks.blocks import conv_cls, norm_cls, transp_conv_cls
-from autoseg.planning.plans import NetworkTopology
+from autoseg.planning.network_topology import NetworkTopology
 
 # convolutions per residual stage (Milletari et al. 2016: 1, 2, 3, 3, 3); decoder stages mirror them
 CONVS_PER_STAGE = (1, 2, 3)

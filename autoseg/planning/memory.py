@@ -37,7 +37,13 @@ import functools
 import math
 from dataclasses import dataclass
 
-from autoseg.networks import ARCHITECTURES, measure  # plans.py validates names against ARCHITECTURES here
+from autoseg.networks import ARCHITECTURES, measure  # noqa: F401 (ARCHITECTURES: re-exported)
+from autoseg.networks.registry import (  # noqa: F401 (re-exported for speed.py and the tests)
+    cache_key,
+    network_parameters,
+    registered_builder,
+    topology_from_key,
+)
 from autoseg.planning.plans import NetworkTopology
 from autoseg.planning.topology import total_stride
 
@@ -62,34 +68,6 @@ class NetworkCost:
         return s0 + (s1 - s0) * (math.prod(patch_size) - v0) // (v1 - v0)
 
 
-def cache_key(topo: NetworkTopology) -> tuple:
-    return (
-        topo.architecture,
-        topo.dim,
-        tuple(map(tuple, topo.strides)),
-        tuple(map(tuple, topo.kernel_sizes)),
-        tuple(topo.features_per_stage),
-        topo.n_conv_per_stage,
-        topo.deep_supervision,
-    )
-
-
-def topology_from_key(key: tuple) -> NetworkTopology:
-    arch, dim, strides, kernels, feats, n_conv, ds = key
-    return NetworkTopology(
-        arch, dim, [list(s) for s in strides], [list(k) for k in kernels], list(feats), n_conv, ds
-    )
-
-
-def registered_builder(topo: NetworkTopology):
-    """The registered builder (part of the cache key, so re-registering a name is measured anew)."""
-    if topo.architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {topo.architecture!r} (available: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    return ARCHITECTURES[topo.architecture]
-
-
 def training_loss(num_classes: int, region_based: bool = False):
     """The loss a training step uses (:func:`autoseg.training.loop.make_loss` without the ignore label's
     masks): the planner measures network and loss together. Imported here, from the pure-torch
@@ -111,17 +89,6 @@ def reference_patches(topo: NetworkTopology) -> tuple[list[int], list[int]]:
     """Two small patches divisible by the total stride: twice it, and the same with the first axis doubled."""
     small = [2 * t for t in total_stride(topo.strides)]
     return small, [2 * small[0], *small[1:]]
-
-
-def network_parameters(topo: NetworkTopology, in_channels: int, num_classes: int) -> int:
-    """Weights of the network ``topo`` builds (counted on the meta device, cached)."""
-    return _parameters(registered_builder(topo), cache_key(topo), in_channels, num_classes)
-
-
-@functools.lru_cache(maxsize=256)
-def _parameters(builder, key: tuple, in_channels: int, num_classes: int) -> int:
-    topo = topology_from_key(key)
-    return measure.count_parameters(measure.on_meta(lambda: builder(topo, in_channels, num_classes)))
 
 
 def network_cost(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from autoseg.errors import PlansError
 from autoseg.jsonio import JSONFileError, read_json, write_json
+from autoseg.planning.network_topology import NetworkTopology  # defined below the networks; re-exported here
 
 PLANS_SCHEMA_VERSION = 1
 # Sanity limits for plans read from disk (a hand-edited WORK/plans.json, or one from a model bundle, is
@@ -69,29 +70,6 @@ class ChannelNormalization:
     @classmethod
     def from_json(cls, d: dict) -> ChannelNormalization:
         return cls(**d)
-
-
-@dataclass(frozen=True)
-class NetworkTopology:
-    """What ``autoseg.networks.build_network`` needs. One entry per stage in each list."""
-
-    architecture: str  # registry name, e.g. "unet"
-    dim: int  # 2 or 3
-    strides: list[list[int]]  # stride of the first conv of each stage; stage 0 is all ones
-    kernel_sizes: list[list[int]]
-    features_per_stage: list[int]
-    n_conv_per_stage: int = 2
-    deep_supervision: bool = True
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.strides)
-
-    def total_stride(self) -> list[int]:
-        out = [1] * self.dim
-        for s in self.strides:
-            out = [a * b for a, b in zip(out, s)]
-        return out
 
 
 @dataclass(frozen=True)
@@ -152,7 +130,7 @@ class Configuration:
 
     def _check_ranges(self, bad) -> None:
         """The sanity limits above (a plan from anywhere must not make predict allocate without bound)."""
-        from autoseg.planning.memory import ARCHITECTURES
+        from autoseg.networks.registry import ARCHITECTURES
 
         net = self.network
         if not isinstance(self.name, str) or not _SAFE_NAME.fullmatch(self.name):
@@ -376,20 +354,11 @@ class Plans:
                 )
 
     def parameter_count(self, name: str) -> int:
-        """Weights of configuration ``name``'s network, counted from the topology (nothing is built)."""
-        from autoseg.planning.memory import count_parameters
+        """Weights of configuration ``name``'s network, counted on the meta device (no memory is allocated)."""
+        from autoseg.networks.registry import network_parameters
 
         net = self.configuration(name).network
-        return count_parameters(
-            net.dim,
-            net.kernel_sizes,
-            net.features_per_stage,
-            self.input_channels(name),
-            self.num_outputs,
-            net.strides,
-            net.n_conv_per_stage,
-            net.architecture,
-        )
+        return network_parameters(net, self.input_channels(name), self.num_outputs)
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_json())
@@ -417,42 +386,14 @@ def _check_untrusted(d: dict) -> None:
     """Types and ranges of the plan-wide fields of a decoded plans.json (see the limits at the top)."""
     from autoseg.io.volume import SUPPORTED_ENDINGS
 
-    def bad(what: str, value, must: str) -> PlansError:
-        shown = repr(value)
-        return PlansError(f"{what} {shown if len(shown) <= 80 else shown[:77] + '...'} must be {must}")
-
     names = d["channel_names"]
     if (
         not isinstance(names, list)
         or not 1 <= len(names) <= MAX_CHANNELS
         or not all(isinstance(n, str) for n in names)
     ):
-        raise bad("channel_names", names, f"a list of 1 to {MAX_CHANNELS} names")
-    norms = d["normalization"]
-    if not isinstance(norms, list) or len(norms) != len(names):
-        raise bad("normalization", norms, f"a list with one entry per channel ({len(names)})")
-    fields = {"scheme", "use_mask", "clip_low", "clip_high", "mean", "std"}
-    for c, n in enumerate(norms):
-        if not isinstance(n, dict) or not set(n) <= fields or "scheme" not in n:
-            raise bad(f"normalization of channel {c}", n, f"an object with keys among {sorted(fields)}")
-        if n["scheme"] not in NORMALIZATION_SCHEMES:
-            raise bad(
-                f"normalization scheme of channel {c}",
-                n["scheme"],
-                f"one of {', '.join(NORMALIZATION_SCHEMES)}",
-            )
-        if not isinstance(n.get("use_mask", False), bool):
-            raise bad(f"normalization use_mask of channel {c}", n["use_mask"], "true or false")
-        for key in ("clip_low", "clip_high", "mean", "std"):
-            v = n.get(key)
-            if (n["scheme"] == "ct" or v is not None) and not (_finite(v) and abs(v) <= MAX_INTENSITY):
-                raise bad(
-                    f"normalization {key} of channel {c}",
-                    v,
-                    f"a number of magnitude at most {MAX_INTENSITY:g}",
-                )
-        if n["scheme"] == "ct" and (n["clip_low"] > n["clip_high"] or n["std"] <= 0):
-            raise bad(f"CT normalization of channel {c}", n, "clip_low <= clip_high and std > 0")
+        raise _bad("channel_names", names, f"a list of 1 to {MAX_CHANNELS} names")
+    _check_normalization(d["normalization"], len(names))
     orientation = d["orientation"]
     if (
         not isinstance(orientation, str)
@@ -460,37 +401,78 @@ def _check_untrusted(d: dict) -> None:
         or sorted(next((i for i, ax in enumerate(_ORIENTATION_AXES) if ch in ax), -1) for ch in orientation)
         != [0, 1, 2]
     ):
-        raise bad("orientation", orientation, "3 letters, one of L/R, one of A/P and one of S/I (e.g. 'LPS')")
+        raise _bad(
+            "orientation", orientation, "3 letters, one of L/R, one of A/P and one of S/I (e.g. 'LPS')"
+        )
     if not isinstance(d["file_ending"], str) or d["file_ending"].lower() not in SUPPORTED_ENDINGS:
-        raise bad("file_ending", d["file_ending"], f"one of {', '.join(SUPPORTED_ENDINGS)}")
+        raise _bad("file_ending", d["file_ending"], f"one of {', '.join(SUPPORTED_ENDINGS)}")
     gpu = d["gpu_memory_gb"]
     if not _finite(gpu) or not 0 < gpu <= 1e4:
-        raise bad("gpu_memory_gb", gpu, "a number in (0, 10000]")
+        raise _bad("gpu_memory_gb", gpu, "a number in (0, 10000]")
+    _check_label_fields(d)
 
-    def label_value(v) -> bool:
-        return _int(v) and 0 <= v <= MAX_LABEL_VALUE
 
+def _bad(what: str, value, must: str) -> PlansError:
+    """The one-line error for a plan-wide field: its name, its value (cut at 80 characters), what it must be."""
+    shown = repr(value)
+    return PlansError(f"{what} {shown if len(shown) <= 80 else shown[:77] + '...'} must be {must}")
+
+
+def _check_normalization(norms, num_channels: int) -> None:
+    """One normalization object per channel, with a known scheme and finite, bounded statistics."""
+    if not isinstance(norms, list) or len(norms) != num_channels:
+        raise _bad("normalization", norms, f"a list with one entry per channel ({num_channels})")
+    fields = {"scheme", "use_mask", "clip_low", "clip_high", "mean", "std"}
+    for c, n in enumerate(norms):
+        if not isinstance(n, dict) or not set(n) <= fields or "scheme" not in n:
+            raise _bad(f"normalization of channel {c}", n, f"an object with keys among {sorted(fields)}")
+        if n["scheme"] not in NORMALIZATION_SCHEMES:
+            raise _bad(
+                f"normalization scheme of channel {c}",
+                n["scheme"],
+                f"one of {', '.join(NORMALIZATION_SCHEMES)}",
+            )
+        if not isinstance(n.get("use_mask", False), bool):
+            raise _bad(f"normalization use_mask of channel {c}", n["use_mask"], "true or false")
+        for key in ("clip_low", "clip_high", "mean", "std"):
+            v = n.get(key)
+            if (n["scheme"] == "ct" or v is not None) and not (_finite(v) and abs(v) <= MAX_INTENSITY):
+                raise _bad(
+                    f"normalization {key} of channel {c}",
+                    v,
+                    f"a number of magnitude at most {MAX_INTENSITY:g}",
+                )
+        if n["scheme"] == "ct" and (n["clip_low"] > n["clip_high"] or n["std"] <= 0):
+            raise _bad(f"CT normalization of channel {c}", n, "clip_low <= clip_high and std > 0")
+
+
+def _label_value(v) -> bool:
+    return _int(v) and 0 <= v <= MAX_LABEL_VALUE
+
+
+def _check_label_fields(d: dict) -> None:
+    """labels, regions, regions_class_order and ignore_label: bounded values that agree with each other."""
     labels = d["labels"]
-    if not isinstance(labels, dict) or not labels or not all(label_value(v) for v in labels.values()):
-        raise bad("labels", labels, f"a non-empty object of label values 0..{MAX_LABEL_VALUE}")
+    if not isinstance(labels, dict) or not labels or not all(_label_value(v) for v in labels.values()):
+        raise _bad("labels", labels, f"a non-empty object of label values 0..{MAX_LABEL_VALUE}")
     if 0 not in labels.values() or len(set(labels.values())) != len(labels):
-        raise bad("labels", labels, "distinct values with background 0")
+        raise _bad("labels", labels, "distinct values with background 0")
     regions = d.get("regions", {})
     if not isinstance(regions, dict) or not all(
-        isinstance(v, list) and v and all(label_value(x) and x > 0 for x in v) for v in regions.values()
+        isinstance(v, list) and v and all(_label_value(x) and x > 0 for x in v) for v in regions.values()
     ):
-        raise bad("regions", regions, f"an object of non-empty lists of label values 1..{MAX_LABEL_VALUE}")
+        raise _bad("regions", regions, f"an object of non-empty lists of label values 1..{MAX_LABEL_VALUE}")
     order = d.get("regions_class_order", [])
-    if not isinstance(order, list) or not all(label_value(x) and x > 0 for x in order):
-        raise bad("regions_class_order", order, f"a list of label values 1..{MAX_LABEL_VALUE}")
+    if not isinstance(order, list) or not all(_label_value(x) and x > 0 for x in order):
+        raise _bad("regions_class_order", order, f"a list of label values 1..{MAX_LABEL_VALUE}")
     if order and len(order) != len(regions):
-        raise bad("regions_class_order", order, f"one value per region ({len(regions)})")
+        raise _bad("regions_class_order", order, f"one value per region ({len(regions)})")
     ignore = d.get("ignore_label")
     others = [v for v in labels.values() if v != ignore] + [x for v in regions.values() for x in v]
     if ignore is not None and (
-        not label_value(ignore) or ignore not in labels.values() or ignore <= max(others)
+        not _label_value(ignore) or ignore not in labels.values() or ignore <= max(others)
     ):
-        raise bad("ignore_label", ignore, "null or the largest value in labels")
+        raise _bad("ignore_label", ignore, "null or the largest value in labels")
     plain = sorted(v for v in labels.values() if v != ignore)
     if not order and plain != list(range(len(plain))):
-        raise bad("labels", labels, "consecutive values from 0 (without region-based training)")
+        raise _bad("labels", labels, "consecutive values from 0 (without region-based training)")

@@ -1,0 +1,81 @@
+"""The architecture registry: a name -> builder dict, and what is asked of a registered network.
+
+``ARCHITECTURES`` maps a name to a builder ``(topology, in_channels, num_classes) -> nn.Module``: a plain dict,
+filled here from the architecture modules and nowhere else at import time. ``build_network(topology,
+in_channels, num_classes)`` returns a module whose forward gives, in training mode with deep supervision, a
+list of logits highest resolution first; in eval mode, the full-resolution logits.
+
+Adding an architecture is one entry in ``ARCHITECTURES`` (or ``ARCHITECTURES[name] = builder`` from outside,
+as ``tests/networks/test_new_architecture.py`` does): the planner measures the network it builds
+(:mod:`autoseg.networks.measure`), so nothing in ``autoseg/planning`` describes it a second time. The plans
+check an untrusted topology against this registry (:func:`registered_builder`, :func:`network_parameters`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from torch import nn
+
+from autoseg.networks.measure import count_parameters, on_meta
+from autoseg.networks.resenc import build_resenc
+from autoseg.networks.unet import build_unet
+from autoseg.networks.vnet import build_vnet
+from autoseg.planning.network_topology import NetworkTopology
+
+Builder = Callable[[NetworkTopology, int, int], nn.Module]
+
+ARCHITECTURES: dict[str, Builder] = {"unet": build_unet, "resenc": build_resenc, "vnet": build_vnet}
+
+
+def available() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def build_network(topology: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:
+    if topology.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {topology.architecture!r} (available: {', '.join(available())})"
+        )
+    return ARCHITECTURES[topology.architecture](topology, in_channels, num_classes)
+
+
+def registered_builder(topo: NetworkTopology) -> Builder:
+    """The registered builder (part of the cache key, so re-registering a name is measured anew)."""
+    if topo.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {topo.architecture!r} (available: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return ARCHITECTURES[topo.architecture]
+
+
+def cache_key(topo: NetworkTopology) -> tuple:
+    """A hashable form of ``topo`` (for per-topology caches of measurements)."""
+    return (
+        topo.architecture,
+        topo.dim,
+        tuple(map(tuple, topo.strides)),
+        tuple(map(tuple, topo.kernel_sizes)),
+        tuple(topo.features_per_stage),
+        topo.n_conv_per_stage,
+        topo.deep_supervision,
+    )
+
+
+def topology_from_key(key: tuple) -> NetworkTopology:
+    arch, dim, strides, kernels, feats, n_conv, ds = key
+    return NetworkTopology(
+        arch, dim, [list(s) for s in strides], [list(k) for k in kernels], list(feats), n_conv, ds
+    )
+
+
+def network_parameters(topo: NetworkTopology, in_channels: int, num_classes: int) -> int:
+    """Weights of the network ``topo`` builds (counted on the meta device, cached)."""
+    return _parameters(registered_builder(topo), cache_key(topo), in_channels, num_classes)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(builder: Builder, key: tuple, in_channels: int, num_classes: int) -> int:
+    topo = topology_from_key(key)
+    return count_parameters(on_meta(lambda: builder(topo, in_channels, num_classes)))
