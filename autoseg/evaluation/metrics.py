@@ -106,7 +106,9 @@ METRIC_KEYS = (
 """The keys of :func:`binary_metrics`, in this order."""
 
 METRIC_UNITS = {
-    **dict.fromkeys(("dice", "iou", "precision", "recall", "specificity", "voe", "rvd", "nsd", "nsd_voxel"), "ratio"),
+    **dict.fromkeys(
+        ("dice", "iou", "precision", "recall", "specificity", "voe", "rvd", "nsd", "nsd_voxel"), "ratio"
+    ),
     **dict.fromkeys(("hd", "hd95", "assd"), "mm"),
     **dict.fromkeys(("tp", "fp", "fn", "tn"), "voxels"),
     **dict.fromkeys(("reference_volume_ml", "predicted_volume_ml"), "mL"),
