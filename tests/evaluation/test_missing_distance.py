@@ -49,7 +49,9 @@ def _table_row(out: str, label: str) -> str:
 def test_skip_leaves_the_missed_case_out_and_the_console_says_so(capfd, missed, tmp_path):
     ref_dir, pred_dir, dataset_json = missed
     summary_path = tmp_path / "skip" / "summary.json"
-    code, out, err = _run(capfd, "evaluate", ref_dir, pred_dir, "--dataset-json", dataset_json, "-o", summary_path)
+    code, out, err = _run(
+        capfd, "evaluate", ref_dir, pred_dir, "--dataset-json", dataset_json, "-o", summary_path
+    )
     assert code == 0, err
     summary = json.loads(summary_path.read_text())
     assert summary["missing_distance"] == "skip"

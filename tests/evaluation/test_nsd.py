@@ -167,7 +167,9 @@ def _mask(path) -> tuple[np.ndarray, tuple[float, ...]]:
 def _real_pairs():
     ball = ndimage.generate_binary_structure(3, 1)
     spleen, spleen_spacing = _mask(real_dataset("fixtures") / "msd_spleen2_crop" / "label_spleen.nii.gz")
-    cord, cord_spacing = _mask(real_dataset("Dataset003_SpinalCordTiny") / "labelsTr" / "sct_errsm30_t2w.nii.gz")
+    cord, cord_spacing = _mask(
+        real_dataset("Dataset003_SpinalCordTiny") / "labelsTr" / "sct_errsm30_t2w.nii.gz"
+    )
     t2star = real_dataset("fixtures") / "sct_t2star_anisotropic"
     grey, t2star_spacing = _mask(t2star / "label_graymatter_manual.nii.gz")
     whole, _ = _mask(t2star / "label_spinalcord.nii.gz")
@@ -191,7 +193,9 @@ def test_nsd_equals_deepminds_surface_dice_on_real_masks():
         # a slice through the middle, as a 2D mask (contour lengths instead of areas)
         z = int(np.argmax(reference.sum(axis=(1, 2))))
         theirs_2d = _deepmind_nsd(sd, reference[z], prediction[z], spacing[1:], 1.0)
-        assert surface_dice(reference[z], prediction[z], spacing[1:], 1.0) == pytest.approx(theirs_2d, rel=1e-12)
+        assert surface_dice(reference[z], prediction[z], spacing[1:], 1.0) == pytest.approx(
+            theirs_2d, rel=1e-12
+        )
 
 
 @pytest.mark.realdata
