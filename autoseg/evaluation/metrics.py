@@ -5,7 +5,8 @@ Conventions
 * Masks are arrays of equal shape; any nonzero value is foreground. ``spacing_mm[a]`` is the voxel size along
   ``array.shape[a]`` (autoseg's array order, ``(z, y, x)`` for volumes), so distances come out in mm.
 * Volumes are in millilitres: ``voxels * prod(spacing_mm) / 1000``.
-* The surface of a mask is its boundary voxels, ``mask XOR binary_erosion(mask)`` with the face-connected
+* For ``hd``, ``hd95``, ``assd`` and ``nsd_voxel`` the surface of a mask is its boundary voxels (``nsd`` uses
+  area-weighted surfels instead, below): ``mask XOR binary_erosion(mask)`` with the face-connected
   structuring element (6 neighbours in 3D). Foreground on the edge of the array is boundary, as if the array
   were padded with background.
 * The distance from a boundary voxel to the other mask's surface is the Euclidean distance in mm to the
