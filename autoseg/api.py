@@ -715,12 +715,15 @@ def evaluate(
     overlays: bool = False,
     images_dir: str | Path | None = None,
     missing_as_empty: bool = False,
+    missing_distance: str = "skip",
 ) -> dict:
     """Score predictions against references; writes ``summary.json``, ``per_case.csv`` and ``report.png``
     beside ``output`` (default: in the prediction folder), and with ``overlays`` an ``overlays/`` folder of
     one PNG per case (over the images of ``images_dir`` when given). ``tolerance_mm``: for the normalised
     surface Dice. A reference without a prediction is an error, or with ``missing_as_empty`` scored as an
-    empty prediction; the summary's ``n_cases`` says how many cases the means are over. Output paths are
+    empty prediction; the summary's ``n_cases`` says how many cases the means are over. A structure in only
+    one of the two maps has no HD/HD95/ASSD (``missing_distance="skip"``: left out of the means, counted) or
+    the image diagonal in mm (``"worst"``). Output paths are
     checked before anything is read: ``output`` must be a ``.json`` file path outside the reference folder,
     and none of the files written beside it may be a folder."""
     from autoseg.atomic import check_output_file, check_output_folder
@@ -733,6 +736,8 @@ def evaluate(
         raise AutosegError(f"--tolerance {tolerance_mm!r}: must be a number of mm")
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise AutosegError(f"--tolerance {tolerance_mm:g}: must be a finite number of mm, >= 0")
+    if missing_distance not in ("skip", "worst"):
+        raise AutosegError(f"--missing-distance {missing_distance!r}: must be 'skip' or 'worst'")
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
     if output is not None and out.suffix.lower() != ".json":
@@ -757,6 +762,7 @@ def evaluate(
         overlays_dir=out.with_name("overlays") if overlays else None,
         images_dir=Path(images_dir) if images_dir is not None else None,
         missing="empty" if missing_as_empty else "error",
+        missing_distance=missing_distance,
     )
 
 
@@ -889,7 +895,9 @@ def train_folds(
 
 class SummaryReport:
     """What the command line shows of an evaluation's ``summary.json``: per label the mean Dice, IoU, HD95
-    and NSD (formatted), a line saying how many cases were scored, the mean Dice."""
+    and NSD (formatted; each followed by ``(k excl.)`` where k cases had no value and are not in the mean, and
+    ``(k worst)`` where k cases were given the worst distance), a line saying how many cases were scored, the
+    mean Dice."""
 
     columns = ("label", "Dice", "IoU", "HD95 (mm)", "NSD")
 
@@ -921,9 +929,14 @@ def summary_report(path: str | Path) -> SummaryReport:
 
 
 def _mean_of(metrics: dict, key: str) -> str:
-    v = metrics.get(key, {})
-    v = v.get("mean") if isinstance(v, dict) else v
-    return "n/a" if v is None else f"{v:.4f}"
+    entry = metrics.get(key, {})
+    v = entry.get("mean") if isinstance(entry, dict) else entry
+    text = "n/a" if v is None else f"{v:.4f}"
+    if isinstance(entry, dict) and entry.get("n_excluded"):
+        text += f" ({entry['n_excluded']} excl.)"
+    if isinstance(entry, dict) and entry.get("n_worst"):
+        text += f" ({entry['n_worst']} worst)"
+    return text
 
 
 def evaluate_report(reference_dir, prediction_dir, dataset_json, output=None, **kwargs) -> SummaryReport:

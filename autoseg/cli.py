@@ -34,6 +34,7 @@ err = Console(stderr=True)
 out = Console()
 # the architectures the planner has a memory model for (each is registered in autoseg.networks)
 Architecture = Enum("Architecture", {name: name for name in api.architectures()}, type=str)
+MissingDistance = Enum("MissingDistance", {"skip": "skip", "worst": "worst"}, type=str)
 TRAIN = api.TrainSettings  # option defaults are the settings' own (written once, in autoseg.settings)
 INFER = api.InferenceSettings
 
@@ -417,6 +418,14 @@ def evaluate(
             help="Score a reference without a prediction as an empty prediction (default: an error)",
         ),
     ] = False,
+    missing_distance: Annotated[
+        MissingDistance,
+        typer.Option(
+            "--missing-distance",
+            help="HD/HD95/ASSD of a structure in only one map: skip (left out of the means, counted) or "
+            "worst (the image diagonal in mm)",
+        ),
+    ] = MissingDistance.skip,
 ) -> None:
     """Dice, IoU, precision, recall, specificity, VOE, RVD, HD, HD95, ASSD, NSD per case and label;
     summary.json, per_case.csv, report.png (and overlays)."""
@@ -430,6 +439,7 @@ def evaluate(
         overlays=overlays,
         images_dir=images,
         missing_as_empty=missing_as_empty,
+        missing_distance=missing_distance.value,
     )
     _print_summary(report)
 

@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,10 @@ from autoseg.io.dicom_seg import (
 from autoseg.io.volume import read_volume
 from autoseg.jsonio import write_text
 
-SCHEMA_VERSION = 2
-"""2: metric keys without unit suffixes (``hd95``, ``assd``; units in ``units``), new metrics and ``tolerance_mm``."""
+SCHEMA_VERSION = 3
+"""2: metric keys without unit suffixes (``hd95``, ``assd``; units in ``units``), new metrics and ``tolerance_mm``.
+3: ``nsd`` is the area-weighted surface Dice (DeepMind's), the former boundary-voxel count is ``nsd_voxel``;
+``missing_distance`` and, per distance metric, ``n_worst``."""
 
 CSV_COLUMNS = ("case", "label", *METRIC_KEYS)
 SUMMARIZED_METRICS = tuple(k for k in METRIC_KEYS if k not in ("tp", "fp", "fn", "tn"))
@@ -53,10 +56,22 @@ SUMMARIZED_METRICS = tuple(k for k in METRIC_KEYS if k not in ("tp", "fp", "fn",
 
 EMPTY_RULES = (
     "A metric is null where it is not defined; means and medians leave it out and count it in n_excluded. "
-    "Both masks empty: dice, iou, voe, precision, recall, rvd, hd, hd95, assd and nsd are null. "
-    "Reference empty only: dice 0, iou 0, voe 1, precision 0, nsd 0; recall, rvd, hd, hd95, assd null. "
-    "Prediction empty only: dice 0, iou 0, voe 1, recall 0, rvd -1, nsd 0; precision, hd, hd95, assd null. "
+    "Both masks empty: dice, iou, voe, precision, recall, rvd, hd, hd95, assd, nsd and nsd_voxel are null. "
+    "Reference empty only: dice 0, iou 0, voe 1, precision 0, nsd 0, nsd_voxel 0; recall, rvd, hd, hd95, "
+    "assd null. "
+    "Prediction empty only: dice 0, iou 0, voe 1, recall 0, rvd -1, nsd 0, nsd_voxel 0; precision, hd, hd95, "
+    "assd null. "
     "specificity is null only where the reference has no background voxel (1 when both masks are empty)."
+)
+
+MISSING_DISTANCE_MODES = ("skip", "worst")
+"""What a distance (hd, hd95, assd) is where a structure is in only one of the two maps: ``"skip"`` not defined
+(``None``, left out of the means and counted in ``n_excluded``), ``"worst"`` the image diagonal in mm."""
+DISTANCE_METRICS = ("hd", "hd95", "assd")
+
+WORST_RULE = (
+    "missing_distance 'worst': where a structure is in only one of the two maps, hd, hd95 and assd are not "
+    "null but the image diagonal in mm, sqrt(sum((shape * spacing)^2)), and count in the means (n_worst)."
 )
 
 REPORT_PNG = "report.png"
@@ -103,6 +118,7 @@ def evaluate_case(
     regions: Mapping[str, Sequence[int]] | None = None,
     ignore_label: int | None = None,
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    missing_distance: str = "skip",
 ) -> CaseMetrics:
     """Metrics of each foreground label and each region of one case.
 
@@ -111,8 +127,10 @@ def evaluate_case(
     the label values they unite. Returns ``{name: binary_metrics(...)}`` in the order of :func:`structures`,
     with NSD at ``tolerance_mm``. A structure absent from both maps gets the "both empty" metrics (see the
     metrics module). Voxels where the reference holds ``ignore_label`` are left out: they count as background
-    in both maps. Raises ``ValueError`` on mismatched shapes, a negative tolerance or a region that clashes
-    with a label (see :func:`structures`).
+    in both maps. With ``missing_distance="worst"`` the distances of a structure in only one map are the
+    image diagonal (:func:`image_diagonal_mm`) instead of ``None``. Raises ``ValueError`` on mismatched
+    shapes, a negative tolerance, an unknown ``missing_distance`` or a region that clashes with a label (see
+    :func:`structures`).
     """
     reference = np.asarray(reference)
     prediction = np.asarray(prediction)
@@ -121,6 +139,7 @@ def evaluate_case(
             f"reference shape {reference.shape} differs from prediction shape {prediction.shape}"
         )
     check_tolerance(tolerance_mm)
+    _check_missing_distance(missing_distance)
     if ignore_label is not None:
         ignored = reference == ignore_label
         if ignored.any():
@@ -144,7 +163,31 @@ def evaluate_case(
         result[name] = binary_metrics(
             ref_mask, pred_mask, spacing_mm, tolerance_mm, image_voxels=int(reference.size)
         )
+    if missing_distance == "worst":
+        _set_worst_distances(result, image_diagonal_mm(reference.shape, spacing_mm))
     return result
+
+
+def image_diagonal_mm(shape: Sequence[int], spacing_mm: Sequence[float]) -> float:
+    """The diagonal of the image's extent, ``sqrt(sum((shape * spacing)^2))`` in mm: more than any distance
+    between two of its voxels, so the worst a surface distance can be (``--missing-distance worst``)."""
+    return float(np.sqrt(np.sum((np.asarray(shape, float) * np.asarray(spacing_mm, float)) ** 2)))
+
+
+def _set_worst_distances(result: CaseMetrics, diagonal_mm: float) -> None:
+    """Give the distances of each structure that is in only one of the two maps the value ``diagonal_mm``."""
+    for metrics in result.values():
+        if _one_mask_empty(metrics):
+            metrics.update(dict.fromkeys(DISTANCE_METRICS, diagonal_mm))
+
+
+def _one_mask_empty(metrics: Mapping[str, MetricValue]) -> bool:
+    return (metrics["tp"] + metrics["fn"] == 0) != (metrics["tp"] + metrics["fp"] == 0)
+
+
+def _check_missing_distance(missing_distance: str) -> None:
+    if missing_distance not in MISSING_DISTANCE_MODES:
+        raise ValueError(f"missing_distance must be 'skip' or 'worst', got {missing_distance!r}")
 
 
 def _label_boxes(label_map: np.ndarray, max_value: int) -> dict[int, tuple[slice, ...]]:
@@ -182,9 +225,11 @@ def summarize(per_case: Mapping[str, CaseMetrics], dice_labels: Sequence[str] | 
          "mean_dice": float | None}
 
     ``n_excluded`` counts the cases whose value is ``None`` and ``excluded_reason`` says which empty-mask rule
-    applied in which cases; a metric defined in no case has mean and median ``None``. ``mean_dice`` is the
-    mean over ``dice_labels`` (default: every name in ``per_case``) of their mean Dice, leaving out names whose
-    mean Dice is ``None``; it is ``None`` if none is left.
+    applied in which cases; a metric defined in no case has mean and median ``None``. The distance metrics
+    (hd, hd95, assd) also have ``n_worst``: the cases in the mean where the structure is in only one map, which
+    have a value only with ``missing_distance="worst"`` (the image diagonal). ``mean_dice`` is the mean over
+    ``dice_labels`` (default: every name in ``per_case``) of their mean Dice, leaving out names whose mean
+    Dice is ``None``; it is ``None`` if none is left.
     """
     names: list[str] = []
     for case_metrics in per_case.values():
@@ -192,23 +237,28 @@ def summarize(per_case: Mapping[str, CaseMetrics], dice_labels: Sequence[str] | 
     mean: dict[str, dict] = {}
     for name in names:
         cases = {case: metrics[name] for case, metrics in per_case.items() if name in metrics}
-        entry: dict = {"n_cases": len(cases)}
-        for metric in SUMMARIZED_METRICS:
-            values = [m[metric] for m in cases.values() if m[metric] is not None]
-            excluded = [case for case, m in cases.items() if m[metric] is None]
-            entry[metric] = {
-                "mean": float(np.mean(values)) if values else None,
-                "median": float(np.median(values)) if values else None,
-                "n_excluded": len(excluded),
-                "excluded_reason": _excluded_reason(metric, {case: cases[case] for case in excluded}),
-            }
-        mean[name] = entry
+        mean[name] = {"n_cases": len(cases), **{m: _metric_summary(m, cases) for m in SUMMARIZED_METRICS}}
     dice_means = [
         mean[name]["dice"]["mean"]
         for name in (names if dice_labels is None else dice_labels)
         if name in mean and mean[name]["dice"]["mean"] is not None
     ]
     return {"mean": mean, "mean_dice": float(np.mean(dice_means)) if dice_means else None}
+
+
+def _metric_summary(metric: str, cases: Mapping[str, Mapping[str, MetricValue]]) -> dict:
+    """Mean, median and exclusions of one metric of one structure over ``cases``."""
+    values = [m[metric] for m in cases.values() if m[metric] is not None]
+    excluded = {case: m for case, m in cases.items() if m[metric] is None}
+    entry = {
+        "mean": float(np.mean(values)) if values else None,
+        "median": float(np.median(values)) if values else None,
+        "n_excluded": len(excluded),
+        "excluded_reason": _excluded_reason(metric, excluded),
+    }
+    if metric in DISTANCE_METRICS:
+        entry["n_worst"] = sum(m[metric] is not None and _one_mask_empty(m) for m in cases.values())
+    return entry
 
 
 def evaluate_folders(
@@ -224,21 +274,149 @@ def evaluate_folders(
     overlays_dir: str | os.PathLike | None = None,
     images_dir: str | os.PathLike | None = None,
     missing: str = "skip",
+    missing_distance: str = "skip",
 ) -> dict:
     """Evaluate every prediction ``<case><spec.file_ending>`` in ``prediction_dir`` against ``reference_dir``.
 
     A reference without a prediction is, by ``missing``: ``"skip"`` left out (only predicted cases are
     scored: a fold's validation against every training label), ``"error"`` an error naming it, ``"empty"``
-    scored as an empty prediction (every structure missed). Each pair must have the
-    same shape, spacing (relative tolerance 1e-3), origin (0.01 mm) and direction (1e-3); label maps must hold
-    whole numbers declared in ``spec.labels`` (float storage is fine). Labels and ``spec.regions`` are scored
-    per case with :func:`evaluate_case` (NSD at ``tolerance_mm``, distances in mm from the reference's
-    spacing), ``workers`` cases at a time in threads.
+    scored as an empty prediction (every structure missed). Each pair must have the same shape, spacing
+    (relative tolerance 1e-3), origin (0.01 mm) and direction (1e-3); label maps must hold whole numbers
+    declared in ``spec.labels`` (float storage is fine). Labels and ``spec.regions`` are scored per case with
+    :func:`evaluate_case` (NSD at ``tolerance_mm``, distances in mm from the reference's spacing, a structure
+    in only one map given distances by ``missing_distance``), ``workers`` cases at a time in threads.
 
-    Returns the summary that is written to ``output_json`` (if given)::
+    Returns the summary (layout: :func:`_summary`), written to ``output_json`` if given; ``output_csv`` (if
+    given) gets one row per case and name (:data:`CSV_COLUMNS`, the JSON's keys; empty where undefined). With ``output_json`` and ``report_png``, ``report.png`` beside it shows the
+    per-case metrics as box plots (:func:`autoseg.evaluation.report.plot_report`). ``overlays_dir`` (if given)
+    gets ``<case>.png`` per case: the axial slice (array axis 0) with the most reference foreground, reference
+    and predicted contours per label drawn over the image ``<case>_0000<ending>`` of ``images_dir`` (nnU-Net's
+    imagesTr naming; without ``images_dir``, over the reference label map). ``images_dir`` is only read for
+    overlays. Every file is written atomically.
 
-        {"schema_version": 2, "empty_rules": str,
+    Raises :class:`AutosegError` with one line naming the file or folder for missing folders, no predictions,
+    a prediction without reference, mismatched geometry, undeclared label values, a region that clashes with
+    a label, or a missing or misshapen overlay image; ``ValueError`` for ``workers < 1``, a negative
+    ``tolerance_mm`` or an unknown ``missing`` or ``missing_distance``.
+    """
+    _check_options(spec, workers, missing, missing_distance)
+    tolerance_mm = check_tolerance(tolerance_mm)
+    pairs, n_references = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending, missing)
+    images = _check_overlay_targets(pairs, overlays_dir, images_dir)
+    score = partial(
+        _evaluate_pair,
+        spec=spec,
+        tolerance_mm=tolerance_mm,
+        missing_distance=missing_distance,
+        overlays=overlays_dir is not None,
+        images=images,
+    )
+    results = _map_cases(score, pairs, workers)
+    per_case = {case: metrics for (case, _, _), (metrics, _) in zip(pairs, results)}
+    summary = _summary(per_case, spec, tolerance_mm, missing_distance)
+    summary["n_references"] = None if missing == "skip" else n_references
+    summary["missing_as_empty"] = [case for case, _, prediction in pairs if prediction is None]
+    _write_outputs(summary, output_json, output_csv, report_png)
+    if overlays_dir is not None:
+        _write_overlays([view for _, view in results], spec.foreground_labels, Path(overlays_dir))
+    return summary
+
+
+def _write_overlays(views: Sequence, labels: Mapping[str, int], overlays_dir: Path) -> None:
+    """One ``<case>.png`` per overlay view, drawn in this thread (matplotlib is not thread-safe)."""
+    from autoseg.evaluation.report import plot_overlay
+
+    for view in views:
+        plot_overlay(view, labels, overlays_dir / f"{view.case}.png")
+
+
+def _check_options(spec: DatasetSpec, workers: int, missing: str, missing_distance: str) -> None:
+    try:
+        structures(spec.foreground_labels, spec.regions)  # background and the ignore label are never scored
+    except ValueError as exc:
+        raise AutosegError(f"dataset.json: {exc}") from None
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if missing not in ("skip", "error", "empty"):
+        raise ValueError(f"missing must be 'skip', 'error' or 'empty', got {missing!r}")
+    _check_missing_distance(missing_distance)
+
+
+def _check_overlay_targets(
+    pairs: Sequence[tuple[str, Path, Path | None]],
+    overlays_dir: str | os.PathLike | None,
+    images_dir: str | os.PathLike | None,
+) -> Path | None:
+    """Refuse a folder where an overlay PNG goes, or a missing image folder; the image folder to read (if any)."""
+    if overlays_dir is None:
+        return None
+    for case, _, _ in pairs:
+        png = Path(overlays_dir) / f"{case}.png"
+        if png.is_dir():
+            raise AutosegError(f"{png}: is a folder where evaluate writes the case's overlay; move it away")
+    images = None if images_dir is None else Path(images_dir)
+    if images is not None and not images.is_dir():
+        raise AutosegError(f"{images}: image folder not found")
+    return images
+
+
+def _evaluate_pair(
+    pair: tuple[str, Path, Path | None],
+    *,
+    spec: DatasetSpec,
+    tolerance_mm: float,
+    missing_distance: str,
+    overlays: bool,
+    images: Path | None,
+):
+    """``(metrics, overlay view or None)`` of one case; a missing prediction is scored as empty."""
+    case, reference_path, prediction_path = pair
+    if prediction_path is None:
+        reference, ref_geom = load_label_any(reference_path, spec.allowed_values, segment_values(spec))
+        prediction, spacing_mm = np.zeros_like(reference), ref_geom.spacing_mm
+    else:
+        reference, prediction, spacing_mm = _load_pair(
+            reference_path, prediction_path, spec.allowed_values, segment_values(spec)
+        )
+    metrics = evaluate_case(
+        reference,
+        prediction,
+        spacing_mm,
+        spec.foreground_labels,
+        spec.regions,
+        spec.ignore_label,
+        tolerance_mm,
+        missing_distance,
+    )
+    if not overlays:
+        return metrics, None
+    from autoseg.evaluation.report import overlay_view
+
+    image = None if images is None else _load_image(images, case, spec.file_ending, reference.shape)
+    # only the chosen slices travel back: figures are drawn in this thread (matplotlib is not thread-safe)
+    return metrics, overlay_view(case, reference, prediction, spacing_mm, image, spec.ignore_label)
+
+
+def _map_cases(score, pairs: Sequence, workers: int) -> list:
+    """``score`` of each pair, ``workers`` at a time in threads, in the order of ``pairs``."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        return list(pool.map(score, pairs))
+    finally:
+        # On an error, do not read the remaining cases only to throw their results away.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _summary(
+    per_case: Mapping[str, CaseMetrics], spec: DatasetSpec, tolerance_mm: float, missing_distance: str
+) -> dict:
+    """The summary of the scored cases.
+
+    Layout (:func:`evaluate_folders` adds the last two keys)::
+
+        {"schema_version": 3, "empty_rules": str,
          "tolerance_mm": float,          # of NSD
+         "missing_distance": "skip" | "worst",   # distances of a structure in only one map (empty_rules)
          "units": {metric: "ratio" | "mm" | "voxels" | "mL"},
          "per_case": [{"case": id, "label": name, <metrics>}, ...],   # cases sorted, labels then regions
          "mean": {name: ...},            # see summarize()
@@ -247,82 +425,20 @@ def evaluate_folders(
          "n_cases": int,                 # cases scored (the means are over these)
          "n_references": int | None,     # reference files in reference_dir (None with missing="skip")
          "missing_as_empty": [case, ...]}  # references without a prediction, scored as empty ("empty")
-
-    ``output_csv`` (if given) gets one row per case and name with columns :data:`CSV_COLUMNS` (the same keys
-    as the JSON), empty cells for undefined metrics. With ``output_json`` and ``report_png``, ``report.png``
-    beside it shows the per-case metrics as box plots (:func:`autoseg.evaluation.report.plot_report`).
-    ``overlays_dir`` (if given) gets ``<case>.png`` per case: the axial slice (array axis 0) with the most
-    reference foreground, reference and predicted contours per label drawn over the image
-    ``<case>_0000<ending>`` of ``images_dir`` (nnU-Net's imagesTr naming; without ``images_dir``, over the
-    reference label map). ``images_dir`` is only read for overlays. Every file is written atomically.
-
-    Raises :class:`AutosegError` with one line naming the file or folder for missing folders, no predictions,
-    a prediction without reference, mismatched geometry, undeclared label values, a region that clashes with
-    a label, or a missing or misshapen overlay image; ``ValueError`` for ``workers < 1`` or a negative
-    ``tolerance_mm``.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if missing not in ("skip", "error", "empty"):
-        raise ValueError(f"missing must be 'skip', 'error' or 'empty', got {missing!r}")
-    tolerance_mm = check_tolerance(tolerance_mm)
-    labels = spec.foreground_labels  # background and the ignore label are never scored
-    try:
-        structures(labels, spec.regions)
-    except ValueError as exc:
-        raise AutosegError(f"dataset.json: {exc}") from None
-    pairs, n_references = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending, missing)
-    allowed = spec.allowed_values
-    if overlays_dir is not None:
-        for case, _, _ in pairs:
-            png = Path(overlays_dir) / f"{case}.png"
-            if png.is_dir():
-                raise AutosegError(
-                    f"{png}: is a folder where evaluate writes the case's overlay; move it away"
-                )
-    images = Path(images_dir) if overlays_dir is not None and images_dir is not None else None
-    if images is not None and not images.is_dir():
-        raise AutosegError(f"{images}: image folder not found")
-
-    def evaluate_pair(pair: tuple[str, Path, Path]):
-        case, reference_path, prediction_path = pair
-        if prediction_path is None:  # missing, scored as empty
-            reference, ref_geom = load_label_any(reference_path, allowed, segment_values(spec))
-            prediction, spacing_mm = np.zeros_like(reference), ref_geom.spacing_mm
-        else:
-            reference, prediction, spacing_mm = _load_pair(
-                reference_path, prediction_path, allowed, segment_values(spec)
-            )
-        metrics = evaluate_case(
-            reference, prediction, spacing_mm, labels, spec.regions, spec.ignore_label, tolerance_mm
-        )
-        if overlays_dir is None:
-            return metrics, None
-        from autoseg.evaluation.report import overlay_view
-
-        image = None if images is None else _load_image(images, case, spec.file_ending, reference.shape)
-        # only the chosen slices travel back: figures are drawn in this thread (matplotlib is not thread-safe)
-        return metrics, overlay_view(case, reference, prediction, spacing_mm, image, spec.ignore_label)
-
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        results = list(pool.map(evaluate_pair, pairs))
-    finally:
-        # On an error, do not read the remaining cases only to throw their results away.
-        pool.shutdown(wait=True, cancel_futures=True)
-    per_case = {case: metrics for (case, _, _), (metrics, _) in zip(pairs, results)}
-
     # the overall mean Dice is over what the network predicts: labels, or regions for region-based datasets
+    labels = spec.foreground_labels
     dice_labels = (
         list(spec.regions)
         if spec.region_based
         else [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
     )
     stats = summarize(per_case, dice_labels=dice_labels)
-    summary = {
+    return {
         "schema_version": SCHEMA_VERSION,
-        "empty_rules": EMPTY_RULES,
+        "empty_rules": EMPTY_RULES + (" " + WORST_RULE if missing_distance == "worst" else ""),
         "tolerance_mm": tolerance_mm,
+        "missing_distance": missing_distance,
         "units": dict(METRIC_UNITS),
         "per_case": [
             {"case": case, "label": name, **metrics}
@@ -333,9 +449,16 @@ def evaluate_folders(
         "mean_dice": stats["mean_dice"],
         "mean_dice_labels": dice_labels,
         "n_cases": len(per_case),
-        "n_references": None if missing == "skip" else n_references,
-        "missing_as_empty": [case for case, _, prediction in pairs if prediction is None],
     }
+
+
+def _write_outputs(
+    summary: dict,
+    output_json: str | os.PathLike | None,
+    output_csv: str | os.PathLike | None,
+    report_png: bool,
+) -> None:
+    """``summary.json``, the per-case CSV and ``report.png``, each where asked for, atomically."""
     if output_json is not None:
         write_text(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if output_csv is not None:
@@ -344,12 +467,6 @@ def evaluate_folders(
         from autoseg.evaluation.report import plot_report
 
         plot_report(summary, Path(output_json).with_name(REPORT_PNG))
-    if overlays_dir is not None:
-        from autoseg.evaluation.report import plot_overlay
-
-        for _, view in results:
-            plot_overlay(view, labels, Path(overlays_dir) / f"{view.case}.png")
-    return summary
 
 
 def _pair_files(

@@ -21,6 +21,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SPINAL_CORD = SHARED_DATA / "Dataset003_SpinalCordTiny"
 
 SPACING_MM = (3.0, 1.0, 1.0)  # array order (z, y, x): thick slices
+# Area-weighted NSD of a 5x5x5 cube against itself one 3 mm slice higher (tests/evaluation/test_nsd.py works
+# it out): surfel areas in mm² are 1 (z-facing face), 3 (side faces), 3*sqrt(2)/2 (vertical edges),
+# sqrt(10)/2 (horizontal edges), sqrt(19)/8 (vertices); each cube has 312.9 mm² of them.
+_CUBE_AREA = 32 + 16 * 10**0.5 + 19**0.5 + 192 + 24 * 2**0.5
+LIVER_NSD_0MM = (192 + 24 * 2**0.5 + 8 * 10**0.5 + 19**0.5 / 2) / _CUBE_AREA  # side walls and the near rim
+LIVER_NSD_1MM = LIVER_NSD_0MM + 12 / _CUBE_AREA  # and 12 of the 16 near-face surfels (1 mm from a side wall)
 SHAPE = (10, 12, 12)
 SPEC = DatasetSpec(
     channel_names=("MRI",),
@@ -101,7 +107,7 @@ def test_summarize_averages_defined_values_and_counts_the_rest():
     }
     for case in per_case.values():
         for metrics in case.values():
-            undefined = ("iou", "precision", "recall", "voe", "rvd", "hd", "hd95", "assd", "nsd")
+            undefined = ("iou", "precision", "recall", "voe", "rvd", "hd", "hd95", "assd", "nsd", "nsd_voxel")
             metrics.update(dict.fromkeys(undefined, None))
             metrics.update(reference_volume_ml=1.0, predicted_volume_ml=2.0, tn=5, specificity=0.5)
     # a reference that fills the image has no background: specificity is undefined, and says why
@@ -126,7 +132,7 @@ def test_evaluate_folders_writes_summary_and_csv(folders, tmp_path: Path):
 
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary
-    assert on_disk["schema_version"] == 2
+    assert on_disk["schema_version"] == 3  # 3: nsd area-weighted, nsd_voxel, missing_distance
     assert on_disk["tolerance_mm"] == 1.0
     assert on_disk["units"]["hd95"] == "mm" and on_disk["units"]["reference_volume_ml"] == "mL"
     assert "empty" in on_disk["empty_rules"].lower()
@@ -139,7 +145,10 @@ def test_evaluate_folders_writes_summary_and_csv(folders, tmp_path: Path):
     assert first["hd95"] == pytest.approx(3.0)
     assert first["hd"] == pytest.approx(3.0)
     # one 3 mm slice off: of each cube's 98 boundary voxels, 64 + 8 lie within 1 mm of the other surface
-    assert first["nsd"] == pytest.approx(72 / 98)
+    assert first["nsd_voxel"] == pytest.approx(72 / 98)
+    # by surfel area (worked out in tests/evaluation/test_nsd.py): all but the far face and the 4 centre
+    # surfels of the near one, whose 12 outer surfels are 1 mm from the side walls
+    assert first["nsd"] == pytest.approx(LIVER_NSD_1MM)
     assert first["voe"] == pytest.approx(1 - 100 / 150) and first["rvd"] == 0.0
     assert first["specificity"] == pytest.approx(1 - 25 / (10 * 12 * 12 - 125))
     assert first["reference_volume_ml"] == pytest.approx(125 * 3 / 1000)
@@ -193,9 +202,9 @@ def test_tolerance_sets_nsd_and_is_recorded(folders):
     summary = evaluate_folders(ref_dir, pred_dir, SPEC, tolerance_mm=3.0)
     assert summary["tolerance_mm"] == 3.0
     assert summary["per_case"][0]["nsd"] == 1.0
-    assert evaluate_folders(ref_dir, pred_dir, SPEC, tolerance_mm=0.0)["per_case"][0]["nsd"] == pytest.approx(
-        64 / 98
-    )
+    at_zero = evaluate_folders(ref_dir, pred_dir, SPEC, tolerance_mm=0.0)["per_case"][0]
+    assert at_zero["nsd_voxel"] == pytest.approx(64 / 98)
+    assert at_zero["nsd"] == pytest.approx(LIVER_NSD_0MM)
     with pytest.raises(ValueError, match="tolerance_mm"):
         evaluate_folders(ref_dir, pred_dir, SPEC, tolerance_mm=-1.0)
 

@@ -45,22 +45,28 @@ def test_two_cubes_offset_by_one_voxel():
     assert tuple(m) == METRIC_KEYS
 
 
+# Area-weighted NSD of the z-shift with 3 mm slices at 1 mm (worked out in tests/evaluation/test_nsd.py): each
+# cube has 312.9 mm² of surfels; all are within 1 mm except the far face and the 4 centre surfels of the near one
+_CUBE_AREA = 32 + 16 * 10**0.5 + 19**0.5 + 192 + 24 * 2**0.5
+_Z_SHIFT_NSD = (204 + 24 * 2**0.5 + 8 * 10**0.5 + 19**0.5 / 2) / _CUBE_AREA  # 0.848
+
+
 @pytest.mark.parametrize(
-    ("shift_axis", "spacing_mm", "hd95", "assd", "nsd"),
+    ("shift_axis", "spacing_mm", "hd95", "assd", "nsd_voxel", "nsd"),
     [
         # Shift along z with 3 mm slices. Of the shifted cube's 98 boundary voxels, 64 lie on the reference
         # surface (0 mm), the 25 of the new top face are one slice away (3 mm), and the 9 inner voxels of the
         # bottom face are nearest to a side face: 8 at 1 mm, the centre at 2 mm. Mean = (8 + 2 + 75) / 98;
         # the 95th percentile falls inside the 3 mm group. Both directions are mirror images, so the NSD at
-        # 1 mm is (64 + 8) / 98 on each side.
-        (0, (3.0, 1.0, 1.0), 3.0, 85 / 98, 72 / 98),
+        # 1 mm is (64 + 8) / 98 on each side by voxel count.
+        (0, (3.0, 1.0, 1.0), 3.0, 85 / 98, 72 / 98, _Z_SHIFT_NSD),
         # Same spacing, shift along x: the new face is 1 mm away and so is every inner voxel of the old one.
-        (2, (3.0, 1.0, 1.0), 1.0, 34 / 98, 1.0),
-        (0, (1.0, 1.0, 1.0), 1.0, 34 / 98, 1.0),
+        (2, (3.0, 1.0, 1.0), 1.0, 34 / 98, 1.0, 1.0),
+        (0, (1.0, 1.0, 1.0), 1.0, 34 / 98, 1.0, 1.0),
     ],
 )
 def test_single_voxel_shift_gives_hd95_equal_to_spacing_along_the_shift(
-    shift_axis, spacing_mm, hd95, assd, nsd
+    shift_axis, spacing_mm, hd95, assd, nsd_voxel, nsd
 ):
     start = [2, 2, 2]
     reference = cube((10, 10, 10), tuple(start))
@@ -70,6 +76,7 @@ def test_single_voxel_shift_gives_hd95_equal_to_spacing_along_the_shift(
     assert m["hd95"] == pytest.approx(hd95)
     assert m["hd"] == pytest.approx(hd95)  # the largest distance is the 95th percentile here
     assert m["assd"] == pytest.approx(assd)
+    assert m["nsd_voxel"] == pytest.approx(nsd_voxel)
     assert m["nsd"] == pytest.approx(nsd)
 
 
@@ -79,11 +86,11 @@ def test_single_voxel_shift_gives_hd95_equal_to_spacing_along_the_shift(
     # a distance equal to the tolerance counts as within it
     [(0.0, 64 / 98), (1.0, 72 / 98), (1.9, 72 / 98), (2.0, 73 / 98), (2.9, 73 / 98), (3.0, 1.0), (50.0, 1.0)],
 )
-def test_nsd_counts_boundary_voxels_within_the_tolerance(tolerance_mm, nsd):
+def test_nsd_voxel_counts_boundary_voxels_within_the_tolerance(tolerance_mm, nsd):
     reference = cube((10, 10, 10), (2, 2, 2))
     prediction = cube((10, 10, 10), (3, 2, 2))
     m = binary_metrics(reference, prediction, (3.0, 1.0, 1.0), tolerance_mm=tolerance_mm)
-    assert m["nsd"] == pytest.approx(nsd)
+    assert m["nsd_voxel"] == pytest.approx(nsd)
 
 
 def test_a_stray_voxel_sets_hd_but_not_hd95_and_weighs_in_assd_and_nsd():
@@ -98,7 +105,9 @@ def test_a_stray_voxel_sets_hd_but_not_hd95_and_weighs_in_assd_and_nsd():
     assert m["hd95"] == 0.0
     # mean over both surfaces, 98 + 99 voxels (the mean of the two directed means would be 12 / 99 / 2)
     assert m["assd"] == pytest.approx(12 / 197)
-    assert m["nsd"] == pytest.approx(196 / 197)
+    assert m["nsd_voxel"] == pytest.approx(196 / 197)
+    # by area: the stray voxel's 8 vertex surfels (sqrt(19)/8 mm² each) are missed, both cubes' surfels match
+    assert m["nsd"] == pytest.approx(2 * _CUBE_AREA / (2 * _CUBE_AREA + 19**0.5))
     assert m["dice"] == pytest.approx(250 / 251)
     assert m["rvd"] == pytest.approx(1 / 125)
 

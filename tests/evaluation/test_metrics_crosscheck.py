@@ -13,7 +13,8 @@ What must agree, and why:
 * hd95 differs by definition: MedPy takes the 95th percentile of both directions pooled, we the larger of the
   two directed 95th percentiles (as DeepMind's surface-distance). MedPy's value must equal the pooled
   percentile of our distances, and lie between our two directed percentiles (so never above our hd95).
-* nsd has no MedPy counterpart; it is checked against the EDT of each surface, read at the other's boundary.
+* nsd_voxel has no MedPy counterpart; it is checked against the EDT of each surface, read at the other's
+  boundary. The area-weighted nsd is checked against DeepMind's surface-distance in tests/evaluation/test_nsd.py.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def test_surface_distances_equal_medpy_and_hd95_differs_only_by_pooling(pairs):
 
 
 @pytest.mark.parametrize("tolerance_mm", [1.0, 2.0])
-def test_nsd_equals_the_edt_count_on_real_masks(pairs, tolerance_mm):
+def test_nsd_voxel_equals_the_edt_count_on_real_masks(pairs, tolerance_mm):
     structure = ndimage.generate_binary_structure(3, 1)
     for name, reference, prediction, spacing in pairs:
         ref_surface = reference ^ ndimage.binary_erosion(reference, structure, border_value=0)
@@ -111,6 +112,6 @@ def test_nsd_equals_the_edt_count_on_real_masks(pairs, tolerance_mm):
         to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[ref_surface]
         within = np.count_nonzero(to_ref <= tolerance_mm) + np.count_nonzero(to_pred <= tolerance_mm)
         expected = within / (to_ref.size + to_pred.size)
-        ours = binary_metrics(reference, prediction, spacing, tolerance_mm=tolerance_mm)["nsd"]
+        ours = binary_metrics(reference, prediction, spacing, tolerance_mm=tolerance_mm)["nsd_voxel"]
         assert ours == pytest.approx(expected, abs=1e-12), name
         assert 0 < ours <= 1, name
