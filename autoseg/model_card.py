@@ -6,7 +6,7 @@ What a card says, and where each part comes from:
 - **dataset**: name, number of training cases, modalities (channel names), labels and regions (plans.json,
   dataset.json; the number of cases from fingerprint.json, else dataset.json's ``numTraining``);
 - **fingerprint** (fingerprint.json): the spacing range and median of the training cases (mm, array order
-  z, y, x) and, per channel, the intensity summary over foreground voxels (a seeded sample): mean, std, min,
+  z, y, x) and, per channel, the intensity summary over foreground voxels (a seeded sample): mean, std, median, min,
   max, 0.5 and 99.5 percentiles. These are also the **limits known from the data**: an image outside the
   spacing range or the intensity range was never seen in training;
 - **plan**: per exported configuration its dimension, patch, spacing, batch, network (architecture, stages,
@@ -95,6 +95,7 @@ class ChannelIntensity:
     channel: str
     mean: float
     std: float
+    median: float
     min: float
     max: float
     percentile_00_5: float
@@ -365,7 +366,7 @@ def _fingerprint(work: WorkDir, plans: Plans) -> FingerprintCard | None:
     fp = Fingerprint.from_json(read_json(work.fingerprint))
     spacings = fp.spacings
     intensity = [
-        ChannelIntensity(name, *(float(v) for v in asdict(s).values()))
+        ChannelIntensity(name, **{k: float(v) for k, v in asdict(s).items()})
         for name, s in zip(plans.channel_names, fp.intensity)
     ]
     return FingerprintCard(
@@ -693,12 +694,12 @@ def _md_data(card: ModelCard) -> list[str]:
         "",
         "Intensity over foreground voxels (a seeded sample per case):",
         "",
-        "| channel | mean | std | min | 0.5 % | 99.5 % | max |",
-        "|---|---|---|---|---|---|---|",
+        "| channel | mean | std | median | min | 0.5 % | 99.5 % | max |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in fp.intensity:
         out.append(
-            f"| {c.channel} | {c.mean:.4g} | {c.std:.4g} | {c.min:.4g} | {c.percentile_00_5:.4g} | "
+            f"| {c.channel} | {c.mean:.4g} | {c.std:.4g} | {c.median:.4g} | {c.min:.4g} | {c.percentile_00_5:.4g} | "
             f"{c.percentile_99_5:.4g} | {c.max:.4g} |"
         )
     return out
