@@ -661,15 +661,22 @@ def _training_spacings(work: WorkDir):
 
 
 def predict_with_model(
-    model: str | Path, inputs: str | Path | list[str | Path], output_dir: str | Path, **kwargs
+    model: str | Path,
+    inputs: str | Path | list[str | Path],
+    output_dir: str | Path,
+    announce: Callable[[str], None] | None = None,
+    **kwargs,
 ) -> list[Path]:
-    """:func:`predict` with a model bundle (``autoseg export-model``), unpacked and checked in a temporary folder."""
+    """:func:`predict` with a model bundle (``autoseg export-model``), unpacked and checked in a temporary
+    folder; ``announce`` gets the model card's one-line summary (:func:`model_card_summary`) once it is."""
     import tempfile
 
     from autoseg.bundle import import_model
 
     with tempfile.TemporaryDirectory(prefix="autoseg-model-") as tmp:
         work = import_model(model, Path(tmp) / "work")
+        if announce is not None:
+            announce(model_card_summary(work))
         try:
             return predict(work.root, inputs, output_dir, **kwargs)
         except AutosegError as exc:  # name the bundle's member, not the temporary folder
@@ -685,9 +692,11 @@ def export_model(
     configs: list[str] | None = None,
     folds: list[int | str] | None = None,
     overwrite: bool | None = None,
+    benchmark: bool = True,
 ) -> dict:
-    """Bundle plans, dataset.json, find-best's instructions and the chosen folds' weights into one zip file.
-    ``overwrite=False`` refuses an existing ``output`` (None: replaces it); it must lie outside WORK."""
+    """Bundle plans, dataset.json, find-best's instructions, the chosen folds' weights and the model card
+    (``benchmark``: with one timed prediction) into one zip file. ``overwrite=False`` refuses an existing
+    ``output`` (None: replaces it); it must lie outside WORK."""
     from autoseg.atomic import check_output_file
     from autoseg.bundle import export_model as _export
 
@@ -695,7 +704,7 @@ def export_model(
     if WorkDir(Path(workdir)).owns(Path(output)):
         raise AutosegError(f"{output}: is part of the WORK folder {workdir}; write the bundle elsewhere")
     _check_configs(configs)
-    return _export(workdir, output, configs, _check_folds(folds))
+    return _export(workdir, output, configs, _check_folds(folds), benchmark=benchmark)
 
 
 def import_model(bundle: str | Path, workdir: str | Path) -> WorkDir:
@@ -703,6 +712,16 @@ def import_model(bundle: str | Path, workdir: str | Path) -> WorkDir:
     from autoseg.bundle import import_model as _import
 
     return _import(bundle, workdir)
+
+
+def model_card_summary(work: WorkDir) -> str:
+    """The one-line summary of the model card of a WORK imported from a bundle (checked at import), or a
+    line saying the bundle has none (exported before model cards)."""
+    from autoseg.model_card import read_card
+
+    if not work.model_card.is_file():
+        return "model card: none in this bundle (exported before model cards)"
+    return read_card(work.model_card).summary()
 
 
 def evaluate(
@@ -808,9 +827,11 @@ def predict_paths(
     output_formats: list[str] | None = None,
     channels: list[str] | None = None,
     settings: dict | None = None,
+    announce: Callable[[str], None] | None = None,
     **kwargs,
 ) -> list[Path]:
-    """``autoseg predict``: ``paths`` is WORK INPUT... OUTPUT (INPUT... OUTPUT with ``model``, a bundle);
+    """``autoseg predict``: ``paths`` is WORK INPUT... OUTPUT (INPUT... OUTPUT with ``model``, a bundle, whose
+    model card summary goes to ``announce``);
     ``folds``, ``mirror_axes`` ("1,2"), ``output_formats`` and ``channels`` ("0=T1") as typed on the command
     line; ``settings``: :class:`InferenceSettings` fields (None: the default). Everything is checked, in the
     order of the options, before :func:`predict` (or :func:`predict_with_model`) reads anything;
@@ -831,7 +852,9 @@ def predict_paths(
     kwargs.update(output_formats=check_formats(output_formats), channels=parse_channel_rules(channels))
     infer = inference_settings(**{**(settings or {}), "mirror_axes": axes})
     if model is not None:
-        return predict_with_model(model, inputs, output, folds=fold_list, settings=infer, **kwargs)
+        return predict_with_model(
+            model, inputs, output, announce=announce, folds=fold_list, settings=infer, **kwargs
+        )
     return predict(workdir, inputs, output, folds=fold_list, settings=infer, **kwargs)
 
 

@@ -391,6 +391,7 @@ def predict(
             save_probabilities=save_probabilities,
             postprocessing=not no_postprocessing,
             progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
+            announce=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True),
         )
     out.print(f"{len(written)} prediction(s) written to {paths[-1]}")
 
@@ -467,9 +468,18 @@ def export_model(
         list[str] | None, typer.Option("--folds", "-f", help="Folds (default: all trained)")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle")] = False,
+    no_benchmark: Annotated[
+        bool,
+        typer.Option(
+            "--no-benchmark",
+            help="Do not time one prediction of the smallest training case for the model card",
+        ),
+    ] = False,
 ) -> None:
-    """Write a portable model bundle: plans, dataset.json, weights, postprocessing."""
-    manifest = api.export_model(workdir, output, config or None, folds or None, overwrite=overwrite)
+    """Write a portable model bundle: plans, dataset.json, weights, postprocessing, model card."""
+    manifest = api.export_model(
+        workdir, output, config or None, folds or None, overwrite=overwrite, benchmark=not no_benchmark
+    )
     size = output.stat().st_size / 2**20
     folds_text = "; ".join(f"{c}: folds {', '.join(f)}" for c, f in manifest["folds"].items())
     out.print(f"wrote {output} ({size:.1f} MiB; {folds_text})", soft_wrap=True)
@@ -496,6 +506,7 @@ def import_model(
 ) -> None:
     """Unpack a model bundle into a new WORK folder (checked before use)."""
     work = api.import_model(bundle, workdir)
+    out.print(api.model_card_summary(work), markup=False, highlight=False, soft_wrap=True)
     out.print(f"model unpacked into {work.root}; predict with: autoseg predict {work.root} INPUT OUTPUT")
 
 

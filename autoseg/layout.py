@@ -18,6 +18,7 @@
       results/crossval/<config or ensemble__A__B>/   cross-validation predictions, summary.json (find-best)
           postprocessed/                              the chosen one after postprocessing
       inference_instructions.json                     what find-best chose: configs, folds, postprocessing
+      model_card.json, MODEL_CARD.md                  only in a WORK imported from a bundle (autoseg.model_card)
 
 Every name above is spelled here only: the file names are class attributes of :class:`WorkDir`
 (``WorkDir.CHECKPOINT_FINAL`` ...), the paths its methods. Folds are ``0 .. num_folds - 1`` (``num_folds``
@@ -59,6 +60,9 @@ class WorkDir:
     SUMMARY = "summary.json"  # of validation/, of a crossval/ folder and of its postprocessed/
     PER_CASE = "per_case.csv"
     REPORT = "report.png"
+    # The model card a bundle carries (written by export-model, unpacked by import-model).
+    MODEL_CARD_JSON = "model_card.json"
+    MODEL_CARD_MD = "MODEL_CARD.md"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -99,6 +103,11 @@ class WorkDir:
     def inference_instructions(self) -> Path:
         return self.root / "inference_instructions.json"
 
+    @property
+    def model_card(self) -> Path:
+        """``model_card.json`` of a WORK imported from a bundle (see :mod:`autoseg.model_card`)."""
+        return self.root / self.MODEL_CARD_JSON
+
     def fold_dir(self, config: str, fold: int | str) -> Path:
         name = "fold_all" if str(fold) == "all" else f"fold_{int(fold)}"
         return self.root / "results" / config / name
@@ -131,6 +140,8 @@ class WorkDir:
             "plans.json",
             "splits.json",
             "inference_instructions.json",
+            self.MODEL_CARD_JSON,
+            self.MODEL_CARD_MD,
         }
         folders = {"gt_segmentations", "preprocessed", "predicted_next_stage", "results"}
         if not rel.parts:

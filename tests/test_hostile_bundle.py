@@ -141,7 +141,7 @@ def test_exported_bundle_imports_and_holds_only_what_it_lists(good, tmp_path, ca
     code, out, err = _run(capfd, "import-model", good, tmp_path / "w")
     assert code == 0, err
     names = sorted(str(p.relative_to(tmp_path / "w")) for p in (tmp_path / "w").rglob("*") if p.is_file())
-    assert names == sorted(["plans.json", "dataset.json", CKPT])
+    assert names == sorted(["plans.json", "dataset.json", "model_card.json", "MODEL_CARD.md", CKPT])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     from autoseg.atomic import UMASK as _UMASK
 

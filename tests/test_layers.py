@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("autoseg.cli",),
     ("autoseg.api",),
     ("autoseg.bundle",),  # export-model / import-model packs what selection chose
+    ("autoseg.model_card",),  # the bundle's model card: reads what selection, validation and training wrote
     ("autoseg.selection",),  # find-best: cross-validation predictions, ensembles, postprocessing choice
     ("autoseg.validation",),  # final validation of a trained fold (predict + score), called by the api
     ("autoseg.training",),

@@ -136,6 +136,8 @@ def test_bundle_predicts_identically_after_import(trained, one_case, tmp_path, c
         "manifest.json",
         "plans.json",
         "dataset.json",
+        "model_card.json",
+        "MODEL_CARD.md",
         "results/3d_fullres/fold_0/checkpoint_final.pt",
     }
     (tmp_path / "ck.pt").write_bytes(ckpt_bytes)
