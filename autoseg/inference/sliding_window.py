@@ -99,7 +99,18 @@ def predict_sliding_window(
     """
     out = np.empty((num_classes, *image.shape[1:]), dtype=np.float32)
     ent = np.empty(image.shape[1:], dtype=np.float32) if member_entropy else None
-    args = (network, image, patch_size, num_classes, device, step_size, mirror_axes, tile_batch, amp, activation)
+    args = (
+        network,
+        image,
+        patch_size,
+        num_classes,
+        device,
+        step_size,
+        mirror_axes,
+        tile_batch,
+        amp,
+        activation,
+    )
     for a, b, slab, *rest in probability_slabs(*args, member_entropy=member_entropy):
         out[:, a:b] = slab
         if ent is not None:
@@ -176,7 +187,9 @@ class _TileGrid:
         pad = [max(0, p - s) for p, s in zip(self.patch3, self.spatial)]
         self.pad_before = [p // 2 for p in pad]
         if any(pad):
-            image = np.pad(image, [(0, 0)] + [(b, p - b) for b, p in zip(self.pad_before, pad)], mode="constant")
+            image = np.pad(
+                image, [(0, 0)] + [(b, p - b) for b, p in zip(self.pad_before, pad)], mode="constant"
+            )
         self.image = image
         self.shape = image.shape[1:]
         starts = [tile_starts(s, p, step_size) for s, p in zip(self.shape, self.patch3)]

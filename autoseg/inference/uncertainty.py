@@ -110,7 +110,9 @@ def map_path(target: Path, case_id: str) -> Path:
     return Path(target).with_name(case_id + MAP_SUFFIX)
 
 
-def check_map_targets(case_ids: Sequence[str], targets: Sequence[Path], continue_: bool, overwrite: bool) -> None:
+def check_map_targets(
+    case_ids: Sequence[str], targets: Sequence[Path], continue_: bool, overwrite: bool
+) -> None:
     """Refuse (before anything is written) an existing uncertainty map of a case about to be predicted, unless
     ``continue_`` (such a case has no label file yet: its map is rewritten) or ``overwrite``; a map path that is
     a folder or another output of this run."""
@@ -121,7 +123,9 @@ def check_map_targets(case_ids: Sequence[str], targets: Sequence[Path], continue
         if path.is_dir():
             raise DatasetError(f"{path}: is a folder where predict writes an output file; move it away")
         if path.resolve() in others:
-            raise DatasetError(f"{path}: the uncertainty map of case '{case_id}' would replace another output")
+            raise DatasetError(
+                f"{path}: the uncertainty map of case '{case_id}' would replace another output"
+            )
         if os.path.lexists(path):
             existing.append(path)
     if existing and not (continue_ or overwrite):
@@ -166,7 +170,9 @@ def structure_rows(
         for key in (ENTROPY, DISAGREEMENT):
             for where, region in (("inside", mask), ("boundary", shell)):
                 have = key in maps and region.any()
-                row[f"{key}_{where}"] = f"{float(maps[key][region].mean(dtype=np.float64)):.6g}" if have else ""
+                row[f"{key}_{where}"] = (
+                    f"{float(maps[key][region].mean(dtype=np.float64)):.6g}" if have else ""
+                )
         rows.append(row)
     return rows
 
