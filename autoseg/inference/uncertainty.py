@@ -112,10 +112,11 @@ def map_path(target: Path, case_id: str) -> Path:
 
 def check_map_targets(
     case_ids: Sequence[str], targets: Sequence[Path], continue_: bool, overwrite: bool
-) -> None:
+) -> list[str]:
     """Refuse (before anything is written) an existing uncertainty map of a case about to be predicted, unless
     ``continue_`` (such a case has no label file yet: its map is rewritten) or ``overwrite``; a map path that is
-    a folder or another output of this run."""
+    a folder or another output of this run. Returns the names of the files these add (maps and the table),
+    whose temporaries a killed run may have left."""
     others = {Path(t).resolve() for t in targets}
     existing = []
     for case_id, target in zip(case_ids, targets):
@@ -133,6 +134,7 @@ def check_map_targets(
             f"{existing[0]}: already exists ({len(existing)} uncertainty map(s)); use --continue to skip them "
             "or --overwrite"
         )
+    return [map_path(t, c).name for c, t in zip(case_ids, targets)] + [TABLE_NAME]
 
 
 def save_maps(path: Path, maps: Mapping[str, np.ndarray], geometry) -> Path:
