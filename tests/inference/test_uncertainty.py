@@ -296,6 +296,27 @@ def test_slab_by_slab_export_gives_the_same_maps(trained, inputs, tmp_path):
     assert rows[0].splitlines()[0] == rows[1].splitlines()[0] and len(rows[0]) > 100
 
 
+def test_dicom_series_input_gets_maps_beside_its_outputs(trained, phantom_dataset, tmp_path, capfd):
+    """DICOM input goes through the same export: the map is in the series' own grid (that of the NIfTI label
+    file written from it), named by case."""
+    pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from tests.io.test_dicom import _phantom_case
+
+    case, _, dicom_in = _phantom_case(phantom_dataset, "axial", tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _predict(
+        capfd, trained, dicom_in, out, "--save-uncertainty", "--mirror-axes", "2", "--output-format", "nifti"
+    )
+    assert code == 0, err
+    seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    with np.load(out / f"{case}_uncertainty.npz") as z:
+        assert z[ENTROPY].dtype == np.float16 and z[DISAGREEMENT].shape == sitk.GetArrayFromImage(seg).shape
+        np.testing.assert_allclose(z["origin_mm"], seg.GetOrigin(), atol=1e-4)
+    rows = list(csv.DictReader(open(out / "uncertainty.csv", newline="")))
+    assert [r["structure"] for r in rows] == ["organ", "lesion"] and {r["case"] for r in rows} == {case}
+
+
 def test_save_uncertainty_is_a_setting_and_off_by_default():
     assert InferenceSettings().save_uncertainty is False
     import typer
