@@ -296,6 +296,24 @@ def test_slab_by_slab_export_gives_the_same_maps(trained, inputs, tmp_path):
     assert rows[0].splitlines()[0] == rows[1].splitlines()[0] and len(rows[0]) > 100
 
 
+def test_configuration_ensemble_maps_their_disagreement(trained, inputs, tmp_path, capfd):
+    """``-c 2d -c 3d_fullres`` without mirroring: two members (one per configuration), averaged in the image
+    grid, so the disagreement map is there; it never exceeds the entropy."""
+    from autoseg.training.loop import train_fold
+
+    if not trained.checkpoint("2d", 0).is_file():
+        train_fold(trained, "2d", 0, TINY, CPU, False)
+    out = tmp_path / "out"
+    code, _, err = _predict(
+        capfd, trained, inputs, out, "-c", "2d", "-c", "3d_fullres", "--no-mirroring", "--save-uncertainty"
+    )
+    assert code == 0, err
+    with np.load(out / "phantom_000_uncertainty.npz") as z:
+        ent, mi = z[ENTROPY].astype(np.float32), z[DISAGREEMENT].astype(np.float32)
+    assert ent.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_000.nii.gz"))).shape
+    assert (mi <= ent + 1e-3).all() and mi.max() > 0
+
+
 def test_dicom_series_input_gets_maps_beside_its_outputs(trained, phantom_dataset, tmp_path, capfd):
     """DICOM input goes through the same export: the map is in the series' own grid (that of the NIfTI label
     file written from it), named by case."""
