@@ -296,22 +296,25 @@ def test_slab_by_slab_export_gives_the_same_maps(trained, inputs, tmp_path):
     assert rows[0].splitlines()[0] == rows[1].splitlines()[0] and len(rows[0]) > 100
 
 
-def test_configuration_ensemble_maps_their_disagreement(trained, inputs, tmp_path, capfd):
-    """``-c 2d -c 3d_fullres`` without mirroring: two members (one per configuration), averaged in the image
-    grid, so the disagreement map is there; it never exceeds the entropy."""
-    from autoseg.training.loop import train_fold
+def test_configuration_ensemble_maps_their_disagreement(trained, inputs, tmp_path):
+    """Two configurations' predictors (here two of 3d_fullres predicting differently: one mirrored), averaged
+    in the image grid: the disagreement map is there (two members or more) and never exceeds the entropy."""
+    from autoseg.inference.predictor import Predictor, predict_cases
+    from autoseg.io.dataset import discover_inputs
 
-    if not trained.checkpoint("2d", 0).is_file():
-        train_fold(trained, "2d", 0, TINY, CPU, False)
+    plain = InferenceSettings(mirroring=False, save_uncertainty=True)
+    mirrored = InferenceSettings(mirror_axes=(2,), step_size=1.0, save_uncertainty=True)
+    predictors = [Predictor(trained, "3d_fullres", [0], CPU, s) for s in (plain, mirrored)]
+    cases = [c for c in discover_inputs([inputs], 2) if c.case_id == "phantom_000"]
     out = tmp_path / "out"
-    code, _, err = _predict(
-        capfd, trained, inputs, out, "-c", "2d", "-c", "3d_fullres", "--no-mirroring", "--save-uncertainty"
-    )
-    assert code == 0, err
+    predict_cases(predictors, cases, [out / "phantom_000.nii.gz"])
     with np.load(out / "phantom_000_uncertainty.npz") as z:
         ent, mi = z[ENTROPY].astype(np.float32), z[DISAGREEMENT].astype(np.float32)
     assert ent.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_000.nii.gz"))).shape
     assert (mi <= ent + 1e-3).all() and mi.max() > 0
+    assert [r["case"] for r in csv.DictReader(open(out / "uncertainty.csv", newline=""))] == [
+        "phantom_000"
+    ] * 2
 
 
 def test_dicom_series_input_gets_maps_beside_its_outputs(trained, phantom_dataset, tmp_path, capfd):
