@@ -514,8 +514,8 @@ def predict(
     )
     cases = None if dicom_job is not None else discover_inputs(input_list, len(plans.channel_names))
     fold_lists = {c: _folds_to_use(work, plans, c, folds, settings) for c in configs}  # after input errors
-    cases, targets = _predict_targets(
-        work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
+    cases, targets, also = _predict_targets(
+        work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities, settings
     )
     post = _postprocessor(work, configs, instructions) if postprocessing else None
     predictors = [Predictor(work, c, fold_lists[c], dev, settings, plans=plans) for c in configs]
@@ -524,7 +524,7 @@ def predict(
     if not cases:
         return []
     # only now: every check has passed and the models are loaded
-    remove_stale_outputs(dicom_job.paths() if dicom_job is not None else targets)
+    remove_stale_outputs(dicom_job.paths() if dicom_job is not None else targets, also)
     write = dicom_job.write if dicom_job is not None else None
     spacings = _training_spacings(work)
     return predict_cases(
@@ -553,18 +553,27 @@ def _predict_configs(plans: Plans, configs, config, instructions) -> list[str]:
 
 
 def _predict_targets(
-    work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
+    work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities, settings
 ):
-    """The cases to predict and their output files: the DICOM job's, or those of the plain image inputs'
-    ``cases``. The output folder must not lie in WORK's own files."""
+    """The cases to predict, their output files (the DICOM job's, or those of the plain image inputs'
+    ``cases``) and the names of the other files written beside them (uncertainty maps and table). The output
+    folder must not lie in WORK's own files."""
     from autoseg.inference.predictor import output_targets
+    from autoseg.inference.uncertainty import check_map_targets
 
     if work.owns(Path(output_dir)):
         raise AutosegError(f"{output_dir}: lies in the WORK folder's own files; choose another output folder")
     if dicom_job is not None:
-        return dicom_job.cases, dicom_job.targets
-    input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
-    return output_targets(cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities)
+        cases, targets = dicom_job.cases, dicom_job.targets
+    else:
+        input_dirs = sorted({Path(p) for p in input_list if Path(p).is_dir()})
+        cases, targets = output_targets(
+            cases, Path(output_dir), input_dirs, continue_, overwrite, save_probabilities
+        )
+    also = []
+    if settings.save_uncertainty:
+        also = check_map_targets([c.case_id for c in cases], targets, continue_, overwrite)
+    return cases, targets, also
 
 
 def _postprocessor(work: WorkDir, configs: list[str], instructions):

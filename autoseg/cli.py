@@ -307,6 +307,14 @@ _PredictMirrorAxes = Annotated[
 _PredictSaveProbabilities = Annotated[
     bool, typer.Option("--save-probabilities", help="Also write <case>.npz probabilities (original grid)")
 ]
+_PredictSaveUncertainty = Annotated[
+    bool,
+    typer.Option(
+        "--save-uncertainty",
+        help="Also write <case>_uncertainty.npz (float16 entropy and fold/mirror disagreement, image grid) "
+        "and uncertainty.csv (per case and structure)",
+    ),
+]
 _PredictNoPostprocessing = Annotated[
     bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
 ]
@@ -359,6 +367,7 @@ def predict(
     continue_: Annotated[bool, typer.Option("--continue", help="Skip cases already written")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs")] = False,
     save_probabilities: _PredictSaveProbabilities = False,
+    save_uncertainty: _PredictSaveUncertainty = False,
     no_postprocessing: _PredictNoPostprocessing = False,
     fix_nonfinite: _PredictFixNonfinite = False,
     compile_: _PredictCompile = INFER.compile,
@@ -373,6 +382,7 @@ def predict(
         compile=compile_,
         reuse_heap=False if no_heap_reuse else None,
         fix_nonfinite=True if fix_nonfinite else None,
+        save_uncertainty=True if save_uncertainty else None,
     )
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")

@@ -191,6 +191,10 @@ class InferenceSettings:
     """CPU with glibc: keep the memory a forward pass frees for the next pass instead of unmapping it (far
     fewer page faults, about 15 % faster passes; the network's activations stay reserved until the volume is
     done). False: glibc's usual behaviour."""
+    save_uncertainty: bool = False
+    """Also write ``<case>_uncertainty.npz`` (float16 entropy of the ensemble mean and, with two members or
+    more, their mutual information, in the image's grid) and ``uncertainty.csv`` (per case and structure: mean
+    uncertainty inside and on the boundary, volume); see :mod:`autoseg.inference.uncertainty`."""
 
     def tiles_per_pass(self, device_type: str) -> int:
         """``tile_batch``, or when it is 0: two tiles per forward pass on CUDA, one elsewhere."""

@@ -123,16 +123,21 @@ def probabilities_to_original(probs: np.ndarray, props: CaseProperties, plans: P
     box: background (probability 1 for class 0 of a softmax plan, 0 for every region of a sigmoid plan).
     Channels are resampled one at a time into the preallocated result, so the peak is the result plus about
     two single-channel volumes."""
-    bbox = props.bbox
-    cropped_t, spacing = _cropped_grid(props, plans)
     out = np.empty((probs.shape[0], *props.source_geometry.shape), dtype=np.float16)
     for k in range(probs.shape[0]):
-        channel = resample_probabilities(probs[k : k + 1], spacing, cropped_t)[0]
-        channel = channel.transpose(plans.transpose_backward).astype(np.float32, copy=False)
         fill = 1.0 if (k == 0 and not plans.region_based) else 0.0
-        full = uncrop(channel, [tuple(b) for b in bbox], props.geometry.shape, fill=fill)
-        out[k] = reorient_to(full, props.geometry, props.source_geometry)
+        out[k] = map_to_original(probs[k], props, plans, fill)
     return out
+
+
+def map_to_original(values: np.ndarray, props: CaseProperties, plans: Plans, fill: float = 0.0) -> np.ndarray:
+    """One map on the network's grid ``(*shape_resampled)`` → float32 ``(*file array shape)`` in the file's own
+    orientation and grid: resampled linearly (as probabilities are), ``fill`` outside the nonzero bounding box."""
+    cropped_t, spacing = _cropped_grid(props, plans)
+    channel = resample_probabilities(values[None], spacing, cropped_t)[0]
+    channel = channel.transpose(plans.transpose_backward).astype(np.float32, copy=False)
+    full = uncrop(channel, [tuple(b) for b in props.bbox], props.geometry.shape, fill=fill)
+    return reorient_to(full, props.geometry, props.source_geometry)
 
 
 def write_segmentation(seg: np.ndarray, props: CaseProperties, path: Path) -> Path:

@@ -11,9 +11,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from autoseg.errors import AutosegError, CheckpointError, DatasetError
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
 from autoseg.inference.export import (
     SlabSegmenter,
+    map_to_original,
     probabilities_to_labels,
     probabilities_to_original,
     probabilities_to_segmentation,
@@ -32,6 +34,13 @@ from autoseg.inference.export import (
 )
 from autoseg.inference.runner import TileRunner
 from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
+from autoseg.inference.uncertainty import (
+    UncertaintyTable,
+    finish_probabilities,
+    map_path,
+    save_maps,
+    structure_rows,
+)
 from autoseg.io.dataset import Case
 from autoseg.io.volume import data_file_names, file_ending, read_channels
 from autoseg.jsonio import save_npz
@@ -145,13 +154,21 @@ class Predictor:
             return ()
         return tuple(a for a in self.settings.mirror_axes if a < self.config.dim)
 
-    def predict_preprocessed(self, image: np.ndarray) -> np.ndarray:
-        """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``."""
-        return predict_sliding_window(self.runners, image, **self._window_args())
+    @property
+    def members(self) -> int:
+        """Members of this configuration's ensemble: folds × mirror flips."""
+        return len(self.runners) * 2 ** len(self.mirror_axes)
 
-    def probability_slabs(self, image: np.ndarray):
+    def predict_preprocessed(self, image: np.ndarray, member_entropy: bool = False):
+        """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``; with
+        ``member_entropy`` also the members' mean entropy (see :func:`predict_sliding_window`)."""
+        return predict_sliding_window(
+            self.runners, image, **self._window_args(), member_entropy=member_entropy
+        )
+
+    def probability_slabs(self, image: np.ndarray, member_entropy: bool = False):
         """:meth:`predict_preprocessed` slab by slab along axis 0 (see :func:`probability_slabs`)."""
-        return probability_slabs(self.runners, image, **self._window_args())
+        return probability_slabs(self.runners, image, **self._window_args(), member_entropy=member_entropy)
 
     def _window_args(self) -> dict:
         return dict(
@@ -177,18 +194,29 @@ class Predictor:
             )
         return Prepared(image, props, low)
 
-    def infer(self, prepared: Prepared) -> np.ndarray:
-        """Probabilities on this configuration's grid (a cascade first runs its previous stage)."""
-        return self.predict_preprocessed(self._network_input(prepared))
+    def infer(self, prepared: Prepared, member_entropy: bool = False):
+        """Probabilities on this configuration's grid (a cascade first runs its previous stage); with
+        ``member_entropy`` a pair: they and the members' mean entropy on the same grid."""
+        return self.predict_preprocessed(self._network_input(prepared), member_entropy)
 
-    def segment_by_slabs(self, prepared: Prepared) -> np.ndarray:
+    def segment_by_slabs(
+        self, prepared: Prepared, uncertainty: bool = False, member_entropy: bool = False
+    ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """The label map in the file's array order, exported slab by slab as the sliding window finishes
-        them (:class:`SlabSegmenter`): memory independent of the number of classes."""
+        them (:class:`SlabSegmenter`): memory independent of the number of classes. With ``uncertainty``
+        also the uncertainty maps on the network's grid (one scalar volume each, made slab by slab by
+        :func:`finish_probabilities`; ``member_entropy``: with the members' disagreement), else None."""
         image = self._network_input(prepared)
         segmenter = SlabSegmenter(prepared.props, self.plans, image.shape[1:])
-        for a, b, slab in self.probability_slabs(image):
+        maps: dict[str, np.ndarray] = {}
+        for a, b, slab, *ent in self.probability_slabs(image, member_entropy):
+            slab, slab_maps = finish_probabilities(
+                slab, ent[0] if ent else None, self.plans.region_based, uncertainty
+            )
             segmenter.add(a, b, slab)
-        return segmenter.result()
+            for name, values in (slab_maps or {}).items():
+                maps.setdefault(name, np.empty(image.shape[1:], dtype=np.float32))[a:b] = values
+        return segmenter.result(), (maps if uncertainty else None)
 
     def _network_input(self, prepared: Prepared) -> np.ndarray:
         image = prepared.image
@@ -250,59 +278,14 @@ def predict_cases(
     networks, a writer thread exports and writes the previous case, so the device does not wait on disk. One
     configuration is exported straight from its grid (channel by channel); several are averaged in the
     file's own grid. ``save_probabilities`` also writes ``<case>.npz`` (``probabilities``: float16
-    ``(K, *file shape)``). ``postprocess`` is applied to each label map before writing. A case whose spacing
-    is far outside ``training_spacings`` (the fingerprint's, when known) gets a warning. ``write(seg, props,
-    target)`` replaces :func:`write_segmentation` (DICOM outputs: :mod:`autoseg.inference.dicom_export`).
+    ``(K, *file shape)``). The settings' ``save_uncertainty`` also writes ``<case>_uncertainty.npz`` and
+    ``uncertainty.csv`` (:mod:`autoseg.inference.uncertainty`). ``postprocess`` is applied to each label map
+    before writing. A case whose spacing is far outside ``training_spacings`` (the fingerprint's, when known)
+    gets a warning. ``write(seg, props, target)`` replaces :func:`write_segmentation` (DICOM outputs:
+    :mod:`autoseg.inference.dicom_export`).
     """
-    plans = predictors[0].plans
-    orientation = plans.orientation
-
-    fix = predictors[0].settings.fix_nonfinite
-    slab_bytes = predictors[0].settings.slab_export_gb * 1e9
-
-    def by_slabs(prepared: list[Prepared]) -> bool:
-        """One configuration, no saved probabilities, and probabilities too large to hold at once."""
-        if len(predictors) != 1 or save_probabilities:
-            return False
-        return plans.num_outputs * math.prod(prepared[0].props.shape_resampled) * 4 > slab_bytes
-
-    def read(case: Case) -> list[Prepared]:
-        if getattr(case, "series", None):  # DICOM series (autoseg.io.dicom.DicomCase)
-            from autoseg.io.dicom import read_dicom_channels
-
-            raw, geom, source = read_dicom_channels(case, orientation)
-        else:
-            raw, geom, source = read_channels(case.images, orientation, case.four_d, fix_nonfinite=fix)
-        if training_spacings is not None:
-            why = spacing_outside_training(geom.spacing_mm, training_spacings)
-            if why:
-                _log.warning("%s: %s", case.images[0], why)
-        return [p.prepare(raw, geom, source, case.case_id, case.images) for p in predictors]
-
-    def export(probs: list[np.ndarray] | np.ndarray, prepared: list[Prepared], target: Path) -> Path:
-        props = prepared[0].props
-        if isinstance(probs, np.ndarray):  # already a label map (exported slab by slab)
-            seg = probs
-        elif len(probs) == 1:
-            seg = probabilities_to_segmentation(probs[0], props, plans)
-            if save_probabilities:
-                save_npz(
-                    _probabilities_path(target),
-                    probabilities=probabilities_to_original(probs[0], props, plans),
-                )
-        else:  # configurations are averaged in the image grid, one float32 sum at a time
-            total = probabilities_to_original(probs[0], props, plans).astype(np.float32)
-            for p, r in zip(probs[1:], prepared[1:]):
-                total += probabilities_to_original(p, r.props, plans)
-            total /= len(probs)
-            seg = probabilities_to_labels(total, plans)
-            if save_probabilities:
-                save_npz(_probabilities_path(target), probabilities=total.astype(np.float16))
-            del total
-        if postprocess is not None:
-            seg = postprocess(seg)
-        return (write or write_segmentation)(seg, props, target)
-
+    read = partial(_read_case, predictors, training_spacings)
+    job = _CaseOutputs(predictors, postprocess, save_probabilities, write, targets)
     written: list[Path] = []
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending_read = reader.submit(read, cases[0]) if cases else None
@@ -310,21 +293,137 @@ def predict_cases(
         for i, target in enumerate(targets):
             prepared = pending_read.result()
             pending_read = reader.submit(read, cases[i + 1]) if i + 1 < len(cases) else None
-            if by_slabs(prepared):
-                probs = predictors[0].segment_by_slabs(prepared[0])
-            else:
-                probs = [p.infer(r) for p, r in zip(predictors, prepared)]
+            result = job.infer(prepared)
             if pending_write is not None:  # at most one case waits to be written
                 written.append(pending_write.result())
                 if progress:
                     progress(cases[i - 1].case_id, i, len(cases))
-            pending_write = writer.submit(export, probs, prepared, target)
-            del probs, prepared
+            pending_write = writer.submit(job.export, result, prepared, target, cases[i].case_id)
+            del result, prepared
         if pending_write is not None:
             written.append(pending_write.result())
             if progress:
                 progress(cases[-1].case_id, len(cases), len(cases))
     return written
+
+
+def _read_case(predictors: list[Predictor], training_spacings, case: Case) -> list[Prepared]:
+    """Read ``case`` (image files or a DICOM series) and preprocess it for every predictor."""
+    plans = predictors[0].plans
+    if getattr(case, "series", None):  # DICOM series (autoseg.io.dicom.DicomCase)
+        from autoseg.io.dicom import read_dicom_channels
+
+        raw, geom, source = read_dicom_channels(case, plans.orientation)
+    else:
+        fix = predictors[0].settings.fix_nonfinite
+        raw, geom, source = read_channels(case.images, plans.orientation, case.four_d, fix_nonfinite=fix)
+    if training_spacings is not None:
+        why = spacing_outside_training(geom.spacing_mm, training_spacings)
+        if why:
+            _log.warning("%s: %s", case.images[0], why)
+    return [p.prepare(raw, geom, source, case.case_id, case.images) for p in predictors]
+
+
+@dataclass
+class _Sliced:
+    """A case exported slab by slab: its label map and uncertainty maps (network grid) or None."""
+
+    seg: np.ndarray
+    maps: dict[str, np.ndarray] | None
+
+
+class _CaseOutputs:
+    """The inference and export stages of :func:`predict_cases`: what is computed and written per case."""
+
+    def __init__(self, predictors, postprocess, save_probabilities, write, targets):
+        self.predictors, self.plans = predictors, predictors[0].plans
+        self.postprocess, self.save_probabilities = postprocess, save_probabilities
+        self.write = write or write_segmentation
+        self.slab_bytes = predictors[0].settings.slab_export_gb * 1e9
+        self.uncertainty = predictors[0].settings.save_uncertainty
+        # the members' disagreement needs two members at least (folds × flips, over the configurations)
+        self.member_entropy = self.uncertainty and sum(p.members for p in predictors) >= 2
+        self.table = UncertaintyTable(Path(targets[0]).parent) if self.uncertainty and targets else None
+        self.structures = _structures(self.plans) if self.uncertainty else {}
+
+    def by_slabs(self, prepared: list[Prepared]) -> bool:
+        """One configuration, no saved probabilities, and probabilities too large to hold at once."""
+        if len(self.predictors) != 1 or self.save_probabilities:
+            return False
+        return self.plans.num_outputs * math.prod(prepared[0].props.shape_resampled) * 4 > self.slab_bytes
+
+    def infer(self, prepared: list[Prepared]):
+        """A :class:`_Sliced` case, or per configuration its probabilities and members' entropy (or None)."""
+        if self.by_slabs(prepared):
+            return _Sliced(
+                *self.predictors[0].segment_by_slabs(prepared[0], self.uncertainty, self.member_entropy)
+            )
+        out = []
+        for p, r in zip(self.predictors, prepared):
+            res = p.infer(r, self.member_entropy)
+            out.append(res if self.member_entropy else (res, None))
+        return out
+
+    def export(self, result, prepared: list[Prepared], target: Path, case_id: str) -> Path:
+        """Write one case: its uncertainty maps and table rows (when asked), then its label file (last: it
+        marks the case as done for ``--continue``)."""
+        props = prepared[0].props
+        if isinstance(result, _Sliced):
+            seg, maps = result.seg, result.maps
+            maps = maps and {k: map_to_original(v, props, self.plans) for k, v in maps.items()}
+        elif len(result) == 1:
+            seg, maps = self._export_one(*result[0], props, target)
+        else:
+            seg, maps = self._export_ensemble(result, prepared, target)
+        if self.postprocess is not None:
+            seg = self.postprocess(seg)
+        if maps is not None:
+            geometry = props.source_geometry
+            save_maps(map_path(target, case_id), maps, geometry)
+            self.table.add(case_id, structure_rows(case_id, seg, maps, self.structures, geometry.spacing_mm))
+        return self.write(seg, props, target)
+
+    def _export_one(self, probs, entropy, props, target):
+        """One configuration: labels (and maps) straight from its grid."""
+        probs, maps = finish_probabilities(probs, entropy, self.plans.region_based, self.uncertainty)
+        seg = probabilities_to_segmentation(probs, props, self.plans)
+        if self.save_probabilities:
+            save_npz(
+                _probabilities_path(target), probabilities=probabilities_to_original(probs, props, self.plans)
+            )
+        maps = maps and {k: map_to_original(v, props, self.plans) for k, v in maps.items()}
+        return seg, maps
+
+    def _export_ensemble(self, result, prepared, target):
+        """Several configurations, averaged in the image grid, one float32 sum at a time (their members'
+        entropies too)."""
+        plans, n = self.plans, len(result)
+        total = entropy = None
+        for i, ((probs, ent), r) in enumerate(zip(result, prepared)):
+            p = probabilities_to_original(probs, r.props, plans)
+            if i == 0:
+                total = p.astype(np.float32)
+            else:
+                total += p
+            if ent is not None:
+                e = map_to_original(ent, r.props, plans)
+                entropy = e if entropy is None else entropy + e
+        total /= n
+        if entropy is not None:
+            entropy /= n
+        total, maps = finish_probabilities(total, entropy, plans.region_based, self.uncertainty)
+        seg = probabilities_to_labels(total, plans)
+        if self.save_probabilities:
+            save_npz(_probabilities_path(target), probabilities=total.astype(np.float16))
+        return seg, maps
+
+
+def _structures(plans: Plans) -> dict[str, tuple[int, ...]]:
+    """The structures ``uncertainty.csv`` has rows for: those evaluation scores (labels, then regions)."""
+    from autoseg.evaluation.evaluate import structures
+
+    labels = {k: v for k, v in plans.labels.items() if v != plans.ignore_label}
+    return structures(labels, plans.regions)
 
 
 def _probabilities_path(target: Path) -> Path:
@@ -381,10 +480,11 @@ def output_targets(
     return cases, targets
 
 
-def remove_stale_outputs(targets: list[Path]) -> None:
-    """Delete what a killed earlier run left of ``targets``: their temporary files (:mod:`autoseg.atomic`'s
-    names, nothing else). Other targets' temporaries are kept: another run may be writing them."""
-    names = {t.name for t in targets} | {_probabilities_path(t).name for t in targets}
+def remove_stale_outputs(targets: list[Path], also: Iterable[str] = ()) -> None:
+    """Delete what a killed earlier run left of ``targets`` (and of the files named ``also`` beside them):
+    their temporary files (:mod:`autoseg.atomic`'s names, nothing else). Other targets' temporaries are kept:
+    another run may be writing them."""
+    names = {t.name for t in targets} | {_probabilities_path(t).name for t in targets} | set(also)
     names |= {n for t in targets for n in data_file_names(t)}
     for folder in {t.parent for t in targets}:
         remove_stale_temporaries(folder, names)

@@ -23,6 +23,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from autoseg.inference.runner import HEAP, TileRunner
+from autoseg.inference.uncertainty import member_entropy
 
 _log = logging.getLogger("autoseg")
 
@@ -85,21 +86,36 @@ def predict_sliding_window(
     tile_batch: int = 2,
     amp: bool = False,
     activation: str = "softmax",
-) -> np.ndarray:
+    member_entropy: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(K, Z, Y, X)`` float32 for ``image`` ``(C, Z, Y, X)``: class probabilities with
     ``activation="softmax"``, independent per-channel (region) probabilities with ``"sigmoid"``.
 
     ``patch_size`` has 2 (2D network, slices along axis 0) or 3 entries. ``mirror_axes`` index the
     network's spatial axes (0..dim-1). ``network`` is a module (run eagerly, with autocast when ``amp``), a
     :class:`TileRunner` (which may compile it; ``amp`` is then the runner's), or a list of runners (folds:
-    their probabilities are averaged). The slabs of :func:`probability_slabs`, put together.
+    their probabilities are averaged). The slabs of :func:`probability_slabs`, put together; with
+    ``member_entropy`` a pair: the probabilities and the members' mean entropy ``(Z, Y, X)``.
     """
     out = np.empty((num_classes, *image.shape[1:]), dtype=np.float32)
-    for a, b, slab in probability_slabs(
-        network, image, patch_size, num_classes, device, step_size, mirror_axes, tile_batch, amp, activation
-    ):
+    ent = np.empty(image.shape[1:], dtype=np.float32) if member_entropy else None
+    args = (
+        network,
+        image,
+        patch_size,
+        num_classes,
+        device,
+        step_size,
+        mirror_axes,
+        tile_batch,
+        amp,
+        activation,
+    )
+    for a, b, slab, *rest in probability_slabs(*args, member_entropy=member_entropy):
         out[:, a:b] = slab
-    return out
+        if ent is not None:
+            ent[a:b] = rest[0]
+    return (out, ent) if member_entropy else out
 
 
 def probability_slabs(
@@ -113,7 +129,8 @@ def probability_slabs(
     tile_batch: int = 2,
     amp: bool = False,
     activation: str = "softmax",
-) -> Iterator[tuple[int, int, np.ndarray]]:
+    member_entropy: bool = False,
+) -> Iterator[tuple]:
     """Yield ``(a, b, probabilities[:, a:b])`` (float32, host memory) for consecutive slabs ``[a, b)`` of
     axis 0 that together cover the volume, in order. Arguments as :func:`predict_sliding_window`.
 
@@ -123,114 +140,157 @@ def probability_slabs(
     With several runners (folds), each batch of tiles goes through every runner before the next, so fold
     ensembling needs no per-fold result either. When a runner may compile, the last batch of tiles is topped
     up with repeats to ``tile_batch``, so a compiled network never sees a new shape.
+
+    With ``member_entropy``, yields ``(a, b, probabilities, entropy)``: ``entropy[a:b]`` is the mean over the
+    members (runners × flips, Gaussian-weighted over tiles like the probabilities) of each member's own
+    normalised entropy (:func:`autoseg.inference.uncertainty.member_entropy`): one scalar per voxel more.
     """
     if not 0 < step_size <= 1:
         raise ValueError(f"step_size must be in (0, 1] (tiles must overlap or touch), got {step_size}")
-    if isinstance(network, list):
-        runners = network
-    elif isinstance(network, TileRunner):
-        runners = [network]
-    else:
-        runners = [TileRunner(network, device, "off", amp)]
-    dim = len(patch_size)
-    patch3 = [1] + list(patch_size) if dim == 2 else list(patch_size)
-    spatial = image.shape[1:]
-    pad = [max(0, p - s) for p, s in zip(patch3, spatial)]
-    pad_before = [p // 2 for p in pad]
-    if any(pad):
-        image = np.pad(image, [(0, 0)] + [(b, p - b) for b, p in zip(pad_before, pad)], mode="constant")
-    shape = image.shape[1:]
-    starts = [tile_starts(s, p, step_size) for s, p in zip(shape, patch3)]
-    tiles = list(itertools.product(*starts))  # axis 0 outermost: starts along axis 0 never decrease
-    chunks = [tiles[i : i + tile_batch] for i in range(0, len(tiles), tile_batch)]
-    depth = min(shape[0], max(c[-1][0] - c[0][0] for c in chunks) + patch3[0])
-    acc, norm = _accumulators(num_classes, (depth, *shape[1:]), device)
-    weight = torch.from_numpy(gaussian_importance(list(patch_size)).reshape(patch3)).to(acc.device)
-    yx = tuple(slice(b, b + s) for b, s in zip(pad_before[1:], spatial[1:]))
-    img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    runners = _as_runners(network, device, amp)
+    grid = _TileGrid(image, patch_size, step_size, tile_batch)
+    window = _Window(num_classes, grid.window_shape, device, member_entropy)
+    weight = torch.from_numpy(gaussian_importance(list(patch_size)).reshape(grid.patch3)).to(window.device)
+    img_t = torch.from_numpy(np.ascontiguousarray(grid.image, dtype=np.float32))
     flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     for runner in runners:
-        runner.expect(len(chunks) * len(flips))
-    pad_batch = any(r.mode != "off" for r in runners)
-    lo = 0  # axis-0 index of the window's first slice; every slice before it has been handed out
+        runner.expect(len(grid.chunks) * len(flips))
+    fill_to = tile_batch if any(r.mode != "off" for r in runners) else 0
+    batch = _Batch(runners, grid.patch3, len(patch_size), flips, fill_to, activation, weight, device)
     try:
-        for ci, chunk in enumerate(chunks):
+        for ci, chunk in enumerate(grid.chunks):
             with torch.inference_mode():  # not held across the yield: the caller's code runs as usual
-                fill_to = tile_batch if pad_batch else 0
-                _accumulate_batch(
-                    runners,
-                    img_t,
-                    chunk,
-                    patch3,
-                    dim,
-                    flips,
-                    fill_to,
-                    activation,
-                    acc,
-                    norm,
-                    weight,
-                    lo,
-                    device,
-                )
+                batch.accumulate(img_t, chunk, window)
                 # slices before the next tile's start are final: out of the window
-                done = chunks[ci + 1][0][0] if ci + 1 < len(chunks) else shape[0]
-                if done <= lo:
-                    continue
-                n = done - lo
-                a, b = max(lo, pad_before[0]), min(done, pad_before[0] + spatial[0])
-                slab = None
-                if b > a:
-                    w = slice(a - lo, b - lo)
-                    slab = (acc[:, w] / norm[w])[(slice(None), slice(None)) + yx].cpu().numpy()
-                keep = depth - n
-                if keep > 0:
-                    acc[:, :keep] = acc[:, n:].clone()
-                    norm[:keep] = norm[n:].clone()
-                acc[:, max(keep, 0) :] = 0
-                norm[max(keep, 0) :] = 0
-                lo = done
-            if slab is not None:
-                yield a - pad_before[0], b - pad_before[0], slab
+                out = window.advance(grid.done_after(ci), grid)
+            if out is not None:
+                yield out
     finally:  # the memory CPU passes kept for each other goes back once the window is done (or abandoned)
         HEAP.release()
 
 
-def _accumulate_batch(
-    runners: list[TileRunner],
-    img_t: torch.Tensor,
-    chunk: list[tuple[int, ...]],
-    patch3: list[int],
-    dim: int,
-    flips: list[tuple[int, ...]],
-    fill_to: int,
-    activation: str,
-    acc: torch.Tensor,
-    norm: torch.Tensor,
-    weight: torch.Tensor,
-    lo: int,
-    device: torch.device,
-) -> None:
-    """Run one batch of tiles (topped up with repeats to ``fill_to`` tiles) through every runner, each with
-    every flip, and add the Gaussian-weighted probabilities, averaged over runners and flips, into the window
-    ``acc``/``norm`` whose first slice is ``lo`` along axis 0."""
-    sls = [tuple(slice(s, s + p) for s, p in zip(t, patch3)) for t in chunk]
-    fill = [sls[-1]] * max(0, fill_to - len(sls))
-    x = torch.stack([img_t[(slice(None),) + sl] for sl in sls + fill]).to(device)
-    if dim == 2:
-        x = x[:, :, 0]
-    for runner in runners:
-        probs = None
-        for flip in flips:
-            axes = [a + 2 for a in flip]
-            logits = runner(torch.flip(x, axes) if axes else x).float()
-            p = torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
-            p = torch.flip(p, axes) if axes else p
-            probs = p if probs is None else probs + p
-        probs = probs[: len(sls)] / (len(flips) * len(runners))
-        if dim == 2:
-            probs = probs[:, :, None]
-        probs = probs.to(acc.device)
+def _as_runners(network, device: torch.device, amp: bool) -> list[TileRunner]:
+    if isinstance(network, list):
+        return network
+    if isinstance(network, TileRunner):
+        return [network]
+    return [TileRunner(network, device, "off", amp)]
+
+
+class _TileGrid:
+    """The tiles of an image (padded with 0 to at least the patch), in batches of ``tile_batch`` with axis 0
+    outermost, and the depth of the window that one batch of tiles spans."""
+
+    def __init__(self, image: np.ndarray, patch_size: list[int], step_size: float, tile_batch: int):
+        self.patch3 = [1] + list(patch_size) if len(patch_size) == 2 else list(patch_size)
+        self.spatial = image.shape[1:]
+        pad = [max(0, p - s) for p, s in zip(self.patch3, self.spatial)]
+        self.pad_before = [p // 2 for p in pad]
+        if any(pad):
+            image = np.pad(
+                image, [(0, 0)] + [(b, p - b) for b, p in zip(self.pad_before, pad)], mode="constant"
+            )
+        self.image = image
+        self.shape = image.shape[1:]
+        starts = [tile_starts(s, p, step_size) for s, p in zip(self.shape, self.patch3)]
+        tiles = list(itertools.product(*starts))  # axis 0 outermost: starts along axis 0 never decrease
+        self.chunks = [tiles[i : i + tile_batch] for i in range(0, len(tiles), tile_batch)]
+        depth = min(self.shape[0], max(c[-1][0] - c[0][0] for c in self.chunks) + self.patch3[0])
+        self.window_shape = (depth, *self.shape[1:])
+        self.yx = tuple(slice(b, b + s) for b, s in zip(self.pad_before[1:], self.spatial[1:]))
+
+    def done_after(self, ci: int) -> int:
+        """Slices before this index along axis 0 are final once batch ``ci`` is summed."""
+        return self.chunks[ci + 1][0][0] if ci + 1 < len(self.chunks) else self.shape[0]
+
+
+class _Window:
+    """The weighted sums of a window of axis-0 slices (probabilities, weights and, when asked, the members'
+    entropy) starting at slice ``lo``; every slice before ``lo`` has been handed out."""
+
+    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device, member_entropy: bool):
+        self.acc, self.norm = _accumulators(num_classes + int(member_entropy), shape, device)
+        self.member_entropy = member_entropy
+        self.device = self.acc.device
+        self.depth = shape[0]
+        self.lo = 0
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.acc[:-1] if self.member_entropy else self.acc
+
+    @property
+    def entropy(self) -> torch.Tensor | None:
+        return self.acc[-1] if self.member_entropy else None
+
+    def advance(self, done: int, grid: _TileGrid) -> tuple | None:
+        """Hand out the slices ``[lo, done)`` (cropped to the image; None when that leaves nothing) and move
+        the window on to start at ``done``."""
+        lo = self.lo
+        if done <= lo:
+            return None
+        n = done - lo
+        a, b = max(lo, grid.pad_before[0]), min(done, grid.pad_before[0] + grid.spatial[0])
+        out = None
+        if b > a:
+            w = slice(a - lo, b - lo)
+            sums = (self.acc[:, w] / self.norm[w])[(slice(None), slice(None)) + grid.yx].cpu().numpy()
+            start, stop = a - grid.pad_before[0], b - grid.pad_before[0]
+            out = (start, stop, sums[:-1], sums[-1]) if self.member_entropy else (start, stop, sums)
+        keep = self.depth - n
+        if keep > 0:
+            self.acc[:, :keep] = self.acc[:, n:].clone()
+            self.norm[:keep] = self.norm[n:].clone()
+        self.acc[:, max(keep, 0) :] = 0
+        self.norm[max(keep, 0) :] = 0
+        self.lo = done
+        return out
+
+
+class _Batch:
+    """Runs batches of tiles through every runner with every flip and adds them into a :class:`_Window`."""
+
+    def __init__(self, runners, patch3, dim, flips, fill_to, activation, weight, device):
+        self.runners, self.patch3, self.dim, self.flips = runners, patch3, dim, flips
+        self.fill_to, self.activation, self.weight, self.device = fill_to, activation, weight, device
+
+    def accumulate(self, img_t: torch.Tensor, chunk: list[tuple[int, ...]], window: _Window) -> None:
+        """Run one batch of tiles (topped up with repeats to ``fill_to`` tiles) through every runner, each
+        with every flip, and add the Gaussian-weighted probabilities, averaged over runners and flips (and
+        the members' mean entropy, when the window keeps it), into ``window``."""
+        sls = [tuple(slice(s, s + p) for s, p in zip(t, self.patch3)) for t in chunk]
+        fill = [sls[-1]] * max(0, self.fill_to - len(sls))
+        x = torch.stack([img_t[(slice(None),) + sl] for sl in sls + fill]).to(self.device)
+        if self.dim == 2:
+            x = x[:, :, 0]
+        members = len(self.flips) * len(self.runners)
+        probs, ent = self._members(x, window.member_entropy)
+        probs = self._to_window(probs[: len(sls)] / members, window)
+        ent = None if ent is None else self._to_window(ent[: len(sls), None] / members, window)
+        lo = window.lo
         for b, sl in enumerate(sls):
-            acc[(slice(None), slice(sl[0].start - lo, sl[0].stop - lo)) + sl[1:]] += probs[b] * weight
-    for sl in sls:
-        norm[(slice(sl[0].start - lo, sl[0].stop - lo),) + sl[1:]] += weight
+            where = (slice(sl[0].start - lo, sl[0].stop - lo),) + sl[1:]
+            window.probs[(slice(None),) + where] += probs[b] * self.weight
+            if ent is not None:
+                window.entropy[where] += ent[b, 0] * self.weight
+            window.norm[where] += self.weight
+
+    def _members(self, x: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sums over runners and flips of the probabilities ``(B, K, ...)`` and, for a window that keeps it,
+        of each member's normalised entropy ``(B, ...)``."""
+        probs = ent = None
+        region_based = self.activation != "softmax"
+        for runner in self.runners:
+            for flip in self.flips:
+                axes = [a + 2 for a in flip]
+                logits = runner(torch.flip(x, axes) if axes else x).float()
+                p = torch.softmax(logits, dim=1) if not region_based else torch.sigmoid(logits)
+                p = torch.flip(p, axes) if axes else p
+                probs = p if probs is None else probs + p
+                if want_entropy:
+                    h = member_entropy(p, region_based)
+                    ent = h if ent is None else ent + h
+        return probs, ent
+
+    def _to_window(self, t: torch.Tensor, window: _Window) -> torch.Tensor:
+        return (t[:, :, None] if self.dim == 2 else t).to(window.device)
