@@ -14,14 +14,6 @@ ROOT = Path(__file__).resolve().parents[1] / "autoseg"
 MAX_LINES = 60
 PHRASE = "Long because"
 
-# Functions that other helpers are rewriting right now (issue 14), as "path/relative/to/autoseg.py:name".
-# The lead empties this after merging their branches; test_allowlist_is_still_needed fails as soon as an entry
-# is short enough or explains itself, so the list can only shrink.
-ALLOWED: set[str] = {
-    "inference/predictor.py:predict_cases",
-    "inference/sliding_window.py:probability_slabs",
-}
-
 
 def long_functions(root: Path = ROOT, max_lines: int = MAX_LINES) -> list[tuple[str, int, bool]]:
     """("path:name", lines, docstring says why) for every function of ``root`` longer than ``max_lines``."""
@@ -39,17 +31,10 @@ def long_functions(root: Path = ROOT, max_lines: int = MAX_LINES) -> list[tuple[
 
 def test_long_functions_say_why():
     bad = [f"autoseg/{name} ({n} lines)" for name, n, explained in long_functions() if not explained]
-    bad = [b for b in bad if b.split(" ")[0].removeprefix("autoseg/") not in ALLOWED]
     assert not bad, (
         f"functions over {MAX_LINES} lines: split them into named helpers, or say in the docstring "
         f"'{PHRASE} ...':\n" + "\n".join(bad)
     )
-
-
-def test_allowlist_is_still_needed():
-    unexplained = {name for name, _, explained in long_functions() if not explained}
-    stale = sorted(ALLOWED - unexplained)
-    assert not stale, f"remove from ALLOWED in tests/test_function_length.py (no longer needed): {stale}"
 
 
 def test_checker_catches_a_long_function(tmp_path):
