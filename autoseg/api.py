@@ -518,6 +518,7 @@ def predict(
         work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
     )
     post = _postprocessor(work, configs, instructions) if postprocessing else None
+    calibrate = _calibration(plans, configs, instructions, settings, save_probabilities)
     predictors = [Predictor(work, c, fold_lists[c], dev, settings, plans=plans) for c in configs]
     pp_text = instructions.postprocessing.to_json() if post is not None else "none"
     _log.info("predicting %d case(s) with %s; postprocessing: %s", len(cases), " + ".join(configs), pp_text)
@@ -528,7 +529,7 @@ def predict(
     write = dicom_job.write if dicom_job is not None else None
     spacings = _training_spacings(work)
     return predict_cases(
-        predictors, cases, targets, post, save_probabilities, progress, spacings, write=write
+        predictors, cases, targets, post, save_probabilities, progress, spacings, write, calibrate
     )
 
 
@@ -582,6 +583,26 @@ def _postprocessor(work: WorkDir, configs: list[str], instructions):
         return apply_postprocessing(seg, pp, structs)
 
     return post
+
+
+def _calibration(plans: Plans, configs: list[str], instructions, settings: InferenceSettings, saving: bool):
+    """find-best's temperature scaling as a function of a probability array (None: identity), when it was
+    fitted for ``configs`` and ``settings.calibration``; the choice is logged when probabilities are saved."""
+    from autoseg.inference.calibrate import calibrator, describe
+
+    fitted = instructions is not None and sorted(configs) == sorted(instructions.configs)
+    calibration = instructions.calibration if fitted else {}
+    if not settings.calibration:
+        why = "not applied (--no-calibration)"
+    elif not calibration:
+        why = "none: no temperature fitted for " + " + ".join(configs) + " (run find-best); identity"
+    else:
+        why = describe(calibration)
+    if saving:
+        _log.info("probability calibration: %s", why)
+    if not settings.calibration:
+        return None
+    return calibrator(calibration, plans.region_based, list(plans.regions))
 
 
 def _dicom_job(work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite):
@@ -715,6 +736,7 @@ def evaluate(
     overlays: bool = False,
     images_dir: str | Path | None = None,
     missing_as_empty: bool = False,
+    probabilities_dir: str | Path | None = None,
 ) -> dict:
     """Score predictions against references; writes ``summary.json``, ``per_case.csv`` and ``report.png``
     beside ``output`` (default: in the prediction folder), and with ``overlays`` an ``overlays/`` folder of
@@ -722,7 +744,8 @@ def evaluate(
     surface Dice. A reference without a prediction is an error, or with ``missing_as_empty`` scored as an
     empty prediction; the summary's ``n_cases`` says how many cases the means are over. Output paths are
     checked before anything is read: ``output`` must be a ``.json`` file path outside the reference folder,
-    and none of the files written beside it may be a folder."""
+    and none of the files written beside it may be a folder. ``probabilities_dir``: saved ``<case>.npz``
+    probabilities of the cases, whose calibration (ECE, Brier, NLL) is added (docs/calibration.md)."""
     from autoseg.atomic import check_output_file, check_output_folder
     from autoseg.evaluation.evaluate import REPORT_PNG, evaluate_folders
 
@@ -757,6 +780,7 @@ def evaluate(
         overlays_dir=out.with_name("overlays") if overlays else None,
         images_dir=Path(images_dir) if images_dir is not None else None,
         missing="empty" if missing_as_empty else "error",
+        probabilities_dir=Path(probabilities_dir) if probabilities_dir is not None else None,
     )
 
 

@@ -191,6 +191,9 @@ class InferenceSettings:
     """CPU with glibc: keep the memory a forward pass frees for the next pass instead of unmapping it (far
     fewer page faults, about 15 % faster passes; the network's activations stay reserved until the volume is
     done). False: glibc's usual behaviour."""
+    calibration: bool = True
+    """Apply find-best's temperature (inference instructions' ``calibration``) to every saved probability; the
+    label maps never change by it (docs/calibration.md)."""
 
     def tiles_per_pass(self, device_type: str) -> int:
         """``tile_batch``, or when it is 0: two tiles per forward pass on CUDA, one elsewhere."""

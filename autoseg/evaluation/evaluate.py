@@ -224,6 +224,7 @@ def evaluate_folders(
     overlays_dir: str | os.PathLike | None = None,
     images_dir: str | os.PathLike | None = None,
     missing: str = "skip",
+    probabilities_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate every prediction ``<case><spec.file_ending>`` in ``prediction_dir`` against ``reference_dir``.
 
@@ -255,6 +256,9 @@ def evaluate_folders(
     reference foreground, reference and predicted contours per label drawn over the image
     ``<case>_0000<ending>`` of ``images_dir`` (nnU-Net's imagesTr naming; without ``images_dir``, over the
     reference label map). ``images_dir`` is only read for overlays. Every file is written atomically.
+    ``probabilities_dir`` (if given) holds ``<case>.npz`` probabilities of every scored case, checked before
+    anything is scored; the summary then gains ``calibration`` (ECE, Brier score, NLL per structure and the
+    reliability bins, :func:`autoseg.evaluation.probabilities.calibration_summary`), drawn in ``report.png``.
 
     Raises :class:`AutosegError` with one line naming the file or folder for missing folders, no predictions,
     a prediction without reference, mismatched geometry, undeclared label values, a region that clashes with
@@ -272,6 +276,7 @@ def evaluate_folders(
     except ValueError as exc:
         raise AutosegError(f"dataset.json: {exc}") from None
     pairs, n_references = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending, missing)
+    calibration_items = _calibration_items(probabilities_dir, pairs, spec)
     allowed = spec.allowed_values
     if overlays_dir is not None:
         for case, _, _ in pairs:
@@ -336,6 +341,10 @@ def evaluate_folders(
         "n_references": None if missing == "skip" else n_references,
         "missing_as_empty": [case for case, _, prediction in pairs if prediction is None],
     }
+    if calibration_items is not None:
+        from autoseg.evaluation.probabilities import calibration_summary
+
+        summary["calibration"] = calibration_summary(calibration_items, spec, workers)
     if output_json is not None:
         write_text(Path(output_json), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if output_csv is not None:
@@ -350,6 +359,16 @@ def evaluate_folders(
         for _, view in results:
             plot_overlay(view, labels, Path(overlays_dir) / f"{view.case}.png")
     return summary
+
+
+def _calibration_items(folder, pairs, spec: DatasetSpec) -> list | None:
+    """``(case, reference, [probabilities file])`` of every pair, the files checked first (None: no folder)."""
+    if folder is None:
+        return None
+    from autoseg.evaluation.probabilities import check_probability_files
+
+    files = check_probability_files(Path(folder), [(case, ref) for case, ref, _ in pairs], spec)
+    return [(case, ref, [files[case]]) for case, ref, _ in pairs]
 
 
 def _pair_files(

@@ -243,6 +243,7 @@ def predict_cases(
     progress: Callable[[str, int, int], None] | None = None,
     training_spacings: np.ndarray | None = None,
     write: Callable[[np.ndarray, CaseProperties, Path], Path] | None = None,
+    calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[Path]:
     """Predict ``cases`` into ``targets`` with one or more configurations (their probabilities averaged).
 
@@ -253,6 +254,9 @@ def predict_cases(
     ``(K, *file shape)``). ``postprocess`` is applied to each label map before writing. A case whose spacing
     is far outside ``training_spacings`` (the fingerprint's, when known) gets a warning. ``write(seg, props,
     target)`` replaces :func:`write_segmentation` (DICOM outputs: :mod:`autoseg.inference.dicom_export`).
+    ``calibrate`` (:func:`autoseg.inference.calibrate.calibrator`) is applied to every saved probability array
+    (of the ensemble mean, in the file's grid); label maps come from the uncalibrated probabilities, which a
+    temperature does not reorder.
     """
     plans = predictors[0].plans
     orientation = plans.orientation
@@ -286,10 +290,8 @@ def predict_cases(
         elif len(probs) == 1:
             seg = probabilities_to_segmentation(probs[0], props, plans)
             if save_probabilities:
-                save_npz(
-                    _probabilities_path(target),
-                    probabilities=probabilities_to_original(probs[0], props, plans),
-                )
+                original = probabilities_to_original(probs[0], props, plans)
+                save_npz(_probabilities_path(target), probabilities=calibrated(original))
         else:  # configurations are averaged in the image grid, one float32 sum at a time
             total = probabilities_to_original(probs[0], props, plans).astype(np.float32)
             for p, r in zip(probs[1:], prepared[1:]):
@@ -297,11 +299,14 @@ def predict_cases(
             total /= len(probs)
             seg = probabilities_to_labels(total, plans)
             if save_probabilities:
-                save_npz(_probabilities_path(target), probabilities=total.astype(np.float16))
+                save_npz(_probabilities_path(target), probabilities=calibrated(total.astype(np.float16)))
             del total
         if postprocess is not None:
             seg = postprocess(seg)
         return (write or write_segmentation)(seg, props, target)
+
+    def calibrated(probs: np.ndarray) -> np.ndarray:
+        return probs if calibrate is None else calibrate(probs)
 
     written: list[Path] = []
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
