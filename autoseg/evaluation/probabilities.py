@@ -55,7 +55,12 @@ def npz_shape(path: Path) -> tuple[int, ...]:
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f"{PROBABILITIES_KEY}.npy") as fh:
             version = np.lib.format.read_magic(fh)
-            shape, _, dtype = np.lib.format._read_array_header(fh, version)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = reader(fh)
     except KeyError:
         raise AutosegError(f"{path}: holds no '{PROBABILITIES_KEY}' array") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
