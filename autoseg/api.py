@@ -518,7 +518,7 @@ def predict(
         work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities
     )
     post = _postprocessor(work, configs, instructions) if postprocessing else None
-    calibrate = _calibration(plans, configs, instructions, settings, save_probabilities)
+    calibrate = _calibration(work, plans, configs, instructions, settings, save_probabilities)
     predictors = [Predictor(work, c, fold_lists[c], dev, settings, plans=plans) for c in configs]
     pp_text = instructions.postprocessing.to_json() if post is not None else "none"
     _log.info("predicting %d case(s) with %s; postprocessing: %s", len(cases), " + ".join(configs), pp_text)
@@ -585,7 +585,9 @@ def _postprocessor(work: WorkDir, configs: list[str], instructions):
     return post
 
 
-def _calibration(plans: Plans, configs: list[str], instructions, settings: InferenceSettings, saving: bool):
+def _calibration(
+    work: WorkDir, plans: Plans, configs, instructions, settings: InferenceSettings, saving: bool
+):
     """find-best's temperature scaling as a function of a probability array (None: identity), when it was
     fitted for ``configs`` and ``settings.calibration``; the choice is logged when probabilities are saved."""
     from autoseg.inference.calibrate import calibrator, describe
@@ -602,7 +604,10 @@ def _calibration(plans: Plans, configs: list[str], instructions, settings: Infer
         _log.info("probability calibration: %s", why)
     if not settings.calibration:
         return None
-    return calibrator(calibration, plans.region_based, list(plans.regions))
+    try:
+        return calibrator(calibration, plans.region_based, list(plans.regions))
+    except (ValueError, TypeError) as exc:
+        raise PlansError(f"{work.inference_instructions}: {exc}") from None
 
 
 def _dicom_job(work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite):

@@ -72,11 +72,15 @@ def calibrator(
 ) -> Callable[[np.ndarray], np.ndarray] | None:
     """The function predict applies to every probability array it saves, from the inference instructions'
     ``calibration`` entry (``None`` or ``{}``: identity, returns ``None``). ``regions``: the region names in
-    channel order (region-based datasets: ``temperature`` is ``{region: T}``)."""
+    channel order (region-based datasets: ``temperature`` is ``{region: T}``; a :class:`ValueError` if one is
+    missing)."""
     if not calibration or "temperature" not in calibration:
         return None
     t = calibration["temperature"]
     if region_based:
+        missing = [r for r in regions if isinstance(t, Mapping) and r not in t]
+        if missing:
+            raise ValueError(f"calibration.temperature has no value for region(s) {missing}")
         temps = [float(t[r]) for r in regions] if isinstance(t, Mapping) else [float(t)] * len(regions)
     else:
         temps = float(t)

@@ -138,3 +138,11 @@ def test_calibrator_from_instructions():
     assert out[0, 0] < 0.9 and out[1, 0] == pytest.approx(0.9)
     with pytest.raises(ValueError):
         apply_temperature(p, 0.0)
+
+
+def test_calibrator_refuses_a_region_without_temperature():
+    with pytest.raises(ValueError, match=r"no value for region\(s\) \['et'\]"):
+        calibrator({"temperature": {"wt": 2.0}}, True, ["wt", "et"])
+    f = calibrator({"temperature": 2.0}, True, ["wt", "et"])  # one number: every region
+    out = f(np.full((2, 1), 0.9, np.float32))
+    assert out[0, 0] == out[1, 0] < 0.9
