@@ -223,8 +223,11 @@ def temperature_scale(probs: np.ndarray, temperature: float, sigmoid: bool = Fal
     return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
-def fit_temperature(probs: np.ndarray, labels: np.ndarray, sigmoid: bool = False) -> float:
-    """The temperature minimising the NLL of sampled voxels, between :data:`T_MIN` and :data:`T_MAX`.
+def fit_temperature(
+    probs: np.ndarray, labels: np.ndarray, sigmoid: bool = False, weights: np.ndarray | None = None
+) -> float:
+    """The temperature minimising the (``weights``-weighted) NLL of sampled voxels, between :data:`T_MIN` and
+    :data:`T_MAX`. The weights let a stratified sample stand for every voxel it was drawn from.
 
     Softmax: ``probs`` ``(K, N)`` class probabilities, ``labels`` ``(N,)`` reference class indices. Sigmoid:
     ``probs`` ``(N,)`` one region's probabilities, ``labels`` ``(N,)`` inside (1) or not (0). A bounded
@@ -238,6 +241,8 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, sigmoid: bool = False
         )
     if y.size == 0:
         return 1.0
+    w = np.ones(y.size) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    w = w / w.sum()
     if sigmoid:
         q = np.clip(p, EPS, 1 - EPS)
         z = np.log(q) - np.log1p(-q)
@@ -245,7 +250,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, sigmoid: bool = False
 
         def nll(log_t: float) -> float:
             s = z / np.exp(log_t)
-            return float(np.mean(np.logaddexp(0.0, s) - t * s))
+            return float(np.sum(w * (np.logaddexp(0.0, s) - t * s)))
     else:
         z = np.log(np.clip(p, EPS, 1.0))
         z_true = z[y.astype(np.int64), np.arange(y.size)]
@@ -253,7 +258,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, sigmoid: bool = False
         def nll(log_t: float) -> float:
             s = z / np.exp(log_t)
             m = s.max(axis=0)
-            return float(np.mean(m + np.log(np.exp(s - m).sum(axis=0)) - z_true / np.exp(log_t)))
+            return float(np.sum(w * (m + np.log(np.exp(s - m).sum(axis=0)) - z_true / np.exp(log_t))))
 
     res = optimize.minimize_scalar(
         nll, bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded", options={"xatol": 1e-5}

@@ -174,9 +174,9 @@ def fit_calibration(
 ) -> dict:
     """Fit the temperature on cross-validation probabilities (find-best) and measure ECE before and after.
 
-    Per case, up to ``max_voxels / cases`` foreground-relevant voxels are drawn (a fixed seed: the same WORK
-    gives the same temperature): for a softmax dataset those of any foreground structure, fitting one
-    temperature; for a region-based one, each region's own, fitting one temperature per region. ECE before and
+    Per case, up to ``max_voxels / cases`` voxels are drawn by :func:`_fit_samples` (a fixed seed: the same
+    WORK gives the same temperature): for a softmax dataset relevant to any foreground structure, fitting one
+    temperature; for a region-based one, relevant to each region, fitting one temperature per region. ECE before and
     after is over all relevant voxels of every case (in-sample: one scalar per output hardly overfits).
     Returns the inference instructions' ``calibration`` entry."""
     rng = np.random.default_rng(seed)
@@ -188,13 +188,14 @@ def fit_calibration(
         reference, probs = load_item(item, spec)
         for name, s in case_statistics(probs, reference, structures, spec.ignore_label).items():
             _merge(before[name], s)
-        for key, (p, y) in _fit_samples(probs, reference, spec, per_case, rng).items():
-            samples.setdefault(key, []).append((p, y))
+        for key, sample in _fit_samples(probs, reference, spec, per_case, rng).items():
+            samples.setdefault(key, []).append(sample)
     temps = {}
     for key, parts in samples.items():
-        p = np.concatenate([a for a, _ in parts], axis=-1)
-        y = np.concatenate([b for _, b in parts])
-        temps[key] = (fit_temperature(p, y, sigmoid=spec.region_based), int(y.size))
+        p = np.concatenate([a for a, _, _ in parts], axis=-1)
+        y = np.concatenate([b for _, b, _ in parts])
+        w = np.concatenate([c for _, _, c in parts])
+        temps[key] = (fit_temperature(p, y, sigmoid=spec.region_based, weights=w), int(y.size))
     temperature = {k: t for k, (t, _) in temps.items()} if spec.region_based else temps.get("", (1.0, 0))[0]
     after = {name: CalibrationStats() for name in structures}
     for item in items:
@@ -208,34 +209,50 @@ def fit_calibration(
         "ece_after": {n: s.ece() for n, s in after.items()},
         "voxels": int(sum(n for _, n in temps.values())),
         "method": (
-            "temperature scaling: NLL minimised over voxels sampled from the foreground-relevant voxels "
-            f"(reference or predicted foreground dilated by {RELEVANT_BAND} voxels) of the cross-validation "
-            f"probabilities; ECE with {N_BINS} equal-width bins on the same voxel definition, all voxels"
+            "temperature scaling: NLL of every voxel of the cross-validation probabilities, estimated from a "
+            "stratified, weighted sample (half from the foreground-relevant voxels: reference or predicted "
+            f"foreground dilated by {RELEVANT_BAND} voxels; half from the rest); ECE with {N_BINS} "
+            "equal-width bins on the foreground-relevant voxels of every case"
         ),
     }
 
 
-def _fit_samples(
-    probs, reference, spec: DatasetSpec, n: int, rng
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Sampled ``(probabilities, labels)`` of one case for :func:`fit_temperature`: key ``""`` (softmax:
-    ``(K, n)`` and class indices) or each region's name (sigmoid: ``(n,)`` and 0/1)."""
+def _fit_samples(probs, reference, spec: DatasetSpec, n: int, rng) -> dict[str, tuple]:
+    """Sampled ``(probabilities, labels, weights)`` of one case for :func:`fit_temperature`: key ``""``
+    (softmax: ``(K, n)`` and class indices) or each region's name (sigmoid: ``(n,)`` and 0/1).
+
+    Stratified: half the draws from the foreground-relevant voxels, half from the rest of the case, each voxel
+    weighted by its stratum's size over its draws, so the weighted NLL stands for every voxel of the case
+    while foreground and its band are always represented (a fit on the relevant voxels alone leaves the far
+    background at a foreground probability of about 0.13 on the spinal cord; see docs/calibration.md)."""
     valid = (
         reference != spec.ignore_label if spec.ignore_label is not None else np.ones(reference.shape, bool)
     )
     if not spec.region_based:
         fg = np.isin(reference, spec.foreground_values)
-        mask = relevant_voxels(fg, np.argmax(probs, axis=0) != 0) & valid
-        idx = sample_indices(mask, n, rng)
+        idx, w = _stratified(relevant_voxels(fg, np.argmax(probs, axis=0) != 0), valid, n, rng)
         flat = probs.reshape(probs.shape[0], -1)
-        return {"": (flat[:, idx].astype(np.float32), reference.ravel()[idx].astype(np.int64))}
+        return {"": (flat[:, idx].astype(np.float32), reference.ravel()[idx].astype(np.int64), w)}
     out = {}
     for k, (name, values) in enumerate(spec.regions.items()):
         ref = np.isin(reference, values)
-        mask = relevant_voxels(ref, probs[k] > 0.5) & valid
-        idx = sample_indices(mask, n // len(spec.regions) or 1, rng)
-        out[name] = (probs[k].ravel()[idx].astype(np.float32), ref.ravel()[idx])
+        idx, w = _stratified(relevant_voxels(ref, probs[k] > 0.5), valid, n // len(spec.regions) or 1, rng)
+        out[name] = (probs[k].ravel()[idx].astype(np.float32), ref.ravel()[idx], w)
     return out
+
+
+def _stratified(relevant: np.ndarray, valid: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of up to ``n // 2`` relevant and ``n - n // 2`` other valid voxels, and each one's weight
+    (its stratum's voxel count over the stratum's draws)."""
+    parts, weights = [], []
+    for mask, m in ((relevant & valid, n // 2), (~relevant & valid, n - n // 2)):
+        idx = sample_indices(mask, max(m, 1), rng)
+        if idx.size:
+            parts.append(idx)
+            weights.append(np.full(idx.size, int(mask.sum()) / idx.size))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(parts), np.concatenate(weights)
 
 
 def apply_temperature_array(

@@ -146,3 +146,42 @@ def test_calibrator_refuses_a_region_without_temperature():
     f = calibrator({"temperature": 2.0}, True, ["wt", "et"])  # one number: every region
     out = f(np.full((2, 1), 0.9, np.float32))
     assert out[0, 0] == out[1, 0] < 0.9
+
+
+def test_weights_stand_for_repeated_voxels():
+    """A voxel with weight 3 counts as three copies of it in the fit."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 2.0, size=(2, 400))
+    labels = rng.integers(0, 2, size=400)
+    p = _softmax(3.0 * z)
+    repeated = np.concatenate([np.arange(400), np.arange(100), np.arange(100)])
+    weights = np.ones(400)
+    weights[:100] = 3.0
+    assert fit_temperature(p, labels, weights=weights) == pytest.approx(
+        fit_temperature(p[:, repeated], labels[repeated]), rel=1e-4
+    )
+
+
+def test_stratified_sample_stands_for_the_whole_case():
+    """find-best's sample: half relevant voxels, half the rest, each weighted by its stratum's size; its fit
+    is the fit on every voxel of the case (a model over-confident near the structure, right far from it),
+    not the fit on the relevant voxels alone."""
+    from autoseg.evaluation.probabilities import _stratified
+
+    rng = np.random.default_rng(3)
+    shape = (40, 40, 40)
+    reference = np.zeros(shape, np.int64)
+    reference[15:25, 15:25, 15:25] = 1
+    relevant = relevant_voxels(reference == 1, reference == 1)
+    # near the cube: 20 % wrong at confidence 0.99; far away: right at confidence 0.999
+    wrong = relevant & (rng.random(shape) < 0.2)
+    truth_side = np.where(relevant, 0.99, 0.999)
+    fg = np.where((reference == 1) ^ wrong, truth_side, 1 - truth_side)
+    probs = np.stack([1 - fg, fg]).reshape(2, -1)
+    idx, w = _stratified(relevant, np.ones(shape, bool), 20_000, rng)
+    assert w.sum() == pytest.approx(reference.size)
+    labels = reference.ravel()
+    everything = fit_temperature(probs, labels)
+    assert fit_temperature(probs[:, idx], labels[idx], weights=w) == pytest.approx(everything, rel=0.03)
+    near = fit_temperature(probs[:, relevant.ravel()], labels[relevant.ravel()])
+    assert near > 1.5 * everything
