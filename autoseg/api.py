@@ -518,6 +518,7 @@ def predict(
         work, dicom_job, cases, input_list, output_dir, continue_, overwrite, save_probabilities, settings
     )
     post = _postprocessor(work, configs, instructions) if postprocessing else None
+    calibrate = _calibration(work, plans, configs, instructions, settings, save_probabilities)
     predictors = [Predictor(work, c, fold_lists[c], dev, settings, plans=plans) for c in configs]
     pp_text = instructions.postprocessing.to_json() if post is not None else "none"
     _log.info("predicting %d case(s) with %s; postprocessing: %s", len(cases), " + ".join(configs), pp_text)
@@ -528,7 +529,7 @@ def predict(
     write = dicom_job.write if dicom_job is not None else None
     spacings = _training_spacings(work)
     return predict_cases(
-        predictors, cases, targets, post, save_probabilities, progress, spacings, write=write
+        predictors, cases, targets, post, save_probabilities, progress, spacings, write, calibrate
     )
 
 
@@ -591,6 +592,33 @@ def _postprocessor(work: WorkDir, configs: list[str], instructions):
         return apply_postprocessing(seg, pp, structs)
 
     return post
+
+
+def _calibration(
+    work: WorkDir, plans: Plans, configs, instructions, settings: InferenceSettings, saving: bool
+):
+    """find-best's temperature scaling as a function of a probability array (None: identity), when it was
+    fitted for ``configs`` and ``settings.calibration``; the choice is logged when probabilities or
+    uncertainty maps are saved."""
+    saving = saving or settings.save_uncertainty
+    from autoseg.inference.calibrate import calibrator, describe
+
+    fitted = instructions is not None and sorted(configs) == sorted(instructions.configs)
+    calibration = instructions.calibration if fitted else {}
+    if not settings.calibration:
+        why = "not applied (--no-calibration)"
+    elif not calibration:
+        why = "none: no temperature fitted for " + " + ".join(configs) + " (run find-best); identity"
+    else:
+        why = describe(calibration)
+    if saving:
+        _log.info("probability calibration: %s", why)
+    if not settings.calibration:
+        return None
+    try:
+        return calibrator(calibration, plans.region_based, list(plans.regions))
+    except (ValueError, TypeError) as exc:
+        raise PlansError(f"{work.inference_instructions}: {exc}") from None
 
 
 def _dicom_job(work, plans, configs, input_list, output_dir, output_formats, channels, continue_, overwrite):
@@ -744,6 +772,7 @@ def evaluate(
     images_dir: str | Path | None = None,
     missing_as_empty: bool = False,
     missing_distance: str = "skip",
+    probabilities_dir: str | Path | None = None,
 ) -> dict:
     """Score predictions against references; writes ``summary.json``, ``per_case.csv`` and ``report.png``
     beside ``output`` (default: in the prediction folder), and with ``overlays`` an ``overlays/`` folder of
@@ -753,19 +782,12 @@ def evaluate(
     one of the two maps has no HD/HD95/ASSD (``missing_distance="skip"``: left out of the means, counted) or
     the image diagonal in mm (``"worst"``). Output paths are
     checked before anything is read: ``output`` must be a ``.json`` file path outside the reference folder,
-    and none of the files written beside it may be a folder."""
+    and none of the files written beside it may be a folder. ``probabilities_dir``: saved ``<case>.npz``
+    probabilities of the cases, whose calibration (ECE, Brier, NLL) is added (docs/calibration.md)."""
     from autoseg.atomic import check_output_file, check_output_folder
     from autoseg.evaluation.evaluate import REPORT_PNG, evaluate_folders
 
-    if images_dir is not None and not overlays:
-        raise AutosegError("--images is only used with --overlays")
-    check_workers(workers)
-    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, (int, float)):
-        raise AutosegError(f"--tolerance {tolerance_mm!r}: must be a number of mm")
-    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
-        raise AutosegError(f"--tolerance {tolerance_mm:g}: must be a finite number of mm, >= 0")
-    if missing_distance not in ("skip", "worst"):
-        raise AutosegError(f"--missing-distance {missing_distance!r}: must be 'skip' or 'worst'")
+    _check_evaluate_options(images_dir, overlays, workers, tolerance_mm, missing_distance)
     spec = load_dataset_json(Path(dataset_json))
     out = Path(output) if output else Path(prediction_dir) / "summary.json"
     if output is not None and out.suffix.lower() != ".json":
@@ -791,7 +813,21 @@ def evaluate(
         images_dir=Path(images_dir) if images_dir is not None else None,
         missing="empty" if missing_as_empty else "error",
         missing_distance=missing_distance,
+        probabilities_dir=Path(probabilities_dir) if probabilities_dir is not None else None,
     )
+
+
+def _check_evaluate_options(images_dir, overlays: bool, workers, tolerance_mm, missing_distance) -> None:
+    """:func:`evaluate`'s option checks, each refusal one line naming the option."""
+    if images_dir is not None and not overlays:
+        raise AutosegError("--images is only used with --overlays")
+    check_workers(workers)
+    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, (int, float)):
+        raise AutosegError(f"--tolerance {tolerance_mm!r}: must be a number of mm")
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise AutosegError(f"--tolerance {tolerance_mm:g}: must be a finite number of mm, >= 0")
+    if missing_distance not in ("skip", "worst"):
+        raise AutosegError(f"--missing-distance {missing_distance!r}: must be 'skip' or 'worst'")
 
 
 def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = DEFAULT_WORKERS) -> dict:

@@ -318,6 +318,10 @@ _PredictSaveUncertainty = Annotated[
 _PredictNoPostprocessing = Annotated[
     bool, typer.Option("--no-postprocessing", help="Skip the postprocessing find-best chose")
 ]
+_PredictNoCalibration = Annotated[
+    bool,
+    typer.Option("--no-calibration", help="Save probabilities without find-best's temperature scaling"),
+]
 _PredictFixNonfinite = Annotated[
     bool,
     typer.Option("--fix-nonfinite", help="Replace NaN/Inf intensities by the image's finite min/max (warns)"),
@@ -372,6 +376,7 @@ def predict(
     fix_nonfinite: _PredictFixNonfinite = False,
     compile_: _PredictCompile = INFER.compile,
     no_heap_reuse: _PredictNoHeapReuse = False,
+    no_calibration: _PredictNoCalibration = False,
     output_format: _PredictOutputFormat = None,
     channel: _PredictChannel = None,
 ) -> None:
@@ -383,6 +388,7 @@ def predict(
         reuse_heap=False if no_heap_reuse else None,
         fix_nonfinite=True if fix_nonfinite else None,
         save_uncertainty=True if save_uncertainty else None,
+        calibration=False if no_calibration else None,
     )
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")
@@ -437,6 +443,14 @@ def evaluate(
             "worst (the image diagonal in mm)",
         ),
     ] = MissingDistance.skip,
+    probabilities: Annotated[
+        Path | None,
+        typer.Option(
+            "--probabilities",
+            help="Folder of <case>.npz saved probabilities: adds ECE, Brier score and NLL per structure "
+            "and a reliability diagram",
+        ),
+    ] = None,
 ) -> None:
     """Dice, IoU, precision, recall, specificity, VOE, RVD, HD, HD95, ASSD, NSD per case and label;
     summary.json, per_case.csv, report.png (and overlays)."""
@@ -451,6 +465,7 @@ def evaluate(
         images_dir=images,
         missing_as_empty=missing_as_empty,
         missing_distance=missing_distance.value,
+        probabilities_dir=probabilities,
     )
     _print_summary(report)
 

@@ -25,11 +25,15 @@ Rules
 * **Best**: highest score. Exactly equal scores go to a single configuration over an ensemble, then to fewer
   networks run at prediction (a cascade stage counts its previous stages too), then to plans order.
 * **Postprocessing** of the best: :func:`autoseg.postprocessing.decide_postprocessing`.
+* **Calibration** of the best: a temperature fitted on its cross-validation probabilities (an ensemble's
+  averaged per case), ECE per structure before and after (:func:`autoseg.evaluation.probabilities.fit_calibration`,
+  docs/calibration.md); ``predict`` applies it to the probabilities it saves.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import shlex
@@ -42,6 +46,7 @@ import numpy as np
 
 from autoseg.errors import AutosegError, PlansError
 from autoseg.evaluation.evaluate import evaluate_folders
+from autoseg.evaluation.probabilities import fit_calibration
 from autoseg.inference.export import probabilities_to_labels
 from autoseg.io.dataset import DatasetSpec, load_dataset_json
 from autoseg.io.volume import copy_volume, read_header, write_volume
@@ -51,6 +56,7 @@ from autoseg.planning.plans import Plans
 from autoseg.postprocessing import Postprocessing, decide_postprocessing, structure_dice
 
 INSTRUCTIONS_SCHEMA_VERSION = 1
+_log = logging.getLogger("autoseg")
 ENSEMBLE_PREFIX = "ensemble__"
 
 
@@ -120,6 +126,10 @@ class InferenceInstructions:
     predict: str
     dataset_hash: str
     postprocessing_report: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    """Temperature scaling for predict's probabilities (docs/calibration.md): ``{"temperature": T or {region:
+    T}, "ece_before": {structure: ECE}, "ece_after": {...}, "voxels": int, "method": str}``; ``{}`` is the
+    identity (instructions written before calibration have none)."""
     schema_version: int = INSTRUCTIONS_SCHEMA_VERSION
 
     def to_json(self) -> dict:
@@ -136,6 +146,7 @@ class InferenceInstructions:
             "predict": self.predict,
             "dataset_hash": self.dataset_hash,
             "postprocessing_report": self.postprocessing_report,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -160,8 +171,27 @@ class InferenceInstructions:
             predict=str(d.get("predict", "")),
             dataset_hash=str(d.get("dataset_hash", "")),
             postprocessing_report=dict(d.get("postprocessing_report", {})),
+            calibration=check_calibration(d.get("calibration", {})),
             schema_version=version,
         )
+
+
+def check_calibration(calibration) -> dict:
+    """The ``calibration`` entry of inference instructions, checked: ``{}``, or a ``temperature`` that is a
+    positive number or ``{region: positive number}`` (a :class:`ValueError` saying what is wrong)."""
+    if not isinstance(calibration, dict):
+        raise ValueError(f"'calibration' must be an object, got {type(calibration).__name__}")
+    if not calibration:
+        return {}
+    t = calibration.get("temperature")
+    values = list(t.values()) if isinstance(t, dict) else [t]
+    if not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+    ):
+        raise ValueError(
+            f"'calibration.temperature' must be a positive number or {{region: number}}, got {t!r}"
+        )
+    return dict(calibration)
 
 
 def load_instructions(work: WorkDir) -> InferenceInstructions:
@@ -194,14 +224,7 @@ def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = Non
     for name in names:
         plans.configuration(name)  # unknown names are refused before any work
     case_folds = _case_folds(splits)
-    skipped: list[dict] = []
-    candidates = []
-    for name in names:
-        problem = _candidate_problem(work, name, splits, case_folds, spec.file_ending)
-        if problem:
-            skipped.append({"name": name, "reason": problem})
-        else:
-            candidates.append(name)
+    candidates, skipped = _candidates(work, names, splits, case_folds, spec.file_ending)
     if not candidates:
         why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
         raise AutosegError(
@@ -221,6 +244,7 @@ def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = Non
         work.gt_segmentations, best_dir, spec, best_dir / "postprocessed", workers
     )
     folds = tuple(range(len(splits)))
+    calibration = _calibrate(work, best.configs, case_folds, spec)
     instructions = InferenceInstructions(
         best=best.name,
         configs=best.configs,
@@ -233,10 +257,42 @@ def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = Non
         predict=predict_command(work, best.configs, folds),
         dataset_hash=plans.dataset_hash,
         postprocessing_report=report,
+        calibration=calibration,
     )
     out = instructions.to_json()
     write_json(instructions_path(work), out)
     return out
+
+
+def _candidates(work: WorkDir, names, splits, case_folds, ending: str) -> tuple[list[str], list[dict]]:
+    """The configurations with every fold cross-validated, and ``{"name", "reason"}`` of the others."""
+    candidates, skipped = [], []
+    for name in names:
+        problem = _candidate_problem(work, name, splits, case_folds, ending)
+        if problem:
+            skipped.append({"name": name, "reason": problem})
+        else:
+            candidates.append(name)
+    return candidates, skipped
+
+
+def _calibrate(
+    work: WorkDir, configs: tuple[str, ...], case_folds: dict[str, int], spec: DatasetSpec
+) -> dict:
+    """Fit the temperature of the best (its configurations' probabilities averaged per case) on the
+    cross-validation probabilities (:func:`autoseg.evaluation.probabilities.fit_calibration`); ``{}`` (the
+    identity) with a warning where a fold has no ``.npz`` probabilities (validated by an older version)."""
+    items = []
+    for case, k in case_folds.items():
+        paths = [_validation(work, c, k) / f"{case}.npz" for c in configs]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            _log.warning(
+                "%s: not found; no calibration (predict saves uncalibrated probabilities)", missing[0]
+            )
+            return {}
+        items.append((case, work.gt_segmentations / f"{case}{spec.file_ending}", paths))
+    return fit_calibration(items, spec)
 
 
 def predict_command(work: WorkDir, configs: Sequence[str], folds: Sequence[int]) -> str:

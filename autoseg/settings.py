@@ -195,6 +195,9 @@ class InferenceSettings:
     """Also write ``<case>_uncertainty.npz`` (float16 entropy of the ensemble mean and, with two members or
     more, their mutual information, in the image's grid) and ``uncertainty.csv`` (per case and structure: mean
     uncertainty inside and on the boundary, volume); see :mod:`autoseg.inference.uncertainty`."""
+    calibration: bool = True
+    """Apply find-best's temperature (inference instructions' ``calibration``) to every saved probability; the
+    label maps never change by it (docs/calibration.md)."""
 
     def tiles_per_pass(self, device_type: str) -> int:
         """``tile_batch``, or when it is 0: two tiles per forward pass on CUDA, one elsewhere."""

@@ -275,6 +275,7 @@ def evaluate_folders(
     images_dir: str | os.PathLike | None = None,
     missing: str = "skip",
     missing_distance: str = "skip",
+    probabilities_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate every prediction ``<case><spec.file_ending>`` in ``prediction_dir`` against ``reference_dir``.
 
@@ -292,7 +293,10 @@ def evaluate_folders(
     gets ``<case>.png`` per case: the axial slice (array axis 0) with the most reference foreground, reference
     and predicted contours per label drawn over the image ``<case>_0000<ending>`` of ``images_dir`` (nnU-Net's
     imagesTr naming; without ``images_dir``, over the reference label map). ``images_dir`` is only read for
-    overlays. Every file is written atomically.
+    overlays. Every file is written atomically. ``probabilities_dir`` (if given) holds ``<case>.npz``
+    probabilities of every scored case, checked before anything is scored; the summary then gains
+    ``calibration`` (ECE, Brier score, NLL per structure and the reliability bins,
+    :func:`autoseg.evaluation.probabilities.calibration_summary`), drawn in ``report.png``.
 
     Raises :class:`AutosegError` with one line naming the file or folder for missing folders, no predictions,
     a prediction without reference, mismatched geometry, undeclared label values, a region that clashes with
@@ -302,20 +306,16 @@ def evaluate_folders(
     _check_options(spec, workers, missing, missing_distance)
     tolerance_mm = check_tolerance(tolerance_mm)
     pairs, n_references = _pair_files(Path(reference_dir), Path(prediction_dir), spec.file_ending, missing)
+    calibration_items = _calibration_items(probabilities_dir, pairs, spec)
     images = _check_overlay_targets(pairs, overlays_dir, images_dir)
-    score = partial(
-        _evaluate_pair,
-        spec=spec,
-        tolerance_mm=tolerance_mm,
-        missing_distance=missing_distance,
-        overlays=overlays_dir is not None,
-        images=images,
-    )
-    results = _map_cases(score, pairs, workers)
+    score = partial(_evaluate_pair, spec=spec, tolerance_mm=tolerance_mm, missing_distance=missing_distance)
+    results = _map_cases(partial(score, overlays=overlays_dir is not None, images=images), pairs, workers)
     per_case = {case: metrics for (case, _, _), (metrics, _) in zip(pairs, results)}
     summary = _summary(per_case, spec, tolerance_mm, missing_distance)
     summary["n_references"] = None if missing == "skip" else n_references
     summary["missing_as_empty"] = [case for case, _, prediction in pairs if prediction is None]
+    if calibration_items is not None:
+        summary["calibration"] = _calibration_summary(calibration_items, spec, workers)
     _write_outputs(summary, output_json, output_csv, report_png)
     if overlays_dir is not None:
         _write_overlays([view for _, view in results], spec.foreground_labels, Path(overlays_dir))
@@ -467,6 +467,22 @@ def _write_outputs(
         from autoseg.evaluation.report import plot_report
 
         plot_report(summary, Path(output_json).with_name(REPORT_PNG))
+
+
+def _calibration_summary(items, spec: DatasetSpec, workers: int) -> dict:
+    from autoseg.evaluation.probabilities import calibration_summary
+
+    return calibration_summary(items, spec, workers)
+
+
+def _calibration_items(folder, pairs, spec: DatasetSpec) -> list | None:
+    """``(case, reference, [probabilities file])`` of every pair, the files checked first (None: no folder)."""
+    if folder is None:
+        return None
+    from autoseg.evaluation.probabilities import check_probability_files
+
+    files = check_probability_files(Path(folder), [(case, ref) for case, ref, _ in pairs], spec)
+    return [(case, ref, [files[case]]) for case, ref, _ in pairs]
 
 
 def _pair_files(

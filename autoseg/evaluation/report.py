@@ -65,7 +65,9 @@ def plot_report(summary: Mapping, path: str | os.PathLike, metrics: Sequence[str
     names = list(dict.fromkeys(row["label"] for row in rows))
     n_cases = len({row["case"] for row in rows})
     ncols = 2
-    nrows = max(1, math.ceil(len(metrics) / ncols))
+    calibration = summary.get("calibration")
+    panels = len(metrics) + (1 if calibration else 0)
+    nrows = max(1, math.ceil(panels / ncols))
     panel_width = max(5.0, 0.7 * len(names) + 1.5)
     fig = Figure(figsize=(ncols * panel_width, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -91,17 +93,10 @@ def plot_report(summary: Mapping, path: str | os.PathLike, metrics: Sequence[str
             ha="right" if rotate else "center",
             fontsize="small",
         )
-        ax.set_xlim(0.5, len(names) + 0.5)
-        title = _TITLES.get(metric, metric)
-        if metric == "nsd" and summary.get("tolerance_mm") is not None:
-            title += f" at {summary['tolerance_mm']:g} mm"
-        ax.set_title(title)
-        if metric in _UNIT_INTERVAL:
-            ax.set_ylim(-0.03, 1.03)
-        elif metric == "rvd":
-            ax.axhline(0.0, color="gray", lw=0.8)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(metrics) :]:
+        _finish_panel(ax, metric, len(names), summary.get("tolerance_mm"))
+    if calibration:
+        plot_reliability(axes[len(metrics)], calibration)
+    for ax in axes[panels:]:
         ax.set_visible(False)
     mean_dice = summary.get("mean_dice")
     fig.suptitle(
@@ -109,6 +104,42 @@ def plot_report(summary: Mapping, path: str | os.PathLike, metrics: Sequence[str
         + ("" if mean_dice is None else f"; mean Dice {mean_dice:.4f}")
     )
     return _save(fig, Path(path), dpi=80)
+
+
+def _finish_panel(ax, metric: str, n_names: int, tolerance_mm: float | None) -> None:
+    """Limits, title and grid of one metric's panel of :func:`plot_report`."""
+    ax.set_xlim(0.5, n_names + 0.5)
+    title = _TITLES.get(metric, metric)
+    if metric == "nsd" and tolerance_mm is not None:
+        title += f" at {tolerance_mm:g} mm"
+    ax.set_title(title)
+    if metric in _UNIT_INTERVAL:
+        ax.set_ylim(-0.03, 1.03)
+    elif metric == "rvd":
+        ax.axhline(0.0, color="gray", lw=0.8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_reliability(ax, calibration: Mapping) -> None:
+    """Reliability diagram of an evaluation summary's ``calibration``: per structure, the observed frequency
+    against the mean predicted probability of each non-empty bin (foreground-relevant voxels, pooled over
+    cases), the diagonal for perfect calibration; the legend gives each structure's ECE."""
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+    for i, (name, bins) in enumerate(calibration.get("reliability", {}).items()):
+        points = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"]) if c is not None]
+        if not points:
+            continue
+        ece = calibration.get("mean", {}).get(name, {}).get("ece")
+        label = name + ("" if ece is None else f" (ECE {ece:.3f})")
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", ms=3, color=_COLOURS[i % len(_COLOURS)], label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"reliability ({calibration.get('n_bins', 15)} bins, foreground-relevant voxels)")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.grid(alpha=0.3)
 
 
 @dataclass(frozen=True)

@@ -200,19 +200,22 @@ class Predictor:
         return self.predict_preprocessed(self._network_input(prepared), member_entropy)
 
     def segment_by_slabs(
-        self, prepared: Prepared, uncertainty: bool = False, member_entropy: bool = False
+        self, prepared: Prepared, uncertainty: bool = False, member_entropy: bool = False, calibrate=None
     ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """The label map in the file's array order, exported slab by slab as the sliding window finishes
         them (:class:`SlabSegmenter`): memory independent of the number of classes. With ``uncertainty``
         also the uncertainty maps on the network's grid (one scalar volume each, made slab by slab by
-        :func:`finish_probabilities`; ``member_entropy``: with the members' disagreement), else None."""
+        :func:`finish_probabilities`; ``member_entropy``: with the members' disagreement; ``calibrate``: the
+        temperature the maps see), else None."""
         image = self._network_input(prepared)
         segmenter = SlabSegmenter(prepared.props, self.plans, image.shape[1:])
         maps: dict[str, np.ndarray] = {}
         for a, b, slab, *ent in self.probability_slabs(image, member_entropy):
-            slab, slab_maps = finish_probabilities(
-                slab, ent[0] if ent else None, self.plans.region_based, uncertainty
-            )
+            slab_maps = None
+            if uncertainty:
+                _, slab_maps = finish_probabilities(
+                    slab, ent[0] if ent else None, self.plans.region_based, uncertainty, calibrate
+                )
             segmenter.add(a, b, slab)
             for name, values in (slab_maps or {}).items():
                 maps.setdefault(name, np.empty(image.shape[1:], dtype=np.float32))[a:b] = values
@@ -271,6 +274,7 @@ def predict_cases(
     progress: Callable[[str, int, int], None] | None = None,
     training_spacings: np.ndarray | None = None,
     write: Callable[[np.ndarray, CaseProperties, Path], Path] | None = None,
+    calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[Path]:
     """Predict ``cases`` into ``targets`` with one or more configurations (their probabilities averaged).
 
@@ -282,10 +286,12 @@ def predict_cases(
     ``uncertainty.csv`` (:mod:`autoseg.inference.uncertainty`). ``postprocess`` is applied to each label map
     before writing. A case whose spacing is far outside ``training_spacings`` (the fingerprint's, when known)
     gets a warning. ``write(seg, props, target)`` replaces :func:`write_segmentation` (DICOM outputs:
-    :mod:`autoseg.inference.dicom_export`).
+    :mod:`autoseg.inference.dicom_export`). ``calibrate`` (:func:`autoseg.inference.calibrate.calibrator`)
+    turns the ensemble mean into the probabilities that are saved and that the uncertainty maps are computed
+    from; label maps come from the uncalibrated probabilities, which a temperature does not reorder.
     """
     read = partial(_read_case, predictors, training_spacings)
-    job = _CaseOutputs(predictors, postprocess, save_probabilities, write, targets)
+    job = _CaseOutputs(predictors, postprocess, save_probabilities, write, targets, calibrate)
     written: list[Path] = []
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending_read = reader.submit(read, cases[0]) if cases else None
@@ -335,8 +341,9 @@ class _Sliced:
 class _CaseOutputs:
     """The inference and export stages of :func:`predict_cases`: what is computed and written per case."""
 
-    def __init__(self, predictors, postprocess, save_probabilities, write, targets):
+    def __init__(self, predictors, postprocess, save_probabilities, write, targets, calibrate=None):
         self.predictors, self.plans = predictors, predictors[0].plans
+        self.calibrate = calibrate
         self.postprocess, self.save_probabilities = postprocess, save_probabilities
         self.write = write or write_segmentation
         self.slab_bytes = predictors[0].settings.slab_export_gb * 1e9
@@ -356,7 +363,9 @@ class _CaseOutputs:
         """A :class:`_Sliced` case, or per configuration its probabilities and members' entropy (or None)."""
         if self.by_slabs(prepared):
             return _Sliced(
-                *self.predictors[0].segment_by_slabs(prepared[0], self.uncertainty, self.member_entropy)
+                *self.predictors[0].segment_by_slabs(
+                    prepared[0], self.uncertainty, self.member_entropy, self.calibrate
+                )
             )
         out = []
         for p, r in zip(self.predictors, prepared):
@@ -385,11 +394,15 @@ class _CaseOutputs:
 
     def _export_one(self, probs, entropy, props, target):
         """One configuration: labels (and maps) straight from its grid."""
-        probs, maps = finish_probabilities(probs, entropy, self.plans.region_based, self.uncertainty)
         seg = probabilities_to_segmentation(probs, props, self.plans)
+        if not (self.save_probabilities or self.uncertainty):
+            return seg, None
+        final, maps = finish_probabilities(
+            probs, entropy, self.plans.region_based, self.uncertainty, self.calibrate
+        )
         if self.save_probabilities:
             save_npz(
-                _probabilities_path(target), probabilities=probabilities_to_original(probs, props, self.plans)
+                _probabilities_path(target), probabilities=probabilities_to_original(final, props, self.plans)
             )
         maps = maps and {k: map_to_original(v, props, self.plans) for k, v in maps.items()}
         return seg, maps
@@ -411,8 +424,12 @@ class _CaseOutputs:
         total /= n
         if entropy is not None:
             entropy /= n
-        total, maps = finish_probabilities(total, entropy, plans.region_based, self.uncertainty)
         seg = probabilities_to_labels(total, plans)
+        if not (self.save_probabilities or self.uncertainty):
+            return seg, None
+        total, maps = finish_probabilities(
+            total, entropy, plans.region_based, self.uncertainty, self.calibrate
+        )
         if self.save_probabilities:
             save_npz(_probabilities_path(target), probabilities=total.astype(np.float16))
         return seg, maps

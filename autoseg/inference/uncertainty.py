@@ -26,7 +26,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +95,23 @@ def finish_probabilities(
     mean_member_entropy: np.ndarray | None,
     region_based: bool,
     uncertainty: bool,
+    calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
     """The one place where an ensemble's mean probabilities (a whole volume or a slab of one, any grid)
-    become the final probabilities that are saved and segmented, and, with ``uncertainty``, their maps
-    (:func:`uncertainty_maps`, computed from the final probabilities). A calibration temperature goes here,
-    before the maps."""
+    become the probabilities that are saved, and, with ``uncertainty``, their maps. ``calibrate`` (find-best's
+    temperature, :func:`autoseg.inference.calibrate.calibrator`; None: identity) is applied first, and the
+    entropy is that of the calibrated mean; the members' disagreement is the uncalibrated mean's entropy minus
+    the members' mean entropy, both of the network's own probabilities (the members are not calibrated, and
+    mixing the two would inflate it). Label maps are made from ``probs``, not from the result: a temperature
+    does not reorder the classes."""
+    final = probs if calibrate is None else calibrate(probs)
     if not uncertainty:
-        return probs, None
-    return probs, uncertainty_maps(probs, mean_member_entropy, region_based)
+        return final, None
+    maps = {ENTROPY: entropy_map(final, region_based)}
+    if mean_member_entropy is not None:
+        raw = maps[ENTROPY] if final is probs else entropy_map(probs, region_based)
+        maps[DISAGREEMENT] = np.clip(raw - mean_member_entropy, 0, 1)
+    return final, maps
 
 
 def map_path(target: Path, case_id: str) -> Path:
