@@ -347,3 +347,25 @@ def test_save_uncertainty_is_a_setting_and_off_by_default():
     predict = typer.main.get_command(app).commands["predict"]
     option = next(p for p in predict.params if "--save-uncertainty" in p.opts)
     assert option.default is False
+
+
+def test_calibrated_maps_entropy_of_the_calibrated_mean_disagreement_of_the_networks_own():
+    """With a temperature, the saved probabilities and the entropy map are the calibrated mean's; the
+    disagreement stays H(uncalibrated mean) - mean member entropy (the members are not calibrated)."""
+    from autoseg.inference.calibrate import calibrator
+    from autoseg.inference.uncertainty import finish_probabilities
+
+    mean = np.array([[0.9, 0.6, 0.99], [0.1, 0.4, 0.01]], dtype=np.float32)
+    member_h = np.array([0.2, 0.5, 0.0], dtype=np.float32)
+    calibrate = calibrator({"temperature": 2.0}, region_based=False)
+    final, maps = finish_probabilities(mean, member_h, False, True, calibrate)
+    np.testing.assert_allclose(final, calibrate(mean))
+    assert (final[1] > mean[1]).all()  # softened toward 0.5
+    np.testing.assert_allclose(maps["entropy"], entropy_map(final, False), atol=1e-6)
+    assert (maps["entropy"] > entropy_map(mean, False)).all()
+    np.testing.assert_allclose(
+        maps["mutual_information"], np.clip(entropy_map(mean, False) - member_h, 0, 1), atol=1e-6
+    )
+    same, plain = finish_probabilities(mean, member_h, False, True, None)
+    assert same is mean
+    np.testing.assert_allclose(plain["entropy"], entropy_map(mean, False))
