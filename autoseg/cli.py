@@ -329,6 +329,13 @@ _PredictCompile = Annotated[
         help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
     ),
 ]
+_PredictPrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Forward passes: auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16",
+    ),
+]
 _PredictNoHeapReuse = Annotated[
     bool,
     typer.Option(
@@ -371,6 +378,7 @@ def predict(
     no_postprocessing: _PredictNoPostprocessing = False,
     fix_nonfinite: _PredictFixNonfinite = False,
     compile_: _PredictCompile = INFER.compile,
+    precision: _PredictPrecision = INFER.precision,
     no_heap_reuse: _PredictNoHeapReuse = False,
     output_format: _PredictOutputFormat = None,
     channel: _PredictChannel = None,
@@ -380,6 +388,7 @@ def predict(
         step_size=step,
         mirroring=False if no_mirroring else None,
         compile=compile_,
+        precision=precision,
         reuse_heap=False if no_heap_reuse else None,
         fix_nonfinite=True if fix_nonfinite else None,
         save_uncertainty=True if save_uncertainty else None,

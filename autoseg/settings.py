@@ -191,6 +191,13 @@ class InferenceSettings:
     """CPU with glibc: keep the memory a forward pass frees for the next pass instead of unmapping it (far
     fewer page faults, about 15 % faster passes; the network's activations stay reserved until the volume is
     done). False: glibc's usual behaviour."""
+    skip_background_tiles: bool = True
+    """Tiles holding nothing but each channel's background value (outside the body: 0 outside the nonzero
+    mask, or a constant minimum such as BraTS's) are not run; what only they cover is background."""
+    precision: str = "auto"
+    """Arithmetic of the network's forward passes: "auto" (float16 autocast on CUDA; bfloat16 autocast on a CPU
+    whose /proc/cpuinfo flags report native bf16, avx512_bf16 or amx_bf16; float32 elsewhere), "fp32" or
+    "bf16". The probabilities are accumulated in float32 whatever this says."""
     save_uncertainty: bool = False
     """Also write ``<case>_uncertainty.npz`` (float16 entropy of the ensemble mean and, with two members or
     more, their mutual information, in the image's grid) and ``uncertainty.csv`` (per case and structure: mean
@@ -214,6 +221,8 @@ class InferenceSettings:
         _check_range("slab_export_gb", self.slab_export_gb, 0, what="0: always slab by slab")
         if self.compile not in ("auto", "on", "off"):
             raise SettingError("compile", self.compile, "must be auto, on or off")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise SettingError("precision", self.precision, "must be auto, fp32 or bf16")
 
 
 OPTION_NAMES = {"time_budget_minutes": "--time-budget", "loader_workers": "--workers", "step_size": "--step"}
