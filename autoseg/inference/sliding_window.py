@@ -172,9 +172,8 @@ def probability_slabs(
             with torch.inference_mode():  # not held across the yield: the caller's code runs as usual
                 batch.accumulate(img_t, chunk, window)
                 # slices before the next tile's start are final: out of the window
-                out = window.advance(grid.done_after(ci), grid)
-            if out is not None:
-                yield out
+                outs = window.advance(grid.done_after(ci), grid)
+            yield from outs
     finally:  # the memory CPU passes kept for each other goes back once the window is done (or abandoned)
         HEAP.release()
 
@@ -262,9 +261,20 @@ class _Window:
     def entropy(self) -> torch.Tensor | None:
         return self.acc[-1] if self.member_entropy else None
 
-    def advance(self, done: int, grid: _TileGrid) -> tuple | None:
-        """Hand out the slices ``[lo, done)`` (cropped to the image; None when that leaves nothing) and move
-        the window on to start at ``done``."""
+    def advance(self, done: int, grid: _TileGrid) -> list[tuple]:
+        """Hand out the slices ``[lo, done)`` (cropped to the image), in pieces at most the window deep (after
+        skipped tiles the next tile to run may start further on than the window reaches), and move the window
+        on to start at ``done``."""
+        outs = []
+        while self.lo < done:
+            out = self._advance_to(min(done, self.lo + self.depth), grid)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _advance_to(self, done: int, grid: _TileGrid) -> tuple | None:
+        """Hand out the slices ``[lo, done)`` (``done - lo`` at most the depth; cropped to the image, None
+        when that leaves nothing) and move the window on to start at ``done``."""
         lo = self.lo
         if done <= lo:
             return None

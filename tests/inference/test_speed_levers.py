@@ -1,0 +1,122 @@
+"""Issue 20's levers: bf16 on CPUs with native bf16, skipping tiles with no image content, and their agreement
+with the float32, every-tile reference path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.inference import runner as runner_module
+from autoseg.inference.runner import TileRunner, autocast_dtype, cpu_has_native_bf16
+from autoseg.inference.sliding_window import _TileGrid, predict_sliding_window
+from autoseg.planning.plans import ChannelNormalization
+from autoseg.preprocessing.normalize import background_values
+from autoseg.settings import (
+    InferenceSettings,  # noqa: I001
+    SettingError,
+)
+from tests.test_bad_input import _error_line, _run
+
+CPU = torch.device("cpu")
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert cpu_has_native_bf16(SAPPHIRE)
+    assert cpu_has_native_bf16(SAPPHIRE.replace(" avx512_bf16", ""))  # AMX alone
+    assert not cpu_has_native_bf16(SKYLAKE)
+    assert not cpu_has_native_bf16("")  # no flags line (not x86 Linux)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(runner_module, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.float16
+    assert autocast_dtype("auto", torch.device("mps")) is None
+    assert autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("bf16", CPU) == torch.bfloat16
+
+
+def test_a_bad_precision_is_refused_before_anything_runs(capfd, tmp_path):
+    with pytest.raises(SettingError):
+        InferenceSettings(precision="fp16")
+    code, _, err = _run(capfd, "predict", tmp_path / "w", tmp_path / "in", tmp_path / "out", "--precision", "x")
+    assert "--precision" in _error_line(code, err) and "auto, fp32 or bf16" in err
+    assert not (tmp_path / "out").exists()
+
+
+class _Counting(torch.nn.Module):
+    """Logits (class 1 where the first channel exceeds 0.5, else class 0), counting the tiles it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.tiles = 0
+
+    def forward(self, x):
+        self.tiles += x.shape[0]
+        fg = (x[:, :1] > 0.5).float()
+        return torch.cat([5 * (1 - fg), 5 * fg], 1)
+
+
+def _corner_body() -> np.ndarray:
+    """A 64³ image, zero but for a bright 10³ cube in one corner: at patch 32 and step 0.5, 27 tiles of which
+    only the one at the origin reaches the cube."""
+    image = np.zeros((1, 64, 64, 64), dtype=np.float32)
+    image[0, :10, :10, :10] = 1
+    return image
+
+
+def test_tiles_with_only_background_are_not_run_and_give_background():
+    image = _corner_body()
+    grid = _TileGrid(image, [32, 32, 32], 0.5, 1, [0.0])
+    assert (grid.total, grid.skipped) == (27, 26)
+    net = _Counting()
+    probs = predict_sliding_window(net, image, [32, 32, 32], 2, CPU, background=[0.0])
+    assert net.tiles == 1
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-6)
+    ref = predict_sliding_window(_Counting(), image, [32, 32, 32], 2, CPU)
+    assert np.array_equal(probs.argmax(0), ref.argmax(0))  # the labels of running every tile
+    assert probs[0, 40:, 40:, 40:].min() == 1  # covered by skipped tiles only: background
+
+
+def test_sigmoid_regions_are_zero_where_tiles_were_skipped():
+    probs = predict_sliding_window(
+        _Counting(), _corner_body(), [32, 32, 32], 2, CPU, activation="sigmoid", background=[0.0]
+    )
+    assert probs[:, 40:, 40:, 40:].max() == 0 and probs[1, :10, :10, :10].min() > 0.99
+
+
+def test_nothing_changes_where_no_tile_is_skipped():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 40, 40, 40)).astype(np.float32)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1)
+    ref = predict_sliding_window(net, image, [24, 24, 24], 3, CPU)
+    same = predict_sliding_window(net, image, [24, 24, 24], 3, CPU, background=[float(image.min())])
+    assert np.array_equal(ref, same)  # bit for bit: the skipping path is not even entered
+    assert _TileGrid(image, [24, 24, 24], 0.5, 1, [float(image.min())]).skipped == 0
+
+
+def test_background_is_the_value_outside_the_mask_else_the_minimum_never_for_ct():
+    image = np.array([[[[-0.7, 2.0], [3.0, 4.0]]], [[[0.0, 5.0], [-1.0, 1.0]]]], dtype=np.float32)
+    mask = np.array([[[False, True], [True, True]]])
+    z = ChannelNormalization(scheme="zscore", use_mask=False)
+    assert background_values(image, mask, [z, z]) == pytest.approx([-0.7, 0.0])
+    assert background_values(image, np.ones_like(mask), [z, z]) == pytest.approx([-0.7, -1.0])
+    ct = ChannelNormalization(scheme="ct", clip_low=-1, clip_high=1, mean=0, std=1)
+    assert background_values(image, np.ones_like(mask), [z, ct]) is None
+
+
+def test_bf16_runner_keeps_float32_sums():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 2, 1))
+    image = np.random.default_rng(1).normal(size=(1, 20, 20, 20)).astype(np.float32)
+    fp32 = predict_sliding_window(TileRunner(net, CPU, "off"), image, [16, 16, 16], 2, CPU)
+    bf16_runner = TileRunner(net, CPU, "off", amp=True, dtype=torch.bfloat16)
+    assert bf16_runner(torch.zeros(1, 1, 16, 16, 16)).dtype == torch.bfloat16  # the pass itself is bf16
+    bf16 = predict_sliding_window(bf16_runner, image, [16, 16, 16], 2, CPU)
+    assert bf16.dtype == np.float32
+    assert 0 < np.abs(bf16 - fp32).max() < 0.05
