@@ -536,9 +536,20 @@ def find_best(
         list[str] | None, typer.Option("--config", "-c", help="Only these configurations (default: all)")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = api.DEFAULT_WORKERS,
+    mirror_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--mirror-tolerance",
+            min=0,
+            help="Record the cheapest test-time mirroring within this Dice of the best (predict uses it)",
+        ),
+    ] = api.DEFAULT_MIRROR_TOLERANCE,
+    no_mirror_search: Annotated[
+        bool, typer.Option("--no-mirror-search", help="Do not measure mirroring (predict keeps its own)")
+    ] = False,
 ) -> None:
     """Choose the best configuration or ensemble by cross-validation Dice, and its postprocessing."""
-    result = api.find_best(workdir, config or None, workers)
+    result = api.find_best(workdir, config or None, workers, None if no_mirror_search else mirror_tolerance)
     table = Table(title="cross-validation (mean Dice over cases)")
     table.add_column("configuration")
     table.add_column("mean Dice")

@@ -176,6 +176,10 @@ class InferenceSettings:
     mirroring: bool = True
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     """Axes of the network's patch to mirror at test time (those beyond a 2D network's two are dropped)."""
+    mirror_axes_from_find_best: bool = True
+    """Mirror over the axes find-best measured to pay for themselves (``mirroring`` in
+    inference_instructions.json) when predicting with its configuration; False (or an explicit
+    ``--mirror-axes``): ``mirror_axes``."""
     tile_batch: int = 0
     """Tiles per forward pass; 0: two on a GPU, one elsewhere (a second tile only costs memory on a CPU)."""
     fix_nonfinite: bool = False

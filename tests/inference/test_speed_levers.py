@@ -120,3 +120,69 @@ def test_bf16_runner_keeps_float32_sums():
     bf16 = predict_sliding_window(bf16_runner, image, [16, 16, 16], 2, CPU)
     assert bf16.dtype == np.float32
     assert 0 < np.abs(bf16 - fp32).max() < 0.05
+
+
+# ---- mirroring that pays for itself (autoseg.inference.mirroring, find-best, predict)
+
+
+def test_every_subset_is_the_mean_of_the_flips_it_contains():
+    from autoseg.inference.mirroring import axis_subsets, subset_probabilities
+
+    assert axis_subsets((0, 1, 2)) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    flips = {f: np.full((2, 1), float(i)) for i, f in enumerate(axis_subsets((0, 1)))}  # () 0, (0,) 1, (1,) 2, (0,1) 3
+    assert subset_probabilities(flips, ())[0, 0] == 0
+    assert subset_probabilities(flips, (1,))[0, 0] == 1  # mean of () and (1,): (0 + 2) / 2
+    assert subset_probabilities(flips, (0, 1))[0, 0] == 1.5
+
+
+def test_the_cheapest_axes_within_the_tolerance_win():
+    from autoseg.inference.mirroring import cheapest_axes
+
+    dice = {(): 0.800, (0,): 0.8095, (1,): 0.8092, (0, 1): 0.8100}
+    assert cheapest_axes(dice, 0.001) == (0,)  # 0.8095 >= 0.8100 - 0.001; the plain pass is 0.01 short
+    assert cheapest_axes(dice, 0.0) == (0, 1)
+    assert cheapest_axes(dice, 0.02) == ()
+
+
+def test_structure_dice_by_label_and_by_region():
+    from autoseg.inference.mirroring import structure_dice
+
+    seg = np.array([0, 1, 1, 2])
+    probs = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], dtype=float)  # labels 0 1 2 2
+    assert structure_dice(probs, seg, [[1], [2], [3]], regions=False) == [2 / 3, 2 / 3, None]
+    regions = np.array([[0, 1, 1, 1], [0, 0, 0.9, 0.2]])  # whole (1, 2) and label 2 alone
+    assert structure_dice(regions, seg, [[1, 2], [2]], regions=True) == [1.0, 0.0]
+
+
+def test_predict_uses_the_found_axes_unless_told_otherwise():
+    from types import SimpleNamespace
+
+    from autoseg.api import _found_mirroring
+
+    found = SimpleNamespace(mirror_axes=(1, 2), configs=("3d_fullres",))
+    settings = InferenceSettings()
+    assert _found_mirroring(settings, ["3d_fullres"], found).mirror_axes == (1, 2)
+    none = SimpleNamespace(mirror_axes=(), configs=("3d_fullres",))
+    assert _found_mirroring(settings, ["3d_fullres"], none).mirroring is False
+    old = SimpleNamespace(mirror_axes=None, configs=("3d_fullres",))  # instructions from before issue 20
+    assert _found_mirroring(settings, ["3d_fullres"], old) == settings
+    assert _found_mirroring(settings, ["2d"], found) == settings  # another configuration than find-best's
+    explicit = InferenceSettings(mirror_axes=(0,), mirror_axes_from_find_best=False)  # --mirror-axes 0
+    assert _found_mirroring(explicit, ["3d_fullres"], found) == explicit
+    off = InferenceSettings(mirroring=False)
+    assert _found_mirroring(off, ["3d_fullres"], found) == off
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_auto_precision_agrees_with_fp32():
+    """On CUDA, "auto" is float16 autocast; its labels agree with float32's on a smooth random network."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 1))
+    net = net.to(cuda)
+    image = np.random.default_rng(2).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    fp32 = predict_sliding_window(TileRunner(net, cuda, "off"), image, [24, 24, 24], 3, cuda)
+    runner = TileRunner(net, cuda, "off", amp=True, dtype=autocast_dtype("auto", cuda))
+    fp16 = predict_sliding_window(runner, image, [24, 24, 24], 3, cuda)
+    assert (fp16.argmax(0) == fp32.argmax(0)).mean() >= 0.995
