@@ -43,7 +43,9 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, nativ
 def test_a_bad_precision_is_refused_before_anything_runs(capfd, tmp_path):
     with pytest.raises(SettingError):
         InferenceSettings(precision="fp16")
-    code, _, err = _run(capfd, "predict", tmp_path / "w", tmp_path / "in", tmp_path / "out", "--precision", "x")
+    code, _, err = _run(
+        capfd, "predict", tmp_path / "w", tmp_path / "in", tmp_path / "out", "--precision", "x"
+    )
     assert "--precision" in _error_line(code, err) and "auto, fp32 or bf16" in err
     assert not (tmp_path / "out").exists()
 
@@ -129,7 +131,9 @@ def test_every_subset_is_the_mean_of_the_flips_it_contains():
     from autoseg.inference.mirroring import axis_subsets, subset_probabilities
 
     assert axis_subsets((0, 1, 2)) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
-    flips = {f: np.full((2, 1), float(i)) for i, f in enumerate(axis_subsets((0, 1)))}  # () 0, (0,) 1, (1,) 2, (0,1) 3
+    flips = {
+        f: np.full((2, 1), float(i)) for i, f in enumerate(axis_subsets((0, 1)))
+    }  # () 0, (0,) 1, (1,) 2, (0,1) 3
     assert subset_probabilities(flips, ())[0, 0] == 0
     assert subset_probabilities(flips, (1,))[0, 0] == 1  # mean of () and (1,): (0 + 2) / 2
     assert subset_probabilities(flips, (0, 1))[0, 0] == 1.5
