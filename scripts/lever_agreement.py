@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("--mirroring", action="store_true")
     ap.add_argument("--tolerance", type=float, default=0.001)
+    ap.add_argument("--cases", type=int, default=0, help="only the first N validation cases (0: all)")
     args = ap.parse_args()
     work = WorkDir(args.work)
     plans = Plans.load(work.plans)
@@ -49,6 +50,12 @@ def main() -> None:
     data = work.preprocessed(cfg.data_identifier)
     splits = read_json(work.splits)
     case_folds = {c: k for k, s in reversed(list(enumerate(splits))) for c in s["val"]}
+    if args.cases:  # one case per fold in turn
+        order = sorted(
+            case_folds,
+            key=lambda c: (sorted(x for x in case_folds if case_folds[x] == case_folds[c]).index(c), c),
+        )
+        case_folds = {c: case_folds[c] for c in order[: args.cases]}
     structures = [[v] for v in sorted(set(plans.labels.values())) if v > 0]
     if plans.region_based:
         structures = [list(v) for v in plans.regions.values()]

@@ -190,3 +190,107 @@ def test_cuda_auto_precision_agrees_with_fp32():
     runner = TileRunner(net, cuda, "off", amp=True, dtype=autocast_dtype("auto", cuda))
     fp16 = predict_sliding_window(runner, image, [24, 24, 24], 3, cuda)
     assert (fp16.argmax(0) == fp32.argmax(0)).mean() >= 0.995
+
+
+# ---- agreement on real data
+
+
+def _agreement(ref: np.ndarray, other: np.ndarray, seg: np.ndarray, structures) -> tuple[float, float]:
+    """Fraction of voxels with the same arg-max label, and the largest per-structure change of Dice against
+    the reference segmentation ``seg``."""
+    from autoseg.inference.mirroring import structure_dice
+
+    same = float((ref.argmax(0) == other.argmax(0)).mean())
+    a = structure_dice(ref, seg, structures, regions=False)
+    b = structure_dice(other, seg, structures, regions=False)
+    return same, max((abs(x - y) for x, y in zip(a, b) if x is not None and y is not None), default=0.0)
+
+
+class _Smooth(torch.nn.Module):
+    """A confident, smooth "segmenter": foreground where the 3x3x3 mean intensity exceeds ``threshold``."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        torch.nn.init.constant_(self.conv.weight, 1 / 27)
+        self.threshold = threshold
+
+    def forward(self, x):
+        fg = 8 * (self.conv(x[:, :1]) - self.threshold)
+        return torch.cat([-fg, fg], 1)
+
+
+@pytest.mark.realdata
+def test_bf16_and_tile_skipping_agree_with_the_reference_on_a_real_case():
+    """A real MS-lesion volume (MNI space, zero outside the brain: small tiles there are skipped) through a
+    smooth thresholding network: the skipping path gives exactly the every-tile labels, bf16 the float32
+    labels on >= 99.5 % of voxels."""
+    from autoseg.io.volume import read_volume
+    from tests.conftest import real_dataset
+
+    folder = real_dataset("Dataset002_MSLesionLjubljanaMNI")
+    first = sorted((folder / "imagesTr").glob("*_0000.nii.gz"))[0]
+    raw = read_volume(first).array.astype(np.float32)[None]
+    image = (raw / raw[raw > 0].std()).astype(np.float32)[:, ::2, ::2, ::2].copy()  # 2 mm: seconds
+    seg = (image[0] > np.percentile(image[0][image[0] > 0], 70)).astype(np.int16)
+    net, patch = _Smooth(float(np.percentile(image[0][image[0] > 0], 70))), [24, 24, 24]
+    ref = predict_sliding_window(TileRunner(net, CPU, "off"), image, patch, 2, CPU)
+    grid = _TileGrid(image, patch, 0.5, 1, [0.0])
+    assert grid.skipped > 0  # the corners of the MNI box hold no brain
+    skipped = predict_sliding_window(TileRunner(net, CPU, "off"), image, patch, 2, CPU, background=[0.0])
+    bf16 = predict_sliding_window(
+        TileRunner(net, CPU, "off", amp=True, dtype=torch.bfloat16), image, patch, 2, CPU
+    )
+    assert _agreement(ref, skipped, seg, [[1]]) == (1.0, 0.0)  # the skipped tiles gave background anyway
+    same, _ = _agreement(ref, bf16, seg, [[1]])
+    # labels only: every voxel of this reference sits at the network's threshold, the worst case for the
+    # Dice of any rounding (0.007 here); Dice with a trained network: test_bf16_agrees_with_a_trained_model
+    assert same >= 0.995, same
+
+
+def _train_tiny(dataset, root, config: str, folds: int, iters: int):
+    """Plan ``dataset`` (``config`` only, narrow network), split its cases into ``folds`` folds and train each
+    for ``iters`` iterations (with its final validation, unmirrored): a cross-validated WORK in minutes."""
+    from autoseg import api
+    from autoseg.io.dataset import discover_cases
+    from autoseg.jsonio import write_json
+    from autoseg.layout import WorkDir
+    from tests.conftest import shrink_network
+
+    work = WorkDir(root)
+    api.plan(dataset, work.root, workers=1, configurations=(config,))
+    shrink_network(work)
+    cases = sorted(c.case_id for c in discover_cases(dataset))
+    parts = [cases[k::folds] for k in range(folds)]
+    write_json(work.splits, [{"train": [c for c in cases if c not in p], "val": p} for p in parts])
+    for k in range(folds):
+        api.train(
+            work.root, config, str(k), device="cpu", epochs=1, iters_per_epoch=iters, val_iters=0,
+            loader_workers=0, mirroring=False, num_folds=folds,
+        )  # fmt: skip
+    return work
+
+
+@pytest.mark.slow  # minutes on 2 cores: two folds are trained, then 4 flips of every validation case
+def test_find_best_records_the_cheapest_mirroring_and_predict_uses_it(phantom_dataset, tmp_path, caplog):
+    import logging
+
+    from autoseg import api
+    from autoseg.selection import load_instructions
+
+    work = _train_tiny(phantom_dataset, tmp_path / "work", "2d", folds=2, iters=2)
+    found = api.find_best(work.root, ["2d"], workers=1, mirror_tolerance=1.0)  # any Dice will do: no axes
+    assert found["mirroring"]["mirror_axes"] == []
+    assert set(found["mirroring"]["mean_dice"]) == {"", "0", "1", "0,1"}
+    assert found["mirroring"]["passes"] == {"": 1, "0": 2, "1": 2, "0,1": 4}
+    assert load_instructions(work).mirror_axes == ()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for f in sorted((phantom_dataset / "imagesTr").glob("phantom_000_*")):
+        (inputs / f.name).symlink_to(f)
+    with caplog.at_level(logging.INFO, logger="autoseg"):
+        api.predict(work.root, inputs, tmp_path / "out", device="cpu")
+    assert "mirroring over axes none, as find-best chose" in caplog.text
+    strict = api.find_best(work.root, ["2d"], workers=1, mirror_tolerance=0.0)  # the best subset itself
+    best = max(strict["mirroring"]["mean_dice"].items(), key=lambda kv: kv[1])
+    assert strict["mirroring"]["mean_dice"][",".join(map(str, strict["mirroring"]["mirror_axes"]))] == best[1]
