@@ -46,8 +46,10 @@ def tile_starts(size: int, patch: int, step_size: float) -> list[int]:
     """Start offsets along one axis: as few tiles as give steps <= ``step_size * patch``, evenly spread."""
     if size <= patch:
         return [0]
-    n = int(math.ceil((size - patch) / (patch * step_size))) + 1
     span = size - patch
+    # at most one tile per start: a 2D network's patch is 1 deep along axis 0, where steps of step_size * 1
+    # voxel would otherwise put two tiles on the same slice (every slice predicted twice at step 0.5)
+    n = min(int(math.ceil(span / (patch * step_size))) + 1, span + 1)
     return [int(round(i * span / (n - 1))) for i in range(n)]
 
 
@@ -202,6 +204,8 @@ class _TileGrid:
         self.spatial = image.shape[1:]
         pad = [max(0, p - s) for p, s in zip(self.patch3, self.spatial)]
         self.pad_before = [p // 2 for p in pad]
+        self.widths = [(b, p - b) for b, p in zip(self.pad_before, pad)]
+        body = _body(image, background)  # before padding: the 0 padding is no image content either
         if any(pad):
             image = np.pad(
                 image, [(0, 0)] + [(b, p - b) for b, p in zip(self.pad_before, pad)], mode="constant"
@@ -211,27 +215,36 @@ class _TileGrid:
         starts = [tile_starts(s, p, step_size) for s, p in zip(self.shape, self.patch3)]
         tiles = list(itertools.product(*starts))  # axis 0 outermost: starts along axis 0 never decrease
         self.total = len(tiles)
-        tiles = self._with_content(tiles, background)
+        tiles = self._with_content(tiles, body)
         self.skipped = self.total - len(tiles)
         self.chunks = [tiles[i : i + tile_batch] for i in range(0, len(tiles), tile_batch)]
         depth = min(self.shape[0], max(c[-1][0] - c[0][0] for c in self.chunks) + self.patch3[0])
         self.window_shape = (depth, *self.shape[1:])
         self.yx = tuple(slice(b, b + s) for b, s in zip(self.pad_before[1:], self.spatial[1:]))
 
-    def _with_content(self, tiles: list[tuple[int, ...]], background) -> list[tuple[int, ...]]:
-        """The tiles in which some channel differs from its ``background`` value (all of them when it is
-        None or does not have one value per channel; at least the first tile, so a blank image has one)."""
-        if background is None or len(background) != self.image.shape[0]:
+    def _with_content(self, tiles: list[tuple[int, ...]], body: np.ndarray | None) -> list[tuple[int, ...]]:
+        """The tiles that reach ``body`` (all of them when it is None; at least the first tile, so a blank
+        image has one)."""
+        if body is None:
             return tiles
-        body = np.zeros(self.shape, dtype=bool)
-        for c, value in enumerate(background):
-            body |= np.abs(self.image[c] - np.float32(value)) > BACKGROUND_TOLERANCE * max(1.0, abs(value))
+        body = np.pad(body, self.widths, constant_values=False) if any(sum(w) for w in self.widths) else body
         keep = [t for t in tiles if body[tuple(slice(s, s + p) for s, p in zip(t, self.patch3))].any()]
         return keep or tiles[:1]
 
     def done_after(self, ci: int) -> int:
         """Slices before this index along axis 0 are final once batch ``ci`` is summed."""
         return self.chunks[ci + 1][0][0] if ci + 1 < len(self.chunks) else self.shape[0]
+
+
+def _body(image: np.ndarray, background: list[float] | None) -> np.ndarray | None:
+    """Voxels ``(Z, Y, X)`` where some channel of ``image`` differs from its ``background`` value (beyond
+    :data:`BACKGROUND_TOLERANCE`); None without one background value per channel."""
+    if background is None or len(background) != image.shape[0]:
+        return None
+    body = np.zeros(image.shape[1:], dtype=bool)
+    for c, value in enumerate(background):
+        body |= np.abs(image[c] - np.float32(value)) > BACKGROUND_TOLERANCE * max(1.0, abs(value))
+    return body
 
 
 class _Window:
