@@ -830,8 +830,8 @@ def find_best(
         plans = Plans.load(work.plans)
         for c in configs:
             plans.configuration(c)
-    if mirror_tolerance is not None and not 0 <= mirror_tolerance < 1:
-        raise AutosegError(f"--mirror-tolerance: {mirror_tolerance} is not a Dice difference in [0, 1)")
+    if mirror_tolerance is not None and not 0 <= mirror_tolerance <= 1:
+        raise AutosegError(f"--mirror-tolerance: {mirror_tolerance} is not a Dice difference in [0, 1]")
     return _find_best(work, configs, workers, mirror_tolerance)
 
 

@@ -208,20 +208,7 @@ def find_best(
     for name in names:
         plans.configuration(name)  # unknown names are refused before any work
     case_folds = _case_folds(splits)
-    skipped: list[dict] = []
-    candidates = []
-    for name in names:
-        problem = _candidate_problem(work, name, splits, case_folds, spec.file_ending)
-        if problem:
-            skipped.append({"name": name, "reason": problem})
-        else:
-            candidates.append(name)
-    if not candidates:
-        why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
-        raise AutosegError(
-            f"{work.root}: no configuration has all {len(splits)} folds trained ({why}); "
-            f"train them with 'autoseg train {work.root} CONFIG FOLD'"
-        )
+    candidates, skipped = _candidates(work, names, splits, case_folds, spec.file_ending)
     scored = [_score_config(work, name, plans, case_folds, spec, workers) for name in candidates]
     for a, b in itertools.combinations(candidates, 2):
         problem = _ensemble_problem(work, (a, b), case_folds)
@@ -252,6 +239,26 @@ def find_best(
     out = instructions.to_json()
     write_json(instructions_path(work), out)
     return out
+
+
+def _candidates(work: WorkDir, names, splits, case_folds, ending: str) -> tuple[list[str], list[dict]]:
+    """The configurations among ``names`` with every fold validated, and ``{"name", "reason"}`` of the
+    others; :class:`AutosegError` when there is none."""
+    skipped: list[dict] = []
+    candidates = []
+    for name in names:
+        problem = _candidate_problem(work, name, splits, case_folds, ending)
+        if problem:
+            skipped.append({"name": name, "reason": problem})
+        else:
+            candidates.append(name)
+    if not candidates:
+        why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+        raise AutosegError(
+            f"{work.root}: no configuration has all {len(splits)} folds trained ({why}); "
+            f"train them with 'autoseg train {work.root} CONFIG FOLD'"
+        )
+    return candidates, skipped
 
 
 def _mirroring(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> dict | None:

@@ -294,3 +294,12 @@ def test_find_best_records_the_cheapest_mirroring_and_predict_uses_it(phantom_da
     strict = api.find_best(work.root, ["2d"], workers=1, mirror_tolerance=0.0)  # the best subset itself
     best = max(strict["mirroring"]["mean_dice"].items(), key=lambda kv: kv[1])
     assert strict["mirroring"]["mean_dice"][",".join(map(str, strict["mirroring"]["mirror_axes"]))] == best[1]
+
+
+def test_a_2d_network_predicts_each_slice_once():
+    """A 2D patch is 1 deep along axis 0: steps of 0.5 voxel used to put two tiles on every slice."""
+    from autoseg.inference.sliding_window import tile_starts
+
+    assert tile_starts(155, 1, 0.5) == list(range(155))
+    assert tile_starts(155, 96, 0.5) == [0, 30, 59]  # 3D patches are as before
+    assert len(_TileGrid(np.zeros((1, 7, 16, 16), np.float32), [16, 16], 0.5, 1).chunks) == 7
