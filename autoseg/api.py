@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 DEFAULT_WORKERS = 2
 """Worker processes of plan, evaluate and find-best unless told otherwise."""
 DEFAULT_TOLERANCE_MM = 1.0
+DEFAULT_MIRROR_TOLERANCE = 0.001
+"""find-best records the cheapest test-time mirroring whose mean Dice is within this of the best (0.1 points)."""
 """Tolerance of evaluate's normalised surface Dice."""
 _log = logging.getLogger("autoseg")
 
@@ -507,6 +510,7 @@ def predict(
     plans = Plans.load(work.plans)
     instructions = load_instructions(work) if work.inference_instructions.is_file() else None
     configs = _predict_configs(plans, configs, config, instructions)
+    settings = _found_mirroring(settings, configs, instructions)
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     # DICOM series in, or DICOM-SEG / RT-STRUCT out: autoseg.inference.dicom_export
     dicom_job = _dicom_job(
@@ -539,6 +543,20 @@ def _inference(settings: InferenceSettings | None) -> InferenceSettings:
     if not isinstance(settings, InferenceSettings):
         raise AutosegError(f"settings: must be InferenceSettings, got {type(settings).__name__}")
     return settings
+
+
+def _found_mirroring(settings: InferenceSettings, configs, instructions) -> InferenceSettings:
+    """``settings`` with the mirror axes find-best chose for ``configs`` (when it measured them, they are
+    the configurations it chose, mirroring is on and ``mirror_axes_from_find_best``); no axes: no mirroring."""
+    found = instructions.mirror_axes if instructions is not None else None
+    if found is None or not settings.mirroring or not settings.mirror_axes_from_find_best:
+        return settings
+    if list(configs) != list(instructions.configs):
+        return settings
+    _log.info("mirroring over axes %s, as find-best chose", ",".join(map(str, found)) or "none")
+    if not found:
+        return replace(settings, mirroring=False)
+    return replace(settings, mirror_axes=found)
 
 
 def _predict_configs(plans: Plans, configs, config, instructions) -> list[str]:
@@ -830,9 +848,15 @@ def _check_evaluate_options(images_dir, overlays: bool, workers, tolerance_mm, m
         raise AutosegError(f"--missing-distance {missing_distance!r}: must be 'skip' or 'worst'")
 
 
-def find_best(workdir: str | Path, configs: list[str] | None = None, workers: int = DEFAULT_WORKERS) -> dict:
+def find_best(
+    workdir: str | Path,
+    configs: list[str] | None = None,
+    workers: int = DEFAULT_WORKERS,
+    mirror_tolerance: float | None = DEFAULT_MIRROR_TOLERANCE,
+) -> dict:
     """Score the cross-validation of every fully trained configuration and of their pairwise ensembles, pick
-    the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned)."""
+    the best, decide postprocessing, write ``WORK/inference_instructions.json`` (returned). With
+    ``mirror_tolerance`` (None: not), also measure which test-time mirror axes pay for themselves."""
     from autoseg.selection import find_best as _find_best
 
     check_workers(workers)
@@ -842,7 +866,9 @@ def find_best(workdir: str | Path, configs: list[str] | None = None, workers: in
         plans = Plans.load(work.plans)
         for c in configs:
             plans.configuration(c)
-    return _find_best(work, configs, workers)
+    if mirror_tolerance is not None and not 0 <= mirror_tolerance <= 1:
+        raise AutosegError(f"--mirror-tolerance: {mirror_tolerance} is not a Dice difference in [0, 1]")
+    return _find_best(work, configs, workers, mirror_tolerance)
 
 
 # ---- what the command line needs: option checks, the all-folds loop, summaries (cli.py only parses options)
@@ -895,7 +921,8 @@ def predict_paths(
         axes = tuple(_int_option("--mirror-axes", a) for a in mirror_axes.split(",") if a.strip())
     workdir, inputs, output = (None, paths[:-1], paths[-1]) if model else (paths[0], paths[1:-1], paths[-1])
     kwargs.update(output_formats=check_formats(output_formats), channels=parse_channel_rules(channels))
-    infer = inference_settings(**{**(settings or {}), "mirror_axes": axes})
+    given = {} if axes is None else {"mirror_axes_from_find_best": False}  # an explicit --mirror-axes wins
+    infer = inference_settings(**{**(settings or {}), "mirror_axes": axes, **given})
     if model is not None:
         return predict_with_model(
             model, inputs, output, announce=announce, folds=fold_list, settings=infer, **kwargs

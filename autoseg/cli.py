@@ -333,6 +333,13 @@ _PredictCompile = Annotated[
         help="torch.compile the networks: auto (once ~30 s of network time is ahead), on, off",
     ),
 ]
+_PredictPrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Forward passes: auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16",
+    ),
+]
 _PredictNoHeapReuse = Annotated[
     bool,
     typer.Option(
@@ -375,6 +382,7 @@ def predict(
     no_postprocessing: _PredictNoPostprocessing = False,
     fix_nonfinite: _PredictFixNonfinite = False,
     compile_: _PredictCompile = INFER.compile,
+    precision: _PredictPrecision = INFER.precision,
     no_heap_reuse: _PredictNoHeapReuse = False,
     no_calibration: _PredictNoCalibration = False,
     output_format: _PredictOutputFormat = None,
@@ -385,6 +393,7 @@ def predict(
         step_size=step,
         mirroring=False if no_mirroring else None,
         compile=compile_,
+        precision=precision,
         reuse_heap=False if no_heap_reuse else None,
         fix_nonfinite=True if fix_nonfinite else None,
         save_uncertainty=True if save_uncertainty else None,
@@ -542,9 +551,20 @@ def find_best(
         list[str] | None, typer.Option("--config", "-c", help="Only these configurations (default: all)")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = api.DEFAULT_WORKERS,
+    mirror_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--mirror-tolerance",
+            min=0,
+            help="Record the cheapest test-time mirroring within this Dice of the best (predict uses it)",
+        ),
+    ] = api.DEFAULT_MIRROR_TOLERANCE,
+    no_mirror_search: Annotated[
+        bool, typer.Option("--no-mirror-search", help="Do not measure mirroring (predict keeps its own)")
+    ] = False,
 ) -> None:
     """Choose the best configuration or ensemble by cross-validation Dice, and its postprocessing."""
-    result = api.find_best(workdir, config or None, workers)
+    result = api.find_best(workdir, config or None, workers, None if no_mirror_search else mirror_tolerance)
     table = Table(title="cross-validation (mean Dice over cases)")
     table.add_column("configuration")
     table.add_column("mean Dice")

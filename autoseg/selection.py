@@ -130,7 +130,14 @@ class InferenceInstructions:
     """Temperature scaling for predict's probabilities (docs/calibration.md): ``{"temperature": T or {region:
     T}, "ece_before": {structure: ECE}, "ece_after": {...}, "voxels": int, "method": str}``; ``{}`` is the
     identity (instructions written before calibration have none)."""
+    mirroring: dict | None = None
+    """What test-time mirroring buys (:func:`autoseg.inference.mirroring.choose_mirroring`): ``mirror_axes``
+    that predict uses by default; None (older files, ensembles, cascades): predict's own setting."""
     schema_version: int = INSTRUCTIONS_SCHEMA_VERSION
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...] | None:
+        return None if self.mirroring is None else tuple(int(a) for a in self.mirroring["mirror_axes"])
 
     def to_json(self) -> dict:
         return {
@@ -147,7 +154,7 @@ class InferenceInstructions:
             "dataset_hash": self.dataset_hash,
             "postprocessing_report": self.postprocessing_report,
             "calibration": self.calibration,
-        }
+        } | ({} if self.mirroring is None else {"mirroring": self.mirroring})
 
     @classmethod
     def from_json(cls, d: dict) -> InferenceInstructions:
@@ -172,6 +179,7 @@ class InferenceInstructions:
             dataset_hash=str(d.get("dataset_hash", "")),
             postprocessing_report=dict(d.get("postprocessing_report", {})),
             calibration=check_calibration(d.get("calibration", {})),
+            mirroring=None if d.get("mirroring") is None else dict(d["mirroring"]),
             schema_version=version,
         )
 
@@ -207,14 +215,20 @@ def load_instructions(work: WorkDir) -> InferenceInstructions:
         raise PlansError(f"{path}: invalid inference instructions ({type(exc).__name__}: {exc})") from None
 
 
-def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = None, workers: int = 2) -> dict:
+def find_best(
+    work: WorkDir | str | os.PathLike,
+    configs: list[str] | None = None,
+    workers: int = 2,
+    mirror_tolerance: float | None = None,
+) -> dict:
     """Score every fully cross-validated configuration and every pair of them, choose the best and its
     postprocessing, and write ``WORK/inference_instructions.json`` (see the module docstring for the rules).
 
     ``configs`` limits the candidates (default: every configuration of the plans). Returns the written
     instructions (:meth:`InferenceInstructions.to_json`). Raises :class:`AutosegError` naming the WORK folder
     when no configuration has all folds trained, and :class:`PlansError` for unknown configurations or
-    missing plans / splits.
+    missing plans / splits. ``mirror_tolerance`` (Dice, e.g. 0.001): also measure what test-time mirroring
+    buys the best single configuration and record the cheapest axes within it (:func:`_mirroring`).
     """
     work = work if isinstance(work, WorkDir) else WorkDir(Path(work))
     plans = Plans.load(work.plans)
@@ -258,6 +272,7 @@ def find_best(work: WorkDir | str | os.PathLike, configs: list[str] | None = Non
         dataset_hash=plans.dataset_hash,
         postprocessing_report=report,
         calibration=calibration,
+        mirroring=_mirroring(work, plans, best.configs, case_folds, mirror_tolerance),
     )
     out = instructions.to_json()
     write_json(instructions_path(work), out)
@@ -293,6 +308,19 @@ def _calibrate(
             return {}
         items.append((case, work.gt_segmentations / f"{case}{spec.file_ending}", paths))
     return fit_calibration(items, spec)
+
+
+def _mirroring(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> dict | None:
+    """:func:`autoseg.inference.mirroring.choose_mirroring` for a single, non-cascade best configuration
+    whose folds all have their final checkpoint; None otherwise (predict then keeps its own setting)."""
+    if tolerance is None or len(configs) != 1 or plans.configuration(configs[0]).previous_stage:
+        return None
+    if not all(work.checkpoint(configs[0], f).is_file() for f in set(case_folds.values())):
+        return None
+    from autoseg.inference.mirroring import choose_mirroring
+    from autoseg.inference.predictor import resolve_device
+
+    return choose_mirroring(work, plans, configs[0], case_folds, tolerance, resolve_device("auto"))
 
 
 def predict_command(work: WorkDir, configs: Sequence[str], folds: Sequence[int]) -> str:

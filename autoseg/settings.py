@@ -176,6 +176,10 @@ class InferenceSettings:
     mirroring: bool = True
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     """Axes of the network's patch to mirror at test time (those beyond a 2D network's two are dropped)."""
+    mirror_axes_from_find_best: bool = True
+    """Mirror over the axes find-best measured to pay for themselves (``mirroring`` in
+    inference_instructions.json) when predicting with its configuration; False (or an explicit
+    ``--mirror-axes``): ``mirror_axes``."""
     tile_batch: int = 0
     """Tiles per forward pass; 0: two on a GPU, one elsewhere (a second tile only costs memory on a CPU)."""
     fix_nonfinite: bool = False
@@ -191,6 +195,13 @@ class InferenceSettings:
     """CPU with glibc: keep the memory a forward pass frees for the next pass instead of unmapping it (far
     fewer page faults, about 15 % faster passes; the network's activations stay reserved until the volume is
     done). False: glibc's usual behaviour."""
+    skip_background_tiles: bool = True
+    """Tiles holding nothing but each channel's background value (outside the body: 0 outside the nonzero
+    mask, or a constant minimum such as BraTS's) are not run; what only they cover is background."""
+    precision: str = "auto"
+    """Arithmetic of the network's forward passes: "auto" (float16 autocast on CUDA; bfloat16 autocast on a CPU
+    whose /proc/cpuinfo flags report native bf16, avx512_bf16 or amx_bf16; float32 elsewhere), "fp32" or
+    "bf16". The probabilities are accumulated in float32 whatever this says."""
     save_uncertainty: bool = False
     """Also write ``<case>_uncertainty.npz`` (float16 entropy of the ensemble mean and, with two members or
     more, their mutual information, in the image's grid) and ``uncertainty.csv`` (per case and structure: mean
@@ -217,6 +228,8 @@ class InferenceSettings:
         _check_range("slab_export_gb", self.slab_export_gb, 0, what="0: always slab by slab")
         if self.compile not in ("auto", "on", "off"):
             raise SettingError("compile", self.compile, "must be auto, on or off")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise SettingError("precision", self.precision, "must be auto, fp32 or bf16")
 
 
 OPTION_NAMES = {"time_budget_minutes": "--time-budget", "loader_workers": "--workers", "step_size": "--step"}

@@ -89,6 +89,7 @@ def test_cli_option_defaults_are_the_settings_defaults():
     predict = _command("predict")
     assert _option(predict, "--step").default == InferenceSettings().step_size
     assert _option(predict, "--compile").default == InferenceSettings().compile
+    assert _option(predict, "--precision").default == InferenceSettings().precision == "auto"
     # flags that turn a setting away from its default are off by default (None reaches the settings)
     for flag in ("--no-mirroring", "--no-heap-reuse", "--fix-nonfinite"):
         assert _option(predict, flag).default is False
@@ -115,7 +116,7 @@ def test_cli_spells_no_setting_default():
     tree = ast.parse((ROOT / "autoseg" / "cli.py").read_text(encoding="utf-8"))
     for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("predict", "train")):
         for arg, default in zip(fn.args.args[-len(fn.args.defaults) :], fn.args.defaults):
-            if arg.arg in ("step", "compile_", "epochs", "iters_per_epoch", "val_iters", "time_budget"):
+            if arg.arg in ("step", "compile_", "precision", "epochs", "iters_per_epoch", "val_iters", "time_budget"):
                 assert not isinstance(default, ast.Constant) or default.value is None, arg.arg
     params = set(inspect.signature(api.predict).parameters)
     assert "settings" in params

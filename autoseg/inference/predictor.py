@@ -32,7 +32,7 @@ from autoseg.inference.export import (
     probabilities_to_segmentation,
     write_segmentation,
 )
-from autoseg.inference.runner import TileRunner
+from autoseg.inference.runner import TileRunner, autocast_dtype
 from autoseg.inference.sliding_window import predict_sliding_window, probability_slabs
 from autoseg.inference.uncertainty import (
     UncertaintyTable,
@@ -116,6 +116,7 @@ class Predictor:
         _check_memory(self.plans, config, device, settings.tiles_per_pass(device.type) * len(folds))
         # one network per fold: a compiled network has its weights frozen in, so folds cannot share one
         self.runners: list[TileRunner] = []
+        dtype = autocast_dtype(settings.precision, device)
         for fold in folds:
             path = work.checkpoint(config, fold, checkpoint_name)
             if not path.is_file():
@@ -136,8 +137,9 @@ class Predictor:
                     network.to(device),
                     device,
                     settings.compile,
-                    amp=device.type == "cuda",
+                    amp=dtype is not None,
                     reuse_heap=settings.reuse_heap,
+                    dtype=dtype,
                 )
             )
         if not self.runners:
@@ -159,19 +161,22 @@ class Predictor:
         """Members of this configuration's ensemble: folds × mirror flips."""
         return len(self.runners) * 2 ** len(self.mirror_axes)
 
-    def predict_preprocessed(self, image: np.ndarray, member_entropy: bool = False):
+    def predict_preprocessed(self, image: np.ndarray, member_entropy: bool = False, background=None):
         """Averaged class probabilities ``(K, ...)`` over folds for a preprocessed image ``(C, ...)``; with
-        ``member_entropy`` also the members' mean entropy (see :func:`predict_sliding_window`)."""
+        ``member_entropy`` also the members' mean entropy (see :func:`predict_sliding_window`, as for
+        ``background``, which only counts when the ``skip_background_tiles`` setting is on)."""
         return predict_sliding_window(
-            self.runners, image, **self._window_args(), member_entropy=member_entropy
+            self.runners, image, **self._window_args(background), member_entropy=member_entropy
         )
 
-    def probability_slabs(self, image: np.ndarray, member_entropy: bool = False):
+    def probability_slabs(self, image: np.ndarray, member_entropy: bool = False, background=None):
         """:meth:`predict_preprocessed` slab by slab along axis 0 (see :func:`probability_slabs`)."""
-        return probability_slabs(self.runners, image, **self._window_args(), member_entropy=member_entropy)
+        args = self._window_args(background)
+        return probability_slabs(self.runners, image, **args, member_entropy=member_entropy)
 
-    def _window_args(self) -> dict:
+    def _window_args(self, background=None) -> dict:
         return dict(
+            background=background if self.settings.skip_background_tiles else None,
             patch_size=self.config.patch_size,
             num_classes=self.plans.num_outputs,
             device=self.device,
@@ -197,7 +202,8 @@ class Predictor:
     def infer(self, prepared: Prepared, member_entropy: bool = False):
         """Probabilities on this configuration's grid (a cascade first runs its previous stage); with
         ``member_entropy`` a pair: they and the members' mean entropy on the same grid."""
-        return self.predict_preprocessed(self._network_input(prepared), member_entropy)
+        image = self._network_input(prepared)
+        return self.predict_preprocessed(image, member_entropy, prepared.props.background)
 
     def segment_by_slabs(
         self, prepared: Prepared, uncertainty: bool = False, member_entropy: bool = False, calibrate=None
@@ -210,7 +216,7 @@ class Predictor:
         image = self._network_input(prepared)
         segmenter = SlabSegmenter(prepared.props, self.plans, image.shape[1:])
         maps: dict[str, np.ndarray] = {}
-        for a, b, slab, *ent in self.probability_slabs(image, member_entropy):
+        for a, b, slab, *ent in self.probability_slabs(image, member_entropy, prepared.props.background):
             slab_maps = None
             if uncertainty:
                 _, slab_maps = finish_probabilities(

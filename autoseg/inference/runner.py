@@ -100,6 +100,46 @@ class _GlibcHeap:
 HEAP = _GlibcHeap()
 """The process's heap policy for CPU forward passes (see :class:`_GlibcHeap`)."""
 
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""x86 CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic (oneDNN then runs bf16 convolutions on
+AVX512-BF16 or AMX tiles). ``torch.backends.cpu.get_cpu_capability()`` only names the vector width (AVX512),
+not bf16, so it cannot tell."""
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU reports native bf16 (:data:`BF16_CPU_FLAGS` in the ``flags`` of ``/proc/cpuinfo``,
+    or in ``cpuinfo`` when given). False where there is no ``/proc/cpuinfo`` (macOS, Windows)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            flags = set(line.split(":", 1)[1].split())
+            return any(f in flags for f in BF16_CPU_FLAGS)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of forward passes on ``device`` for the ``precision`` setting (None: float32).
+
+    ``"auto"``: float16 on CUDA (as training), bfloat16 on a CPU with native bf16
+    (:func:`cpu_has_native_bf16`), float32 elsewhere (MPS, CPUs that would emulate bf16 slowly)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
 
 class TileRunner:
     """Callable ``runner(x) -> logits`` for batches of tiles of a fixed shape, eager or compiled."""
@@ -111,13 +151,17 @@ class TileRunner:
         compile: str = "auto",
         amp: bool = False,
         reuse_heap: bool = True,
+        dtype: torch.dtype | None = None,
     ):
+        """``amp``: forward passes under autocast, in ``dtype`` (None: the device's autocast default, float16
+        on CUDA and bfloat16 on a CPU)."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         self.network = network.eval()
         self.device = device
         self.reuse_heap = reuse_heap
         self.amp = amp
+        self.dtype = dtype
         self.mode = "off" if device.type == "mps" else compile
         self.compiled = None
         self.eager_seconds = 0.0
@@ -173,7 +217,7 @@ class TileRunner:
                 )
 
     def _run(self, net, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, enabled=self.amp), contextlib.ExitStack() as stack:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp), contextlib.ExitStack() as stack:
             if self.device.type == "cpu" and self.reuse_heap:
                 stack.enter_context(HEAP.during_pass())
             if net is self.compiled:  # compiles on the first call: with the weights frozen in

@@ -27,6 +27,10 @@ from autoseg.inference.uncertainty import member_entropy
 
 _log = logging.getLogger("autoseg")
 
+BACKGROUND_TOLERANCE = 1e-4
+"""A voxel is background when every channel is within this (times max(1, |background|)) of its background
+value: resampling a constant region leaves float rounding, never more."""
+
 
 def gaussian_importance(patch: list[int], sigma_scale: float = 1 / 8) -> np.ndarray:
     """Gaussian weights over ``patch``, max 1, never 0 (min clipped to the smallest positive value)."""
@@ -42,8 +46,10 @@ def tile_starts(size: int, patch: int, step_size: float) -> list[int]:
     """Start offsets along one axis: as few tiles as give steps <= ``step_size * patch``, evenly spread."""
     if size <= patch:
         return [0]
-    n = int(math.ceil((size - patch) / (patch * step_size))) + 1
     span = size - patch
+    # at most one tile per start: a 2D network's patch is 1 deep along axis 0, where steps of step_size * 1
+    # voxel would otherwise put two tiles on the same slice (every slice predicted twice at step 0.5)
+    n = min(int(math.ceil(span / (patch * step_size))) + 1, span + 1)
     return [int(round(i * span / (n - 1))) for i in range(n)]
 
 
@@ -87,6 +93,7 @@ def predict_sliding_window(
     amp: bool = False,
     activation: str = "softmax",
     member_entropy: bool = False,
+    background: list[float] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(K, Z, Y, X)`` float32 for ``image`` ``(C, Z, Y, X)``: class probabilities with
     ``activation="softmax"``, independent per-channel (region) probabilities with ``"sigmoid"``.
@@ -96,6 +103,10 @@ def predict_sliding_window(
     :class:`TileRunner` (which may compile it; ``amp`` is then the runner's), or a list of runners (folds:
     their probabilities are averaged). The slabs of :func:`probability_slabs`, put together; with
     ``member_entropy`` a pair: the probabilities and the members' mean entropy ``(Z, Y, X)``.
+
+    ``background`` (one value per channel, e.g. :attr:`CaseProperties.background`): tiles in which every
+    channel holds only its background value (within :data:`BACKGROUND_TOLERANCE`) are not run; voxels that
+    only such tiles cover are background (class 0 probability 1; every region 0). None: every tile runs.
     """
     out = np.empty((num_classes, *image.shape[1:]), dtype=np.float32)
     ent = np.empty(image.shape[1:], dtype=np.float32) if member_entropy else None
@@ -111,7 +122,7 @@ def predict_sliding_window(
         amp,
         activation,
     )
-    for a, b, slab, *rest in probability_slabs(*args, member_entropy=member_entropy):
+    for a, b, slab, *rest in probability_slabs(*args, member_entropy=member_entropy, background=background):
         out[:, a:b] = slab
         if ent is not None:
             ent[a:b] = rest[0]
@@ -130,6 +141,7 @@ def probability_slabs(
     amp: bool = False,
     activation: str = "softmax",
     member_entropy: bool = False,
+    background: list[float] | None = None,
 ) -> Iterator[tuple]:
     """Yield ``(a, b, probabilities[:, a:b])`` (float32, host memory) for consecutive slabs ``[a, b)`` of
     axis 0 that together cover the volume, in order. Arguments as :func:`predict_sliding_window`.
@@ -148,8 +160,8 @@ def probability_slabs(
     if not 0 < step_size <= 1:
         raise ValueError(f"step_size must be in (0, 1] (tiles must overlap or touch), got {step_size}")
     runners = _as_runners(network, device, amp)
-    grid = _TileGrid(image, patch_size, step_size, tile_batch)
-    window = _Window(num_classes, grid.window_shape, device, member_entropy)
+    grid = _TileGrid(image, patch_size, step_size, tile_batch, background)
+    window = _Window(num_classes, grid.window_shape, device, member_entropy, activation == "softmax")
     weight = torch.from_numpy(gaussian_importance(list(patch_size)).reshape(grid.patch3)).to(window.device)
     img_t = torch.from_numpy(np.ascontiguousarray(grid.image, dtype=np.float32))
     flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
@@ -162,9 +174,8 @@ def probability_slabs(
             with torch.inference_mode():  # not held across the yield: the caller's code runs as usual
                 batch.accumulate(img_t, chunk, window)
                 # slices before the next tile's start are final: out of the window
-                out = window.advance(grid.done_after(ci), grid)
-            if out is not None:
-                yield out
+                outs = window.advance(grid.done_after(ci), grid)
+            yield from outs
     finally:  # the memory CPU passes kept for each other goes back once the window is done (or abandoned)
         HEAP.release()
 
@@ -181,11 +192,20 @@ class _TileGrid:
     """The tiles of an image (padded with 0 to at least the patch), in batches of ``tile_batch`` with axis 0
     outermost, and the depth of the window that one batch of tiles spans."""
 
-    def __init__(self, image: np.ndarray, patch_size: list[int], step_size: float, tile_batch: int):
+    def __init__(
+        self,
+        image: np.ndarray,
+        patch_size: list[int],
+        step_size: float,
+        tile_batch: int,
+        background: list[float] | None = None,
+    ):
         self.patch3 = [1] + list(patch_size) if len(patch_size) == 2 else list(patch_size)
         self.spatial = image.shape[1:]
         pad = [max(0, p - s) for p, s in zip(self.patch3, self.spatial)]
         self.pad_before = [p // 2 for p in pad]
+        self.widths = [(b, p - b) for b, p in zip(self.pad_before, pad)]
+        body = _body(image, background)  # before padding: the 0 padding is no image content either
         if any(pad):
             image = np.pad(
                 image, [(0, 0)] + [(b, p - b) for b, p in zip(self.pad_before, pad)], mode="constant"
@@ -194,22 +214,53 @@ class _TileGrid:
         self.shape = image.shape[1:]
         starts = [tile_starts(s, p, step_size) for s, p in zip(self.shape, self.patch3)]
         tiles = list(itertools.product(*starts))  # axis 0 outermost: starts along axis 0 never decrease
+        self.total = len(tiles)
+        tiles = self._with_content(tiles, body)
+        self.skipped = self.total - len(tiles)
         self.chunks = [tiles[i : i + tile_batch] for i in range(0, len(tiles), tile_batch)]
         depth = min(self.shape[0], max(c[-1][0] - c[0][0] for c in self.chunks) + self.patch3[0])
         self.window_shape = (depth, *self.shape[1:])
         self.yx = tuple(slice(b, b + s) for b, s in zip(self.pad_before[1:], self.spatial[1:]))
+
+    def _with_content(self, tiles: list[tuple[int, ...]], body: np.ndarray | None) -> list[tuple[int, ...]]:
+        """The tiles that reach ``body`` (all of them when it is None; at least the first tile, so a blank
+        image has one)."""
+        if body is None:
+            return tiles
+        body = np.pad(body, self.widths, constant_values=False) if any(sum(w) for w in self.widths) else body
+        keep = [t for t in tiles if body[tuple(slice(s, s + p) for s, p in zip(t, self.patch3))].any()]
+        return keep or tiles[:1]
 
     def done_after(self, ci: int) -> int:
         """Slices before this index along axis 0 are final once batch ``ci`` is summed."""
         return self.chunks[ci + 1][0][0] if ci + 1 < len(self.chunks) else self.shape[0]
 
 
+def _body(image: np.ndarray, background: list[float] | None) -> np.ndarray | None:
+    """Voxels ``(Z, Y, X)`` where some channel of ``image`` differs from its ``background`` value (beyond
+    :data:`BACKGROUND_TOLERANCE`); None without one background value per channel."""
+    if background is None or len(background) != image.shape[0]:
+        return None
+    body = np.zeros(image.shape[1:], dtype=bool)
+    for c, value in enumerate(background):
+        body |= np.abs(image[c] - np.float32(value)) > BACKGROUND_TOLERANCE * max(1.0, abs(value))
+    return body
+
+
 class _Window:
     """The weighted sums of a window of axis-0 slices (probabilities, weights and, when asked, the members'
     entropy) starting at slice ``lo``; every slice before ``lo`` has been handed out."""
 
-    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device, member_entropy: bool):
+    def __init__(
+        self,
+        num_classes: int,
+        shape: tuple[int, ...],
+        device: torch.device,
+        member_entropy: bool,
+        softmax: bool = True,
+    ):
         self.acc, self.norm = _accumulators(num_classes + int(member_entropy), shape, device)
+        self.softmax = softmax
         self.member_entropy = member_entropy
         self.device = self.acc.device
         self.depth = shape[0]
@@ -223,9 +274,20 @@ class _Window:
     def entropy(self) -> torch.Tensor | None:
         return self.acc[-1] if self.member_entropy else None
 
-    def advance(self, done: int, grid: _TileGrid) -> tuple | None:
-        """Hand out the slices ``[lo, done)`` (cropped to the image; None when that leaves nothing) and move
-        the window on to start at ``done``."""
+    def advance(self, done: int, grid: _TileGrid) -> list[tuple]:
+        """Hand out the slices ``[lo, done)`` (cropped to the image), in pieces at most the window deep (after
+        skipped tiles the next tile to run may start further on than the window reaches), and move the window
+        on to start at ``done``."""
+        outs = []
+        while self.lo < done:
+            out = self._advance_to(min(done, self.lo + self.depth), grid)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _advance_to(self, done: int, grid: _TileGrid) -> tuple | None:
+        """Hand out the slices ``[lo, done)`` (``done - lo`` at most the depth; cropped to the image, None
+        when that leaves nothing) and move the window on to start at ``done``."""
         lo = self.lo
         if done <= lo:
             return None
@@ -234,7 +296,7 @@ class _Window:
         out = None
         if b > a:
             w = slice(a - lo, b - lo)
-            sums = (self.acc[:, w] / self.norm[w])[(slice(None), slice(None)) + grid.yx].cpu().numpy()
+            sums = self._finish(w, grid)
             start, stop = a - grid.pad_before[0], b - grid.pad_before[0]
             out = (start, stop, sums[:-1], sums[-1]) if self.member_entropy else (start, stop, sums)
         keep = self.depth - n
@@ -245,6 +307,19 @@ class _Window:
         self.norm[max(keep, 0) :] = 0
         self.lo = done
         return out
+
+
+    def _finish(self, w: slice, grid: _TileGrid) -> np.ndarray:
+        """The sums of window slices ``w`` divided by their weights, cropped to the image. Where tiles were
+        skipped, a voxel no tile covered (weight 0) is background."""
+        crop = (slice(None), slice(None)) + grid.yx
+        if not grid.skipped:
+            return (self.acc[:, w] / self.norm[w])[crop].cpu().numpy()
+        norm = self.norm[w]
+        sums = self.acc[:, w] / norm.clamp_min(torch.finfo(torch.float32).tiny)
+        if self.softmax:
+            sums[0] += (norm == 0).to(sums.dtype)
+        return sums[crop].cpu().numpy()
 
 
 class _Batch:

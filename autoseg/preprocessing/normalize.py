@@ -72,3 +72,24 @@ def normalize(image: np.ndarray, norms: list[ChannelNormalization], mask: np.nda
     if len(norms) != image.shape[0]:
         raise ValueError(f"{image.shape[0]} channels but {len(norms)} normalization schemes")
     return np.stack([normalize_channel(image[c], norms[c], mask) for c in range(image.shape[0])])
+
+
+def background_values(
+    image: np.ndarray, mask: np.ndarray, norms: list[ChannelNormalization]
+) -> list[float] | None:
+    """Per channel, the normalised value of "no image content" in ``image`` ``(C, Z, Y, X)`` (normalised,
+    cropped to the nonzero box, ``mask`` its nonzero mask), or None when it cannot be told.
+
+    Where the crop leaves voxels outside the nonzero mask (every channel was 0 there), their normalised value
+    (one per channel: normalisation is voxel-wise). Else, for per-image schemes (``zscore``, ``none``), the
+    channel's minimum: images whose background was stored as a constant other than 0 (BraTS: the z-score of
+    a zero) have it as their minimum. A CT channel has no such rule (air, lungs and bone clip to the same
+    bounds): None. An inference tile holding only these values has no image content (see
+    :mod:`autoseg.inference.sliding_window`)."""
+    outside = ~mask
+    if outside.any():
+        first = np.unravel_index(int(np.argmax(outside)), outside.shape)  # the first voxel outside
+        return [float(image[(c, *first)]) for c in range(image.shape[0])]
+    if any(n.scheme == "ct" for n in norms):
+        return None
+    return [float(image[c].min()) for c in range(image.shape[0])]

@@ -28,7 +28,7 @@ from autoseg.io.volume import Geometry, read_channels
 from autoseg.jsonio import read_json, save_npy, save_npz, write_json
 from autoseg.planning.plans import Configuration, Plans
 from autoseg.preprocessing.crop import crop_to_nonzero
-from autoseg.preprocessing.normalize import normalize
+from autoseg.preprocessing.normalize import background_values, normalize
 from autoseg.preprocessing.resample import new_shape, resample_image, resample_label
 
 MAX_FG_LOCATIONS = 10_000
@@ -45,9 +45,10 @@ class CaseProperties:
     bbox: list[list[int]]  # nonzero crop in the reoriented (z, y, x) array, half-open
     spacing_transposed: list[float]  # original spacing in the transposed order
     shape_resampled: list[int]  # shape after resampling (transposed order)
+    background: list[float] | None = None  # per channel: the normalised value outside the body (or None)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "case_id": self.case_id,
             "geometry": self.geometry.to_json(),
             "source_geometry": self.source_geometry.to_json(),
@@ -55,6 +56,9 @@ class CaseProperties:
             "spacing_transposed": self.spacing_transposed,
             "shape_resampled": self.shape_resampled,
         }
+        if self.background is not None:
+            out["background"] = self.background
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> CaseProperties:
@@ -65,6 +69,7 @@ class CaseProperties:
             bbox=[list(b) for b in d["bbox"]],
             spacing_transposed=[float(v) for v in d["spacing_transposed"]],
             shape_resampled=[int(v) for v in d["shape_resampled"]],
+            background=None if d.get("background") is None else [float(v) for v in d["background"]],
         )
 
 
@@ -158,6 +163,7 @@ def preprocess_image(
     image, label, mask, bbox = crop_to_nonzero(image, label)
     image = normalize(image, plans.normalization, mask)
     check_finite(image, files, case_id, "normalised", plans)
+    background = background_values(image, mask, plans.normalization)
     tf = plans.transpose_forward
     image = image.transpose([0] + [a + 1 for a in tf])
     spacing_t = [geometry.spacing_mm[a] for a in tf]
@@ -186,6 +192,7 @@ def preprocess_image(
         bbox=[list(b) for b in bbox],
         spacing_transposed=[float(s) for s in spacing_t],
         shape_resampled=[int(s) for s in out_shape],
+        background=background,
     )
     return np.ascontiguousarray(image, dtype=np.float32), label, props
 
