@@ -530,8 +530,7 @@ def predict(
         return []
     # only now: every check has passed and the models are loaded
     remove_stale_outputs(dicom_job.paths() if dicom_job is not None else targets, also)
-    write = dicom_job.write if dicom_job is not None else None
-    spacings = _training_spacings(work)
+    write, spacings = (dicom_job.write if dicom_job is not None else None), _training_spacings(work)
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, spacings, write, calibrate
     )

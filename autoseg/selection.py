@@ -239,12 +239,6 @@ def find_best(
         plans.configuration(name)  # unknown names are refused before any work
     case_folds = _case_folds(splits)
     candidates, skipped = _candidates(work, names, splits, case_folds, spec.file_ending)
-    if not candidates:
-        why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
-        raise AutosegError(
-            f"{work.root}: no configuration has all {len(splits)} folds trained ({why}); "
-            f"train them with 'autoseg train {work.root} CONFIG FOLD'"
-        )
     scored = [_score_config(work, name, plans, case_folds, spec, workers) for name in candidates]
     for a, b in itertools.combinations(candidates, 2):
         problem = _ensemble_problem(work, (a, b), case_folds)
@@ -280,7 +274,8 @@ def find_best(
 
 
 def _candidates(work: WorkDir, names, splits, case_folds, ending: str) -> tuple[list[str], list[dict]]:
-    """The configurations with every fold cross-validated, and ``{"name", "reason"}`` of the others."""
+    """The configurations among ``names`` with every fold validated, and ``{"name", "reason"}`` of the
+    others; :class:`AutosegError` when there is none."""
     candidates, skipped = [], []
     for name in names:
         problem = _candidate_problem(work, name, splits, case_folds, ending)
@@ -288,6 +283,12 @@ def _candidates(work: WorkDir, names, splits, case_folds, ending: str) -> tuple[
             skipped.append({"name": name, "reason": problem})
         else:
             candidates.append(name)
+    if not candidates:
+        why = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+        raise AutosegError(
+            f"{work.root}: no configuration has all {len(splits)} folds trained ({why}); "
+            f"train them with 'autoseg train {work.root} CONFIG FOLD'"
+        )
     return candidates, skipped
 
 

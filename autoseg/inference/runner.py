@@ -217,7 +217,10 @@ class TileRunner:
                 )
 
     def _run(self, net, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp), contextlib.ExitStack() as stack:
+        with (
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp),
+            contextlib.ExitStack() as stack,
+        ):
             if self.device.type == "cpu" and self.reuse_heap:
                 stack.enter_context(HEAP.during_pass())
             if net is self.compiled:  # compiles on the first call: with the weights frozen in

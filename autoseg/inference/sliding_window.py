@@ -308,7 +308,6 @@ class _Window:
         self.lo = done
         return out
 
-
     def _finish(self, w: slice, grid: _TileGrid) -> np.ndarray:
         """The sums of window slices ``w`` divided by their weights, cropped to the image. Where tiles were
         skipped, a voxel no tile covered (weight 0) is background."""
