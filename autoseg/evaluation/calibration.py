@@ -41,6 +41,7 @@ multi-class NLL of the reference class; sigmoid, the binary NLL of one region (f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -221,6 +222,67 @@ def temperature_scale(probs: np.ndarray, temperature: float, sigmoid: bool = Fal
     z -= z.max(axis=0, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def apply_temperature(
+    probs: np.ndarray, temperature: float | Sequence[float], region_based: bool = False
+) -> np.ndarray:
+    """``probs`` ``(K, ...)`` after temperature scaling, in ``probs``' dtype.
+
+    Softmax (``region_based`` False, one scalar): ``softmax(log(p) / T)`` over axis 0, i.e. ``p_k^(1/T)``
+    renormalised, computed one channel at a time against the voxel's largest probability, so memory is two
+    float32 volumes plus the result whatever the number of classes. Sigmoid: ``sigmoid(logit(p) / T_k)`` per
+    channel, ``temperature`` a scalar or one per channel. ``T = 1`` returns ``probs`` itself.
+    """
+    if region_based:
+        temps = (
+            [float(temperature)] * probs.shape[0]
+            if np.isscalar(temperature)
+            else [float(t) for t in temperature]
+        )
+        if len(temps) != probs.shape[0]:
+            raise ValueError(f"{len(temps)} temperatures for {probs.shape[0]} region channels")
+    else:
+        temps = [float(temperature)]
+    if any(not (math.isfinite(t) and t > 0) for t in temps):
+        raise ValueError(f"temperatures must be positive numbers, got {temps}")
+    if all(t == 1.0 for t in temps):
+        return probs
+    out = np.empty_like(probs)
+    if region_based:
+        for k, t in enumerate(temps):
+            p = np.clip(probs[k].astype(np.float32), EPS, 1 - EPS)
+            out[k] = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) / t))
+        return out
+    inv_t = 1.0 / temps[0]
+    log_max = np.log(np.clip(probs.max(axis=0).astype(np.float32), EPS, 1.0))
+    total = np.zeros(probs.shape[1:], dtype=np.float32)
+    for k in range(probs.shape[0]):
+        total += _scaled(probs[k], log_max, inv_t)
+    for k in range(probs.shape[0]):
+        out[k] = _scaled(probs[k], log_max, inv_t) / total
+    return out
+
+
+def _scaled(p: np.ndarray, log_max: np.ndarray, inv_t: float) -> np.ndarray:
+    """``(p / p_max)^(1/T)`` in float32, in the log domain (never overflows; the largest class gives 1)."""
+    z = np.log(np.clip(p.astype(np.float32), EPS, 1.0))
+    z -= log_max
+    z *= inv_t
+    return np.exp(z, out=z)
+
+
+def channel_temperatures(temperature, region_based: bool, regions: Sequence[str] = ()) -> float | list[float]:
+    """``temperature`` as :func:`apply_temperature` takes it: a number (softmax), or one per region channel
+    in ``regions``' order from ``{region: T}`` or one number; :class:`ValueError` naming a missing region."""
+    if not region_based:
+        return float(temperature)
+    if isinstance(temperature, Mapping):
+        missing = [r for r in regions if r not in temperature]
+        if missing:
+            raise ValueError(f"calibration.temperature has no value for region(s) {missing}")
+        return [float(temperature[r]) for r in regions]
+    return [float(temperature)] * len(regions)
 
 
 def fit_temperature(

@@ -20,12 +20,13 @@ from autoseg.evaluation.calibration import (
     N_BINS,
     RELEVANT_BAND,
     CalibrationStats,
+    apply_temperature,
     case_statistics,
+    channel_temperatures,
     fit_temperature,
     relevant_voxels,
     sample_indices,
     structure_channels,
-    temperature_scale,
 )
 from autoseg.io.dataset import DatasetSpec
 from autoseg.io.dicom_seg import load_label_any, segment_values
@@ -259,11 +260,6 @@ def apply_temperature_array(
     probs: np.ndarray, temperature, region_based: bool, regions: Sequence[str] = ()
 ) -> np.ndarray:
     """``probs`` ``(K, ...)`` with ``temperature`` applied: a number (softmax), or ``{region: T}`` /
-    a number for every channel (sigmoid). float32."""
-    if not region_based:
-        return temperature_scale(probs, float(temperature))
-    out = np.empty(probs.shape, dtype=np.float32)
-    for k in range(probs.shape[0]):
-        t = temperature[regions[k]] if isinstance(temperature, dict) else temperature
-        out[k] = temperature_scale(probs[k], float(t), sigmoid=True)
-    return out
+    a number for every channel (sigmoid); what predict applies (:func:`apply_temperature`). float32."""
+    temps = channel_temperatures(temperature, region_based, regions)
+    return apply_temperature(probs, temps, region_based).astype(np.float32, copy=False)
