@@ -34,6 +34,7 @@ from autoseg.evaluation.metrics import (
     binary_metrics,
     check_tolerance,
 )
+from autoseg.evaluation.probabilities import calibration_summary, check_probability_files
 from autoseg.io.dataset import DatasetSpec, load_label
 from autoseg.io.dicom_seg import (
     DICOM_SEG_ENDING,
@@ -315,7 +316,7 @@ def evaluate_folders(
     summary["n_references"] = None if missing == "skip" else n_references
     summary["missing_as_empty"] = [case for case, _, prediction in pairs if prediction is None]
     if calibration_items is not None:
-        summary["calibration"] = _calibration_summary(calibration_items, spec, workers)
+        summary["calibration"] = calibration_summary(calibration_items, spec, workers)
     _write_outputs(summary, output_json, output_csv, report_png)
     if overlays_dir is not None:
         _write_overlays([view for _, view in results], spec.foreground_labels, Path(overlays_dir))
@@ -469,18 +470,10 @@ def _write_outputs(
         plot_report(summary, Path(output_json).with_name(REPORT_PNG))
 
 
-def _calibration_summary(items, spec: DatasetSpec, workers: int) -> dict:
-    from autoseg.evaluation.probabilities import calibration_summary
-
-    return calibration_summary(items, spec, workers)
-
-
 def _calibration_items(folder, pairs, spec: DatasetSpec) -> list | None:
     """``(case, reference, [probabilities file])`` of every pair, the files checked first (None: no folder)."""
     if folder is None:
         return None
-    from autoseg.evaluation.probabilities import check_probability_files
-
     files = check_probability_files(Path(folder), [(case, ref) for case, ref, _ in pairs], spec)
     return [(case, ref, [files[case]]) for case, ref, _ in pairs]
 
