@@ -79,14 +79,23 @@ def entropy_map(probs: np.ndarray, region_based: bool) -> np.ndarray:
 
 
 def uncertainty_maps(
-    probs: np.ndarray, mean_member_entropy: np.ndarray | None, region_based: bool
+    probs: np.ndarray,
+    mean_member_entropy: np.ndarray | None,
+    region_based: bool,
+    members_mean: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{"entropy": H(probs)}`` and, given the members' mean entropy, ``"mutual_information"``: ``H(probs)``
-    minus it, clipped to 0..1 (the linear resampling between grids can leave float-rounding negatives)."""
+    """``{"entropy": H(probs)}`` and, given the members' mean entropy, ``"mutual_information"``: the entropy
+    of the members' own mean (``members_mean``; None: ``probs`` itself) minus it, clipped to 0..1 (the linear
+    resampling between grids can leave float-rounding negatives)."""
     total = entropy_map(probs, region_based)
     maps = {ENTROPY: total}
     if mean_member_entropy is not None:
-        maps[DISAGREEMENT] = np.clip(total - mean_member_entropy, 0, 1)
+        own = (
+            total
+            if members_mean is None or members_mean is probs
+            else entropy_map(members_mean, region_based)
+        )
+        maps[DISAGREEMENT] = np.clip(own - mean_member_entropy, 0, 1)
     return maps
 
 
@@ -107,11 +116,7 @@ def finish_probabilities(
     final = probs if calibrate is None else calibrate(probs)
     if not uncertainty:
         return final, None
-    maps = {ENTROPY: entropy_map(final, region_based)}
-    if mean_member_entropy is not None:
-        raw = maps[ENTROPY] if final is probs else entropy_map(probs, region_based)
-        maps[DISAGREEMENT] = np.clip(raw - mean_member_entropy, 0, 1)
-    return final, maps
+    return final, uncertainty_maps(final, mean_member_entropy, region_based, members_mean=probs)
 
 
 def map_path(target: Path, case_id: str) -> Path:
