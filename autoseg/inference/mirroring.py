@@ -18,6 +18,8 @@ import logging
 
 import numpy as np
 
+from autoseg.evaluation.metrics import confusion
+
 _log = logging.getLogger("autoseg")
 
 
@@ -40,10 +42,9 @@ def structure_dice(probs: np.ndarray, seg: np.ndarray, structures: list[list[int
     labels = None if regions else probs.argmax(0)
     out = []
     for i, joined in enumerate(structures):
-        ref = np.isin(seg, joined)
         pred = probs[i] > 0.5 if regions else np.isin(labels, joined)
-        total = int(ref.sum()) + int(pred.sum())
-        out.append(None if total == 0 else 2 * int((ref & pred).sum()) / total)
+        tp, fp, fn, _ = confusion(np.isin(seg, joined), pred)
+        out.append(None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     return out
 
 
