@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,9 @@ from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import check_training_labels, discover_cases, discover_inputs, load_dataset_json
 from autoseg.jsonio import DiskFullError, read_json, write_json
 from autoseg.layout import MAX_FOLDS, WorkDir, fold_names, fold_range
+from autoseg.planning.budget import BudgetRequest
+from autoseg.planning.device import DeviceTimer, device_available
+from autoseg.planning.device import default_cache as default_step_cache
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
@@ -64,8 +67,14 @@ def plan(
     progress: Progress | None = None,
     architecture: str = "unet",
     fix_nonfinite: bool = False,
+    time_budget: float | None = None,
+    step_cache: str | Path | None = None,
 ) -> Plans:
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
+
+    With ``time_budget`` (minutes of training), the plans also hold ``3d_budget``, sized for that budget on
+    ``device`` (``cpu``, ``cuda`` or ``mps``; by default the best one here), whose training steps are timed on
+    this machine and cached in ``step_cache`` (:mod:`autoseg.planning.device`).
 
     Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
     (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``
@@ -74,6 +83,9 @@ def plan(
     finite minimum/maximum, with a warning).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
+    timing = _budget_options(time_budget, device, step_cache)
+    if timing is not None and device == "cuda" and not timing.present:
+        device = None  # planned for a GPU that is not here: its memory budget is the default one
     _check_plan_options(gpu_memory_gb, device, resample_device, workers)
     if _under(work.root, dataset_dir):
         raise AutosegError(f"{work.root}: WORK must not be inside the dataset folder {dataset_dir}")
@@ -94,7 +106,7 @@ def plan(
     try:
         plans = _plan_into(
             dataset_dir, work, spec, cases, budget, why, undo, workers, configurations, clean, progress,
-            architecture, fix_nonfinite, resample_device,
+            architecture, fix_nonfinite, resample_device, timing,
         )  # fmt: skip
     except (AutosegError, OSError) as exc:
         undo.rollback()
@@ -137,7 +149,7 @@ def _existing(path: Path) -> Path:
 
 def _plan_into(
     dataset_dir, work, spec, cases, budget, why, undo, workers, configurations, clean, progress, architecture,
-    fix_nonfinite, resample_device,
+    fix_nonfinite, resample_device, timing,
 ) -> Plans:  # fmt: skip
     """The writing part of :func:`plan`; every file it replaces is first kept by ``undo``."""
     fp = None if clean else _cached_fingerprint(work, cases, spec)
@@ -151,7 +163,8 @@ def _plan_into(
                 progress("fingerprint", done[0], len(cases))
 
         fp = compute_fingerprint(cases, spec, workers=workers, progress=tick, fix_nonfinite=fix_nonfinite)
-    plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture)
+    request = timing.request(spec) if timing is not None else None
+    plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture, budget=request)
     plans.reasons.insert(0, f"memory budget {budget:.3g} GB: {why}")
     wanted = configurations or tuple(plans.configurations)
     try:
@@ -189,6 +202,37 @@ def _plan_into(
         exc.need_bytes = preprocessed_bytes(fp, plans, wanted)
         raise
     return plans
+
+
+@dataclass(frozen=True)
+class _BudgetTiming:
+    """``plan --time-budget``'s options, checked: the budget, the device it is for, where step times are
+    cached, and whether that device is on this machine (else its steps are assumed, not timed)."""
+
+    minutes: float
+    device: str
+    cache: Path
+    present: bool
+
+    def request(self, spec) -> BudgetRequest:
+        outputs = len(spec.regions) if spec.region_based else spec.num_classes
+        timer = DeviceTimer(self.device, spec.num_channels, outputs, spec.region_based, self.cache)
+        return BudgetRequest(self.minutes, self.device, timer)
+
+
+def _budget_options(minutes, device, cache) -> _BudgetTiming | None:
+    if minutes is None:
+        if cache is not None:
+            raise AutosegError("--step-cache is only used with --time-budget")
+        return None
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= 1e6:
+        raise AutosegError(f"--time-budget {minutes!r}: must be a number of minutes in (0, 1e6]")
+    if device in (None, "auto"):
+        device = next(d for d in ("cuda", "mps", "cpu") if device_available(d))
+    if device not in ("cpu", "cuda", "mps"):
+        raise AutosegError(f"--device {device}: use cpu, cuda, mps or auto")
+    cache = Path(cache) if cache is not None else default_step_cache()
+    return _BudgetTiming(float(minutes), device, cache, device_available(device))
 
 
 def _cached_fingerprint(work: WorkDir, cases, spec) -> Fingerprint | None:
@@ -387,9 +431,10 @@ def train(
     option, setting and input has been checked: a refused run leaves the earlier one as it was."""
     from autoseg.inference.predictor import resolve_device
 
-    train_settings, infer_settings = load_settings(config_file, **overrides)
-    check_fold(fold, train_settings.num_folds)
     work = WorkDir(Path(workdir))
+    defaults = budget_defaults(work, config)
+    train_settings, infer_settings = load_settings(config_file, train_defaults=defaults, **overrides)
+    check_fold(fold, train_settings.num_folds)
     if overwrite and resume:
         raise AutosegError("--overwrite and --resume exclude each other")
     dev = resolve_device(device)
@@ -404,6 +449,24 @@ def train(
         inference=infer_settings,
         on_iteration=on_iteration,
         on_epoch=on_epoch,
+    )
+
+
+def budget_defaults(work: WorkDir, config: str) -> TrainSettings | None:
+    """The training defaults a time-budget configuration's plan sets (its budget, iterations per epoch and
+    validation iterations; a settings file or option still wins), or None for any other configuration (and
+    where the plans cannot be read: training then says why)."""
+    try:
+        budget = Plans.load(work.plans).configuration(config).budget
+    except AutosegError:
+        return None
+    if budget is None:
+        return None
+    return replace(
+        TrainSettings(),
+        time_budget_minutes=budget.minutes,
+        iters_per_epoch=budget.iters_per_epoch,
+        val_iters=budget.val_iters,
     )
 
 

@@ -77,7 +77,22 @@ _PlanGpuMemory = Annotated[
 ]
 _PlanDevice = Annotated[
     str | None,
-    typer.Option("--device", help="cuda: size the plans for this machine's GPU (90% of its memory)"),
+    typer.Option(
+        "--device",
+        help="cuda: size the plans for this machine's GPU (90% of its memory); with --time-budget, the device "
+        "the budget is for (cpu, cuda, mps; default: the best one here)",
+    ),
+]
+_PlanTimeBudget = Annotated[
+    float | None,
+    typer.Option(
+        "--time-budget",
+        help="Minutes of training: add 3d_budget, sized so that a run of this length on --device learns well",
+    ),
+]
+_PlanStepCache = Annotated[
+    Path | None,
+    typer.Option("--step-cache", help="JSON file of timed training steps (default ~/.cache/autoseg/step_times.json)"),
 ]
 _PlanResampleDevice = Annotated[
     str | None,
@@ -107,6 +122,8 @@ def plan(
     explain: _PlanExplain = False,
     architecture: _PlanArchitecture = Architecture.unet,
     fix_nonfinite: _PlanFixNonfinite = False,
+    time_budget: _PlanTimeBudget = None,
+    step_cache: _PlanStepCache = None,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
@@ -121,6 +138,8 @@ def plan(
             progress=_stage_progress(bar),
             architecture=architecture.value,
             fix_nonfinite=fix_nonfinite,
+            time_budget=time_budget,
+            step_cache=step_cache,
         )
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"

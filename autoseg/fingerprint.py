@@ -23,8 +23,9 @@ from autoseg.io.dataset import Case, DatasetSpec, check_case_geometry, load_labe
 from autoseg.io.volume import CANONICAL_ORIENTATION, orientation_code, read_channels
 from autoseg.preprocessing.crop import crop_to_nonzero
 
-# 2: per case ``orientation`` and ``label_components``. An older fingerprint.json is recomputed, not upgraded.
-FINGERPRINT_SCHEMA_VERSION = 2
+# 2: per case ``orientation`` and ``label_components``; 3: ``structure_thickness_mm``. An older
+# fingerprint.json is recomputed, not upgraded.
+FINGERPRINT_SCHEMA_VERSION = 3
 _log = logging.getLogger("autoseg")
 
 
@@ -45,6 +46,10 @@ class CaseFingerprint:
     label_voxels: dict[str, int]
     label_components: dict[str, int] = field(default_factory=dict)
     orientation: str = ""
+    structure_thickness_mm: dict[str, float] = field(default_factory=dict)
+    """Typical thickness of each foreground label (and region, keyed by the region's name) in this case, mm:
+    see :func:`structure_thickness`; 0 where the structure is absent. The time-budget planner keeps a few
+    voxels across it."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,18 @@ class Fingerprint:
     def shapes_after_crop(self) -> np.ndarray:
         return np.array([c.shape_after_crop for c in self.cases], dtype=float)
 
+    def structure_thickness(self, names=None) -> dict[str, float]:
+        """Per structure (of ``names``, default all), the median over the cases that have it of
+        :attr:`CaseFingerprint.structure_thickness_mm`."""
+        found = {k for c in self.cases for k in c.structure_thickness_mm}
+        out = {}
+        for name in sorted(found if names is None else found & set(names)):
+            present = [c.structure_thickness_mm.get(name, 0.0) for c in self.cases]
+            present = [v for v in present if v > 0]
+            if present:
+                out[name] = float(np.median(present))
+        return out
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -91,6 +108,9 @@ class Fingerprint:
                     label_voxels={k: int(v) for k, v in c["label_voxels"].items()},
                     label_components={k: int(v) for k, v in c["label_components"].items()},
                     orientation=str(c["orientation"]),
+                    structure_thickness_mm={
+                        k: float(v) for k, v in c.get("structure_thickness_mm", {}).items()
+                    },
                 )
                 for c in d["cases"]
             ],
@@ -148,8 +168,44 @@ def case_fingerprint(
         label_voxels={names[v]: int(counts[v]) for v in foreground},
         label_components={names[v]: count_components(label == v) if counts[v] else 0 for v in foreground},
         orientation=orientation_code(source),
+        structure_thickness_mm=_thicknesses(label_c, spec, names, geom.spacing_mm),
     )
     return fp, samples
+
+
+def _thicknesses(label: np.ndarray, spec: DatasetSpec, names: dict[int, str], spacing) -> dict[str, float]:
+    """:func:`structure_thickness` of every foreground label, and of every region by its name."""
+    masks = {names[v]: label == v for v in spec.foreground_values}
+    masks.update({name: np.isin(label, values) for name, values in spec.regions.items()})
+    return {name: structure_thickness(mask, spacing) for name, mask in masks.items()}
+
+
+def structure_thickness(mask: np.ndarray, spacing) -> float:
+    """Typical thickness of a structure in mm: each connected component's thickness is the diameter of the
+    largest ball inside it, and the structure's is the volume-weighted median over its components (half of
+    its voxels lie in components at least this thick), so that a few one-voxel specks beside a large structure
+    do not make it look thin. 0 for an empty mask.
+
+    A component's diameter is twice the largest Euclidean distance (mm) from one of its voxels to the nearest
+    voxel outside, less one voxel along the direction of that nearest outside voxel (the surface lies half a
+    voxel from each): a slab 5 voxels thick measures 5 voxels across whichever axis, a line of single voxels
+    one voxel; a slab of an even number n of voxels measures n - 1 (the estimate errs thin)."""
+    if not mask.any():
+        return 0.0
+    components, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    inner = (slice(1, -1),) * mask.ndim
+    distance, nearest = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing, return_indices=True)
+    distance, nearest = distance[inner], nearest[(slice(None), *inner)] - 1
+    deepest = ndimage.maximum_position(distance, components, np.arange(1, n + 1))
+    spacing = np.asarray(spacing, dtype=float)
+    diameters = np.empty(n)
+    for i, at in enumerate(deepest):
+        step_mm = np.abs(nearest[(slice(None), *at)] - np.asarray(at)) * spacing
+        diameters[i] = 2.0 * distance[at] - spacing[int(np.argmax(step_mm))]
+    voxels = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(diameters)
+    cumulative = np.cumsum(voxels[order])
+    return float(diameters[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
 def count_components(mask: np.ndarray) -> int:

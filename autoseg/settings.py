@@ -291,15 +291,18 @@ def inference_settings(**values) -> InferenceSettings:
     return _merge(InferenceSettings(), {k: v for k, v in values.items() if v is not None}, _as_option)
 
 
-def load_settings(path: str | Path | None = None, **overrides) -> tuple[TrainSettings, InferenceSettings]:
-    """Defaults ← TOML file (sections ``[train]``, ``[augmentation]``, ``[inference]``) ← ``overrides``.
+def load_settings(
+    path: str | Path | None = None, train_defaults: TrainSettings | None = None, **overrides
+) -> tuple[TrainSettings, InferenceSettings]:
+    """Defaults (``train_defaults``: those of a time-budget configuration's plan, else :class:`TrainSettings`'s)
+    ← TOML file (sections ``[train]``, ``[augmentation]``, ``[inference]``) ← ``overrides``.
 
     ``overrides`` with value ``None`` are ignored; keys may name train or inference fields (a name both
     have, ``compile``, is a training override: the inference one is set in the file's ``[inference]``).
     Every value is checked (type and range) here: a bad one raises :class:`AutosegError` naming the file,
     section and key, or the command-line option of an override.
     """
-    train, infer = TrainSettings(), InferenceSettings()
+    train, infer = train_defaults or TrainSettings(), InferenceSettings()
     if path is not None:
         path = Path(path)
         try:

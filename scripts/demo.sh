@@ -2,20 +2,22 @@
 # The main job, end to end: plan -> train -> predict -> evaluate.
 #   scripts/demo.sh                   on a synthetic phantom dataset that autoseg generates itself
 #   scripts/demo.sh DATASET_DIR       on a dataset in the nnU-Net v2 raw layout
-# Options: --epochs N (3)  --iters N (12)  --config 3d_fullres|2d  --work DIR (demo_work/)
-# Creates .venv on first use (CPU build of torch pinned). Trains fold 0, predicts its validation cases
-# from the raw images, and scores them against the dataset's labels.
+# Options: --budget MIN (1.5: minutes of training)  --config 3d_budget|3d_fullres|2d  --work DIR (demo_work/)
+#          --epochs N --iters N (train a fixed number of epochs x iterations instead of the time budget)
+# Creates .venv on first use (CPU build of torch pinned). Plans a configuration sized for the time budget on this
+# machine (3d_budget), trains fold 0, predicts its validation cases from the raw images, and scores them.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-DATASET="" EPOCHS=3 ITERS=12 CONFIG=3d_fullres WORK="$ROOT/demo_work"
+DATASET="" BUDGET=1.5 EPOCHS="" ITERS="" CONFIG=3d_budget WORK="$ROOT/demo_work"
 while [ $# -gt 0 ]; do
     case "$1" in
+        --budget) BUDGET="$2"; shift 2 ;;
         --epochs) EPOCHS="$2"; shift 2 ;;
         --iters) ITERS="$2"; shift 2 ;;
         --config) CONFIG="$2"; shift 2 ;;
         --work) WORK="$2"; shift 2 ;;
-        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
         *) DATASET="$1"; shift ;;
     esac
 done
@@ -27,12 +29,16 @@ if [ -z "$DATASET" ]; then
         autoseg phantom "$DATASET" --cases 10 --seed 0
     fi
 fi
-echo "== plan $DATASET"
-autoseg plan "$DATASET" --workdir "$WORK/work" --workers 2
-echo "== train $CONFIG fold 0 ($EPOCHS epochs x $ITERS iterations)"
-resume=""
-[ -f "$WORK/work/results/$CONFIG/fold_0/checkpoint_latest.pt" ] && resume="--resume"
-autoseg train "$WORK/work" "$CONFIG" 0 --epochs "$EPOCHS" --iters-per-epoch "$ITERS" --val-iters 4 $resume
+echo "== plan $DATASET (3d_budget: $BUDGET min of training on this machine)"
+autoseg plan "$DATASET" --workdir "$WORK/work" --workers 2 --time-budget "$BUDGET"
+schedule=()
+[ -n "$EPOCHS" ] && schedule+=(--epochs "$EPOCHS")
+[ -n "$ITERS" ] && schedule+=(--iters-per-epoch "$ITERS" --val-iters 4)
+[ -z "$EPOCHS$ITERS" ] && [ "$CONFIG" != 3d_budget ] && schedule+=(--time-budget "$BUDGET")
+echo "== train $CONFIG fold 0"
+resume=()
+[ -f "$WORK/work/results/$CONFIG/fold_0/checkpoint_latest.pt" ] && resume=(--resume)
+autoseg train "$WORK/work" "$CONFIG" 0 "${schedule[@]}" "${resume[@]}"
 echo "== predict fold 0's validation cases from the raw images"
 rm -rf "$WORK/val_images" "$WORK/val_labels" "$WORK/predictions"
 mkdir -p "$WORK/val_images" "$WORK/val_labels"

@@ -96,7 +96,7 @@ def fingerprint_of(root: Path, workers: int = 1, samples_per_case: int = 10_000)
 
 def test_per_case_fields_worked_out_by_hand(hand_made):
     fp = fingerprint_of(hand_made)
-    assert fp.schema_version == FINGERPRINT_SCHEMA_VERSION == 2
+    assert fp.schema_version == FINGERPRINT_SCHEMA_VERSION == 3
     assert [c.case_id for c in fp.cases] == ["lps", "spl"]
     for case in fp.cases:
         assert case.spacing_mm == pytest.approx(SPACING_MM)  # canonical (LPS) array order for both
@@ -105,6 +105,9 @@ def test_per_case_fields_worked_out_by_hand(hand_made):
         assert case.crop_fraction_kept == pytest.approx(96 / 480)
         assert case.label_voxels == {"a": 16, "b": 2}
         assert case.label_components == {"a": 2, "b": 1}
+        # 'a': two 2x2x2 blocks, 'b': two voxels touching at a corner; every voxel lies on the surface, nearest
+        # outside voxel along the 0.5 mm axis: 2 * 0.5 - 0.5 mm
+        assert case.structure_thickness_mm == {"a": 0.5, "b": 0.5}
     assert [c.orientation for c in fp.cases] == ["LPS", "SPL"]
 
 

@@ -12,6 +12,7 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.io.dataset import DatasetSpec
 from autoseg.io.volume import CANONICAL_ORIENTATION
 from autoseg.planning import memory, speed, topology
+from autoseg.planning.budget import BudgetRequest, Rung, plan_budget
 from autoseg.planning.plans import ChannelNormalization, Configuration, NetworkTopology, Plans
 from autoseg.planning.spacing import target_spacing, transpose_coarse_first
 
@@ -62,12 +63,15 @@ def plan_configuration(
     data_identifier: str,
     reasons: list[str],
     region_based: bool = False,
+    base_features: int = topology.BASE_FEATURES,
+    coverage: float = 1.0,
 ) -> Configuration:
     """Patch, topology and batch for one configuration under ``budget_bytes`` (see module docstrings).
 
     ``dataset_voxels`` (cases × median image voxels) caps the batch at 5 % of the dataset per step. Memory and
     FLOPs are measured on the registered network of ``architecture`` (``memory``, ``speed``), trained with the
-    loss of ``region_based`` plans or not.
+    loss of ``region_based`` plans or not. ``base_features`` and ``coverage`` (the most of the median image a
+    patch may hold) are the time-budget planner's levers (:mod:`autoseg.planning.budget`).
     """
     start, patch = _start_patch(name, spacing, median_shape, dim, reasons)
 
@@ -76,7 +80,12 @@ def plan_configuration(
             net, patch_size, batch_size, in_channels, num_classes, region_based=region_based
         )
 
-    net, patch = _fit_patch(patch, spacing, median_shape, dim, architecture, budget_bytes, step_bytes)
+    max_voxels = coverage * math.prod(median_shape) if coverage < 1 else math.inf
+
+    def fits(net: NetworkTopology, patch_size: list[int]) -> bool:
+        return step_bytes(net, patch_size, MIN_BATCH) <= budget_bytes and math.prod(patch_size) <= max_voxels
+
+    net, patch = _fit_patch(patch, spacing, median_shape, dim, architecture, fits, base_features)
     fit, cap, batch = _batch_size(net, patch, dataset_voxels, budget_bytes, step_bytes)
     est = step_bytes(net, patch, batch)
     flops = speed.step_flops(net, patch, in_channels, num_classes, region_based)
@@ -133,15 +142,16 @@ def _fit_patch(
     median_shape: list[float],
     dim: int,
     architecture: str,
-    budget_bytes: int,
-    step_bytes: StepBytes,
+    fits: Callable[[NetworkTopology, list[int]], bool],
+    base_features: int,
 ) -> tuple[NetworkTopology, list[int]]:
     """(network, patch): shrink the patch one total stride at a time, along the axis largest relative to the
-    median shape, until a step of :data:`MIN_BATCH` fits ``budget_bytes`` (or nothing is left to shrink)."""
+    median shape, until it ``fits`` (a step of :data:`MIN_BATCH` fits the memory budget, and the patch its
+    voxel cap), or nothing is left to shrink."""
     while True:
         strides, kernels = topology.pooling_and_kernels(patch, spacing)
         patch_r = topology.round_up_to_stride(patch, strides)
-        feats = topology.features_per_stage(len(strides), dim)
+        feats = topology.features_per_stage(len(strides), dim, base_features)
         net = NetworkTopology(
             architecture=architecture,
             dim=dim,
@@ -149,7 +159,7 @@ def _fit_patch(
             kernel_sizes=kernels,
             features_per_stage=feats,
         )
-        if step_bytes(net, patch_r, MIN_BATCH) <= budget_bytes:
+        if fits(net, patch_r):
             break
         ratios = [p / m for p, m in zip(patch_r, median_shape)]
         axis = int(np.argmax(ratios))
@@ -229,9 +239,14 @@ def plan_lowres(
 
 
 def make_plans(
-    spec: DatasetSpec, fp: Fingerprint, gpu_memory_gb: float = 8.0, architecture: str = "unet"
+    spec: DatasetSpec,
+    fp: Fingerprint,
+    gpu_memory_gb: float = 8.0,
+    architecture: str = "unet",
+    budget: BudgetRequest | None = None,
 ) -> Plans:
-    """Derive plans for ``2d``, ``3d_fullres`` and, where useful, ``3d_lowres`` + ``3d_cascade_fullres``."""
+    """Derive plans for ``2d``, ``3d_fullres`` and, where useful, ``3d_lowres`` + ``3d_cascade_fullres``; with
+    a time ``budget``, also ``3d_budget`` (:mod:`autoseg.planning.budget`)."""
     reasons: list[str] = []
     spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
     reasons.append(
@@ -249,13 +264,13 @@ def make_plans(
     spacing_t = [spacing[a] for a in transpose]
     median_t = [float(median[a]) for a in transpose]
     norms = plan_normalization(spec, fp, reasons)
-    budget = int(gpu_memory_gb * 1024**3)
+    memory_bytes = int(gpu_memory_gb * 1024**3)
     n = len(fp.cases)
     common = dict(
         dataset_voxels=n * math.prod(median_t),
         in_channels=spec.num_channels,
         num_classes=len(spec.regions) if spec.region_based else spec.num_classes,  # network outputs
-        budget_bytes=budget,
+        budget_bytes=memory_bytes,
         architecture=architecture,
         data_identifier="fullres",
         reasons=reasons,
@@ -263,6 +278,8 @@ def make_plans(
     )
     cfg3d = plan_configuration("3d_fullres", 3, spacing_t, median_t, **common)
     lowres = plan_lowres(spacing_t, median_t, cfg3d, common, reasons)
+    if budget is not None:
+        lowres = {**lowres, "3d_budget": _plan_budget(budget, spacing_t, median_t, spec, fp, common)}
     cfg2d = plan_configuration("2d", 2, spacing_t[1:], median_t[1:], **common)
     # 2D data is the same preprocessed volume; keep its full 3-axis spacing for export
     cfg2d = Configuration(
@@ -288,6 +305,40 @@ def make_plans(
         regions_class_order=list(spec.regions_class_order),
         ignore_label=spec.ignore_label,
     )
+
+
+def _plan_budget(
+    request: BudgetRequest,
+    spacing: list[float],
+    median_shape: list[float],
+    spec: DatasetSpec,
+    fp: Fingerprint,
+    common: dict,
+) -> Configuration:
+    """The ``3d_budget`` configuration; its data folder is ``fullres`` where it keeps that spacing."""
+    quiet: list[str] = []  # the rungs tried are summarised in one reason by plan_budget
+
+    def plan_rung(rung: Rung, sp: list[float], shape: list[float]) -> Configuration:
+        scaled = common["dataset_voxels"] * math.prod(shape) / math.prod(median_shape)
+        return plan_configuration(
+            "3d_budget",
+            3,
+            sp,
+            shape,
+            **{
+                **common,
+                "dataset_voxels": scaled,
+                "data_identifier": "fullres" if sp == spacing else "budget",
+                "reasons": quiet,
+            },
+            base_features=rung.width,
+            coverage=rung.coverage,
+        )
+
+    # region-based plans predict and are scored on the regions: their thickness, not their labels', bounds it
+    names = list(spec.regions) if spec.region_based else list(spec.foreground_labels)
+    thickness = fp.structure_thickness(names)
+    return plan_budget(request, spacing, median_shape, thickness, plan_rung, common["reasons"])
 
 
 def _fmt(v, digits: int = 3) -> str:

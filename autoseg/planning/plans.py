@@ -18,7 +18,8 @@ from autoseg.errors import PlansError
 from autoseg.jsonio import JSONFileError, read_json, write_json
 from autoseg.planning.network_topology import NetworkTopology  # defined below the networks; re-exported here
 
-PLANS_SCHEMA_VERSION = 1
+PLANS_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 2 added a configuration's optional ``budget``; a version 1 file has none
 # Sanity limits for plans read from disk (a hand-edited WORK/plans.json, or one from a model bundle, is
 # untrusted). Every plan the planner makes lies well inside them: its patch starts at 256^3 voxels (2D:
 # 2048^2) and is only rounded up to the total stride, it makes at most 7 stages of at most 512 features,
@@ -73,6 +74,35 @@ class ChannelNormalization:
 
 
 @dataclass(frozen=True)
+class BudgetPlan:
+    """How a ``3d_budget`` configuration was sized (:mod:`autoseg.planning.budget`) and the training recipe
+    that goes with it: ``autoseg train`` uses these unless they are given."""
+
+    minutes: float  # the time budget of one training run
+    device: str  # cpu | cuda | mps: the device it was planned for
+    seconds_per_step: float  # one training step of this configuration on that device
+    timing: str  # measured | cached | estimated | assumed (see autoseg.planning.budget.StepTime)
+    planned_steps: int  # training steps the budget buys
+    iters_per_epoch: int
+    val_iters: int
+
+    def check(self, bad) -> None:
+        if not _finite(self.minutes) or not 0 < self.minutes <= 1e6:
+            raise bad("budget minutes", self.minutes, "a number of minutes in (0, 1e6]")
+        if self.device not in ("cpu", "cuda", "mps"):
+            raise bad("budget device", self.device, "cpu, cuda or mps")
+        if not _finite(self.seconds_per_step) or self.seconds_per_step <= 0:
+            raise bad("budget seconds_per_step", self.seconds_per_step, "a positive number")
+        for what, value, high in (
+            ("planned_steps", self.planned_steps, 10**9),
+            ("iters_per_epoch", self.iters_per_epoch, 10**6),
+            ("val_iters", self.val_iters, 10**6),
+        ):
+            if not _int(value) or not 0 <= value <= high:
+                raise bad(f"budget {what}", value, f"a whole number in [0, {high}]")
+
+
+@dataclass(frozen=True)
 class Configuration:
     name: str  # "2d" | "3d_fullres" | "3d_lowres"
     dim: int
@@ -86,14 +116,22 @@ class Configuration:
     batch_dice: bool = False
     previous_stage: str | None = None  # cascade: configuration whose predictions are extra input channels
     estimated_step_seconds: dict[str, float] = field(default_factory=dict)  # {"gpu": s, "cpu": s}, rough
+    budget: BudgetPlan | None = None  # only the time-budget configuration (3d_budget) has one
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.budget is None:
+            del d["budget"]  # the standard configurations read as they did before budgets existed
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> Configuration:
         d = dict(d)
         d["network"] = NetworkTopology(**d["network"])
+        if d.get("budget") is not None:
+            if not isinstance(d["budget"], dict):
+                raise PlansError(f"configuration '{d.get('name')}': budget must be an object")
+            d["budget"] = BudgetPlan(**d["budget"])
         config = cls(**d)
         config.validate()
         return config
@@ -187,6 +225,8 @@ class Configuration:
             raise bad("previous_stage", self.previous_stage, "a configuration name or null")
         if not isinstance(self.estimated_step_seconds, dict):
             raise bad("estimated_step_seconds", self.estimated_step_seconds, "an object")
+        if self.budget is not None:
+            self.budget.check(bad)
 
 
 def _positive_ints(values, n: int) -> bool:
@@ -297,9 +337,10 @@ class Plans:
         if not isinstance(d, dict):
             raise PlansError("top level must be a JSON object")
         version = d.get("schema_version")
-        if version != PLANS_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise PlansError(
-                f"plans schema_version {version!r} is not supported (expected {PLANS_SCHEMA_VERSION})"
+                f"plans schema_version {version!r} is not supported (expected one of "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
             )
         for key in _REQUIRED_KEYS:
             if key not in d:

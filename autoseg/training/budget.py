@@ -29,10 +29,12 @@ class TimeBudget:
     def limited(self) -> bool:
         return self.limit_s > 0
 
-    def used_fraction(self) -> float:
-        """Part of the budget used when the running epoch started (1 once it is used up); the poly learning
-        rate schedule runs on it, so the rate reaches 0 with the budget."""
-        return min(self.used_s, self.limit_s) / self.limit_s
+    def used_fraction(self, epoch_started: float | None = None) -> float:
+        """Part of the budget used when the running epoch started, or by now in the epoch that started at
+        ``epoch_started`` (``time.perf_counter()``); 1 once it is used up. The poly learning rate schedule
+        runs on it, so the rate reaches 0 with the budget."""
+        used = self.used_s + (time.perf_counter() - epoch_started if epoch_started is not None else 0.0)
+        return min(used, self.limit_s) / self.limit_s
 
     def expired(self, epoch_started: float) -> bool:
         """Whether the budget is used up by now, in the epoch that started at ``epoch_started``

@@ -219,10 +219,12 @@ def _run_epoch(
     state.budget.add(time.perf_counter() - t_save)
 
 
-def _learning_rate(settings: TrainSettings, state: RunState) -> float:
-    """Poly decay over the epochs, or with a time budget over the budget: it ends with the budget."""
+def _learning_rate(settings: TrainSettings, state: RunState, epoch_started: float | None = None) -> float:
+    """Poly decay over the epochs, or with a time budget over the budget: it ends with the budget (set before
+    every iteration, at the share of the budget used by then, when ``epoch_started`` is given)."""
     if state.budget.limited:
-        return poly_lr(settings.initial_lr, state.budget.used_fraction(), 1.0, settings.poly_exponent)
+        used = state.budget.used_fraction(epoch_started)
+        return poly_lr(settings.initial_lr, used, 1.0, settings.poly_exponent)
     return poly_lr(settings.initial_lr, state.epoch, state.planned, settings.poly_exponent)
 
 
@@ -243,6 +245,8 @@ def _train_iterations(
         t_wait = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t_wait
+        if state.budget.limited and it:  # on the clock: the rate falls within the epoch too
+            set_lr(run.optimizer, _learning_rate(run.settings, state, epoch_started))
         losses.append(_train_step(run, model, batch))
         if on_iteration and run.world.is_main:
             on_iteration(it + 1, total, losses[-1])
