@@ -144,10 +144,12 @@ class _Parser:
     def peek(self) -> str:
         return self.toks[self.i][0]
 
-    def take(self, kind: str) -> str:
+    def take(self, *kinds: str) -> str:
+        """The next token, which must be of one of ``kinds``."""
         k, v = self.toks[self.i]
-        if k != kind:
-            want = {"num": "a number", "name": "a name", "end": "the end"}.get(kind, repr(kind))
+        if k not in kinds:
+            names = {"num": "a number", "name": "a name", "end": "the end"}
+            want = " or ".join(names.get(kind, repr(kind)) for kind in kinds)
             got = {"end": "the end"}.get(k, repr(v))
             raise LossSpecError(f"expected {want}, found {got}; {_grammar()}")
         self.i += 1
@@ -172,7 +174,7 @@ class _Parser:
             self.take("(")
             while self.peek() != ")":
                 if params:
-                    self.take(",")
+                    self.take(",", ")")  # the loop ends at ")", so this takes "," or says both are allowed
                 key = self.take("name")
                 if key in params:
                     raise LossSpecError(f"{name}: parameter {key} given twice")
