@@ -18,11 +18,11 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.inference.predictor import topology_key
 from autoseg.jsonio import read_json, write_json
 from autoseg.layout import WorkDir
-from autoseg.loss_spec import DEFAULT_LOSS, parse_loss
+from autoseg.loss_spec import DEFAULT_LOSS, LossSpecError, check_for_plans, parse_loss
 from autoseg.networks import build_network
 from autoseg.networks.losses import CompositeLoss, DeepSupervisionLoss
 from autoseg.planning.plans import Configuration, Plans
-from autoseg.settings import RECIPE_KEYS, TrainSettings
+from autoseg.settings import RECIPE_KEYS, SettingError, TrainSettings
 from autoseg.training import distributed
 from autoseg.training.augmentation import augmentation_patch_size
 from autoseg.training.class_weights import class_weights
@@ -110,9 +110,9 @@ def build_run(
     train_ids, val_ids = _fold_cases(work, data_dir, fold, settings)
     previous_dir = previous_stage_dir(work, config, train_ids + val_ids)
     out_dir = work.fold_dir(config_name, fold)
+    loss_fn = make_loss(plans, config.batch_dice, settings.loss, work)  # checked before the folder is touched
     if overwrite and not resume:  # every check above passed: only now is the earlier run deleted
         shutil.rmtree(out_dir, ignore_errors=True)
-    loss_fn = make_loss(plans, config.batch_dice, settings.loss, work)  # before the folder is touched
     record = {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size}
     _prepare_folder(out_dir, val_ids, resume, w, record)
     configure_torch(settings, device)
@@ -178,6 +178,10 @@ def make_loss(
     """The loss expression ``loss`` on every deep-supervision output: one sigmoid per region for a
     region-based plan, else softmax classes. Class weights ``auto`` come from ``work``'s fingerprint."""
     expr = parse_loss(loss)
+    try:
+        check_for_plans(expr, plans.region_based, plans.num_classes)
+    except LossSpecError as exc:
+        raise SettingError("loss", loss, str(exc)) from None
     weights = None
     if any(dict(t.params).get("weights") == "auto" for t in expr.terms):
         if work is None or not work.fingerprint.is_file():

@@ -174,3 +174,80 @@ def test_resume_keeps_the_recipe(tmp_path):
     check_same_recipe(path, same)
     with pytest.raises(AutosegError, match="optimizer = 'sgd', now 'adam'"):
         check_same_recipe(path, TrainSettings(optimizer="adam").to_json())
+
+
+def test_default_loss_of_a_run_is_todays_bit_for_bit(planned_phantom):
+    from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss
+    from autoseg.planning.plans import Plans
+    from autoseg.training.run import make_loss
+
+    plans = Plans.load(planned_phantom.plans)
+    g = torch.Generator().manual_seed(0)
+    k = plans.num_outputs
+    outputs = [torch.randn(2, k, 16 // 2**i, 16 // 2**i, generator=g) for i in range(3)]
+    target = torch.randint(0, k, (2, 1, 16, 16), generator=g)
+    today = DeepSupervisionLoss(DiceCELoss(batch_dice=True, ignore_label=plans.ignore_label))
+    assert torch.equal(make_loss(plans, True)(outputs, target), today(outputs, target))
+    assert torch.equal(
+        make_loss(plans, True, "ce+dice", planned_phantom)(outputs, target), today(outputs, target)
+    )
+
+
+def test_weights_auto_come_from_the_fingerprint(planned_phantom):
+    from autoseg.fingerprint import Fingerprint
+    from autoseg.jsonio import read_json
+    from autoseg.planning.plans import Plans
+    from autoseg.training.run import make_loss
+
+    plans = Plans.load(planned_phantom.plans)
+    loss = make_loss(plans, False, "wce", planned_phantom).loss
+    weights = loss.terms[0][2]["weights"]
+    fp = Fingerprint.from_json(read_json(planned_phantom.fingerprint))
+    counts = class_voxel_counts(fp, plans)
+    assert weights.tolist() == pytest.approx([sum(counts) / (len(counts) * n) for n in counts])
+    assert weights[0] < 1 < weights[1:].min()  # background is the frequent class
+    with pytest.raises(AutosegError, match="weights=auto needs the fingerprint.json"):
+        make_loss(plans, False, "wce")
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        dict(loss="0.5*tversky(alpha=0.3,beta=0.7)+0.5*focal(gamma=2)", optimizer="adamw", initial_lr=1e-3),
+        dict(loss="wce+lovasz+gdice+dice_sq+focal_tversky", optimizer="adam", schedule="cosine", warmup_fraction=0.5),
+    ],
+)  # fmt: skip
+def test_a_run_trains_and_records_its_recipe(planned_phantom, tmp_path, recipe):
+    import shutil
+
+    from autoseg.layout import WorkDir
+    from autoseg.training.loop import train_fold
+
+    work = WorkDir(tmp_path / "work")
+    shutil.copytree(planned_phantom.root, work.root)
+    settings = TrainSettings(epochs=2, iters_per_epoch=2, val_iters=1, loader_workers=0, **recipe)
+    train_fold(work, "2d", "all", settings, torch.device("cpu"))
+    folder = work.fold_dir("2d", "all")
+    recorded = json.loads((folder / "settings.json").read_text())["train"]
+    for key in ("loss", "optimizer", "schedule", "warmup_fraction", "initial_lr"):
+        assert recorded[key] == getattr(settings, key)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(e["train_loss"]) for e in log)
+    if recipe.get("warmup_fraction"):  # epoch 1 of 2 warms up from a tenth of the rate; epoch 2 decays
+        assert log[0]["lr"] == pytest.approx(0.1 * settings.initial_lr)
+        assert log[1]["lr"] == pytest.approx(settings.initial_lr)
+
+
+def test_make_loss_refuses_what_the_plans_cannot_take(planned_phantom):
+    from dataclasses import replace
+
+    from autoseg.planning.plans import Plans
+    from autoseg.training.run import make_loss
+
+    plans = Plans.load(planned_phantom.plans)
+    with pytest.raises(AutosegError, match=r"setting loss = 'ce\(weights=\[1,2\]\)': ce: 2 weights given"):
+        make_loss(plans, False, "ce(weights=[1,2])")
+    regional = replace(plans, regions={"all": [1]}, regions_class_order=[1])
+    with pytest.raises(AutosegError, match="wce needs softmax classes"):
+        make_loss(regional, False, "wce")
+    make_loss(regional, False, "lovasz+focal")
