@@ -63,6 +63,7 @@ LOSSES: dict[str, LossInfo] = {
         {**_TV, "gamma": ParamSpec("pos", 4 / 3)}, True, "focal Tversky ((1 - TI)^(1/gamma))"
     ),
     "lovasz": LossInfo({}, True, "Lovász-softmax (Lovász hinge of sigmoid probabilities per region)"),
+    "boundary": LossInfo({}, True, "boundary loss (signed distance maps of the truth; beside a region loss)"),
 }
 """The registered losses: parameters with their defaults, and whether region-based plans may use them."""
 

@@ -144,7 +144,7 @@ SETTINGS_CASES = [
     ("inference compile 3", "[inference]\ncompile = 3\n", "[inference] compile = 3: must be auto, on or off"),
     ("inference mirroring", '[inference]\nmirroring = "no"\n', '[inference] mirroring = "no": must be true or false'),
     ("not TOML", "[train\nepochs = 1\n", "cannot read settings"),
-    ("loss unknown", '[train]\nloss = "dice+boundary"\n', '[train] loss = "dice+boundary": unknown loss \'boundary\''),
+    ("loss unknown", '[train]\nloss = "dice+hausdorff"\n', '[train] loss = "dice+hausdorff": unknown loss \'hausdorff\''),
     ("loss gamma -1", '[train]\nloss = "focal(gamma=-1)"\n', '[train] loss = "focal(gamma=-1)": focal: gamma=-1 must be a number >= 0'),
     ("loss alpha 2", '[train]\nloss = "tversky(alpha=2)"\n', "tversky: alpha=2 must be a number in [0, 1]"),
     ("loss not text", "[train]\nloss = 3\n", "[train] loss = 3: must be a loss expression (text)"),

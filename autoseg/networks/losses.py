@@ -12,8 +12,10 @@ values), binary cross-entropy plus soft Dice per region. Voxels of the ignore la
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from autoseg.loss_spec import LossExpression, LossTerm
@@ -150,6 +152,10 @@ def downsample_target(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
 #   focal_tversky mean_c (1 - TI_c)^(1/gamma)  (Abraham & Khan 2019), minimum 0
 #   lovasz        Lovász extension of the Jaccard loss on |truth - p| per class present in the batch (every
 #                 class, background too; Berman et al. 2018); per region on its sigmoid probability
+#   boundary      mean over valid voxels and foreground classes of p * phi, phi the signed distance map of the
+#                 class's truth (Kervadec et al. 2019; :func:`signed_distance`), computed on the CPU from the
+#                 target the loss is given (so it follows augmentation and deep supervision); minimum: the
+#                 sum of phi inside the truth (<= 0); meant beside a region loss (dice+ce+0.01*boundary)
 
 
 class _Shared:
@@ -204,6 +210,12 @@ class _Shared:
                 probs, truth = probs * mask, truth * mask
             self._cache["all"] = (probs, truth)
         return self._cache["all"]
+
+    def valid_voxels(self) -> torch.Tensor | None:
+        """``(B, *spatial)`` bool: the voxels not of the ignore label (None without an ignore label)."""
+        if self.regions is not None:
+            return None if self.mask is None else self.mask[:, 0] > 0
+        return self.valid
 
     def sum_axes(self, ndim: int) -> tuple[int, ...]:
         axes = tuple(range(2, ndim))
@@ -299,9 +311,9 @@ def _lovasz(s: _Shared) -> torch.Tensor:
     probs, truth = s.every_class()
     probs = probs.movedim(1, -1).reshape(-1, probs.shape[1])
     truth = truth.movedim(1, -1).reshape(-1, truth.shape[1])
-    valid = (None if s.mask is None else s.mask[:, 0]) if s.regions is not None else s.valid
+    valid = s.valid_voxels()
     if valid is not None:
-        keep = valid.reshape(-1) > 0
+        keep = valid.reshape(-1)
         probs, truth = probs[keep], truth[keep]
     losses = []
     for c in range(probs.shape[1]):
@@ -311,6 +323,27 @@ def _lovasz(s: _Shared) -> torch.Tensor:
         errors, order = errors.sort(descending=True)
         losses.append(errors @ lovasz_jaccard_grad(truth[order, c]))
     return torch.stack(losses).mean() if losses else s.logits.sum() * 0
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Signed distance map of a boolean mask in voxels: outside the mask the distance to its nearest voxel,
+    inside minus (the distance to the nearest voxel outside, less 1), so 0 on the mask's own border voxels;
+    zeros when the mask is empty or full (no boundary)."""
+    if not mask.any() or mask.all():
+        return np.zeros(mask.shape)
+    outside = ndimage.distance_transform_edt(~mask)
+    inside = ndimage.distance_transform_edt(mask)
+    return outside - (inside - 1) * mask
+
+
+def _boundary(s: _Shared) -> torch.Tensor:
+    probs, truth = s.foreground()
+    flat = truth.detach().cpu().numpy().reshape(-1, *truth.shape[2:]) > 0.5
+    phi = np.stack([signed_distance(m) for m in flat]).reshape(truth.shape)
+    phi = torch.from_numpy(phi).to(device=probs.device, dtype=probs.dtype)
+    valid = s.valid_voxels()
+    voxels = probs[:, 0].numel() if valid is None else int(valid.sum())
+    return (probs * phi).sum() / max(probs.shape[1] * voxels, 1)
 
 
 _TERMS = {
@@ -323,6 +356,7 @@ _TERMS = {
     "tversky": _tversky,
     "focal_tversky": _focal_tversky,
     "lovasz": _lovasz,
+    "boundary": _boundary,
 }
 
 

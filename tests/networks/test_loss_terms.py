@@ -17,6 +17,7 @@ from autoseg.networks.losses import (
     DiceCELoss,
     RegionDiceBCELoss,
     lovasz_jaccard_grad,
+    signed_distance,
 )
 
 S = 1e-5  # the losses' smooth term
@@ -30,6 +31,7 @@ ALL = [
     "tversky(alpha=0.3,beta=0.7)",
     "focal_tversky(alpha=0.3,beta=0.7,gamma=1.3333)",
     "lovasz",
+    "boundary",
 ]
 REGION = [t for t in ALL if "weights" not in t]
 REGIONS = [[1, 2], [2]]
@@ -131,6 +133,30 @@ def _flat(a):
     return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
 
 
+def _ref_sdm(mask):
+    """Signed distances by brute force: outside, the distance to the nearest mask voxel; inside, minus (the
+    distance to the nearest voxel outside, less 1); zeros without a boundary."""
+    if mask.all() or not mask.any():
+        return np.zeros(mask.shape)
+    idx = np.argwhere(np.ones(mask.shape, bool))
+    inside, outside = idx[mask.ravel()], idx[~mask.ravel()]
+    out = np.zeros(mask.shape)
+    for q in idx:
+        if mask[tuple(q)]:
+            out[tuple(q)] = -(np.sqrt(((outside - q) ** 2).sum(1)).min() - 1)
+        else:
+            out[tuple(q)] = np.sqrt(((inside - q) ** 2).sum(1)).min()
+    return out
+
+
+def _ref_boundary(p, g, first=1):
+    phi = np.zeros_like(g)
+    for b in range(g.shape[0]):
+        for c in range(g.shape[1]):
+            phi[b, c] = _ref_sdm(g[b, c] > 0.5)
+    return (p[:, first:] * phi[:, first:]).mean()
+
+
 def _reference(text, logits, target):
     x, t = logits.numpy(), target.numpy()
     p, g = _softmax_np(x), _onehot_np(t, x.shape[1])
@@ -148,6 +174,7 @@ def _reference(text, logits, target):
             p, g, lambda u, v: (1 - _ref_tversky_index(u, v, 0.3, 0.7)) ** (1 / 1.3333)
         ),
         "lovasz": lambda: _ref_lovasz(_flat(p), _flat(g)),
+        "boundary": lambda: _ref_boundary(p, g),
     }[text]()
 
 
@@ -175,6 +202,7 @@ def _ref_region(text, logits, target):
             p, g, lambda u, v: (1 - _ref_tversky_index(u, v, 0.3, 0.7)) ** (1 / 1.3333), 0
         ),
         "lovasz": lambda: _ref_lovasz(_flat(p), _flat(g)),
+        "boundary": lambda: _ref_boundary(p, g, 0),
     }[text]()
 
 
@@ -259,7 +287,12 @@ def test_perfect_prediction_gives_the_minimum(text):
     perfect = 30 * (2 * onehot - 1)
     loss = _loss(text)
     best = float(loss(perfect, target))
-    assert best == pytest.approx(MINIMUM.get(text.split("(")[0], 0.0), abs=1e-5)
+    minimum = (
+        _ref_boundary(onehot.numpy(), onehot.numpy())
+        if text == "boundary"
+        else MINIMUM.get(text.split("(")[0], 0.0)
+    )
+    assert best == pytest.approx(minimum, abs=1e-5)
     for seed in range(10):
         assert float(loss(_data(seed=100 + seed)[0] * 3, target)) > best
 
@@ -270,7 +303,12 @@ def test_perfect_region_prediction_gives_the_minimum(text):
     truth = torch.stack([torch.isin(target[:, 0], torch.tensor(r)) for r in REGIONS], 1).double()
     loss = _loss(text, regions=REGIONS)
     best = float(loss(30 * (2 * truth - 1), target))
-    assert best == pytest.approx(MINIMUM.get(text.split("(")[0], 0.0), abs=1e-5)
+    minimum = (
+        _ref_boundary(truth.numpy(), truth.numpy(), 0)
+        if text == "boundary"
+        else MINIMUM.get(text.split("(")[0], 0.0)
+    )
+    assert best == pytest.approx(minimum, abs=1e-5)
     assert float(loss(_data(seed=8, k=2)[0], target)) > best
 
 
@@ -348,3 +386,23 @@ def test_dice_ce_under_cpu_autocast_is_dice_ce_loss_bit_for_bit():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = torch.nn.functional.conv3d(logits, torch.eye(3).reshape(3, 3, 1, 1, 1))
         assert torch.equal(_loss("dice+ce")(x, target), DiceCELoss()(x, target))
+
+
+def test_signed_distance_by_hand():
+    mask = np.array([[0, 0, 1, 1, 1, 0, 0]], bool)
+    assert signed_distance(mask).tolist() == [[2, 1, 0, -1, 0, 1, 2]]
+    assert (
+        not signed_distance(np.zeros((3, 3), bool)).any() and not signed_distance(np.ones((3, 3), bool)).any()
+    )
+    rng = np.random.default_rng(0)
+    blob = rng.random((5, 6, 4)) < 0.3
+    assert np.allclose(signed_distance(blob), _ref_sdm(blob))
+
+
+def test_boundary_with_a_dice_term_prefers_the_truth():
+    """Beside a region loss (as it is meant to be used) the perfect prediction still gives the least loss."""
+    _, target = _data(seed=15)
+    onehot = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).double()
+    loss = _loss("dice+0.01*boundary")
+    best = float(loss(30 * (2 * onehot - 1), target))
+    assert all(float(loss(_data(seed=200 + i)[0] * 3, target)) > best for i in range(5))

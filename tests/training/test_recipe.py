@@ -57,7 +57,7 @@ def test_parse_terms():
         ("tversky(alpha)", "expected '=', found ')'"),
         ("tversky(alpha=0.3 beta=0.7)", "expected ',' or ')', found 'beta'"),
         ("focal(gamma=1,gamma=2)", "focal: parameter gamma given twice"),
-        ("boundary", "unknown loss 'boundary'; losses: ce, wce"),
+        ("hausdorff", "unknown loss 'hausdorff'; losses: ce, wce"),
         ("tversky(alpha=1.01)", "tversky: alpha=1.01 must be a number in [0, 1]"),
         ("tversky(beta=-0.5)", "tversky: beta=-0.5 must be a number in [0, 1]"),
         ("tversky(alpha=0,beta=0)", "tversky: alpha + beta must be > 0"),
@@ -214,7 +214,7 @@ def test_weights_auto_come_from_the_fingerprint(planned_phantom):
     "recipe",
     [
         dict(loss="0.5*tversky(alpha=0.3,beta=0.7)+0.5*focal(gamma=2)", optimizer="adamw", initial_lr=1e-3),
-        dict(loss="wce+lovasz+gdice+dice_sq+focal_tversky", optimizer="adam", schedule="cosine", warmup_fraction=0.5),
+        dict(loss="wce+lovasz+gdice+dice_sq+focal_tversky+0.01*boundary", optimizer="adam", schedule="cosine", warmup_fraction=0.5),
     ],
 )  # fmt: skip
 def test_a_run_trains_and_records_its_recipe(planned_phantom, tmp_path, recipe):
