@@ -251,3 +251,18 @@ def test_make_loss_refuses_what_the_plans_cannot_take(planned_phantom):
     with pytest.raises(AutosegError, match="wce needs softmax classes"):
         make_loss(regional, False, "wce")
     make_loss(regional, False, "lovasz+focal")
+
+
+def test_schedules_run_on_the_clock_with_a_time_budget():
+    from autoseg.training.budget import TimeBudget
+    from autoseg.training.loop import _learning_rate
+    from autoseg.training.state import RunState
+
+    state = RunState(epoch=1, planned=1000, budget=TimeBudget(limit_s=100.0, used_s=60.0))
+    cosine = TrainSettings(schedule="cosine", warmup_fraction=0.2, time_budget_minutes=1)
+    # 60 % of the budget used: half of the decay after the 20 % warmup, whatever the epoch count says
+    assert _learning_rate(cosine, state) == pytest.approx(0.005)
+    state.budget.used_s = 10.0
+    assert _learning_rate(cosine, state) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))
+    poly = TrainSettings(time_budget_minutes=1)
+    assert _learning_rate(poly, state) == poly_lr(0.01, 0.1, 1.0, 0.9)  # today's rule, unchanged
