@@ -24,13 +24,14 @@ from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.io.dataset import check_training_labels, discover_cases, discover_inputs, load_dataset_json
 from autoseg.jsonio import DiskFullError, read_json, write_json
 from autoseg.layout import MAX_FOLDS, WorkDir, fold_names, fold_range
+from autoseg.loss_spec import LossSpecError, check_for_plans, parse_loss
 from autoseg.planning.budget import BudgetRequest
 from autoseg.planning.device import DeviceTimer, device_available
 from autoseg.planning.device import default_cache as default_step_cache
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.pipeline import preprocess_dataset
-from autoseg.settings import MAX_WORKERS, InferenceSettings, inference_settings, load_settings
+from autoseg.settings import MAX_WORKERS, InferenceSettings, SettingError, inference_settings, load_settings
 from autoseg.settings import TrainSettings as TrainSettings  # re-exported: the CLI's option defaults
 from autoseg.undo import Undo
 
@@ -492,6 +493,7 @@ def train_and_validate(
 
     plans = Plans.load(work.plans)
     validation.check_settings(plans, config, inference)
+    check_loss_for_plans(settings, plans)
     done = validation.is_validated(work, config, fold)
     hooks = dict(on_iteration=on_iteration, on_epoch=on_epoch)
     fold_run = train_fold(
@@ -500,6 +502,15 @@ def train_and_validate(
     if fold_run.trained and fold_run.writer and fold_run.val_ids:
         validation.validate_fold(work, plans, config, fold, fold_run.val_ids, device, inference)
     return fold_run.folder
+
+
+def check_loss_for_plans(settings: TrainSettings, plans: Plans) -> None:
+    """The settings' loss must suit the plans' outputs (region-based or softmax classes, number of class
+    weights); refused in one line naming the setting, before the run touches anything."""
+    try:
+        check_for_plans(parse_loss(settings.loss), plans.region_based, plans.num_classes)
+    except LossSpecError as exc:
+        raise SettingError("loss", settings.loss, str(exc)) from None
 
 
 def check_fold(fold: int | str, num_folds: int = MAX_FOLDS, *, all_folds: bool = False) -> str:

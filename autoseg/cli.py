@@ -199,6 +199,22 @@ _TrainOverwrite = Annotated[
 _TrainDeterministic = Annotated[
     bool, typer.Option("--deterministic", help="Deterministic algorithms (bit-identical reruns on CPU)")
 ]
+_TrainLoss = Annotated[
+    str | None,
+    typer.Option(
+        help=f'Loss expression, e.g. "0.5*tversky(alpha=0.3,beta=0.7)+0.5*focal(gamma=2)" '
+        f"(default {TRAIN.loss})"
+    ),
+]
+_TrainOptimizer = Annotated[str | None, typer.Option(help=f"sgd, adam or adamw (default {TRAIN.optimizer})")]
+_TrainSchedule = Annotated[
+    str | None, typer.Option(help=f"Learning-rate schedule: poly or cosine (default {TRAIN.schedule})")
+]
+_TrainWarmup = Annotated[
+    float | None,
+    typer.Option(help=f"Linear warmup over this part of the run (default {TRAIN.warmup_fraction:g})"),
+]
+_TrainLr = Annotated[float | None, typer.Option(help=f"Initial learning rate (default {TRAIN.initial_lr:g})")]
 _TrainNoMirroring = Annotated[
     bool, typer.Option("--no-mirroring", help="No test-time mirroring in the final validation")
 ]
@@ -221,6 +237,11 @@ def train(
     no_compile: Annotated[bool, typer.Option("--no-compile", help="No torch.compile on CUDA")] = False,
     deterministic: _TrainDeterministic = False,
     no_mirroring: _TrainNoMirroring = False,
+    loss: _TrainLoss = None,
+    optimizer: _TrainOptimizer = None,
+    schedule: _TrainSchedule = None,
+    warmup_fraction: _TrainWarmup = None,
+    initial_lr: _TrainLr = None,
 ) -> None:
     """Train one fold of a configuration (or all five), then predict and score its validation cases.
 
@@ -235,6 +256,11 @@ def train(
         compile=False if no_compile else None,
         deterministic=True if deterministic else None,
         mirroring=False if no_mirroring else None,
+        loss=loss,
+        optimizer=optimizer,
+        schedule=schedule,
+        warmup_fraction=warmup_fraction,
+        initial_lr=initial_lr,
     )
     runs = api.train_folds(
         workdir, config, fold, device=device, resume=resume, overwrite=overwrite, config_file=config_file,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from autoseg.errors import AutosegError
 from autoseg.layout import MAX_FOLDS
+from autoseg.loss_spec import DEFAULT_LOSS, LossSpecError, parse_loss
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,12 +137,22 @@ class TrainSettings:
     """torch.compile the network (CUDA only; never on CPU or MPS)."""
     deterministic: bool = False
     """Deterministic algorithms (torch.use_deterministic_algorithms); slower on a GPU."""
+    loss: str = DEFAULT_LOSS
+    """Loss expression (:mod:`autoseg.loss_spec`), e.g. ``dice+ce`` or ``0.5*tversky(alpha=0.3)+0.5*focal``;
+    kept in its canonical spelling (every parameter written out)."""
+    optimizer: str = "sgd"
+    """sgd (with ``momentum`` and ``nesterov``), adam or adamw (``weight_decay`` decoupled for adamw)."""
+    schedule: str = "poly"
+    """Learning-rate decay over the run (or the time budget): poly (``poly_exponent``) or cosine."""
+    warmup_fraction: float = 0.0
+    """Part of the run (or budget) over which the rate rises linearly from a tenth of ``initial_lr``."""
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
 
     def __post_init__(self):
         if not isinstance(self.augmentation, AugmentationSettings):
             raise SettingError("augmentation", self.augmentation, "must be AugmentationSettings")
         _check_types(self)
+        self._check_recipe()
         _check_range("epochs", self.epochs, 1)
         _check_range("iters_per_epoch", self.iters_per_epoch, 1)
         _check_range("val_iters", self.val_iters, 0, what="0: no pseudo-Dice")
@@ -166,8 +177,28 @@ class TrainSettings:
         _check_range("loader_workers", self.loader_workers, -1, MAX_WORKERS, what="-1: one per core but one")
         _check_range("time_budget_minutes", self.time_budget_minutes, 0, 1e6, what="0: none")
 
+    def _check_recipe(self) -> None:
+        """Loss expression, optimizer, schedule and warmup; the loss is stored in its canonical spelling."""
+        if not isinstance(self.loss, str):
+            raise SettingError("loss", self.loss, "must be a loss expression (text)")
+        try:
+            object.__setattr__(self, "loss", parse_loss(self.loss).text())
+        except LossSpecError as exc:
+            raise SettingError("loss", self.loss, str(exc)) from None
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingError("optimizer", self.optimizer, f"must be {' or '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise SettingError("schedule", self.schedule, f"must be {' or '.join(SCHEDULES)}")
+        _check_range("warmup_fraction", self.warmup_fraction, 0, 0.5, what="a fraction of the run")
+
     def to_json(self) -> dict:
         return asdict(self)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("poly", "cosine")
+RECIPE_KEYS = ("loss", "optimizer", "schedule", "warmup_fraction")
+"""Training settings a resumed run must keep (the optimizer's state and the loss curve depend on them)."""
 
 
 @dataclass(frozen=True)

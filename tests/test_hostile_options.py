@@ -80,6 +80,18 @@ TRAIN_OPTION_CASES = [
     ("overwrite and resume", ["--resume"], "--overwrite and --resume exclude each other"),
     ("unknown option", ["--epoch", "3"], "No such option: --epoch"),
     ("settings file missing", ["--config-file", "/nonexistent/s.toml"], "/nonexistent/s.toml: cannot read settings"),
+    ("loss unknown", ["--loss", "dice+bce"], "--loss dice+bce: unknown loss 'bce'; losses: ce, wce, dice, dice_sq,"),
+    ("loss syntax", ["--loss", "0.5*tversky(alpha=0.3"], "--loss 0.5*tversky(alpha=0.3: expected ',' or ')', found the end"),
+    ("loss dangling +", ["--loss", "dice+"], "--loss dice+: expected a name, found the end; write a sum of"),
+    ("loss alpha 1.5", ["--loss", "tversky(alpha=1.5,beta=0.7)"], "tversky: alpha=1.5 must be a number in [0, 1]"),
+    ("loss beta -0.1", ["--loss", "focal_tversky(beta=-0.1)"], "focal_tversky: beta=-0.1 must be a number in [0, 1]"),
+    ("loss gamma -2", ["--loss", "0.5*dice+0.5*focal(gamma=-2)"], "focal: gamma=-2 must be a number >= 0"),
+    ("loss weight 0", ["--loss", "0*dice+ce"], "dice: weight 0 must be a finite number > 0"),
+    ("loss unknown parameter", ["--loss", "focal(alpha=0.25)"], "focal: unknown parameter 'alpha' (parameters: gamma)"),
+    ("loss weights count", ["--loss", "ce(weights=[1,2,3,4,5,6,7])"], "ce: 7 weights given, the plans have"),
+    ("optimizer lamb", ["--optimizer", "lamb"], "--optimizer lamb: must be sgd or adam or adamw"),
+    ("schedule step", ["--schedule", "step"], "--schedule step: must be poly or cosine"),
+    ("warmup 0.9", ["--warmup-fraction", "0.9"], "--warmup-fraction 0.9: must be in [0, 0.5]"),
 ]  # fmt: skip
 
 SETTINGS_CASES = [
@@ -132,6 +144,12 @@ SETTINGS_CASES = [
     ("inference compile 3", "[inference]\ncompile = 3\n", "[inference] compile = 3: must be auto, on or off"),
     ("inference mirroring", '[inference]\nmirroring = "no"\n', '[inference] mirroring = "no": must be true or false'),
     ("not TOML", "[train\nepochs = 1\n", "cannot read settings"),
+    ("loss unknown", '[train]\nloss = "dice+hausdorff"\n', '[train] loss = "dice+hausdorff": unknown loss \'hausdorff\''),
+    ("loss gamma -1", '[train]\nloss = "focal(gamma=-1)"\n', '[train] loss = "focal(gamma=-1)": focal: gamma=-1 must be a number >= 0'),
+    ("loss alpha 2", '[train]\nloss = "tversky(alpha=2)"\n', "tversky: alpha=2 must be a number in [0, 1]"),
+    ("loss not text", "[train]\nloss = 3\n", "[train] loss = 3: must be a loss expression (text)"),
+    ("loss eval", '[train]\nloss = "__import__(\'os\')"\n', "unexpected \"'\""),
+    ("optimizer", '[train]\noptimizer = "rmsprop"\n', '[train] optimizer = "rmsprop": must be sgd or adam or adamw'),
 ]  # fmt: skip
 
 
@@ -157,6 +175,41 @@ def test_train_overwrite_with_a_bad_settings_file_keeps_the_fold(text, expected,
     path = _toml(tmp_path, text)
     line = _train_refuses(capfd, trained, "--config-file", path)
     assert f"error: {path}: " in line and expected in line
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["--loss", "0.5*tversky(alpha=0.3,beta=0.7)+0.5*focal(gamma=2)"],
+            "loss = 'dice+ce', now '0.5*tversky(",
+        ),
+        (
+            ["--optimizer", "adamw"],
+            "trained with optimizer = 'sgd', now 'adamw'; --resume needs the same recipe",
+        ),
+        (["--schedule", "cosine"], "trained with schedule = 'poly', now 'cosine'"),
+    ],
+)
+def test_train_resume_refuses_a_changed_recipe(extra, expected, trained, capfd):
+    before = _listing(trained.root)
+    line = _refused(capfd, "train", trained.root, "2d", "all", "--resume", *TRAIN, *extra)
+    assert expected in line and "settings.json: the run was trained with" in line
+    assert _listing(trained.root) == before
+
+
+def test_train_refuses_a_loss_without_a_region_based_form(trained, tmp_path, capfd):
+    """wce (class weights) needs softmax classes: a region-based plan refuses it before the run starts."""
+    work = WorkDir(tmp_path / "work")
+    shutil.copytree(trained.root, work.root)
+    plans = json.loads(work.plans.read_text())
+    plans["labels"] = {"background": 0, "a": 1, "b": 2}
+    plans["regions"], plans["regions_class_order"] = {"whole": [1, 2], "core": [2]}, [1, 2]
+    work.plans.write_text(json.dumps(plans))
+    before = _listing(work.root)
+    line = _refused(capfd, "train", work.root, "2d", "all", "--overwrite", *TRAIN, "--loss", "wce+dice")
+    assert "loss = 'wce(weights=auto)+dice': wce needs softmax classes; region-based plans take: ce," in line
+    assert _listing(work.root) == before
 
 
 def test_train_mirror_axes_that_mirror_nothing_in_2d(trained, tmp_path, capfd):

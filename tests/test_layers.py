@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("autoseg.phantom",),  # test/demo datasets, writes volumes through io
     ("autoseg.io",),
     ("autoseg.settings", "autoseg.checkpoint_io", "autoseg.undo"),
+    ("autoseg.loss_spec",),  # loss expressions: parsed by the settings, built by networks/losses.py
     ("autoseg.layout",),  # every name in a WORK folder, the fold list (settings check num_folds against it)
     ("autoseg.jsonio",),
     ("autoseg.atomic",),

@@ -44,7 +44,7 @@ from autoseg.training.run import (
     make_loss,
 )
 from autoseg.training.sampling import CaseStore
-from autoseg.training.schedule import poly_lr, set_lr
+from autoseg.training.schedule import poly_lr, scheduled_lr, set_lr
 from autoseg.training.state import EMA_DECAY, RunState, checkpoint_contents, restore_or_start
 
 __all__ = [
@@ -220,8 +220,17 @@ def _run_epoch(
 
 
 def _learning_rate(settings: TrainSettings, state: RunState, epoch_started: float | None = None) -> float:
-    """Poly decay over the epochs, or with a time budget over the budget: it ends with the budget (set before
+    """The schedule over the epochs, or with a time budget over the budget: it ends with the budget (set before
     every iteration, at the share of the budget used by then, when ``epoch_started`` is given)."""
+    if settings.schedule != "poly" or settings.warmup_fraction > 0:
+        done = (
+            state.budget.used_fraction(epoch_started)
+            if state.budget.limited
+            else state.epoch / max(state.planned, 1)
+        )
+        return scheduled_lr(
+            settings.initial_lr, done, settings.schedule, settings.poly_exponent, settings.warmup_fraction
+        )
     if state.budget.limited:
         used = state.budget.used_fraction(epoch_started)
         return poly_lr(settings.initial_lr, used, 1.0, settings.poly_exponent)

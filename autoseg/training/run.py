@@ -14,15 +14,18 @@ import torch
 
 from autoseg.atomic import remove_stale_temporaries, temp_target
 from autoseg.errors import AutosegError, PlansError
+from autoseg.fingerprint import Fingerprint
 from autoseg.inference.predictor import topology_key
-from autoseg.jsonio import write_json
+from autoseg.jsonio import read_json, write_json
 from autoseg.layout import WorkDir
+from autoseg.loss_spec import DEFAULT_LOSS, LossSpecError, check_for_plans, parse_loss
 from autoseg.networks import build_network
-from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
+from autoseg.networks.losses import CompositeLoss, DeepSupervisionLoss
 from autoseg.planning.plans import Configuration, Plans
-from autoseg.settings import TrainSettings
+from autoseg.settings import RECIPE_KEYS, SettingError, TrainSettings
 from autoseg.training import distributed
 from autoseg.training.augmentation import augmentation_patch_size
+from autoseg.training.class_weights import class_weights
 from autoseg.training.dataloader import LoaderSpec, default_workers
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
@@ -107,6 +110,7 @@ def build_run(
     train_ids, val_ids = _fold_cases(work, data_dir, fold, settings)
     previous_dir = previous_stage_dir(work, config, train_ids + val_ids)
     out_dir = work.fold_dir(config_name, fold)
+    loss_fn = make_loss(plans, config.batch_dice, settings.loss, work)  # checked before the folder is touched
     if overwrite and not resume:  # every check above passed: only now is the earlier run deleted
         shutil.rmtree(out_dir, ignore_errors=True)
     record = {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size}
@@ -114,13 +118,7 @@ def build_run(
     configure_torch(settings, device)
     network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
     network.deep_supervision = settings.deep_supervision
-    optimizer = torch.optim.SGD(
-        network.parameters(),
-        lr=settings.initial_lr,
-        momentum=settings.momentum,
-        nesterov=settings.nesterov,
-        weight_decay=settings.weight_decay,
-    )
+    optimizer = make_optimizer(settings, network.parameters())
     return TrainingRun(
         work=work,
         config_name=config_name,
@@ -136,7 +134,7 @@ def build_run(
         previous_dir=previous_dir,
         network=network,
         optimizer=optimizer,
-        loss_fn=make_loss(plans, config.batch_dice),
+        loss_fn=loss_fn,
         precision=Precision.for_device(device),
         topology=topology_key(plans, config_name),
     )
@@ -166,20 +164,71 @@ def _prepare_folder(
         raise AutosegError(
             f"{latest}: this fold already has a run; use --resume to continue it, or --overwrite to start again"
         )
+    if resume and latest.exists():
+        check_same_recipe(out_dir / WorkDir.FOLD_SETTINGS, record["train"])
     if w.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out_dir, val_ids)
         write_json(out_dir / WorkDir.FOLD_SETTINGS, record)
 
 
-def make_loss(plans: Plans, batch_dice: bool) -> DeepSupervisionLoss:
-    if plans.region_based:
-        inner = RegionDiceBCELoss(
-            plans.training_regions, batch_dice=batch_dice, ignore_label=plans.ignore_label
-        )
-    else:
-        inner = DiceCELoss(batch_dice=batch_dice, ignore_label=plans.ignore_label)
+def make_loss(
+    plans: Plans, batch_dice: bool, loss: str = DEFAULT_LOSS, work: WorkDir | None = None
+) -> DeepSupervisionLoss:
+    """The loss expression ``loss`` on every deep-supervision output: one sigmoid per region for a
+    region-based plan, else softmax classes. Class weights ``auto`` come from ``work``'s fingerprint."""
+    expr = parse_loss(loss)
+    try:
+        check_for_plans(expr, plans.region_based, plans.num_classes)
+    except LossSpecError as exc:
+        raise SettingError("loss", loss, str(exc)) from None
+    weights = None
+    if any(dict(t.params).get("weights") == "auto" for t in expr.terms):
+        if work is None or not work.fingerprint.is_file():
+            raise AutosegError(
+                f"loss {loss}: weights=auto needs the fingerprint.json that 'autoseg plan' writes"
+            )
+        weights = class_weights(Fingerprint.from_json(read_json(work.fingerprint)), plans)
+    inner = CompositeLoss(
+        expr,
+        regions=plans.training_regions if plans.region_based else None,
+        batch_dice=batch_dice,
+        ignore_label=plans.ignore_label,
+        class_weights=weights,
+    )
     return DeepSupervisionLoss(inner)
+
+
+def make_optimizer(settings: TrainSettings, params) -> torch.optim.Optimizer:
+    """SGD (``momentum``, ``nesterov``), Adam or AdamW at ``initial_lr`` with ``weight_decay`` (decoupled
+    for AdamW, an L2 term for the others)."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.initial_lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.initial_lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        params,
+        lr=settings.initial_lr,
+        momentum=settings.momentum,
+        nesterov=settings.nesterov,
+        weight_decay=settings.weight_decay,
+    )
+
+
+def check_same_recipe(settings_file: Path, train: dict) -> None:
+    """A resumed run keeps its recipe (loss, optimizer, schedule, warmup): refuse, in one line, settings that
+    change what the run's ``settings.json`` recorded (a run from before these settings had the defaults)."""
+    if not settings_file.is_file():
+        return
+    recorded = read_json(settings_file).get("train", {})
+    defaults = TrainSettings().to_json()
+    for key in RECIPE_KEYS:
+        before = recorded.get(key, defaults[key])
+        if before != train[key]:
+            raise AutosegError(
+                f"{settings_file}: the run was trained with {key} = {before!r}, now {train[key]!r}; --resume "
+                "needs the same recipe (use --overwrite to start again with the new one)"
+            )
 
 
 def configure_torch(settings: TrainSettings, device: torch.device) -> None:

@@ -1,5 +1,8 @@
-"""Polynomial learning-rate decay: ``lr(epoch) = initial * (1 - epoch / epochs) ** exponent`` (with a time
-budget, ``epoch / epochs`` is the fraction of the budget used)."""
+"""Learning-rate schedules over the fraction ``f`` of the run done (``epoch / epochs``; with a time budget the
+fraction of the budget used). Polynomial decay: ``lr = initial * (1 - f) ** exponent``; cosine:
+``lr = initial * (1 + cos(pi f)) / 2``. With a warmup over the first ``w`` of the run the rate rises linearly
+from ``initial / 10`` to ``initial`` (the first epoch is not wasted at rate 0), then the decay runs over the rest.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,22 @@ import torch
 
 def poly_lr(initial_lr: float, epoch: float, epochs: float, exponent: float = 0.9) -> float:
     return initial_lr * (1 - min(epoch, epochs) / epochs) ** exponent
+
+
+WARMUP_START = 0.1
+"""Rate at the start of a warmup, as a fraction of the initial rate."""
+
+
+def scheduled_lr(initial_lr: float, fraction: float, schedule: str, exponent: float, warmup: float) -> float:
+    """The rate after ``fraction`` (0..1, clipped) of the run for ``schedule`` "poly" or "cosine" with a linear
+    warmup over the first ``warmup`` of the run (0: none)."""
+    f = min(max(fraction, 0.0), 1.0)
+    if f < warmup:
+        return initial_lr * (WARMUP_START + (1 - WARMUP_START) * f / warmup)
+    rest = (f - warmup) / (1 - warmup)
+    if schedule == "cosine":
+        return initial_lr * 0.5 * (1 + math.cos(math.pi * rest))
+    return initial_lr * (1 - rest) ** exponent
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
