@@ -74,8 +74,7 @@ def plan(
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
     With ``time_budget`` (minutes of training), the plans also hold ``3d_budget``, sized for that budget on
-    ``device`` (``cpu``, ``cuda`` or ``mps``; by default the best one here), whose training steps are timed on
-    this machine and cached in ``step_cache`` (:mod:`autoseg.planning.device`).
+    ``device`` (default: the best one here), timed on it and cached in ``step_cache`` (``planning.device``).
 
     Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
     (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``

@@ -7,15 +7,16 @@ ever cheaper configurations and keeps the first whose training step (measured on
 
 1. the standard network (:data:`WIDTHS` [0] = 32 base features) at the median spacing;
 2. 16 base features, at the median spacing and then ever coarser spacings (:data:`SPACING_FACTORS`), as far as
-   the thinnest structure allows (:func:`coarsest_factor`: it keeps :data:`VOXELS_ACROSS` voxels across);
-3. 8 base features over the same spacings;
-4. 8 base features at the coarsest allowed spacing with a patch of 1/2, 1/4, then 1/8 of the image.
+   the thinnest structure allows (:func:`coarsest_factor`: it keeps :data:`VOXELS_ACROSS` voxels across), then
+   at the coarsest of them with a patch of at most 1/2, then 1/4 of the image (:data:`COVERAGES`);
+3. the same with 8 base features, down to a patch of 1/8 of the image.
 
 The order puts what costs least accuracy per second saved first. Halving the width quarters the FLOPs of
 every convolution; on datasets of a few cases the narrower network loses little (``docs/planning.md``,
 experiments). Coarser spacing costs boundary accuracy once the image is resampled back, so it stops where the
-thinnest structure would keep fewer than four voxels across. A smaller patch comes last: a patch that sees the
-whole image is what lets a network with few steps learn where a structure is.
+thinnest structure would keep fewer than two voxels across. A smaller patch comes after both within a width:
+nnU-Net's own patches hold a fifth of a BraTS image, but a network given few steps learns faster where it sees
+more of the image at once.
 
 Every patch, topology and batch of a rung is planned as the other configurations are
 (:func:`autoseg.planning.planner.plan_configuration`, memory budget included). Coarse axes of anisotropic data
@@ -33,14 +34,15 @@ from autoseg.planning.plans import BudgetPlan, Configuration
 
 MIN_STEPS = 400
 """Optimisation steps a budget must buy (batch 2); see ``docs/planning.md`` for the experiments behind it."""
-VOXELS_ACROSS = 4.0
+VOXELS_ACROSS = 2.0
 """The thinnest structure keeps at least this many voxels across at the planned spacing."""
 SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 """The finest axis's spacing is multiplied by these (coarse axes join in once the fine ones reach them)."""
 WIDTHS = (32, 16, 8)
 """Base features (of the first stage; doubling per stage, capped as in the standard plans)."""
 COVERAGES = (0.5, 0.25, 0.125)
-"""Last resort: the patch's share of the median image, at the narrowest width and coarsest spacing."""
+"""The most of the median image a patch may hold, tried at the coarsest spacing of each width (the last only at
+the narrowest width)."""
 OVERHEAD = 0.1
 """Share of the budget kept for what is not a training step: validation patches, logging, checkpoints."""
 TARGET_EPOCHS = 25
@@ -111,8 +113,8 @@ def ladder(max_factor: float) -> list[Rung]:
     factors = [f for f in SPACING_FACTORS if f <= max_factor]
     rungs = [Rung(1.0, WIDTHS[0], 1.0)]
     for width in WIDTHS[1:]:
-        rungs += [Rung(f, width, 1.0) for f in factors]
-    rungs += [Rung(factors[-1], WIDTHS[-1], c) for c in COVERAGES]
+        coverages = COVERAGES if width == WIDTHS[-1] else COVERAGES[:-1]
+        rungs += [Rung(f, width, 1.0) for f in factors] + [Rung(factors[-1], width, c) for c in coverages]
     return rungs
 
 

@@ -67,11 +67,9 @@ def plan_configuration(
     coverage: float = 1.0,
 ) -> Configuration:
     """Patch, topology and batch for one configuration under ``budget_bytes`` (see module docstrings).
-
     ``dataset_voxels`` (cases × median image voxels) caps the batch at 5 % of the dataset per step. Memory and
     FLOPs are measured on the registered network of ``architecture`` (``memory``, ``speed``), trained with the
-    loss of ``region_based`` plans or not. ``base_features`` and ``coverage`` (the most of the median image a
-    patch may hold) are the time-budget planner's levers (:mod:`autoseg.planning.budget`).
+    loss of ``region_based`` plans or not; ``base_features`` and ``coverage``: see :func:`_fit_patch`.
     """
     start, patch = _start_patch(name, spacing, median_shape, dim, reasons)
 
@@ -80,12 +78,9 @@ def plan_configuration(
             net, patch_size, batch_size, in_channels, num_classes, region_based=region_based
         )
 
-    max_voxels = coverage * math.prod(median_shape) if coverage < 1 else math.inf
-
-    def fits(net: NetworkTopology, patch_size: list[int]) -> bool:
-        return step_bytes(net, patch_size, MIN_BATCH) <= budget_bytes and math.prod(patch_size) <= max_voxels
-
-    net, patch = _fit_patch(patch, spacing, median_shape, dim, architecture, fits, base_features)
+    net, patch = _fit_patch(
+        patch, spacing, median_shape, dim, architecture, budget_bytes, step_bytes, base_features, coverage
+    )
     fit, cap, batch = _batch_size(net, patch, dataset_voxels, budget_bytes, step_bytes)
     est = step_bytes(net, patch, batch)
     flops = speed.step_flops(net, patch, in_channels, num_classes, region_based)
@@ -142,12 +137,16 @@ def _fit_patch(
     median_shape: list[float],
     dim: int,
     architecture: str,
-    fits: Callable[[NetworkTopology, list[int]], bool],
-    base_features: int,
+    budget_bytes: int,
+    step_bytes: StepBytes,
+    base_features: int = topology.BASE_FEATURES,
+    coverage: float = 1.0,
 ) -> tuple[NetworkTopology, list[int]]:
     """(network, patch): shrink the patch one total stride at a time, along the axis largest relative to the
-    median shape, until it ``fits`` (a step of :data:`MIN_BATCH` fits the memory budget, and the patch its
-    voxel cap), or nothing is left to shrink."""
+    median shape, until a step of :data:`MIN_BATCH` fits ``budget_bytes`` and the patch holds at most
+    ``coverage`` of the median image (or nothing is left to shrink). The network's first stage has
+    ``base_features`` (the time-budget planner's levers, :mod:`autoseg.planning.budget`)."""
+    max_voxels = coverage * math.prod(median_shape) if coverage < 1 else math.inf
     while True:
         strides, kernels = topology.pooling_and_kernels(patch, spacing)
         patch_r = topology.round_up_to_stride(patch, strides)
@@ -159,7 +158,7 @@ def _fit_patch(
             kernel_sizes=kernels,
             features_per_stage=feats,
         )
-        if fits(net, patch_r):
+        if step_bytes(net, patch_r, MIN_BATCH) <= budget_bytes and math.prod(patch_r) <= max_voxels:
             break
         ratios = [p / m for p, m in zip(patch_r, median_shape)]
         axis = int(np.argmax(ratios))
@@ -280,15 +279,7 @@ def make_plans(
     lowres = plan_lowres(spacing_t, median_t, cfg3d, common, reasons)
     if budget is not None:
         lowres = {**lowres, "3d_budget": _plan_budget(budget, spacing_t, median_t, spec, fp, common)}
-    cfg2d = plan_configuration("2d", 2, spacing_t[1:], median_t[1:], **common)
-    # 2D data is the same preprocessed volume; keep its full 3-axis spacing for export
-    cfg2d = Configuration(
-        **{
-            **cfg2d.__dict__,
-            "spacing": [float(s) for s in spacing_t],
-            "median_shape": [int(round(m)) for m in median_t],
-        }
-    )
+    cfg2d = _plan_2d(spacing_t, median_t, common)
     return Plans(
         dataset_name=spec.name,
         dataset_hash=fp.dataset_hash,
@@ -304,6 +295,19 @@ def make_plans(
         orientation=CANONICAL_ORIENTATION,
         regions_class_order=list(spec.regions_class_order),
         ignore_label=spec.ignore_label,
+    )
+
+
+def _plan_2d(spacing: list[float], median_shape: list[float], common: dict) -> Configuration:
+    """``2d``: planned on the in-plane axes; its data is the same preprocessed volume, so it keeps the full
+    3-axis spacing and median shape (for export)."""
+    cfg2d = plan_configuration("2d", 2, spacing[1:], median_shape[1:], **common)
+    return Configuration(
+        **{
+            **cfg2d.__dict__,
+            "spacing": [float(s) for s in spacing],
+            "median_shape": [int(round(m)) for m in median_shape],
+        }
     )
 
 

@@ -165,6 +165,8 @@ class Configuration:
             ):
                 raise bad(what, value, f"{n} lists (one per stage) of {self.dim} positive integers")
         self._check_ranges(bad)
+        if self.budget is not None:
+            self.budget.check(bad)
 
     def _check_ranges(self, bad) -> None:
         """The sanity limits above (a plan from anywhere must not make predict allocate without bound)."""
@@ -225,8 +227,6 @@ class Configuration:
             raise bad("previous_stage", self.previous_stage, "a configuration name or null")
         if not isinstance(self.estimated_step_seconds, dict):
             raise bad("estimated_step_seconds", self.estimated_step_seconds, "an object")
-        if self.budget is not None:
-            self.budget.check(bad)
 
 
 def _positive_ints(values, n: int) -> bool:

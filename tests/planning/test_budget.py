@@ -93,30 +93,35 @@ def test_isotropic_slow_device_narrows_then_coarsens_until_a_step_fits():
 
 
 def test_anisotropic_data_coarsens_only_the_fine_axes_and_stops_at_the_thinnest_structure():
-    # 5 x 1 x 1 mm (the coarse axis first), 20 x 128 x 128 voxels, thinnest structure 6 mm: the in-plane spacing
-    # may reach 6/4 = 1.5 mm, so the ladder stops at 1.5x (no 2x rung), and the 5 mm axis is never touched.
-    fp = _fingerprint((5, 1, 1), (20, 128, 128), thickness_mm=6.0)
-    assert rule.coarsest_factor([5.0, 1.0, 1.0], {"a": 6.0})[0] == 1.5
+    # 5 x 1 x 1 mm (the coarse axis first), 20 x 128 x 128 voxels, thinnest structure 3 mm: the in-plane spacing
+    # may reach 3/2 = 1.5 mm, so the ladder stops at 1.5x (no 2x rung), and the 5 mm axis is never touched.
+    fp = _fingerprint((5, 1, 1), (20, 128, 128), thickness_mm=3.0)
+    assert rule.coarsest_factor([5.0, 1.0, 1.0], {"a": 3.0})[0] == 1.5
     ladder = rule.ladder(1.5)
     assert [(r.width, r.factor, r.coverage) for r in ladder] == [
-        (32, 1.0, 1.0), (16, 1.0, 1.0), (16, 1.25, 1.0), (16, 1.5, 1.0),
+        (32, 1.0, 1.0), (16, 1.0, 1.0), (16, 1.25, 1.0), (16, 1.5, 1.0), (16, 1.5, 0.5), (16, 1.5, 0.25),
         (8, 1.0, 1.0), (8, 1.25, 1.0), (8, 1.5, 1.0), (8, 1.5, 0.5), (8, 1.5, 0.25), (8, 1.5, 0.125),
     ]  # fmt: skip
     # t32 = 25 s for the 32-feature step at 20x128x128. By hand, in-plane patches 128 (1 mm), 112 (1.25 mm:
     # 102.4 rounded up to the total stride 16), 96 (1.5 mm: 85.3 rounded up to 16); the 20 slices stay:
-    #   16 features at 1.5 mm: 25/4 * 96^2/128^2 = 3.52 s > 1.35;  8 features at 1 mm: 25/16 = 1.5625 s > 1.35
-    #   8 features at 1.25 mm: 25/16 * 112^2/128^2 = 1.196 s <= 1.35 -> chosen
+    #   16 features at 1.5 mm: 25/4 * 96^2/128^2 = 3.52 s > 1.35. With a patch of at most half the image
+    #   (20 * 85.33^2 / 2 = 72,818 voxels) the planner shrinks, one total stride (4 x 16 x 16) at a time, the axis
+    #   largest relative to the image: 20x96x96 -> 20x80x96 -> 20x80x80 -> 16x80x80 -> 16x64x80 -> 16x64x64
+    #   (65,536 voxels): 25/4 * 16*64*64 / (20*128*128) = 1.25 s <= 1.35 -> chosen
     config, log = _budget(fp, 10, 25.0, 20 * 128 * 128)
-    assert [(w, p[1]) for w, _, p, _ in log] == [(32, 128), (16, 128), (16, 112), (16, 96), (8, 128), (8, 112)]
-    assert config.network.features_per_stage[0] == 8
-    assert config.spacing == [5.0, 1.25, 1.25] and config.patch_size == [20, 112, 112]
+    assert [(w, p) for w, _, p, _ in log] == [
+        (32, [20, 128, 128]), (16, [20, 128, 128]), (16, [20, 112, 112]), (16, [20, 96, 96]), (16, [16, 64, 64]),
+    ]  # fmt: skip
+    assert config.network.features_per_stage[0] == 16 and config.budget.seconds_per_step == 1.25
+    assert config.spacing == [5.0, 1.5, 1.5] and config.patch_size == [16, 64, 64]
     assert all(sp[0] == 5.0 for _, sp, _, _ in log)
 
 
 def test_a_budget_too_small_names_the_smallest_that_would_do():
-    # The cheapest rung: 8 features at 2 mm (32^3 image) with a patch of at most 1/8 of it (4096 voxels: 16^3):
-    # 10 * (8/32)^2 * 4096/64^3 = 0.009766 s per step; 400 steps in 90 % of the budget need 4.34 s: 1 minute.
-    fp = _fingerprint((1, 1, 1), (64, 64, 64), thickness_mm=8.0)
+    # The cheapest rung: 8 features at 2 mm (32^3 image; a 4 mm structure keeps 2 voxels across) with a patch of
+    # at most 1/8 of it (4096 voxels: 16^3): 10 * (8/32)^2 * 4096/64^3 = 0.009766 s per step; 400 steps in 90 %
+    # of the budget need 4.34 s: 1 minute.
+    fp = _fingerprint((1, 1, 1), (64, 64, 64), thickness_mm=4.0)
     with pytest.raises(AutosegError, match=r"--time-budget 0.05: too short .* at least 1 minutes") as err:
         _budget(fp, 0.05, 10.0, 64**3)
     assert "8 base features at 2x" in str(err.value) and "16x16x16" in str(err.value)
