@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from autoseg.networks.attention_unet import build_attention_unet
 from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
 from autoseg.networks.unet import build_unet
@@ -26,7 +27,12 @@ from autoseg.planning.network_topology import NetworkTopology
 
 Builder = Callable[[NetworkTopology, int, int], nn.Module]
 
-ARCHITECTURES: dict[str, Builder] = {"unet": build_unet, "resenc": build_resenc, "vnet": build_vnet}
+ARCHITECTURES: dict[str, Builder] = {
+    "unet": build_unet,
+    "resenc": build_resenc,
+    "vnet": build_vnet,
+    "attention_unet": build_attention_unet,
+}
 
 
 def available() -> list[str]:

@@ -17,6 +17,7 @@ from autoseg.networks.vnet import vnet_convs_per_stage, vnet_kernel
 from autoseg.planning import memory, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
+from tests.networks.test_classic_networks import NETWORKS as CLASSIC
 from tests.planning.test_planning import _fingerprint, _spec
 
 ARCHS = ["unet", "resenc", "vnet"]
@@ -32,7 +33,7 @@ def _topology(arch: str, patch: list[int], spacing: list[float], base: int = 4) 
 
 def test_every_architecture_is_registered_and_the_memory_model_knows_no_other():
     assert set(ARCHS) <= set(available())
-    assert set(memory.ARCHITECTURES) == set(ARCHS)
+    assert set(memory.ARCHITECTURES) == set(ARCHS) | set(CLASSIC)
     with pytest.raises(ValueError, match="unknown architecture 'transformer9000'"):
         memory.count_parameters(3, [[3, 3, 3]], [8], 1, 2, [[1, 1, 1]], architecture="transformer9000")
 

@@ -1,0 +1,114 @@
+"""The classic networks of issue 16, each built from planned topologies (3D isotropic, 3D anisotropic, 2D):
+output sizes, deep-supervision outputs, one training step, TorchScript and ONNX export with matching logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.networks import ARCHITECTURES, build_network
+from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.planning import topology
+from autoseg.planning.plans import NetworkTopology
+
+# how each network answers in training mode with deep supervision: "pyramid" = one output per decoder stage,
+# highest resolution first (as U-Net); "nested" = one full-resolution output per nested head (UNet++);
+# "single" = one full-resolution output in a list
+OUTPUTS = {"attention_unet": "pyramid"}
+NETWORKS = sorted(OUTPUTS)
+# 3D anisotropic (z at 3 mm: kernels 1×3×3 and z not pooled at first), 3D isotropic, 2D
+CASES = [([16, 32, 32], [3.0, 1.0, 1.0]), ([16, 16, 16], [1.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])]
+CASE_IDS = ["3d-aniso", "3d-iso", "2d"]
+
+
+def planned(arch: str, patch: list[int], spacing: list[float], base: int = 4) -> NetworkTopology:
+    strides, kernels = topology.pooling_and_kernels(patch, spacing)
+    feats = [base * 2**i for i in range(len(strides))]
+    return NetworkTopology(arch, len(patch), strides, kernels, feats)
+
+
+def expected_shapes(kind: str, topo: NetworkTopology, patch: list[int], batch: int, k: int) -> list[tuple]:
+    if kind == "single":
+        return [(batch, k, *patch)]
+    if kind == "nested":
+        return [(batch, k, *patch)] * (topo.n_stages - 1)
+    shapes, size = [], list(patch)
+    for stride in topo.strides[: topo.n_stages - 1]:
+        size = [s // st for s, st in zip(size, stride)]
+        shapes.append((batch, k, *size))
+    return shapes
+
+
+def test_every_network_of_the_issue_is_registered():
+    assert set(NETWORKS) <= set(ARCHITECTURES)
+
+
+def test_the_anisotropic_case_plans_anisotropic_strides_and_kernels():
+    topo = planned("unet", *CASES[0])
+    assert topo.kernel_sizes[0] == [1, 3, 3] and topo.strides[1] == [1, 2, 2]
+
+
+@pytest.mark.parametrize("arch", NETWORKS)
+@pytest.mark.parametrize("patch, spacing", CASES, ids=CASE_IDS)
+def test_outputs_keep_the_input_size_and_deep_supervision_has_the_right_shapes(arch, patch, spacing):
+    topo = planned(arch, patch, spacing)
+    net = build_network(topo, in_channels=2, num_classes=3)
+    x = torch.randn(2, 2, *patch)
+    outs = net.train()(x)
+    assert isinstance(outs, list)
+    assert [tuple(o.shape) for o in outs] == expected_shapes(OUTPUTS[arch], topo, patch, 2, 3)
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (2, 3, *patch)
+    net.deep_supervision = False  # training without deep supervision: the full-resolution logits alone
+    assert net.train()(x).shape == (2, 3, *patch)
+
+
+def _first_convolution(net: torch.nn.Module, in_channels: int) -> torch.nn.Module:
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    return next(m for m in convs if m.in_channels == in_channels)
+
+
+@pytest.mark.parametrize("arch", NETWORKS)
+@pytest.mark.parametrize("patch, spacing", CASES[::2], ids=CASE_IDS[::2])
+def test_one_training_step_gives_a_finite_loss_and_gradients_down_to_the_first_convolution(arch, patch, spacing):
+    torch.manual_seed(0)
+    topo = planned(arch, patch, spacing)
+    net = build_network(topo, in_channels=2, num_classes=3).train()
+    x = torch.randn(2, 2, *patch)
+    y = torch.randint(0, 3, (2, 1, *patch))
+    loss = DeepSupervisionLoss(DiceCELoss())(net(x), y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grad = _first_convolution(net, 2).weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("arch", NETWORKS)
+@pytest.mark.parametrize("patch, spacing", CASES[::2], ids=CASE_IDS[::2])
+def test_torchscript_and_onnx_exports_give_the_same_logits(arch, patch, spacing, tmp_path):
+    torch.manual_seed(0)
+    net = build_network(planned(arch, patch, spacing), in_channels=2, num_classes=3)
+    for m in net.modules():  # non-trivial norms, so that a dropped or misplaced layer shows in the logits
+        if isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    net.deep_supervision = False
+    net.eval()
+    x = torch.randn(1, 2, *patch)
+    with torch.no_grad():
+        expected = net(x)
+        traced = torch.jit.trace(net, x)
+        x2 = torch.randn(1, 2, *patch)
+        torch.testing.assert_close(traced(x2), net(x2), rtol=1e-4, atol=1e-5)
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
+    pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (dev extra)")
+    ort = pytest.importorskip("onnxruntime", reason="the check runs the model in onnxruntime (dev extra)")
+    path = tmp_path / "net.onnx"
+    with torch.no_grad():
+        torch.onnx.export(net, (x,), str(path), input_names=["image"], output_names=["logits"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"image": x.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
