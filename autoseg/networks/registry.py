@@ -22,6 +22,7 @@ from autoseg.networks.attention_unet import build_attention_unet
 from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
 from autoseg.networks.unet import build_unet
+from autoseg.networks.unetpp import build_unetpp
 from autoseg.networks.vnet import build_vnet
 from autoseg.planning.network_topology import NetworkTopology
 
@@ -32,6 +33,7 @@ ARCHITECTURES: dict[str, Builder] = {
     "resenc": build_resenc,
     "vnet": build_vnet,
     "attention_unet": build_attention_unet,
+    "unetpp": build_unetpp,
 }
 
 

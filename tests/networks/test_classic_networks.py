@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from autoseg.networks import ARCHITECTURES, build_network
-from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from autoseg.networks.unetpp import UNetPlusPlus
 from autoseg.planning import topology
 from autoseg.planning.plans import NetworkTopology
 
 # how each network answers in training mode with deep supervision: "pyramid" = one output per decoder stage,
 # highest resolution first (as U-Net); "nested" = one full-resolution output per nested head (UNet++);
 # "single" = one full-resolution output in a list
-OUTPUTS = {"attention_unet": "pyramid"}
+OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested"}
 NETWORKS = sorted(OUTPUTS)
 # 3D anisotropic (z at 3 mm: kernels 1×3×3 and z not pooled at first), 3D isotropic, 2D
 CASES = [([16, 32, 32], [3.0, 1.0, 1.0]), ([16, 16, 16], [1.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])]
@@ -112,3 +113,38 @@ def test_torchscript_and_onnx_exports_give_the_same_logits(arch, patch, spacing,
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"image": x.numpy()})
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_unetpp_accurate_mode_averages_the_heads_and_fast_mode_prunes():
+    torch.manual_seed(0)
+    topo = planned("unetpp", [16, 32, 32], [3.0, 1.0, 1.0])  # 4 stages: heads at depths 1, 2, 3
+    net = UNetPlusPlus(topo, 2, 3).eval()
+    assert len(net.heads) == 3 and len(net.nodes) == 6  # 3 + 2 + 1 nested nodes
+    x = torch.randn(1, 2, 16, 32, 32)
+    with torch.no_grad():
+        heads = net.train()(x)  # deepest first
+        net.eval()
+        torch.testing.assert_close(net(x), torch.stack(heads).mean(0))
+        net.inference = "fast"
+        net.prune_depth = 3
+        torch.testing.assert_close(net(x), heads[0])
+        net.prune_depth = 1
+        torch.testing.assert_close(net(x), heads[2])
+        for module in (net.encoder[2], net.encoder[3], net.nodes["0_2"], net.heads[1]):
+            for p in module.parameters():  # nothing deeper than X[0][1] is used when pruned at depth 1
+                p.add_(1.0)
+        torch.testing.assert_close(net(x), heads[2])
+        assert not torch.allclose(net.train()(x)[0], heads[0])  # the perturbation does reach the deepest head
+    with pytest.raises(ValueError, match="prune depth 4 out of range"):
+        UNetPlusPlus(topo, 2, 3, inference="fast", prune_depth=4)
+    with pytest.raises(ValueError, match="inference mode 'fastest' unknown"):
+        UNetPlusPlus(topo, 2, 3, inference="fastest")
+
+
+def test_outputs_of_one_resolution_weigh_the_same_in_the_loss():
+    assert deep_supervision_weights(3, same_resolution=True) == pytest.approx([1 / 3] * 3)
+    y = torch.randint(0, 2, (1, 1, 8, 8))
+    a, b = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    inner = DiceCELoss()
+    expected = (inner(a, y) + inner(b, y)) / 2
+    torch.testing.assert_close(DeepSupervisionLoss(inner)([a, b], y), expected)
