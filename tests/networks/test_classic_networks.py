@@ -9,6 +9,7 @@ import torch
 
 from autoseg.networks import ARCHITECTURES, build_network
 from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from autoseg.networks.resse_unet import SEResidualBlock, SqueezeExcitation
 from autoseg.networks.unetpp import UNetPlusPlus
 from autoseg.planning import topology
 from autoseg.planning.plans import NetworkTopology
@@ -16,7 +17,7 @@ from autoseg.planning.plans import NetworkTopology
 # how each network answers in training mode with deep supervision: "pyramid" = one output per decoder stage,
 # highest resolution first (as U-Net); "nested" = one full-resolution output per nested head (UNet++);
 # "single" = one full-resolution output in a list
-OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested"}
+OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested", "resse_unet": "pyramid"}
 NETWORKS = sorted(OUTPUTS)
 # 3D anisotropic (z at 3 mm: kernels 1×3×3 and z not pooled at first), 3D isotropic, 2D
 CASES = [([16, 32, 32], [3.0, 1.0, 1.0]), ([16, 16, 16], [1.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])]
@@ -148,3 +149,25 @@ def test_outputs_of_one_resolution_weigh_the_same_in_the_loss():
     inner = DiceCELoss()
     expected = (inner(a, y) + inner(b, y)) / 2
     torch.testing.assert_close(DeepSupervisionLoss(inner)([a, b], y), expected)
+
+
+def test_squeeze_excitation_scales_each_channel_by_a_function_of_its_spatial_mean():
+    se = SqueezeExcitation(3, 32)
+    assert se.fc[0].out_channels == 4  # 32 / 16 = 2 hidden units, raised to the minimum of 4
+    x = torch.randn(2, 32, 4, 6, 6)
+    with torch.no_grad():
+        y = se(x)
+        scale = y / x
+        # one factor per (sample, channel), in (0, 1): the same at every voxel
+        torch.testing.assert_close(scale, scale[..., :1, :1, :1].expand_as(scale))
+        assert ((scale > 0) & (scale < 1)).all()
+        # the factor depends on the spatial means only: a permutation of the voxels keeps it
+        perm = x.flatten(2)[..., torch.randperm(144)].reshape(x.shape)
+        torch.testing.assert_close(se(perm) / perm, scale)
+
+
+def test_resse_unet_has_a_squeeze_excitation_residual_block_per_encoder_and_decoder_stage():
+    topo = planned("resse_unet", *CASES[0])
+    net = build_network(topo, 2, 3)
+    blocks = [m for m in net.modules() if isinstance(m, SEResidualBlock)]
+    assert len(blocks) == 2 * topo.n_stages - 1
