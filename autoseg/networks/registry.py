@@ -22,6 +22,7 @@ from autoseg.networks.attention_unet import build_attention_unet
 from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
 from autoseg.networks.resse_unet import build_resse_unet
+from autoseg.networks.segnet import build_segnet
 from autoseg.networks.unet import build_unet
 from autoseg.networks.unetpp import build_unetpp
 from autoseg.networks.vnet import build_vnet
@@ -36,6 +37,7 @@ ARCHITECTURES: dict[str, Builder] = {
     "attention_unet": build_attention_unet,
     "unetpp": build_unetpp,
     "resse_unet": build_resse_unet,
+    "segnet": build_segnet,
 }
 
 

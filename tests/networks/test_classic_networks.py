@@ -10,6 +10,7 @@ import torch
 from autoseg.networks import ARCHITECTURES, build_network
 from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.networks.resse_unet import SEResidualBlock, SqueezeExcitation
+from autoseg.networks.segnet import max_unpool
 from autoseg.networks.unetpp import UNetPlusPlus
 from autoseg.planning import topology
 from autoseg.planning.plans import NetworkTopology
@@ -17,7 +18,7 @@ from autoseg.planning.plans import NetworkTopology
 # how each network answers in training mode with deep supervision: "pyramid" = one output per decoder stage,
 # highest resolution first (as U-Net); "nested" = one full-resolution output per nested head (UNet++);
 # "single" = one full-resolution output in a list
-OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested", "resse_unet": "pyramid"}
+OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested", "resse_unet": "pyramid", "segnet": "single"}
 NETWORKS = sorted(OUTPUTS)
 # 3D anisotropic (z at 3 mm: kernels 1×3×3 and z not pooled at first), 3D isotropic, 2D
 CASES = [([16, 32, 32], [3.0, 1.0, 1.0]), ([16, 16, 16], [1.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])]
@@ -171,3 +172,24 @@ def test_resse_unet_has_a_squeeze_excitation_residual_block_per_encoder_and_deco
     net = build_network(topo, 2, 3)
     blocks = [m for m in net.modules() if isinstance(m, SEResidualBlock)]
     assert len(blocks) == 2 * topo.n_stages - 1
+
+
+@pytest.mark.parametrize("dim, stride", [(3, [1, 2, 2]), (3, [2, 2, 2]), (2, [2, 2])])
+def test_segnet_unpooling_puts_each_maximum_back_where_it_came_from(dim, stride):
+    x = torch.randn(2, 3, *[4] * dim)
+    pool = {2: torch.nn.MaxPool2d, 3: torch.nn.MaxPool3d}[dim](stride, stride, return_indices=True)
+    pooled, idx = pool(x)
+    out = max_unpool(pooled, idx, stride)
+    reference = {2: torch.nn.MaxUnpool2d, 3: torch.nn.MaxUnpool3d}[dim](stride, stride)(pooled, idx)
+    torch.testing.assert_close(out, reference)
+    kept = out != 0
+    assert int(kept.sum()) == pooled.numel()  # one value per window, at its maximum
+    torch.testing.assert_close(out[kept], x[kept])
+
+
+def test_segnet_pools_anisotropically_and_concatenates_no_skip():
+    topo = planned("segnet", *CASES[0])
+    net = build_network(topo, 2, 3)
+    assert [list(p.kernel_size) for p in net.pools] == topo.strides[1:]
+    # every decoder block takes the width of the coarser stage alone (no concatenated skip)
+    assert [blk[0][0].in_channels for blk in net.decoder] == topo.features_per_stage[:0:-1]
