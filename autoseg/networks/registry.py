@@ -19,6 +19,7 @@ from collections.abc import Callable
 from torch import nn
 
 from autoseg.networks.attention_unet import build_attention_unet
+from autoseg.networks.fcn8s import build_fcn8s
 from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
 from autoseg.networks.resse_unet import build_resse_unet
@@ -38,6 +39,7 @@ ARCHITECTURES: dict[str, Builder] = {
     "unetpp": build_unetpp,
     "resse_unet": build_resse_unet,
     "segnet": build_segnet,
+    "fcn8s": build_fcn8s,
 }
 
 

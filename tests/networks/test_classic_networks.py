@@ -18,7 +18,7 @@ from autoseg.planning.plans import NetworkTopology
 # how each network answers in training mode with deep supervision: "pyramid" = one output per decoder stage,
 # highest resolution first (as U-Net); "nested" = one full-resolution output per nested head (UNet++);
 # "single" = one full-resolution output in a list
-OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested", "resse_unet": "pyramid", "segnet": "single"}
+OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested", "resse_unet": "pyramid", "segnet": "single", "fcn8s": "single"}
 NETWORKS = sorted(OUTPUTS)
 # 3D anisotropic (z at 3 mm: kernels 1×3×3 and z not pooled at first), 3D isotropic, 2D
 CASES = [([16, 32, 32], [3.0, 1.0, 1.0]), ([16, 16, 16], [1.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])]
@@ -193,3 +193,13 @@ def test_segnet_pools_anisotropically_and_concatenates_no_skip():
     assert [list(p.kernel_size) for p in net.pools] == topo.strides[1:]
     # every decoder block takes the width of the coarser stage alone (no concatenated skip)
     assert [blk[0][0].in_channels for blk in net.decoder] == topo.features_per_stage[:0:-1]
+
+
+def test_fcn8s_fuses_the_scores_of_the_last_three_stages():
+    topo = planned("fcn8s", *CASES[0])  # 4 stages: strides 1, 1×2×2, 2×2×2, 2×2×2
+    net = build_network(topo, 2, 3)
+    assert [c.in_channels for c in net.scores] == topo.features_per_stage[1:]
+    assert [list(u.stride) for u in net.fuse_up] == [topo.strides[3], topo.strides[2]]
+    assert list(net.final_up.stride) == [1, 2, 2]  # total stride of stage 1
+    two = build_network(planned("fcn8s", [32, 48], [1.0, 1.0]), 2, 3)
+    assert len(two.scores) == 3 and len(two.fuse_up) == 2
