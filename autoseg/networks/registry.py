@@ -19,6 +19,7 @@ from collections.abc import Callable
 from torch import nn
 
 from autoseg.networks.attention_unet import build_attention_unet
+from autoseg.networks.deeplabv3plus import build_deeplabv3plus
 from autoseg.networks.fcn8s import build_fcn8s
 from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
@@ -40,6 +41,7 @@ ARCHITECTURES: dict[str, Builder] = {
     "resse_unet": build_resse_unet,
     "segnet": build_segnet,
     "fcn8s": build_fcn8s,
+    "deeplabv3plus": build_deeplabv3plus,
 }
 
 

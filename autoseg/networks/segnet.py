@@ -56,7 +56,8 @@ class SegNet(nn.Module):
             self.encoder.append(StackedConvs(dim, cin, feats[s], kernels[s], one, n))
             cin = feats[s]
         self.decoder = nn.ModuleList(
-            StackedConvs(dim, feats[s], feats[s - 1], kernels[s], one, n) for s in range(topo.n_stages - 1, 0, -1)
+            StackedConvs(dim, feats[s], feats[s - 1], kernels[s], one, n)
+            for s in range(topo.n_stages - 1, 0, -1)
         )
         self.last = StackedConvs(dim, feats[0], feats[0], kernels[0], one, n)
         self.head = conv_cls(dim)(feats[0], num_classes, 1)

@@ -85,9 +85,13 @@ class UNetPlusPlus(nn.Module):
 
 def check_inference(inference: str, prune_depth: int, depth: int) -> None:
     if inference not in INFERENCE_MODES:
-        raise ValueError(f"UNet++ inference mode {inference!r} unknown (use one of {', '.join(INFERENCE_MODES)})")
+        raise ValueError(
+            f"UNet++ inference mode {inference!r} unknown (use one of {', '.join(INFERENCE_MODES)})"
+        )
     if not 1 <= prune_depth <= depth:
-        raise ValueError(f"UNet++ prune depth {prune_depth} out of range (this network has depths 1..{depth})")
+        raise ValueError(
+            f"UNet++ prune depth {prune_depth} out of range (this network has depths 1..{depth})"
+        )
 
 
 def build_unetpp(topo: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:

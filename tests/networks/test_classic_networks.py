@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from autoseg.networks import ARCHITECTURES, build_network
+from autoseg.networks.deeplabv3plus import aspp_rates, atrous_plan, output_grid
 from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.networks.resse_unet import SEResidualBlock, SqueezeExcitation
 from autoseg.networks.segnet import max_unpool
@@ -18,7 +19,14 @@ from autoseg.planning.plans import NetworkTopology
 # how each network answers in training mode with deep supervision: "pyramid" = one output per decoder stage,
 # highest resolution first (as U-Net); "nested" = one full-resolution output per nested head (UNet++);
 # "single" = one full-resolution output in a list
-OUTPUTS = {"attention_unet": "pyramid", "unetpp": "nested", "resse_unet": "pyramid", "segnet": "single", "fcn8s": "single"}
+OUTPUTS = {
+    "attention_unet": "pyramid",
+    "unetpp": "nested",
+    "resse_unet": "pyramid",
+    "segnet": "single",
+    "fcn8s": "single",
+    "deeplabv3plus": "single",
+}
 NETWORKS = sorted(OUTPUTS)
 # 3D anisotropic (z at 3 mm: kernels 1×3×3 and z not pooled at first), 3D isotropic, 2D
 CASES = [([16, 32, 32], [3.0, 1.0, 1.0]), ([16, 16, 16], [1.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])]
@@ -75,7 +83,9 @@ def _first_convolution(net: torch.nn.Module, in_channels: int) -> torch.nn.Modul
 
 @pytest.mark.parametrize("arch", NETWORKS)
 @pytest.mark.parametrize("patch, spacing", CASES[::2], ids=CASE_IDS[::2])
-def test_one_training_step_gives_a_finite_loss_and_gradients_down_to_the_first_convolution(arch, patch, spacing):
+def test_one_training_step_gives_a_finite_loss_and_gradients_down_to_the_first_convolution(
+    arch, patch, spacing
+):
     torch.manual_seed(0)
     topo = planned(arch, patch, spacing)
     net = build_network(topo, in_channels=2, num_classes=3).train()
@@ -203,3 +213,23 @@ def test_fcn8s_fuses_the_scores_of_the_last_three_stages():
     assert list(net.final_up.stride) == [1, 2, 2]  # total stride of stage 1
     two = build_network(planned("fcn8s", [32, 48], [1.0, 1.0]), 2, 3)
     assert len(two.scores) == 3 and len(two.fuse_up) == 2
+
+
+def test_deeplab_trades_strides_past_the_output_stride_for_dilation_per_axis():
+    topo = NetworkTopology(
+        "deeplabv3plus", 3, [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+        [[1, 3, 3]] + [[3, 3, 3]] * 5, [4, 8, 16, 32, 64, 64],
+    )  # fmt: skip
+    plan = atrous_plan(topo, 8)
+    # z strides 8 in all: every stride kept; y/x: 2, 4, 8 kept, then the last two become dilations 2 and 4
+    assert plan.strides == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1], [1, 1, 1]]
+    assert plan.grid[-1] == [8, 8, 8] and output_grid(topo) == [8, 8, 8]
+    assert plan.dilations[-1] == [1, 4, 4]
+    assert plan.dilations[3] == [1, 1, 1] and plan.dilations[4] == [1, 2, 2]
+    # total stride z 8, y/x 32: rates along z a quarter of those along y/x; kernel 1 -> rate 1
+    assert aspp_rates(topo, [3, 3, 3], 6) == [2, 6, 6]
+    assert aspp_rates(topo, [1, 3, 3], 6) == [1, 6, 6]
+    net = build_network(topo, 2, 3)
+    assert net.low == 2 and net.up_to_low == [4, 2, 2] and net.up_to_full == [2, 4, 4]
+    x = torch.randn(1, 2, 16, 64, 64)
+    assert net.eval()(x).shape == (1, 3, 16, 64, 64)
