@@ -120,7 +120,7 @@ def test_a_few_dozen_sgd_steps_overfit_one_batch(arch):
     assert min(losses[-5:]) < losses[0] - 0.5, losses
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + CLASSIC)
 def test_planning_with_each_architecture_fits_the_budget(arch):
     # prostate-like: 3.6×0.6×0.6 mm, 20×320×320 voxels, two channels
     fp = _fingerprint([[3.6, 0.6, 0.6]] * 32, [[20, 320, 320]] * 32, n_channels=2)
