@@ -17,7 +17,7 @@ class AttentionGate(nn.Module):
 
     ``x`` is the skip (``f_l`` channels), ``g`` the gating signal (``f_g`` channels) from the coarser decoder
     stage, ``stride`` times coarser than ``x`` along each axis. As in the paper, ``W_x`` brings ``x`` down to
-    ``g``'s grid (a convolution with kernel = stride, no bias), ``W_g`` is 1×1 (with bias), the coefficients
+    ``g``'s grid (a convolution with kernel = stride), ``W_g`` is 1×1, the coefficients
     ``alpha`` (one channel) are resampled back to ``x``'s grid (linear interpolation). Each of ``W_x``, ``W_g``
     and ``psi`` is followed by an affine instance norm (as MONAI's ``AttentionBlock`` has batch norms: the same
     parameter count at stride 1, which ``tests/networks`` checks).
