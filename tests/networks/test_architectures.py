@@ -95,7 +95,7 @@ def test_vnet_uses_5_wide_kernels_except_along_coarse_axes():
     assert any(isinstance(m, torch.nn.PReLU) for m in net.modules())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + CLASSIC)
 def test_a_few_dozen_sgd_steps_overfit_one_batch(arch):
     torch.manual_seed(0)
     patch = [8, 16, 16]
