@@ -4,7 +4,8 @@ Soft Dice is computed on softmax probabilities over the foreground classes only 
 sample or, with ``batch_dice``, over the whole batch as one volume; ``smooth = 1e-5``. The loss is
 ``CE - mean Dice`` (so a perfect prediction reaches ``-1``). Deep supervision weights the decoder outputs
 ``1, 1/2, 1/4, ...`` (highest resolution first), gives the lowest resolution weight 0, and normalises to 1.
-Targets for lower resolutions are the label map downsampled with nearest neighbour.
+Targets for lower resolutions are the label map downsampled with nearest neighbour. Outputs that all have
+the same size (UNet++'s nested full-resolution heads) weigh the same, ``1/n`` each, as in Zhou et al. 2018.
 
 Region-based plans use :class:`RegionDiceBCELoss` instead: one sigmoid output per region (a union of label
 values), binary cross-entropy plus soft Dice per region. Voxels of the ignore label count in neither term.
@@ -104,9 +105,12 @@ class RegionDiceBCELoss(nn.Module):
         return bce - _soft_dice(probs, truth, self.batch_dice, self.smooth)
 
 
-def deep_supervision_weights(n_outputs: int) -> list[float]:
+def deep_supervision_weights(n_outputs: int, same_resolution: bool = False) -> list[float]:
+    """``1, 1/2, 1/4, ..., 0`` normalised; ``1/n`` each for outputs all at one resolution."""
     if n_outputs == 1:
         return [1.0]
+    if same_resolution:
+        return [1 / n_outputs] * n_outputs
     w = [1 / 2**i for i in range(n_outputs)]
     w[-1] = 0.0
     total = sum(w)
@@ -123,7 +127,8 @@ class DeepSupervisionLoss(nn.Module):
     def forward(self, outputs: list[torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, target)
-        weights = deep_supervision_weights(len(outputs))
+        same = all(out.shape == outputs[0].shape for out in outputs)
+        weights = deep_supervision_weights(len(outputs), same_resolution=same)
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(weights, outputs):
             if w == 0:

@@ -18,15 +18,31 @@ from collections.abc import Callable
 
 from torch import nn
 
+from autoseg.networks.attention_unet import build_attention_unet
+from autoseg.networks.deeplabv3plus import build_deeplabv3plus
+from autoseg.networks.fcn8s import build_fcn8s
 from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
+from autoseg.networks.resse_unet import build_resse_unet
+from autoseg.networks.segnet import build_segnet
 from autoseg.networks.unet import build_unet
+from autoseg.networks.unetpp import build_unetpp
 from autoseg.networks.vnet import build_vnet
 from autoseg.planning.network_topology import NetworkTopology
 
 Builder = Callable[[NetworkTopology, int, int], nn.Module]
 
-ARCHITECTURES: dict[str, Builder] = {"unet": build_unet, "resenc": build_resenc, "vnet": build_vnet}
+ARCHITECTURES: dict[str, Builder] = {
+    "unet": build_unet,
+    "resenc": build_resenc,
+    "vnet": build_vnet,
+    "attention_unet": build_attention_unet,
+    "unetpp": build_unetpp,
+    "resse_unet": build_resse_unet,
+    "segnet": build_segnet,
+    "fcn8s": build_fcn8s,
+    "deeplabv3plus": build_deeplabv3plus,
+}
 
 
 def available() -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autoseg.networks.blocks import ConvNormAct, conv_cls, norm_cls
+from autoseg.networks.blocks import ConvNormAct, conv_cls, norm_cls, same_padding
 from autoseg.networks.unet import UNet
 from autoseg.planning.network_topology import NetworkTopology
 
@@ -30,12 +30,22 @@ class ResidualBlock(nn.Module):
     the shape of the main path. Norm is affine instance norm, act LeakyReLU(0.01), as in :mod:`.blocks`.
     """
 
-    def __init__(self, dim: int, cin: int, cout: int, kernel: list[int], stride: list[int] | int = 1):
+    def __init__(
+        self,
+        dim: int,
+        cin: int,
+        cout: int,
+        kernel: list[int],
+        stride: list[int] | int = 1,
+        dilation: list[int] | int = 1,
+    ):
+        """``dilation`` (per axis) spreads both convolutions' kernels (DeepLab's atrous stages)."""
         super().__init__()
         stride = [stride] * dim if isinstance(stride, int) else list(stride)
-        self.conv1 = ConvNormAct(dim, cin, cout, kernel, stride)
+        self.conv1 = ConvNormAct(dim, cin, cout, kernel, stride, dilation)
+        pad = same_padding(kernel, dilation)
         self.conv2 = nn.Sequential(
-            conv_cls(dim)(cout, cout, kernel, padding=[k // 2 for k in kernel], bias=True),
+            conv_cls(dim)(cout, cout, kernel, padding=pad, dilation=dilation, bias=True),
             norm_cls(dim)(cout, eps=1e-5, affine=True),
         )
         shortcut: list[nn.Module] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,10 +20,16 @@ class UNet(nn.Module):
     """
 
     def __init__(
-        self, topo: NetworkTopology, in_channels: int, num_classes: int, encoder: nn.ModuleList | None = None
+        self,
+        topo: NetworkTopology,
+        in_channels: int,
+        num_classes: int,
+        encoder: nn.ModuleList | None = None,
+        decoder_block: Callable[[int, int, list[int]], nn.Module] | None = None,
     ):
         """``encoder`` (one module per stage, stage ``s`` giving ``features_per_stage[s]`` channels at its
-        stride) replaces the plain encoder; the residual-encoder U-Net is this class with such an encoder."""
+        stride) replaces the plain encoder; the residual-encoder U-Net is this class with such an encoder.
+        ``decoder_block(cin, cout, kernel)`` replaces the decoder's :class:`StackedConvs` (stride 1)."""
         super().__init__()
         dim, feats, n = topo.dim, topo.features_per_stage, topo.n_conv_per_stage
         self.deep_supervision = topo.deep_supervision
@@ -38,8 +46,11 @@ class UNet(nn.Module):
         for s in range(topo.n_stages - 1, 0, -1):
             st = topo.strides[s]
             self.up.append(transp_conv_cls(dim)(feats[s], feats[s - 1], st, stride=st))
+            k = topo.kernel_sizes[s - 1]
             self.decoder.append(
-                StackedConvs(dim, 2 * feats[s - 1], feats[s - 1], topo.kernel_sizes[s - 1], [1] * dim, n)
+                decoder_block(2 * feats[s - 1], feats[s - 1], k)
+                if decoder_block is not None
+                else StackedConvs(dim, 2 * feats[s - 1], feats[s - 1], k, [1] * dim, n)
             )
             self.heads.append(conv_cls(dim)(feats[s - 1], num_classes, 1))
 

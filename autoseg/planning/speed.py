@@ -10,9 +10,10 @@ matrix products, 2 per multiply-add), and divided by one effective throughput pe
 - ``GPU_FLOPS`` is an assumed effective rate for mixed-precision 3D convolutions on a current data-centre GPU,
   not measured (no GPU was lent to the sessions that wrote this).
 
-Like the memory model, the count is measured once per network at a reference patch
-(:func:`autoseg.planning.memory.reference_patches`) and scaled by the patch's voxel count, exact for a fully
-convolutional network at a patch divisible by its total stride. Treat the seconds as an order of magnitude.
+Like the memory model, the count is measured once per network at the two reference patches
+(:func:`autoseg.planning.memory.reference_patches`) and extended affinely in the patch's voxel count, exact for
+a fully convolutional network at a patch divisible by its total stride (layers on globally pooled vectors,
+as squeeze-and-excitation, are the constant term). Treat the seconds as an order of magnitude.
 """
 
 from __future__ import annotations
@@ -37,19 +38,24 @@ def step_flops(
 ) -> int:
     """FLOPs of forward + backward of one training sample of ``topo``'s network at ``patch_size``."""
     memory.check_patch(patch_size, topo)
-    ref = memory.reference_patches(topo)[0]
-    flops = _reference_flops(
+    v0, v1 = (math.prod(p) for p in memory.reference_patches(topo))
+    f0, f1 = _reference_flops(
         memory.registered_builder(topo), memory.cache_key(topo), in_channels, num_classes, region_based
     )
-    return flops * math.prod(patch_size) // math.prod(ref)
+    # affine in the voxel count, as the saved activations: layers on globally pooled vectors (squeeze-and-
+    # excitation, image pooling) cost the same at every patch
+    return f0 + (f1 - f0) * (math.prod(patch_size) - v0) // (v1 - v0)
 
 
 @functools.lru_cache(maxsize=256)
-def _reference_flops(builder, key: tuple, in_channels: int, num_classes: int, region_based: bool) -> int:
+def _reference_flops(
+    builder, key: tuple, in_channels: int, num_classes: int, region_based: bool
+) -> tuple[int, int]:
     topo = memory.topology_from_key(key)
     network = measure.on_meta(lambda: builder(topo, in_channels, num_classes))
     loss = memory.training_loss(num_classes, region_based)
-    return measure.step_flops(network, in_channels, memory.reference_patches(topo)[0], loss)
+    f0, f1 = (measure.step_flops(network, in_channels, p, loss) for p in memory.reference_patches(topo))
+    return f0, f1
 
 
 def estimate_step_seconds(flops_per_sample: float, batch_size: int, device: str) -> float:

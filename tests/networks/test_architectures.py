@@ -17,6 +17,7 @@ from autoseg.networks.vnet import vnet_convs_per_stage, vnet_kernel
 from autoseg.planning import memory, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
+from tests.networks.test_classic_networks import NETWORKS as CLASSIC
 from tests.planning.test_planning import _fingerprint, _spec
 
 ARCHS = ["unet", "resenc", "vnet"]
@@ -32,7 +33,7 @@ def _topology(arch: str, patch: list[int], spacing: list[float], base: int = 4) 
 
 def test_every_architecture_is_registered_and_the_memory_model_knows_no_other():
     assert set(ARCHS) <= set(available())
-    assert set(memory.ARCHITECTURES) == set(ARCHS)
+    assert set(memory.ARCHITECTURES) == set(ARCHS) | set(CLASSIC)
     with pytest.raises(ValueError, match="unknown architecture 'transformer9000'"):
         memory.count_parameters(3, [[3, 3, 3]], [8], 1, 2, [[1, 1, 1]], architecture="transformer9000")
 
@@ -94,7 +95,7 @@ def test_vnet_uses_5_wide_kernels_except_along_coarse_axes():
     assert any(isinstance(m, torch.nn.PReLU) for m in net.modules())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + CLASSIC)
 def test_a_few_dozen_sgd_steps_overfit_one_batch(arch):
     torch.manual_seed(0)
     patch = [8, 16, 16]
@@ -119,7 +120,7 @@ def test_a_few_dozen_sgd_steps_overfit_one_batch(arch):
     assert min(losses[-5:]) < losses[0] - 0.5, losses
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + CLASSIC)
 def test_planning_with_each_architecture_fits_the_budget(arch):
     # prostate-like: 3.6×0.6×0.6 mm, 20×320×320 voxels, two channels
     fp = _fingerprint([[3.6, 0.6, 0.6]] * 32, [[20, 320, 320]] * 32, n_channels=2)
