@@ -151,6 +151,8 @@ def plan_budget(
         if step.seconds <= allowed:
             reasons.append(_reason(request, rung, config, step, why, tried))
             return _with_budget(config, request, step)
+    if step.how == "estimated":  # the smallest budget that would do is named from a timed step
+        step = request.timer(config, math.inf)
     need = math.ceil(step.seconds * MIN_STEPS / (1 - OVERHEAD) / 60)
     raise AutosegError(
         f"--time-budget {request.minutes:g}: too short for any sensible network on {request.device}: the "

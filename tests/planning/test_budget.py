@@ -191,3 +191,47 @@ def test_an_absent_device_is_assumed_at_its_stated_throughput(tmp_path, monkeypa
     flops = config.batch_size * device.speed.step_flops(config.network, config.patch_size, 1, 2, False)
     assert step == StepTime(flops / device.speed.GPU_FLOPS, "assumed")
     assert not (tmp_path / "steps.json").exists()
+
+
+def test_plan_refuses_a_budget_too_short_in_one_line_and_writes_nothing(phantom_dataset, tmp_path, capfd):
+    from tests.test_bad_input import _error_line, _run
+
+    work = tmp_path / "work"
+    cache = tmp_path / "steps.json"
+    code, _, err = _run(
+        capfd, "plan", phantom_dataset, "--workdir", work, "--time-budget", "0.001", "--step-cache", cache
+    )
+    line = _error_line(code, err)
+    assert "--time-budget 0.001: too short for any sensible network on cpu" in line
+    assert "8 base features" in line and "minutes" in line
+    need = int(line.rsplit("at least ", 1)[1].split()[0])
+    assert need >= 1
+    assert not (work / "plans.json").exists() and not (work / "preprocessed").exists()
+    assert json.loads(cache.read_text())  # what was timed is kept for the next try
+
+
+def test_train_takes_the_budget_recipe_from_the_plan_unless_given(phantom_dataset, tmp_path):
+    from autoseg import api
+    from autoseg.layout import WorkDir
+
+    work = WorkDir(tmp_path / "work")
+    plans = api.plan(
+        phantom_dataset, work.root, workers=1, time_budget=3, device="cpu", step_cache=tmp_path / "steps.json",
+        configurations=("3d_budget",),
+    )  # fmt: skip
+    budget = plans.configuration("3d_budget").budget
+    assert budget.minutes == 3 and budget.timing == "measured" and budget.planned_steps >= rule.MIN_STEPS
+    defaults = api.budget_defaults(work, "3d_budget")
+    assert (defaults.time_budget_minutes, defaults.iters_per_epoch, defaults.val_iters) == (
+        3, budget.iters_per_epoch, budget.val_iters,
+    )  # fmt: skip
+    assert api.budget_defaults(work, "3d_fullres") is None
+    fold = api.train(work.root, "3d_budget", 0, device="cpu", time_budget_minutes=0.05, loader_workers=0)
+    settings = json.loads((fold / "settings.json").read_text())
+    assert settings["train"]["time_budget_minutes"] == 0.05  # the option wins over the plan's budget
+    assert settings["train"]["iters_per_epoch"] == budget.iters_per_epoch  # the plan's recipe otherwise
+    again = api.plan(
+        phantom_dataset, work.root, workers=1, time_budget=3, device="cpu", step_cache=tmp_path / "steps.json",
+        configurations=("3d_budget",),
+    )  # fmt: skip
+    assert again.configuration("3d_budget").budget.timing == "cached"
