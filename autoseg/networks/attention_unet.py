@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.networks.blocks import conv_cls, network_outputs, norm
+from autoseg.networks.blocks import conv_cls, norm
 from autoseg.networks.unet import UNet
 from autoseg.planning.network_topology import NetworkTopology
 
@@ -56,19 +56,8 @@ class AttentionUNet(UNet):
             for s in range(topo.n_stages - 1, 0, -1)
         )
 
-    def forward(self, x: torch.Tensor):
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = skips.pop()
-        outputs = []
-        want_all = self.deep_supervision and self.training
-        for i, (up, gate, dec) in enumerate(zip(self.up, self.gates, self.decoder)):
-            x = dec(torch.cat([up(x), gate(skips.pop(), x)], dim=1))
-            if want_all or i == len(self.decoder) - 1:
-                outputs.append(self.heads[i](x))
-        return network_outputs(outputs[::-1], want_all)  # highest resolution first
+    def skip(self, i: int, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        return self.gates[i](skip, coarse)
 
 
 def build_attention_unet(topo: NetworkTopology, in_channels: int, num_classes: int) -> nn.Module:

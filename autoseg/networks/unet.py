@@ -54,6 +54,11 @@ class UNet(nn.Module):
             )
             self.heads.append(conv_cls(dim)(feats[s - 1], num_classes, 1))
 
+    def skip(self, i: int, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """What decoder stage ``i`` concatenates from the encoder: the skip itself (:mod:`.attention_unet`
+        gates it with ``coarse``, the coarser decoder map)."""
+        return skip
+
     def forward(self, x: torch.Tensor):
         skips = []
         for stage in self.encoder:
@@ -63,7 +68,7 @@ class UNet(nn.Module):
         outputs = []
         want_all = self.deep_supervision and self.training
         for i, (up, dec) in enumerate(zip(self.up, self.decoder)):
-            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+            x = dec(torch.cat([up(x), self.skip(i, skips.pop(), x)], dim=1))
             if want_all or i == len(self.decoder) - 1:
                 outputs.append(self.heads[i](x))
         if want_all:
