@@ -146,6 +146,9 @@ class TrainSettings:
     """Learning-rate decay over the run (or the time budget): poly (``poly_exponent``) or cosine."""
     warmup_fraction: float = 0.0
     """Part of the run (or budget) over which the rate rises linearly from a tenth of ``initial_lr``."""
+    output_prior: bool = True
+    """Start the output biases at the log class frequencies of the fingerprint (prior initialisation, see
+    :mod:`autoseg.networks.heads`); false: PyTorch's default initialisation, as nnU-Net."""
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
 
     def __post_init__(self):

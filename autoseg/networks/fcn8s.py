@@ -59,6 +59,11 @@ class FCN8s(nn.Module):
         to_full = [math.prod(st[a] for st in topo.strides[: self.first_scored + 1]) for a in range(dim)]
         self.final_up = _upsample(dim, num_classes, to_full)
 
+    def output_layers(self) -> list[nn.Module]:
+        """None: the fused class scores pass through bias-free transposed convolutions that mix the classes,
+        so no bias sets the initial logits (see :mod:`autoseg.networks.heads`)."""
+        return []
+
     def forward(self, x: torch.Tensor):
         features = []
         for stage in self.encoder:

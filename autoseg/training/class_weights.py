@@ -1,11 +1,15 @@
-"""Class weights for weighted cross-entropy (``wce`` or ``ce(weights=auto)``) from the fingerprint's label
-frequencies.
+"""Class weights for weighted cross-entropy (``wce`` or ``ce(weights=auto)``), and the output prior, from the
+fingerprint's label frequencies.
 
 The weights are the "balanced" inverse frequencies ``w_c = N / (K n_c)`` (``N`` voxels of all ``K`` classes,
 ``n_c`` of class ``c``), so a class of average frequency weighs 1. A class no case contains gets the largest
 weight of the others. Counts are the fingerprint's: per case and foreground label its voxels in the original
 image; background is the rest of each image (voxels of the ignore label, which the fingerprint does not
 count, are counted as background; they are masked in the loss anyway).
+
+The output prior (:func:`output_prior`) is what training writes into the networks' output biases before the
+first step: the log frequency of each class (softmax outputs), or the log-odds of each region's frequency
+(one sigmoid per region), frequencies clipped to ``[PRIOR_FLOOR, 1 - PRIOR_FLOOR]``.
 """
 
 from __future__ import annotations
@@ -41,3 +45,21 @@ def class_voxel_counts(fingerprint: Fingerprint, plans: Plans) -> list[int]:
 
 def class_weights(fingerprint: Fingerprint, plans: Plans) -> list[float]:
     return balanced_weights(class_voxel_counts(fingerprint, plans))
+
+
+PRIOR_FLOOR = 1e-6
+"""A class with no voxel gets this frequency in the prior (a logit of about -13.8, not minus infinity)."""
+
+
+def output_prior(fingerprint: Fingerprint, plans: Plans) -> list[float]:
+    """One initial bias per output channel: ``log f_c`` per class, or ``log(f_r / (1 - f_r))`` per region."""
+    counts = class_voxel_counts(fingerprint, plans)
+    total = max(sum(counts), 1)
+
+    def clip(f: float) -> float:
+        return min(max(f, PRIOR_FLOOR), 1 - PRIOR_FLOOR)
+
+    if plans.region_based:
+        freqs = [clip(sum(counts[v] for v in region) / total) for region in plans.training_regions]
+        return [math.log(f / (1 - f)) for f in freqs]
+    return [math.log(clip(n / total)) for n in counts]

@@ -20,12 +20,13 @@ from autoseg.jsonio import read_json, write_json
 from autoseg.layout import WorkDir
 from autoseg.loss_spec import DEFAULT_LOSS, LossSpecError, check_for_plans, parse_loss
 from autoseg.networks import build_network
+from autoseg.networks.heads import set_output_bias
 from autoseg.networks.losses import CompositeLoss, DeepSupervisionLoss
 from autoseg.planning.plans import Configuration, Plans
 from autoseg.settings import RECIPE_KEYS, SettingError, TrainSettings
 from autoseg.training import distributed
 from autoseg.training.augmentation import augmentation_patch_size
-from autoseg.training.class_weights import class_weights
+from autoseg.training.class_weights import class_weights, output_prior
 from autoseg.training.dataloader import LoaderSpec, default_workers
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
@@ -118,6 +119,8 @@ def build_run(
     configure_torch(settings, device)
     network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
     network.deep_supervision = settings.deep_supervision
+    if settings.output_prior and not resume:
+        _set_prior(network, plans, work, w.is_main)
     optimizer = make_optimizer(settings, network.parameters())
     return TrainingRun(
         work=work,
@@ -170,6 +173,23 @@ def _prepare_folder(
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out_dir, val_ids)
         write_json(out_dir / WorkDir.FOLD_SETTINGS, record)
+
+
+def _set_prior(network: torch.nn.Module, plans: Plans, work: WorkDir, report: bool) -> None:
+    """Output biases at the fingerprint's log class frequencies (``output_prior``); says so, or why not."""
+    if not work.fingerprint.is_file():
+        if report:
+            _log.info("output prior: not set (no fingerprint.json in %s)", work.root)
+        return
+    prior = output_prior(Fingerprint.from_json(read_json(work.fingerprint)), plans)
+    layers = set_output_bias(network, prior)
+    if report:
+        _log.info(
+            "output prior: %s",
+            f"{layers} output layer(s) start at biases {', '.join(f'{b:.2f}' for b in prior)}"
+            if layers
+            else "not set (the network declares no output layer)",
+        )
 
 
 def make_loss(
