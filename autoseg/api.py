@@ -66,7 +66,7 @@ def plan(
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
     progress: Progress | None = None,
-    architecture: str = "unet",
+    architecture: str | tuple[str, ...] = "unet",
     fix_nonfinite: bool = False,
     time_budget: float | None = None,
     step_cache: str | Path | None = None,
@@ -78,11 +78,14 @@ def plan(
 
     Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
     (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``
-    (``unet``, ``resenc`` or ``vnet``) is the network every configuration is planned and sized for.
+    (a name of :func:`architectures`, several as a tuple or comma list ``"unet,unetpp"``) is the network every
+    configuration is planned and sized for; with several, one configuration per resolution and architecture
+    (``3d_fullres_unetpp``; U-Net keeps the plain names, :func:`autoseg.planning.planner.configuration_suffix`).
     NaN/Inf intensities are an error naming the file, unless ``fix_nonfinite`` (then replaced by the image's
     finite minimum/maximum, with a warning).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
+    architecture = parse_architectures(architecture)
     timing = _budget_options(time_budget, device, step_cache)
     if timing is not None and device == "cuda" and not timing.present:
         device = None  # planned for a GPU that is not here: its memory budget is the default one
@@ -951,6 +954,26 @@ def architectures() -> tuple[str, ...]:
     from autoseg.networks import ARCHITECTURES
 
     return tuple(ARCHITECTURES)
+
+
+def parse_architectures(architecture: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``plan --architecture``: one registered name or a comma list (``"unet,attention_unet"``), or a sequence
+    of names; duplicates are dropped, order is kept. :class:`AutosegError` naming the first unknown or empty
+    name and listing the valid ones."""
+    names = architecture.split(",") if isinstance(architecture, str) else list(architecture)
+    valid = architectures()
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip() if isinstance(raw, str) else raw
+        if name not in valid:
+            what = "an empty name" if name == "" else f"unknown architecture {name!r}"
+            raise AutosegError(
+                f"--architecture {architecture if isinstance(architecture, str) else ','.join(map(str, names))}: "
+                f"{what}; use one of {', '.join(valid)} (or a comma list of them)"
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def make_phantom(out_dir: str | Path, cases: int = 10, seed: int = 0) -> Path:

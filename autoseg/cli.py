@@ -32,8 +32,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
-# the architectures the planner has a memory model for (each is registered in autoseg.networks)
-Architecture = Enum("Architecture", {name: name for name in api.architectures()}, type=str)
 MissingDistance = Enum("MissingDistance", {"skip": "skip", "worst": "worst"}, type=str)
 TRAIN = api.TrainSettings  # option defaults are the settings' own (written once, in autoseg.settings)
 INFER = api.InferenceSettings
@@ -100,7 +98,12 @@ _PlanResampleDevice = Annotated[
 ]
 _PlanExplain = Annotated[bool, typer.Option("--explain", help="Print every planning decision and its reason")]
 _PlanArchitecture = Annotated[
-    Architecture, typer.Option("--architecture", help="Network to plan and size for")
+    str,
+    typer.Option(
+        "--architecture",
+        help=f"Network(s) to plan and size for: one of {', '.join(api.architectures())}, or a comma list "
+        "(one configuration per resolution and network, e.g. 3d_fullres_unetpp; unet keeps the plain names)",
+    ),
 ]
 _PlanFixNonfinite = Annotated[
     bool,
@@ -120,7 +123,7 @@ def plan(
     resample_device: _PlanResampleDevice = None,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
     explain: _PlanExplain = False,
-    architecture: _PlanArchitecture = Architecture.unet,
+    architecture: _PlanArchitecture = "unet",
     fix_nonfinite: _PlanFixNonfinite = False,
     time_budget: _PlanTimeBudget = None,
     step_cache: _PlanStepCache = None,
@@ -136,7 +139,7 @@ def plan(
             workers=workers,
             clean=clean,
             progress=_stage_progress(bar),
-            architecture=architecture.value,
+            architecture=architecture,
             fix_nonfinite=fix_nonfinite,
             time_budget=time_budget,
             step_cache=step_cache,
@@ -144,8 +147,8 @@ def plan(
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"
     )
-    for col in api.PLAN_COLUMNS:
-        table.add_column(col)
+    for i, col in enumerate(api.PLAN_COLUMNS):  # the configuration's name whole, the figures wrap if need be
+        table.add_column(col, no_wrap=i == 0, overflow="fold")
     for row in api.plan_rows(plans):
         table.add_row(*row)
     out.print(table)
@@ -157,7 +160,11 @@ def plan(
 
 # train's options
 _TrainConfig = Annotated[
-    str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
+    str,
+    typer.Argument(
+        help="Configuration of the plans: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres, 3d_budget, or one "
+        "planned for another architecture, e.g. 3d_fullres_unetpp"
+    ),
 ]
 _TrainFold = Annotated[
     str,
