@@ -73,16 +73,13 @@ def plan(
 ) -> Plans:
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
-    With ``time_budget`` (minutes of training), the plans also hold ``3d_budget``, sized for that budget on
-    ``device`` (default: the best one here), timed on it and cached in ``step_cache`` (``planning.device``).
-
-    Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
-    (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``
-    (a name of :func:`architectures`, several as a tuple or comma list ``"unet,unetpp"``) is the network every
-    configuration is planned and sized for; with several, one configuration per resolution and architecture
-    (``3d_fullres_unetpp``; U-Net keeps the plain names, :func:`autoseg.planning.planner.configuration_suffix`).
-    NaN/Inf intensities are an error naming the file, unless ``fix_nonfinite`` (then replaced by the image's
-    finite minimum/maximum, with a warning).
+    With ``time_budget`` (minutes of training), also ``3d_budget``, sized for it on ``device`` (default: the
+    best here), timed there and cached in ``step_cache`` (``planning.device``). Nothing is written inside
+    ``dataset_dir``. The fingerprint is reused when the dataset has not changed (same files, sizes, mtimes)
+    unless ``clean``; preprocessing resumes where it stopped. ``architecture`` (a name of :func:`architectures`;
+    several: a tuple or ``"unet,unetpp"``, a configuration per resolution and architecture,
+    :func:`autoseg.planning.planner.configuration_suffix`) is what each is sized for. NaN/Inf intensities are
+    an error naming the file, unless ``fix_nonfinite`` (then the finite min/max, warned).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
     architecture = parse_architectures(architecture)
@@ -944,6 +941,19 @@ def find_best(
     if mirror_tolerance is not None and not 0 <= mirror_tolerance <= 1:
         raise AutosegError(f"--mirror-tolerance: {mirror_tolerance} is not a Dice difference in [0, 1]")
     return _find_best(work, configs, workers, mirror_tolerance)
+
+
+def compare(workdir: str | Path, write: bool = True):
+    """Every trained configuration of ``workdir`` side by side (cost, cross-validation Dice / HD95 / NSD per
+    structure, a paired Wilcoxon test of each against the best), written to ``WORK/compare/compare.{md,csv,png}``
+    with ``write``. Returns an :class:`autoseg.compare.Comparison`; see :mod:`autoseg.compare` for the rules.
+    :class:`AutosegError` naming WORK when it has no plans or no trained configuration."""
+    from autoseg.compare import compare as _compare
+
+    work = WorkDir(Path(workdir))
+    if not work.plans.is_file():
+        raise AutosegError(f"{work.root}: no plans.json (not a WORK folder made by 'autoseg plan')")
+    return _compare(work, write=write)
 
 
 # ---- what the command line needs: option checks, the all-folds loop, summaries (cli.py only parses options)

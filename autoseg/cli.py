@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -90,7 +91,9 @@ _PlanTimeBudget = Annotated[
 ]
 _PlanStepCache = Annotated[
     Path | None,
-    typer.Option("--step-cache", help="JSON file of timed training steps (default ~/.cache/autoseg/step_times.json)"),
+    typer.Option(
+        "--step-cache", help="JSON file of timed training steps (default ~/.cache/autoseg/step_times.json)"
+    ),
 ]
 _PlanResampleDevice = Annotated[
     str | None,
@@ -642,6 +645,39 @@ def find_best(
         soft_wrap=True,
     )
     out.print(f"predict with: {result['predict']}", soft_wrap=True)
+
+
+@app.command()
+def compare(
+    workdir: Annotated[Path, typer.Argument(help="WORK folder with trained configurations")],
+) -> None:
+    """Every trained configuration side by side: cost, cross-validation Dice / HD95 / NSD per structure, and a
+    paired Wilcoxon test of each against the best; writes WORK/compare/compare.md, .csv and .png."""
+    from autoseg.compare import STRUCTURE_COLUMNS, SUMMARY_COLUMNS, structure_rows, summary_rows
+
+    result = api.compare(workdir)
+    for title, columns, rows in (
+        ("configurations (GFLOP per training step, peak GB, training min per fold; p (n pairs): Wilcoxon signed-rank test of per-case Dice vs the best *)", SUMMARY_COLUMNS,
+         summary_rows(result)),
+        ("cross-validation per structure (mean over cases ± SD of the fold means)", STRUCTURE_COLUMNS,
+         structure_rows(result)),
+    ):  # fmt: skip
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)  # no column rules: fits 80 columns
+        for col in columns:
+            table.add_column(col, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    for r in result.rows:
+        if not r.complete:
+            out.print(f"left out of the tests: {r.name}: {r.problem}", soft_wrap=True)
+    best = result.row(result.best) if result.best else None
+    out.print(
+        f"best: {best.name} (mean Dice {best.mean_dice:.4f})"
+        if best
+        else "best: none (no configuration has every fold validated)"
+    )
+    out.print(f"written: {', '.join(str(p) for p in result.files.values())}", soft_wrap=True)
 
 
 def _num(v) -> str:

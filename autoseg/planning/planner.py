@@ -258,21 +258,7 @@ def make_plans(
     Configurations at the same spacing share one preprocessed data folder (:func:`share_data`)."""
     archs = list(dict.fromkeys([architecture] if isinstance(architecture, str) else architecture))
     reasons: list[str] = []
-    spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
-    reasons.append(
-        f"volumes are reoriented to {CANONICAL_ORIENTATION} (lossless permute/flip) so that every case presents its "
-        "anatomy along the same array axes; outputs are turned back to each input's orientation"
-    )
-    reasons.append(f"target spacing {_fmt(spacing)} mm (array order z,y,x): {why}")
-    transpose = transpose_coarse_first(spacing)
-    if transpose != [0, 1, 2]:
-        reasons.append(
-            f"axes transposed by {transpose} so the coarsest axis comes first (2D slices along it)"
-        )
-    resampled = fp.shapes_after_crop * fp.spacings / np.asarray(spacing)[None]
-    median = np.median(resampled, axis=0)
-    spacing_t = [spacing[a] for a in transpose]
-    median_t = [float(median[a]) for a in transpose]
+    transpose, spacing_t, median_t = _geometry(fp, reasons)
     norms = plan_normalization(spec, fp, reasons)
     common = dict(
         dataset_voxels=len(fp.cases) * math.prod(median_t),
@@ -309,6 +295,24 @@ def make_plans(
         regions_class_order=list(spec.regions_class_order),
         ignore_label=spec.ignore_label,
     )
+
+
+def _geometry(fp: Fingerprint, reasons: list[str]) -> tuple[list[int], list[float], list[float]]:
+    """(axis transpose, target spacing and median shape in the transposed axis order), with their reasons."""
+    spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
+    reasons.append(
+        f"volumes are reoriented to {CANONICAL_ORIENTATION} (lossless permute/flip) so that every case presents its "
+        "anatomy along the same array axes; outputs are turned back to each input's orientation"
+    )
+    reasons.append(f"target spacing {_fmt(spacing)} mm (array order z,y,x): {why}")
+    transpose = transpose_coarse_first(spacing)
+    if transpose != [0, 1, 2]:
+        reasons.append(
+            f"axes transposed by {transpose} so the coarsest axis comes first (2D slices along it)"
+        )
+    resampled = fp.shapes_after_crop * fp.spacings / np.asarray(spacing)[None]
+    median = np.median(resampled, axis=0)
+    return transpose, [spacing[a] for a in transpose], [float(median[a]) for a in transpose]
 
 
 PLAIN_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_budget")
