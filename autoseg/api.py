@@ -956,6 +956,13 @@ def compare(workdir: str | Path, write: bool = True):
     return _compare(work, write=write)
 
 
+def compare_tables(result) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """``(title, columns, rows)`` of the tables ``autoseg compare`` prints for ``result`` (:func:`compare`)."""
+    from autoseg.compare import terminal_tables
+
+    return terminal_tables(result)
+
+
 # ---- what the command line needs: option checks, the all-folds loop, summaries (cli.py only parses options)
 
 

@@ -653,15 +653,8 @@ def compare(
 ) -> None:
     """Every trained configuration side by side: cost, cross-validation Dice / HD95 / NSD per structure, and a
     paired Wilcoxon test of each against the best; writes WORK/compare/compare.md, .csv and .png."""
-    from autoseg.compare import STRUCTURE_COLUMNS, SUMMARY_COLUMNS, structure_rows, summary_rows
-
     result = api.compare(workdir)
-    for title, columns, rows in (
-        ("configurations (GFLOP per training step, peak GB, training min per fold; p (n pairs): Wilcoxon signed-rank test of per-case Dice vs the best *)", SUMMARY_COLUMNS,
-         summary_rows(result)),
-        ("cross-validation per structure (mean over cases ± SD of the fold means)", STRUCTURE_COLUMNS,
-         structure_rows(result)),
-    ):  # fmt: skip
+    for title, columns, rows in api.compare_tables(result):
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)  # no column rules: fits 80 columns
         for col in columns:
             table.add_column(col, no_wrap=True)

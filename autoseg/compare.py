@@ -25,9 +25,10 @@ Rules
 * **Per-case Dice** (what the test pairs): the mean over structures of the case's Dice, structures where it
   is undefined (both masks empty) left out; a case with none defined has no value.
 * **Paired test**: for each other complete configuration, the two-sided Wilcoxon signed-rank test
-  (:func:`scipy.stats.wilcoxon`, zero differences dropped as Wilcoxon did; exact distribution for fewer than
-  50 pairs without ties or zeros, else the normal approximation) of the per-case Dice differences over the
-  cases both have a value for. All differences zero: p = 1. ``n`` pairs are reported: with 5 or fewer, no
+  (:func:`scipy.stats.wilcoxon`, zero differences dropped as Wilcoxon did; scipy's ``method="auto"``: the
+  exact distribution for at most 50 pairs without ties or zeros, with ties or zeros an exhaustive permutation
+  test up to 13 pairs, else the normal approximation) of the per-case Dice differences over the cases both
+  have a value for. All differences zero: p = 1. ``n`` pairs are reported: with 5 or fewer, no
   difference can reach p < 0.05 (the smallest two-sided exact p is 2 / 2**n).
 * **Cost**: parameters and FLOPs of a training step (batch × forward and backward of one sample, measured on
   the network on the meta device, :func:`autoseg.planning.speed.step_flops`); measured seconds per
@@ -55,7 +56,6 @@ from autoseg.planning.plans import Plans
 
 METRICS = ("dice", "hd95", "nsd")
 """The metrics compared per structure (their units: ratio, mm, ratio)."""
-COMPARE_DIR = "compare"
 ALPHA = 0.05
 
 
@@ -139,7 +139,7 @@ def compare(work: WorkDir | str | os.PathLike, write: bool = True) -> Comparison
     structures = list(dict.fromkeys(s for r in rows for s in r.scores))
     result = Comparison(rows, best.name if best else None, structures, len(splits))
     if write:
-        result.files.update(write_comparison(result, work.root / COMPARE_DIR))
+        result.files.update(write_comparison(result, work.compare_dir))
     return result
 
 
@@ -372,7 +372,7 @@ def cost_rows(result: Comparison) -> list[tuple[str, ...]]:
 
 def score_columns(result: Comparison) -> tuple[str, ...]:
     per = [f"{m.upper() if m != 'dice' else 'Dice'} {s}" for s in result.structures for m in METRICS]
-    return ("configuration", "mean Dice", *per, "p vs best (n)", "median Δ Dice")
+    return ("configuration", "mean Dice", "cases", *per, "p vs best (n)", "median Δ Dice")
 
 
 def score_rows(result: Comparison) -> list[tuple[str, ...]]:
@@ -380,7 +380,9 @@ def score_rows(result: Comparison) -> list[tuple[str, ...]]:
     rows = []
     for r in result.rows:
         if not r.complete:
-            rows.append((_mark(r, result), "—", *("—" for _ in result.structures for _ in METRICS), "—", "—"))
+            rows.append(
+                (_mark(r, result), "—", "—", *("—" for _ in result.structures for _ in METRICS), "—", "—")
+            )
             continue
         cells = []
         for s in result.structures:
@@ -392,6 +394,7 @@ def score_rows(result: Comparison) -> list[tuple[str, ...]]:
             (
                 _mark(r, result),
                 _fmt(r.mean_dice, ".4f"),
+                str(len(r.case_dice)),
                 *cells,
                 _test(r, result),
                 _fmt(r.median_difference, "+.4f"),
@@ -428,6 +431,23 @@ def structure_rows(result: Comparison) -> list[tuple[str, ...]]:
                 (_mark(r, result), s, *(_pm(scores.get(m), ".2f" if m == "hd95" else ".3f") for m in METRICS))
             )
     return rows
+
+
+def terminal_tables(result: Comparison) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """``(title, columns, rows)`` of the two tables ``autoseg compare`` prints (narrow enough for 80 columns)."""
+    return [
+        (
+            "configurations (GFLOP per training step, peak GB, training min per fold; p (n pairs): Wilcoxon "
+            "signed-rank test of per-case Dice vs the best *)",
+            SUMMARY_COLUMNS,
+            summary_rows(result),
+        ),
+        (
+            "cross-validation per structure (mean over cases ± SD of the fold means)",
+            STRUCTURE_COLUMNS,
+            structure_rows(result),
+        ),
+    ]
 
 
 def _test(r: Row, result: Comparison) -> str:
@@ -532,7 +552,7 @@ def csv_text(result: Comparison) -> str:
     head = [
         "configuration", "architecture", "dim", "status", "folds_validated", "parameters", "flops_per_step",
         "batch_size", "patch_size", "seconds_per_iteration", "peak_memory_gb", "peak_memory_of",
-        "training_minutes_per_fold", "mean_dice", "p_value_vs_best", "n_pairs", "median_dice_difference",
+        "training_minutes_per_fold", "mean_dice", "n_cases", "p_value_vs_best", "n_pairs", "median_dice_difference",
     ]  # fmt: skip
     head += [f"{m}_{s}_{x}" for s in result.structures for m in METRICS for x in ("mean", "fold_sd")]
     buf = io.StringIO()
@@ -544,7 +564,8 @@ def csv_text(result: Comparison) -> str:
         values = [
             r.name, r.architecture, r.dim, status, " ".join(map(str, r.folds)), c.parameters, c.flops_per_step,
             c.batch_size, "x".join(map(str, c.patch_size)), c.seconds_per_iteration, c.peak_memory_gb,
-            c.peak_memory_of, c.training_minutes_per_fold, r.mean_dice, r.p_value, r.n_pairs or None,
+            c.peak_memory_of, c.training_minutes_per_fold, r.mean_dice, len(r.case_dice) if r.complete else None,
+            r.p_value, r.n_pairs or None,
             r.median_difference,
         ]  # fmt: skip
         for s in result.structures:

@@ -196,6 +196,11 @@ def test_files_are_written_atomically_with_the_table(work, result):
     assert rows["3d_fullres"]["status"] == "best"
     assert float(rows["3d_fullres_segnet"]["p_value_vs_best"]) == pytest.approx(0.03125)
     assert rows["3d_fullres_segnet"]["n_pairs"] == "6"
+    assert [rows[n]["n_cases"] for n in ("3d_fullres", "3d_fullres_unetpp", "3d_fullres_fcn8s")] == [
+        "6",
+        "5",
+        "",
+    ]
     assert float(rows["3d_fullres"]["dice_liver_mean"]) == pytest.approx(5.08 / 6)
     assert rows["3d_fullres_fcn8s"]["status"].startswith("fold 2 of 3 not validated")
     assert rows["3d_fullres_fcn8s"]["p_value_vs_best"] == ""
