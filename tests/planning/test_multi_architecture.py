@@ -101,3 +101,24 @@ def test_share_data_keeps_one_folder_per_spacing():
     out = share_data({"a": a, "b": b, "c": c}, reasons)
     assert [out[n].data_identifier for n in "abc"] == ["fullres", "fullres", "fullres_fcn8s"]
     assert len(reasons) == 1 and reasons[0].startswith("c: spacing 2×2×2 mm")
+
+
+def test_a_time_budget_gives_each_architecture_its_own_budget_configuration():
+    from autoseg.planning.budget import BudgetRequest
+    from tests.planning.test_budget import _fingerprint as _budget_fingerprint
+    from tests.planning.test_budget import _spec as _budget_spec
+    from tests.planning.test_budget import proxy_timer
+
+    fp = _budget_fingerprint((1, 1, 1), (64, 64, 64), thickness_mm=8.0)
+    log: list = []
+    request = BudgetRequest(10, "cpu", proxy_timer(10.0, 64**3, log))
+    plans = make_plans(_budget_spec(), fp, architecture=("unet", "segnet"), budget=request)
+    unet, segnet = plans.configurations["3d_budget"], plans.configurations["3d_budget_segnet"]
+    assert unet.network.architecture == "unet" and segnet.network.architecture == "segnet"
+    assert unet.budget is not None and segnet.budget is not None
+    # each budget configuration's reason names it (the budget rule's "3d_budget:" line, renamed)
+    assert any(r.startswith("3d_budget: 10 min on cpu") for r in plans.reasons)
+    assert any(r.startswith("3d_budget_segnet: 10 min on cpu") for r in plans.reasons)
+    # the proxy timer times both alike: the same rung (1.5 mm), so one 'budget' data folder for both
+    assert unet.spacing == segnet.spacing == [1.5, 1.5, 1.5]
+    assert unet.data_identifier == segnet.data_identifier == "budget"
