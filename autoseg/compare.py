@@ -148,10 +148,7 @@ def _load_splits(work: WorkDir) -> list[list[str]]:
     path = work.splits
     if not path.is_file():
         raise AutosegError(f"{path}: not found, so no fold was trained; nothing to compare")
-    try:
-        splits = read_json(path)
-    except JSONFileError as exc:
-        raise PlansError(str(exc)) from None
+    splits = _read(path)
     if (
         not isinstance(splits, list)
         or not splits
@@ -159,6 +156,18 @@ def _load_splits(work: WorkDir) -> list[list[str]]:
     ):
         raise PlansError(f"{path}: expected a list of folds like {{'train': [...], 'val': [...]}}")
     return [[str(c) for c in f["val"]] for f in splits]
+
+
+def _read(path: Path):
+    """A JSON file autoseg wrote; :class:`AutosegError` naming it when it cannot be read or decoded."""
+    try:
+        return read_json(path)
+    except JSONFileError:
+        raise
+    except ValueError as exc:  # malformed JSON
+        raise AutosegError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise AutosegError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _fold_dirs(work: WorkDir, config: str) -> list[int]:
@@ -210,12 +219,10 @@ def _per_case(
     for k in range(len(splits)):
         path = work.validation(name, k) / WorkDir.SUMMARY
         try:
-            summary = read_json(path)
+            summary = _read(path)
             rows = summary["per_case"]
             names = summary.get("mean_dice_labels") or [r["label"] for r in rows]
             seen = {str(r["case"]) for r in rows}
-        except JSONFileError as exc:
-            raise AutosegError(str(exc)) from None
         except (KeyError, TypeError, AttributeError) as exc:
             raise AutosegError(f"{path}: not a validation summary ({type(exc).__name__}: {exc})") from None
         structures.extend(s for s in names if s not in structures)

@@ -238,3 +238,17 @@ def test_cli_refuses_a_work_without_trained_configuration(work, tmp_path, capfd)
 def test_api_compare_without_writing(work):
     result = api.compare(work.root, write=False)
     assert result.best == "3d_fullres" and result.files == {}
+
+
+def test_cli_refuses_a_broken_validation_summary_in_one_line(work, tmp_path, capfd):
+    import shutil
+
+    copy = WorkDir(tmp_path / "work")
+    shutil.copytree(work.root, copy.root)
+    broken = copy.validation("3d_fullres_segnet", 1) / "summary.json"
+    broken.write_text(json.dumps({"per_case": [{"label": "liver", "dice": 0.5}]}))  # no "case"
+    line = _error_line(main(["compare", str(copy.root)]), capfd.readouterr().err)
+    assert str(broken) in line and "not a validation summary" in line
+    broken.write_text("{not json")
+    line = _error_line(main(["compare", str(copy.root)]), capfd.readouterr().err)
+    assert str(broken) in line
