@@ -66,23 +66,23 @@ def plan(
     configurations: tuple[str, ...] | None = None,
     clean: bool = False,
     progress: Progress | None = None,
-    architecture: str = "unet",
+    architecture: str | tuple[str, ...] = "unet",
     fix_nonfinite: bool = False,
     time_budget: float | None = None,
     step_cache: str | Path | None = None,
 ) -> Plans:
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
-    With ``time_budget`` (minutes of training), the plans also hold ``3d_budget``, sized for that budget on
-    ``device`` (default: the best one here), timed on it and cached in ``step_cache`` (``planning.device``).
-
-    Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed
-    (same files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture``
-    (``unet``, ``resenc`` or ``vnet``) is the network every configuration is planned and sized for.
-    NaN/Inf intensities are an error naming the file, unless ``fix_nonfinite`` (then replaced by the image's
-    finite minimum/maximum, with a warning).
+    With ``time_budget`` (minutes of training), also ``3d_budget``, sized for it on ``device`` (default: the
+    best here), timed there and cached in ``step_cache`` (``planning.device``). Nothing is written inside
+    ``dataset_dir``. The fingerprint is reused when the dataset has not changed (same files, sizes, mtimes)
+    unless ``clean``; preprocessing resumes where it stopped. ``architecture`` (a name of :func:`architectures`;
+    several: a tuple or ``"unet,unetpp"``, a configuration per resolution and architecture,
+    :func:`autoseg.planning.planner.configuration_suffix`) is what each is sized for. NaN/Inf intensities are
+    an error naming the file, unless ``fix_nonfinite`` (then the finite min/max, warned).
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
+    architecture = parse_architectures(architecture)
     timing = _budget_options(time_budget, device, step_cache)
     if timing is not None and device == "cuda" and not timing.present:
         device = None  # planned for a GPU that is not here: its memory budget is the default one
@@ -943,6 +943,26 @@ def find_best(
     return _find_best(work, configs, workers, mirror_tolerance)
 
 
+def compare(workdir: str | Path, write: bool = True):
+    """Every trained configuration of ``workdir`` side by side (cost, cross-validation Dice / HD95 / NSD per
+    structure, a paired Wilcoxon test of each against the best), written to ``WORK/compare/compare.{md,csv,png}``
+    with ``write``. Returns an :class:`autoseg.compare.Comparison`; see :mod:`autoseg.compare` for the rules.
+    :class:`AutosegError` naming WORK when it has no plans or no trained configuration."""
+    from autoseg.compare import compare as _compare
+
+    work = WorkDir(Path(workdir))
+    if not work.plans.is_file():
+        raise AutosegError(f"{work.root}: no plans.json (not a WORK folder made by 'autoseg plan')")
+    return _compare(work, write=write)
+
+
+def compare_tables(result) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """``(title, columns, rows)`` of the tables ``autoseg compare`` prints for ``result`` (:func:`compare`)."""
+    from autoseg.compare import terminal_tables
+
+    return terminal_tables(result)
+
+
 # ---- what the command line needs: option checks, the all-folds loop, summaries (cli.py only parses options)
 
 
@@ -951,6 +971,26 @@ def architectures() -> tuple[str, ...]:
     from autoseg.networks import ARCHITECTURES
 
     return tuple(ARCHITECTURES)
+
+
+def parse_architectures(architecture: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``plan --architecture``: one registered name or a comma list (``"unet,attention_unet"``), or a sequence
+    of names; duplicates are dropped, order is kept. :class:`AutosegError` naming the first unknown or empty
+    name and listing the valid ones."""
+    names = architecture.split(",") if isinstance(architecture, str) else list(architecture)
+    valid = architectures()
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip() if isinstance(raw, str) else raw
+        if name not in valid:
+            what = "an empty name" if name == "" else f"unknown architecture {name!r}"
+            raise AutosegError(
+                f"--architecture {architecture if isinstance(architecture, str) else ','.join(map(str, names))}: "
+                f"{what}; use one of {', '.join(valid)} (or a comma list of them)"
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def make_phantom(out_dir: str | Path, cases: int = 10, seed: int = 0) -> Path:

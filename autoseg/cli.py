@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -32,8 +33,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
-# the architectures the planner has a memory model for (each is registered in autoseg.networks)
-Architecture = Enum("Architecture", {name: name for name in api.architectures()}, type=str)
 MissingDistance = Enum("MissingDistance", {"skip": "skip", "worst": "worst"}, type=str)
 TRAIN = api.TrainSettings  # option defaults are the settings' own (written once, in autoseg.settings)
 INFER = api.InferenceSettings
@@ -92,7 +91,9 @@ _PlanTimeBudget = Annotated[
 ]
 _PlanStepCache = Annotated[
     Path | None,
-    typer.Option("--step-cache", help="JSON file of timed training steps (default ~/.cache/autoseg/step_times.json)"),
+    typer.Option(
+        "--step-cache", help="JSON file of timed training steps (default ~/.cache/autoseg/step_times.json)"
+    ),
 ]
 _PlanResampleDevice = Annotated[
     str | None,
@@ -100,7 +101,12 @@ _PlanResampleDevice = Annotated[
 ]
 _PlanExplain = Annotated[bool, typer.Option("--explain", help="Print every planning decision and its reason")]
 _PlanArchitecture = Annotated[
-    Architecture, typer.Option("--architecture", help="Network to plan and size for")
+    str,
+    typer.Option(
+        "--architecture",
+        help=f"Network(s) to plan and size for: one of {', '.join(api.architectures())}, or a comma list "
+        "(one configuration per resolution and network, e.g. 3d_fullres_unetpp; unet keeps the plain names)",
+    ),
 ]
 _PlanFixNonfinite = Annotated[
     bool,
@@ -120,7 +126,7 @@ def plan(
     resample_device: _PlanResampleDevice = None,
     clean: Annotated[bool, typer.Option("--clean", help="Recompute fingerprint and preprocessing")] = False,
     explain: _PlanExplain = False,
-    architecture: _PlanArchitecture = Architecture.unet,
+    architecture: _PlanArchitecture = "unet",
     fix_nonfinite: _PlanFixNonfinite = False,
     time_budget: _PlanTimeBudget = None,
     step_cache: _PlanStepCache = None,
@@ -136,7 +142,7 @@ def plan(
             workers=workers,
             clean=clean,
             progress=_stage_progress(bar),
-            architecture=architecture.value,
+            architecture=architecture,
             fix_nonfinite=fix_nonfinite,
             time_budget=time_budget,
             step_cache=step_cache,
@@ -144,8 +150,8 @@ def plan(
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"
     )
-    for col in api.PLAN_COLUMNS:
-        table.add_column(col)
+    for i, col in enumerate(api.PLAN_COLUMNS):  # the configuration's name whole, the figures wrap if need be
+        table.add_column(col, no_wrap=i == 0, overflow="fold")
     for row in api.plan_rows(plans):
         table.add_row(*row)
     out.print(table)
@@ -157,7 +163,11 @@ def plan(
 
 # train's options
 _TrainConfig = Annotated[
-    str, typer.Argument(help="Configuration: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
+    str,
+    typer.Argument(
+        help="Configuration of the plans: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres, 3d_budget, or one "
+        "planned for another architecture, e.g. 3d_fullres_unetpp"
+    ),
 ]
 _TrainFold = Annotated[
     str,
@@ -635,6 +645,32 @@ def find_best(
         soft_wrap=True,
     )
     out.print(f"predict with: {result['predict']}", soft_wrap=True)
+
+
+@app.command()
+def compare(
+    workdir: Annotated[Path, typer.Argument(help="WORK folder with trained configurations")],
+) -> None:
+    """Every trained configuration side by side: cost, cross-validation Dice / HD95 / NSD per structure, and a
+    paired Wilcoxon test of each against the best; writes WORK/compare/compare.md, .csv and .png."""
+    result = api.compare(workdir)
+    for title, columns, rows in api.compare_tables(result):
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)  # no column rules: fits 80 columns
+        for col in columns:
+            table.add_column(col, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    for r in result.rows:
+        if not r.complete:
+            out.print(f"left out of the tests: {r.name}: {r.problem}", soft_wrap=True)
+    best = result.row(result.best) if result.best else None
+    out.print(
+        f"best: {best.name} (mean Dice {best.mean_dice:.4f})"
+        if best
+        else "best: none (no configuration has every fold validated)"
+    )
+    out.print(f"written: {', '.join(str(p) for p in result.files.values())}", soft_wrap=True)
 
 
 def _num(v) -> str:

@@ -18,6 +18,7 @@
       results/crossval/<config or ensemble__A__B>/   cross-validation predictions, summary.json (find-best)
           postprocessed/                              the chosen one after postprocessing
       inference_instructions.json                     what find-best chose: configs, folds, postprocessing
+      compare/compare.md, compare.csv, compare.png    every trained configuration side by side (autoseg compare)
       model_card.json, MODEL_CARD.md                  only in a WORK imported from a bundle (autoseg.model_card)
 
 Every name above is spelled here only: the file names are class attributes of :class:`WorkDir`
@@ -100,6 +101,11 @@ class WorkDir:
         return self.root / "results" / "crossval" / name
 
     @property
+    def compare_dir(self) -> Path:
+        """``autoseg compare``'s tables and figure (:mod:`autoseg.compare`)."""
+        return self.root / "compare"
+
+    @property
     def inference_instructions(self) -> Path:
         return self.root / "inference_instructions.json"
 
@@ -143,7 +149,7 @@ class WorkDir:
             self.MODEL_CARD_JSON,
             self.MODEL_CARD_MD,
         }
-        folders = {"gt_segmentations", "preprocessed", "predicted_next_stage", "results"}
+        folders = {"gt_segmentations", "preprocessed", "predicted_next_stage", "results", "compare"}
         if not rel.parts:
             return False
         return rel.parts[0] in folders or (len(rel.parts) == 1 and rel.parts[0] in files)

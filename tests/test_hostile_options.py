@@ -380,7 +380,9 @@ PLAN_CASES = [
     ("resample-device empty", ["--resample-device", ""], "--resample-device '': use cpu or cuda"),
     ("workers 0", ["-j", "0"], "Invalid value for '--workers'"),
     ("workers 100000", ["-j", "100000"], "--workers 100000: must be a whole number from 1 to 64"),
-    ("architecture", ["--architecture", "transformer"], "Invalid value for '--architecture'"),
+    ("architecture", ["--architecture", "transformer"], "--architecture transformer: unknown architecture 'transformer'; use one of unet, resenc"),
+    ("architecture list", ["--architecture", "unet,unetpp,transformer"], "--architecture unet,unetpp,transformer: unknown architecture 'transformer'; use one of unet, resenc, vnet, attention_unet"),
+    ("architecture empty", ["--architecture", "unet,"], "--architecture unet,: an empty name; use one of unet"),
 ]  # fmt: skip
 if NO_CUDA:
     PLAN_CASES += [

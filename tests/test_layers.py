@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("autoseg.__main__",),
     ("autoseg.cli",),
     ("autoseg.api",),
+    ("autoseg.compare",),  # compare WORK: reads plans, validation summaries and training logs of every config
     ("autoseg.bundle",),  # export-model / import-model packs what selection chose
     ("autoseg.model_card",),  # the bundle's model card: reads what selection, validation and training wrote
     ("autoseg.selection",),  # find-best: cross-validation predictions, ensembles, postprocessing choice

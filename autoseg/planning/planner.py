@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -188,19 +189,26 @@ LOWRES_MAX_VOXEL_FRACTION = 0.5  # drop lowres unless it has at most half the vo
 
 
 def plan_lowres(
-    spacing: list[float], median_shape: list[float], fullres: Configuration, common: dict, reasons: list[str]
+    spacing: list[float],
+    median_shape: list[float],
+    fullres: Configuration,
+    common: dict,
+    reasons: list[str],
+    suffix: str = "",
 ) -> dict[str, Configuration]:
-    """``3d_lowres`` and ``3d_cascade_fullres`` when the fullres patch sees too little of an image.
+    """``3d_lowres`` and ``3d_cascade_fullres`` (each name followed by ``suffix``, see
+    :func:`configuration_suffix`) when the fullres patch sees too little of an image.
 
     The spacing is raised by 5 % per step (only on axes finer than half the coarsest spacing, so anisotropic
     data first becomes less anisotropic; all axes once none is) until the patch planned at that spacing covers
     at least a quarter of the median image. The pair is dropped if lowres would keep more than half of
     fullres's voxels (too little gained for a second network).
     """
+    lowres, cascade_name = f"3d_lowres{suffix}", f"3d_cascade_fullres{suffix}"
     coverage = math.prod(fullres.patch_size) / math.prod(median_shape)
     if coverage >= LOWRES_MIN_COVERAGE:
         reasons.append(
-            f"no 3d_lowres: the fullres patch covers {coverage:.0%} of the median image "
+            f"no {lowres}: the fullres patch covers {coverage:.0%} of the median image "
             f"(>= {LOWRES_MIN_COVERAGE:.0%})"
         )
         return {}
@@ -216,37 +224,81 @@ def plan_lowres(
             "data_identifier": "lowres",
             "dataset_voxels": common["dataset_voxels"] * math.prod(shape) / math.prod(median_shape),
         }
-        cfg = plan_configuration("3d_lowres", 3, sp, shape, **{**lowres_common, "reasons": quiet})
+        cfg = plan_configuration(lowres, 3, sp, shape, **{**lowres_common, "reasons": quiet})
         if math.prod(cfg.patch_size) / math.prod(shape) >= LOWRES_MIN_COVERAGE:
             break
     kept = math.prod(shape) / math.prod(median_shape)
     if kept > LOWRES_MAX_VOXEL_FRACTION:
         reasons.append(
-            f"no 3d_lowres: the fullres patch covers {coverage:.0%} of the median image, but a lowres stage "
+            f"no {lowres}: the fullres patch covers {coverage:.0%} of the median image, but a lowres stage "
             f"covering {LOWRES_MIN_COVERAGE:.0%} would keep {kept:.0%} of the voxels (> {LOWRES_MAX_VOXEL_FRACTION:.0%})"
         )
         return {}
-    plan_configuration("3d_lowres", 3, sp, shape, **lowres_common)  # again, to record its reason
-    cascade = Configuration(
-        **{**fullres.__dict__, "name": "3d_cascade_fullres", "previous_stage": "3d_lowres"}
-    )
+    plan_configuration(lowres, 3, sp, shape, **lowres_common)  # again, to record its reason
+    cascade = Configuration(**{**fullres.__dict__, "name": cascade_name, "previous_stage": lowres})
     reasons.append(
-        f"3d_lowres at {_fmt(sp)} mm ({kept:.0%} of the fullres voxels) because the fullres patch covers only "
-        f"{coverage:.0%} of the median image; 3d_cascade_fullres refines its prediction at full resolution"
+        f"{lowres} at {_fmt(sp)} mm ({kept:.0%} of the fullres voxels) because the fullres patch covers only "
+        f"{coverage:.0%} of the median image; {cascade_name} refines its prediction at full resolution"
     )
-    return {"3d_lowres": cfg, "3d_cascade_fullres": cascade}
+    return {lowres: cfg, cascade_name: cascade}
 
 
 def make_plans(
     spec: DatasetSpec,
     fp: Fingerprint,
     gpu_memory_gb: float = 8.0,
-    architecture: str = "unet",
+    architecture: str | Sequence[str] = "unet",
     budget: BudgetRequest | None = None,
 ) -> Plans:
     """Derive plans for ``2d``, ``3d_fullres`` and, where useful, ``3d_lowres`` + ``3d_cascade_fullres``; with
-    a time ``budget``, also ``3d_budget`` (:mod:`autoseg.planning.budget`)."""
+    a time ``budget``, also ``3d_budget`` (:mod:`autoseg.planning.budget`).
+
+    ``architecture`` is a registered network name, or several: each is planned and sized on its own (its own
+    memory estimate gives its patch and batch), under the names of :func:`configuration_suffix`.
+    Configurations at the same spacing share one preprocessed data folder (:func:`share_data`)."""
+    archs = list(dict.fromkeys([architecture] if isinstance(architecture, str) else architecture))
     reasons: list[str] = []
+    transpose, spacing_t, median_t = _geometry(fp, reasons)
+    norms = plan_normalization(spec, fp, reasons)
+    common = dict(
+        dataset_voxels=len(fp.cases) * math.prod(median_t),
+        in_channels=spec.num_channels,
+        num_classes=len(spec.regions) if spec.region_based else spec.num_classes,  # network outputs
+        budget_bytes=int(gpu_memory_gb * 1024**3),
+        data_identifier="fullres",
+        reasons=reasons,
+        region_based=spec.region_based,
+    )
+    configurations: dict[str, Configuration] = {}
+    for arch in archs:
+        suffix = configuration_suffix(arch, archs)
+        if len(archs) > 1:
+            named = (
+                f"named like 3d_fullres{suffix}" if suffix else "under the plain names (2d, 3d_fullres, ...)"
+            )
+            reasons.append(f"{arch}: planned and sized on its own, its configurations {named}")
+        arch_common = {**common, "architecture": arch}
+        configurations.update(_plan_architecture(suffix, spacing_t, median_t, spec, fp, arch_common, budget))
+    return Plans(
+        dataset_name=spec.name,
+        dataset_hash=fp.dataset_hash,
+        channel_names=list(spec.channel_names),
+        labels=dict(spec.labels),
+        regions={k: list(v) for k, v in spec.regions.items()},
+        file_ending=spec.file_ending,
+        transpose_forward=transpose,
+        normalization=norms,
+        configurations=share_data(configurations, reasons),
+        gpu_memory_gb=float(gpu_memory_gb),
+        reasons=reasons,
+        orientation=CANONICAL_ORIENTATION,
+        regions_class_order=list(spec.regions_class_order),
+        ignore_label=spec.ignore_label,
+    )
+
+
+def _geometry(fp: Fingerprint, reasons: list[str]) -> tuple[list[int], list[float], list[float]]:
+    """(axis transpose, target spacing and median shape in the transposed axis order), with their reasons."""
     spacing, why = target_spacing(fp.spacings, fp.shapes_after_crop)
     reasons.append(
         f"volumes are reoriented to {CANONICAL_ORIENTATION} (lossless permute/flip) so that every case presents its "
@@ -260,48 +312,71 @@ def make_plans(
         )
     resampled = fp.shapes_after_crop * fp.spacings / np.asarray(spacing)[None]
     median = np.median(resampled, axis=0)
-    spacing_t = [spacing[a] for a in transpose]
-    median_t = [float(median[a]) for a in transpose]
-    norms = plan_normalization(spec, fp, reasons)
-    memory_bytes = int(gpu_memory_gb * 1024**3)
-    n = len(fp.cases)
-    common = dict(
-        dataset_voxels=n * math.prod(median_t),
-        in_channels=spec.num_channels,
-        num_classes=len(spec.regions) if spec.region_based else spec.num_classes,  # network outputs
-        budget_bytes=memory_bytes,
-        architecture=architecture,
-        data_identifier="fullres",
-        reasons=reasons,
-        region_based=spec.region_based,
-    )
-    cfg3d = plan_configuration("3d_fullres", 3, spacing_t, median_t, **common)
-    lowres = plan_lowres(spacing_t, median_t, cfg3d, common, reasons)
+    return transpose, [spacing[a] for a in transpose], [float(median[a]) for a in transpose]
+
+
+PLAIN_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_budget")
+"""The configuration names of one architecture; with several, a suffix tells them apart."""
+
+
+def configuration_suffix(architecture: str, architectures: Sequence[str]) -> str:
+    """What follows the plain names (:data:`PLAIN_NAMES`) for ``architecture`` planned among
+    ``architectures``: nothing for a single architecture (whatever it is, as before several could be planned)
+    and for ``unet`` among several (existing WORK folders and commands keep working); ``_<architecture>``
+    otherwise, e.g. ``3d_fullres_attention_unet``."""
+    if len(set(architectures)) <= 1 or architecture == "unet":
+        return ""
+    return f"_{architecture}"
+
+
+def _plan_architecture(
+    suffix: str,
+    spacing: list[float],
+    median_shape: list[float],
+    spec: DatasetSpec,
+    fp: Fingerprint,
+    common: dict,
+    budget: BudgetRequest | None,
+) -> dict[str, Configuration]:
+    """Every configuration of one architecture (``common["architecture"]``), named with ``suffix``."""
+    cfg3d = plan_configuration(f"3d_fullres{suffix}", 3, spacing, median_shape, **common)
+    lowres = plan_lowres(spacing, median_shape, cfg3d, common, common["reasons"], suffix)
     if budget is not None:
-        lowres = {**lowres, "3d_budget": _plan_budget(budget, spacing_t, median_t, spec, fp, common)}
-    cfg2d = _plan_2d(spacing_t, median_t, common)
-    return Plans(
-        dataset_name=spec.name,
-        dataset_hash=fp.dataset_hash,
-        channel_names=list(spec.channel_names),
-        labels=dict(spec.labels),
-        regions={k: list(v) for k, v in spec.regions.items()},
-        file_ending=spec.file_ending,
-        transpose_forward=transpose,
-        normalization=norms,
-        configurations={"2d": cfg2d, "3d_fullres": cfg3d, **lowres},
-        gpu_memory_gb=float(gpu_memory_gb),
-        reasons=reasons,
-        orientation=CANONICAL_ORIENTATION,
-        regions_class_order=list(spec.regions_class_order),
-        ignore_label=spec.ignore_label,
-    )
+        name = f"3d_budget{suffix}"
+        quiet: list[str] = []
+        cfg = _plan_budget(budget, spacing, median_shape, spec, fp, {**common, "reasons": quiet})
+        common["reasons"].extend(r.replace("3d_budget:", f"{name}:", 1) for r in quiet)
+        lowres = {**lowres, name: replace(cfg, name=name)}
+    cfg2d = _plan_2d(spacing, median_shape, common, f"2d{suffix}")
+    return {cfg2d.name: cfg2d, cfg3d.name: cfg3d, **lowres}
 
 
-def _plan_2d(spacing: list[float], median_shape: list[float], common: dict) -> Configuration:
+def share_data(configurations: dict[str, Configuration], reasons: list[str]) -> dict[str, Configuration]:
+    """One preprocessed data folder per spacing: a configuration whose data identifier is already taken by
+    another one at a different spacing (a lowres or budget stage planned for another architecture) gets its
+    own, ``<identifier>_<architecture>``; configurations at the same spacing keep the shared one, so their
+    data is preprocessed once."""
+    spacing_of: dict[str, list[float]] = {}
+    out = {}
+    for name, c in configurations.items():
+        data_id = c.data_identifier
+        if data_id in spacing_of and spacing_of[data_id] != c.spacing:
+            data_id = f"{c.data_identifier}_{c.network.architecture}"
+            reasons.append(
+                f"{name}: spacing {_fmt(c.spacing)} mm differs from that of the other "
+                f"'{c.data_identifier}' configurations; its data is preprocessed into '{data_id}'"
+            )
+        spacing_of.setdefault(data_id, c.spacing)
+        out[name] = replace(c, data_identifier=data_id)
+    return out
+
+
+def _plan_2d(
+    spacing: list[float], median_shape: list[float], common: dict, name: str = "2d"
+) -> Configuration:
     """``2d``: planned on the in-plane axes; its data is the same preprocessed volume, so it keeps the full
     3-axis spacing and median shape (for export)."""
-    cfg2d = plan_configuration("2d", 2, spacing[1:], median_shape[1:], **common)
+    cfg2d = plan_configuration(name, 2, spacing[1:], median_shape[1:], **common)
     return Configuration(
         **{
             **cfg2d.__dict__,

@@ -77,6 +77,14 @@ class EpochReport:
     """Part of ``train_seconds`` the training loop spent waiting for the next batch."""
     elapsed_seconds: float = 0.0
     """Training time of the run (all earlier epochs, their logging and checkpoints) when this epoch started."""
+    iterations: int = 0
+    """Training iterations run in this epoch (fewer than ``iters_per_epoch`` where the time budget ran out):
+    ``train_seconds / iterations`` is the measured time of a step (``autoseg compare``)."""
+    peak_memory_gb: float | None = None
+    """Peak memory of the epoch's training, by ``peak_memory_of``: ``cuda`` the most tensor memory allocated on
+    the GPU during the epoch (``torch.cuda.max_memory_allocated``); ``cpu_rss`` the process's largest resident
+    set so far (``getrusage``: the whole process, batch workers not included); None elsewhere (MPS)."""
+    peak_memory_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,11 +192,14 @@ def _run_epoch(
     lr = _learning_rate(run.settings, state)
     set_lr(run.optimizer, lr)
     model.train()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     t_train = time.perf_counter()
     done = _train_iterations(run, state, model, loader, t0, callbacks.on_iteration)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     train_seconds = time.perf_counter() - t_train
+    peak_gb, peak_of = peak_memory_gb(run.device)
 
     val_loss, dice = validate_patches(run, model, val_store, state.epoch)
     train_loss = distributed.mean_over_ranks(float(np.mean(done.losses)), run.world)
@@ -212,11 +223,30 @@ def _run_epoch(
         train_seconds=train_seconds,
         data_wait_seconds=done.data_wait_seconds,
         elapsed_seconds=started_at,
+        iterations=len(done.losses),
+        peak_memory_gb=peak_gb,
+        peak_memory_of=peak_of,
     )
     t_save = time.perf_counter()
     if run.world.is_main:
         _save_epoch(run, state, report, callbacks.on_epoch)
     state.budget.add(time.perf_counter() - t_save)
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float | None, str]:
+    """(GB, what was measured) for :attr:`EpochReport.peak_memory_gb`."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 1024**3, 4), "cuda"
+    if device.type == "cpu":
+        import sys
+
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None, ""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+        return round(rss * (1 if sys.platform == "darwin" else 1024) / 1024**3, 4), "cpu_rss"
+    return None, ""
 
 
 def _learning_rate(settings: TrainSettings, state: RunState, epoch_started: float | None = None) -> float:

@@ -132,6 +132,8 @@ def test_log_and_progress_plot_are_written_every_epoch(work_copy):
     for r in records:
         assert set(r) >= {"train_loss", "val_loss", "pseudo_dice", "lr", "seconds", "data_wait_seconds"}
         assert 0 <= r["data_wait_seconds"] <= r["train_seconds"] <= r["seconds"]
+        # what autoseg compare reads: the steps run (seconds per iteration) and the peak memory (CPU: RSS)
+        assert r["iterations"] == 2 and r["peak_memory_of"] == "cpu_rss" and 0.05 < r["peak_memory_gb"] < 64
     png = (fold_dir / "progress.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
