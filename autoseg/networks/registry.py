@@ -25,8 +25,11 @@ from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
 from autoseg.networks.resse_unet import build_resse_unet
 from autoseg.networks.segnet import build_segnet
+from autoseg.networks.swin_unetr import build_swin_unetr
+from autoseg.networks.transunet import build_transunet
 from autoseg.networks.unet import build_unet
 from autoseg.networks.unetpp import build_unetpp
+from autoseg.networks.unetr import build_unetr
 from autoseg.networks.vnet import build_vnet
 from autoseg.planning.network_topology import NetworkTopology
 
@@ -42,6 +45,9 @@ ARCHITECTURES: dict[str, Builder] = {
     "segnet": build_segnet,
     "fcn8s": build_fcn8s,
     "deeplabv3plus": build_deeplabv3plus,
+    "unetr": build_unetr,
+    "transunet": build_transunet,
+    "swin_unetr": build_swin_unetr,
 }
 
 
