@@ -47,10 +47,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         *lead, n, c = x.shape
-        qkv = self.qkv(x).reshape(*lead, n, 3, self.heads, c // self.heads)
-        q, k, v = qkv.movedim(-3, 0).transpose(-2, -3)  # each (..., heads, N, c / heads)
+        qkv = self.qkv(x).reshape(-1, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, N, c / heads)
+        if bias is not None and bias.dim() > 3:  # one bias per window: spelled out per batch element (ONNX's
+            bias = bias.expand(*lead, self.heads, n, n).reshape(-1, self.heads, n, n)  # attention is 4D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(-2, -3).reshape(*lead, n, c))
+        return self.proj(out.transpose(1, 2).reshape(*lead, n, c))
 
 
 def mlp(width: int, ratio: int = 4) -> nn.Sequential:
