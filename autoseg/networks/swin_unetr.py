@@ -37,7 +37,12 @@ from torch import nn
 
 from autoseg.networks.blocks import conv_cls, network_outputs
 from autoseg.networks.transformer import ResidualBlock, SelfAttention, UpBlock, head_count, mlp
+from autoseg.networks.unetr import RECIPE as UNETR_RECIPE
 from autoseg.planning.network_topology import NetworkTopology
+
+RECIPE = dict(UNETR_RECIPE)
+"""Training defaults: AdamW with warmup and cosine decay (:data:`.unetr.RECIPE`; the paper used AdamW with
+cosine decay and warmup too, at a rate of 8e-4 for BraTS)."""
 
 WINDOW = 7
 HEAD_WIDTH = 16

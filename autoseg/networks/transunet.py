@@ -25,7 +25,12 @@ from autoseg.networks.blocks import ConvNormAct
 from autoseg.networks.transformer import TransformerBlock, sincos_position_embedding, tokens_to_grid
 from autoseg.networks.unet import UNet
 from autoseg.networks.unetr import HIDDEN_PER_BASE_FEATURE, VIT_HEADS, VIT_LAYERS
+from autoseg.networks.unetr import RECIPE as UNETR_RECIPE
 from autoseg.planning.network_topology import NetworkTopology
+
+RECIPE = dict(UNETR_RECIPE)
+"""Training defaults: the transformers' AdamW with warmup and cosine decay (:data:`.unetr.RECIPE`; the paper
+trained with SGD at 0.01, momentum 0.9)."""
 
 
 class TransUNet(UNet):

@@ -19,7 +19,8 @@ What comes from the topology (one rule each, so that the planner's sizing by wid
 Position codes are fixed sine-cosine ones, computed for the input's token grid (:mod:`.transformer`): the
 topology does not fix the patch size. The paper's learnt embedding is the one difference in parameters from
 MONAI's ``UNETR`` with ``norm_name=("instance", {"affine": True})`` (``tokens × hidden`` weights; checked in
-``tests/networks/test_transformer_networks.py``). One output (no deep supervision).
+``tests/networks/test_transformer_networks.py``). One output (no deep supervision). Trained by default with
+:data:`RECIPE`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ from autoseg.planning.network_topology import NetworkTopology
 VIT_LAYERS = 12
 VIT_HEADS = 12
 HIDDEN_PER_BASE_FEATURE = 24
+RECIPE = {
+    "optimizer": "adamw",
+    "initial_lr": 1e-4,
+    "weight_decay": 1e-5,
+    "schedule": "cosine",
+    "warmup_fraction": 0.05,
+}
+"""Training defaults of the transformers (:data:`autoseg.networks.registry.RECIPES`): AdamW at 1e-4 with weight
+decay 1e-5 (UNETR's paper), the rate rising linearly over the first 5 % of the run, then cosine decay. A
+settings file or command-line option still wins."""
 
 
 def cumulative_strides(topo: NetworkTopology) -> list[list[int]]:

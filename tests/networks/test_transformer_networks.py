@@ -6,6 +6,7 @@ worked by hand), the planner's measurement at the patch, and parameter counts ag
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -291,3 +292,34 @@ def test_swin_unetr_parameters_match_monai_exactly(dim):
     assert _count(theirs) == _count(ours)
     if dim == 3:
         assert _count(ours) == 62_196_020
+
+
+# --- default recipe ---------------------------------------------------------------------------------------
+
+
+def test_transformers_train_by_default_with_adamw_warmup_and_cosine_unless_the_settings_say_otherwise(
+    tmp_path,
+):
+    from autoseg import api
+    from autoseg.layout import WorkDir
+    from autoseg.networks.registry import default_recipe
+    from autoseg.settings import TrainSettings, load_settings
+
+    assert default_recipe("unet") == {}
+    work = WorkDir(tmp_path)
+    unet = make_plans(_spec(), _fingerprint([[1.0, 1.0, 1.0]] * 4, [[32, 32, 32]] * 4), architecture="unet")
+    for arch in NETWORKS:  # the U-Net's plans with the architecture swapped (planning each would take longer)
+        assert default_recipe(arch)["optimizer"] == "adamw"
+        configs = {
+            name: replace(c, network=replace(c.network, architecture=arch))
+            for name, c in unet.configurations.items()
+        }
+        replace(unet, configurations=configs).save(work.plans)
+        defaults = api.plan_defaults(work, "3d_fullres")
+        expected = (default_recipe(arch)["initial_lr"], default_recipe(arch)["schedule"])
+        assert (defaults.optimizer, defaults.initial_lr, defaults.schedule) == ("adamw", *expected)
+        assert defaults.warmup_fraction > 0 and defaults.epochs == TrainSettings().epochs
+        train, _ = load_settings(train_defaults=defaults, optimizer="sgd", initial_lr=0.01)
+        assert (train.optimizer, train.initial_lr, train.schedule) == ("sgd", 0.01, "cosine")  # options win
+    unet.save(work.plans)
+    assert api.plan_defaults(work, "3d_fullres") is None  # U-Net: TrainSettings' own defaults
