@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoseg.errors import AutosegError
 from autoseg.networks.blocks import conv_cls, network_outputs
 from autoseg.networks.transformer import ResidualBlock, SelfAttention, UpBlock, head_count, mlp
 from autoseg.networks.unetr import RECIPE as UNETR_RECIPE
@@ -177,7 +178,10 @@ class SwinUNETR(nn.Module):
     def __init__(self, topo: NetworkTopology, in_channels: int, num_classes: int):
         super().__init__()
         if topo.n_stages < 3:
-            raise ValueError("swin_unetr needs a topology of at least 3 stages (patch embedding + one stage)")
+            raise AutosegError(
+                f"swin_unetr needs a topology of at least 3 stages (patch embedding and one Swin stage), got "
+                f"{topo.n_stages}: the images are too small to pool twice; use another architecture"
+            )
         dim, strides, kernels, c = topo.dim, topo.strides, topo.kernel_sizes, topo.features_per_stage[0]
         n = topo.n_stages - 2
         self.deep_supervision = topo.deep_supervision

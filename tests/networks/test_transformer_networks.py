@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from autoseg.errors import AutosegError
 from autoseg.networks import ARCHITECTURES, build_network, measure
 from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss
 from autoseg.networks.swin_unetr import (
@@ -226,6 +227,13 @@ def test_attention_memory_is_measured_at_the_patch_not_extended_linearly():
     # 12 layers × 12 heads × 256² float32 weights of the attention alone at the large patch
     assert memory.activation_bytes(topo, large, 1, 2) > affine
     assert memory.activation_bytes(topo, large, 1, 2) > 12 * 12 * 256**2 * 4
+
+
+def test_swin_unetr_refuses_images_too_small_to_pool_twice_in_one_line():
+    fp = _fingerprint([[1.0, 1.0, 1.0]] * 4, [[8, 8, 8]] * 4)  # 8³: one pooling, 2 stages
+    with pytest.raises(AutosegError, match="swin_unetr needs a topology of at least 3 stages .* got 2"):
+        make_plans(_spec(), fp, architecture="swin_unetr")
+    assert make_plans(_spec(), fp, architecture="unetr").configurations["3d_fullres"].network.n_stages == 2
 
 
 @pytest.mark.parametrize("arch", NETWORKS)
