@@ -432,7 +432,7 @@ def train(
     from autoseg.inference.predictor import resolve_device
 
     work = WorkDir(Path(workdir))
-    defaults = budget_defaults(work, config)
+    defaults = plan_defaults(work, config)
     train_settings, infer_settings = load_settings(config_file, train_defaults=defaults, **overrides)
     check_fold(fold, train_settings.num_folds)
     if overwrite and resume:
@@ -452,21 +452,28 @@ def train(
     )
 
 
-def budget_defaults(work: WorkDir, config: str) -> TrainSettings | None:
-    """The training defaults a time-budget configuration's plan sets (its budget, iterations per epoch and
-    validation iterations; a settings file or option still wins), or None for any other configuration (and
-    where the plans cannot be read: training then says why)."""
+def plan_defaults(work: WorkDir, config: str) -> TrainSettings | None:
+    """The training defaults a configuration's plan sets (a settings file or option still wins): its
+    architecture's recipe (:data:`autoseg.networks.registry.RECIPES`: AdamW, warmup and cosine decay for the
+    transformers) and, for a time-budget configuration, its budget, iterations per epoch and validation
+    iterations; None where the plan sets none (or the plans cannot be read: training then says why)."""
+    from autoseg.networks.registry import default_recipe
+
     try:
-        budget = Plans.load(work.plans).configuration(config).budget
+        cfg = Plans.load(work.plans).configuration(config)
     except AutosegError:
         return None
-    if budget is None:
+    recipe = default_recipe(cfg.network.architecture)
+    if cfg.budget is None and not recipe:
         return None
+    settings = replace(TrainSettings(), **recipe)
+    if cfg.budget is None:
+        return settings
     return replace(
-        TrainSettings(),
-        time_budget_minutes=budget.minutes,
-        iters_per_epoch=budget.iters_per_epoch,
-        val_iters=budget.val_iters,
+        settings,
+        time_budget_minutes=cfg.budget.minutes,
+        iters_per_epoch=cfg.budget.iters_per_epoch,
+        val_iters=cfg.budget.val_iters,
     )
 
 

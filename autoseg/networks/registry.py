@@ -25,8 +25,14 @@ from autoseg.networks.measure import count_parameters, on_meta
 from autoseg.networks.resenc import build_resenc
 from autoseg.networks.resse_unet import build_resse_unet
 from autoseg.networks.segnet import build_segnet
+from autoseg.networks.swin_unetr import RECIPE as SWIN_UNETR_RECIPE
+from autoseg.networks.swin_unetr import build_swin_unetr
+from autoseg.networks.transunet import RECIPE as TRANSUNET_RECIPE
+from autoseg.networks.transunet import build_transunet
 from autoseg.networks.unet import build_unet
 from autoseg.networks.unetpp import build_unetpp
+from autoseg.networks.unetr import RECIPE as UNETR_RECIPE
+from autoseg.networks.unetr import build_unetr
 from autoseg.networks.vnet import build_vnet
 from autoseg.planning.network_topology import NetworkTopology
 
@@ -42,7 +48,23 @@ ARCHITECTURES: dict[str, Builder] = {
     "segnet": build_segnet,
     "fcn8s": build_fcn8s,
     "deeplabv3plus": build_deeplabv3plus,
+    "unetr": build_unetr,
+    "transunet": build_transunet,
+    "swin_unetr": build_swin_unetr,
 }
+
+
+RECIPES: dict[str, dict[str, object]] = {
+    "unetr": UNETR_RECIPE,
+    "transunet": TRANSUNET_RECIPE,
+    "swin_unetr": SWIN_UNETR_RECIPE,
+}
+"""Training defaults an architecture declares (``TrainSettings`` field -> value), applied under the settings file
+and the command-line options; an architecture not listed trains with ``TrainSettings``' defaults."""
+
+
+def default_recipe(architecture: str) -> dict[str, object]:
+    return dict(RECIPES.get(architecture, {}))
 
 
 def available() -> list[str]:

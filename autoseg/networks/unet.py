@@ -59,12 +59,17 @@ class UNet(nn.Module):
         gates it with ``coarse``, the coarser decoder map)."""
         return skip
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """What the deepest encoder map becomes before the decoder: itself (:mod:`.transunet` runs a
+        transformer over it)."""
+        return x
+
     def forward(self, x: torch.Tensor):
         skips = []
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
-        x = skips.pop()
+        x = self.bottleneck(skips.pop())
         outputs = []
         want_all = self.deep_supervision and self.training
         for i, (up, dec) in enumerate(zip(self.up, self.decoder)):

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from autoseg.networks import ARCHITECTURES, measure  # noqa: F401 (ARCHITECTURES: re-exported)
 from autoseg.networks.registry import (  # noqa: F401 (re-exported for speed.py and the tests)
@@ -61,9 +62,14 @@ class NetworkCost:
     parameters: int
     reference_voxels: tuple[int, int]
     reference_saved_bytes: tuple[int, int]
+    at_patch: Callable[[tuple[int, ...]], int] | None = field(default=None, compare=False, repr=False)
+    """Measures one sample at a patch, for a network whose cost is not affine in the voxels (else None)."""
 
     def saved_bytes(self, patch_size: list[int]) -> int:
-        """Saved-activation bytes of one sample at ``patch_size`` (linear in its voxel count)."""
+        """Saved-activation bytes of one sample at ``patch_size`` (linear in its voxel count, or measured at
+        it when :attr:`at_patch` is set)."""
+        if self.at_patch is not None:
+            return self.at_patch(tuple(int(p) for p in patch_size))
         (v0, v1), (s0, s1) = self.reference_voxels, self.reference_saved_bytes
         return s0 + (s1 - s0) * (math.prod(patch_size) - v0) // (v1 - v0)
 
@@ -98,17 +104,35 @@ def network_cost(
     return _cost(registered_builder(topo), cache_key(topo), in_channels, num_classes, region_based)
 
 
+def affine_in_voxels(network) -> bool:
+    """Whether ``network``'s saved activations and FLOPs are affine in the patch's voxel count (fully
+    convolutional networks; a network says otherwise with ``cost_affine_in_voxels = False``)."""
+    return bool(getattr(network, "cost_affine_in_voxels", True))
+
+
+@functools.lru_cache(maxsize=256)
+def meta_network(builder, key: tuple, in_channels: int, num_classes: int):
+    """The network of ``key`` built on the meta device (cached)."""
+    topo = topology_from_key(key)
+    return measure.on_meta(lambda: builder(topo, in_channels, num_classes))
+
+
 @functools.lru_cache(maxsize=256)
 def _cost(builder, key: tuple, in_channels: int, num_classes: int, region_based: bool) -> NetworkCost:
-    topo = topology_from_key(key)
-    network = measure.on_meta(lambda: builder(topo, in_channels, num_classes))
+    network = meta_network(builder, key, in_channels, num_classes)
     loss = training_loss(num_classes, region_based)
-    patches = reference_patches(topo)
+    patches = reference_patches(topology_from_key(key))
     saved = [measure.saved_activation_bytes(network, in_channels, p, loss) for p in patches]
+    at_patch = None
+    if not affine_in_voxels(network):
+        at_patch = functools.lru_cache(maxsize=1024)(
+            lambda patch: measure.saved_activation_bytes(network, in_channels, list(patch), loss)
+        )
     return NetworkCost(
         measure.count_parameters(network),
         (math.prod(patches[0]), math.prod(patches[1])),
         (saved[0], saved[1]),
+        at_patch,
     )
 
 

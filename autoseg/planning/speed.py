@@ -13,7 +13,9 @@ matrix products, 2 per multiply-add), and divided by one effective throughput pe
 Like the memory model, the count is measured once per network at the two reference patches
 (:func:`autoseg.planning.memory.reference_patches`) and extended affinely in the patch's voxel count, exact for
 a fully convolutional network at a patch divisible by its total stride (layers on globally pooled vectors,
-as squeeze-and-excitation, are the constant term). Treat the seconds as an order of magnitude.
+as squeeze-and-excitation, are the constant term); a network whose cost is not affine in the voxels (the
+transformers, :func:`autoseg.planning.memory.affine_in_voxels`) is measured at the patch itself. Treat the
+seconds as an order of magnitude.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ def step_flops(
 ) -> int:
     """FLOPs of forward + backward of one training sample of ``topo``'s network at ``patch_size``."""
     memory.check_patch(patch_size, topo)
+    builder, key = memory.registered_builder(topo), memory.cache_key(topo)
+    if not memory.affine_in_voxels(memory.meta_network(builder, key, in_channels, num_classes)):
+        patch = tuple(int(p) for p in patch_size)
+        return _flops_at(builder, key, in_channels, num_classes, region_based, patch)
     v0, v1 = (math.prod(p) for p in memory.reference_patches(topo))
-    f0, f1 = _reference_flops(
-        memory.registered_builder(topo), memory.cache_key(topo), in_channels, num_classes, region_based
-    )
+    f0, f1 = _reference_flops(builder, key, in_channels, num_classes, region_based)
     # affine in the voxel count, as the saved activations: layers on globally pooled vectors (squeeze-and-
     # excitation, image pooling) cost the same at every patch
     return f0 + (f1 - f0) * (math.prod(patch_size) - v0) // (v1 - v0)
@@ -56,6 +60,16 @@ def _reference_flops(
     loss = memory.training_loss(num_classes, region_based)
     f0, f1 = (measure.step_flops(network, in_channels, p, loss) for p in memory.reference_patches(topo))
     return f0, f1
+
+
+@functools.lru_cache(maxsize=1024)
+def _flops_at(
+    builder, key: tuple, in_channels: int, num_classes: int, region_based: bool, patch: tuple
+) -> int:
+    network = memory.meta_network(builder, key, in_channels, num_classes)
+    return measure.step_flops(
+        network, in_channels, list(patch), memory.training_loss(num_classes, region_based)
+    )
 
 
 def estimate_step_seconds(flops_per_sample: float, batch_size: int, device: str) -> float:

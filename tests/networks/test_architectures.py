@@ -18,6 +18,7 @@ from autoseg.planning import memory, topology
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
 from tests.networks.test_classic_networks import NETWORKS as CLASSIC
+from tests.networks.test_transformer_networks import NETWORKS as TRANSFORMERS
 from tests.planning.test_planning import _fingerprint, _spec
 
 ARCHS = ["unet", "resenc", "vnet"]
@@ -33,7 +34,7 @@ def _topology(arch: str, patch: list[int], spacing: list[float], base: int = 4) 
 
 def test_every_architecture_is_registered_and_the_memory_model_knows_no_other():
     assert set(ARCHS) <= set(available())
-    assert set(memory.ARCHITECTURES) == set(ARCHS) | set(CLASSIC)
+    assert set(memory.ARCHITECTURES) == set(ARCHS) | set(CLASSIC) | set(TRANSFORMERS)
     with pytest.raises(ValueError, match="unknown architecture 'transformer9000'"):
         memory.count_parameters(3, [[3, 3, 3]], [8], 1, 2, [[1, 1, 1]], architecture="transformer9000")
 
@@ -95,7 +96,7 @@ def test_vnet_uses_5_wide_kernels_except_along_coarse_axes():
     assert any(isinstance(m, torch.nn.PReLU) for m in net.modules())
 
 
-@pytest.mark.parametrize("arch", ARCHS + CLASSIC)
+@pytest.mark.parametrize("arch", ARCHS + CLASSIC + TRANSFORMERS)
 def test_a_few_dozen_sgd_steps_overfit_one_batch(arch):
     torch.manual_seed(0)
     patch = [8, 16, 16]
@@ -120,7 +121,11 @@ def test_a_few_dozen_sgd_steps_overfit_one_batch(arch):
     assert min(losses[-5:]) < losses[0] - 0.5, losses
 
 
-@pytest.mark.parametrize("arch", ARCHS + CLASSIC)
+# the transformers are measured at every candidate patch (attention is not linear in the voxels): 10-15 s each
+SLOW_TO_PLAN = [pytest.param(a, marks=pytest.mark.slow) for a in TRANSFORMERS]
+
+
+@pytest.mark.parametrize("arch", ARCHS + CLASSIC + SLOW_TO_PLAN)
 def test_planning_with_each_architecture_fits_the_budget(arch):
     # prostate-like: 3.6×0.6×0.6 mm, 20×320×320 voxels, two channels
     fp = _fingerprint([[3.6, 0.6, 0.6]] * 32, [[20, 320, 320]] * 32, n_channels=2)

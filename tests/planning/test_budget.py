@@ -221,11 +221,11 @@ def test_train_takes_the_budget_recipe_from_the_plan_unless_given(phantom_datase
     )  # fmt: skip
     budget = plans.configuration("3d_budget").budget
     assert budget.minutes == 3 and budget.timing == "measured" and budget.planned_steps >= rule.MIN_STEPS
-    defaults = api.budget_defaults(work, "3d_budget")
+    defaults = api.plan_defaults(work, "3d_budget")
     assert (defaults.time_budget_minutes, defaults.iters_per_epoch, defaults.val_iters) == (
         3, budget.iters_per_epoch, budget.val_iters,
     )  # fmt: skip
-    assert api.budget_defaults(work, "3d_fullres") is None
+    assert api.plan_defaults(work, "3d_fullres") is None
     fold = api.train(work.root, "3d_budget", 0, device="cpu", time_budget_minutes=0.05, loader_workers=0)
     settings = json.loads((fold / "settings.json").read_text())
     assert settings["train"]["time_budget_minutes"] == 0.05  # the option wins over the plan's budget
