@@ -90,6 +90,7 @@ def test_ignore_label_is_never_predicted_and_left_out_of_metrics(phantom_dataset
         assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(f))))) <= {0, 1}
 
 
+@pytest.mark.slow  # 87 s on the CI machine; the region-based phantom test covers the same path in CI
 @pytest.mark.realdata
 def test_brats_region_based_plan_and_short_training(tmp_path):
     """Dataset001 with BraTS regions (whole tumour, tumour core, enhancing) as sigmoid outputs."""

@@ -119,7 +119,7 @@ def build_run(
     configure_torch(settings, device)
     network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
     network.deep_supervision = settings.deep_supervision
-    if settings.output_prior and not resume:
+    if settings.output_prior:  # resumed runs load their weights over it (one killed early starts anew)
         _set_prior(network, plans, work, w.is_main)
     optimizer = make_optimizer(settings, network.parameters())
     return TrainingRun(
