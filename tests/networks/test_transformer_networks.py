@@ -29,22 +29,12 @@ from autoseg.networks.unetr import UNETR
 from autoseg.planning import memory, speed
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import NetworkTopology
-from tests.networks.test_classic_networks import CASE_IDS, CASES, planned
+from tests.networks.test_classic_networks import CASE_IDS, CASES, expected_shapes, planned
 from tests.planning.test_planning import _fingerprint, _spec
 
 # how each answers in training mode with deep supervision (as in test_classic_networks)
 OUTPUTS = {"unetr": "single", "transunet": "pyramid", "swin_unetr": "single"}
 NETWORKS = sorted(OUTPUTS)
-
-
-def expected_shapes(kind: str, topo: NetworkTopology, patch: list[int], batch: int, k: int) -> list[tuple]:
-    if kind == "single":
-        return [(batch, k, *patch)]
-    shapes, size = [], list(patch)
-    for stride in topo.strides[: topo.n_stages - 1]:
-        size = [s // st for s, st in zip(size, stride)]
-        shapes.append((batch, k, *size))
-    return shapes
 
 
 def test_every_transformer_network_is_registered():

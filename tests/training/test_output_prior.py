@@ -11,9 +11,8 @@ import torch
 
 from autoseg.networks import ARCHITECTURES, build_network
 from autoseg.networks.heads import output_layers, set_output_bias
-from autoseg.planning import topology
-from autoseg.planning.plans import NetworkTopology
 from autoseg.training.class_weights import PRIOR_FLOOR, output_prior
+from tests.networks.test_classic_networks import planned
 
 # two cases of 10x10x10 voxels: label a (1) has 100 and 50 voxels, label b (2) none
 FINGERPRINT = SimpleNamespace(
@@ -49,18 +48,13 @@ def test_region_prior_is_the_log_odds_of_the_region_frequency_by_hand():
 NO_OUTPUT_BIAS = {"fcn8s"}
 
 
-def _planned(arch: str, patch: list[int], spacing: list[float]) -> NetworkTopology:
-    strides, kernels = topology.pooling_and_kernels(patch, spacing)
-    return NetworkTopology(arch, len(patch), strides, kernels, [4 * 2**i for i in range(len(strides))])
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize(
     "patch, spacing", [([16, 32, 32], [3.0, 1.0, 1.0]), ([32, 48], [1.0, 1.0])], ids=["3d-aniso", "2d"]
 )
 def test_output_layers_are_the_last_biased_layers_of_every_network(arch, patch, spacing):
     torch.manual_seed(0)
-    net = build_network(_planned(arch, patch, spacing), in_channels=2, num_classes=3).eval()
+    net = build_network(planned(arch, patch, spacing), in_channels=2, num_classes=3).eval()
     prior = [math.log(0.9), math.log(0.07), math.log(0.03)]
     layers = output_layers(net)
     if arch in NO_OUTPUT_BIAS:
@@ -76,7 +70,7 @@ def test_output_layers_are_the_last_biased_layers_of_every_network(arch, patch, 
 
 
 def test_a_bias_of_the_wrong_length_is_not_written():
-    net = build_network(_planned("unet", [32, 48], [1.0, 1.0]), in_channels=1, num_classes=3)
+    net = build_network(planned("unet", [32, 48], [1.0, 1.0]), in_channels=1, num_classes=3)
     before = [h.bias.clone() for h in output_layers(net)]
     assert set_output_bias(net, [0.0, 0.0]) == 0
     assert all(torch.equal(a, h.bias) for a, h in zip(before, output_layers(net)))
