@@ -590,7 +590,7 @@ def predict(
     plans = Plans.load(work.plans)
     instructions = load_instructions(work) if work.inference_instructions.is_file() else None
     configs = _predict_configs(plans, configs, config, instructions)
-    settings = _found_mirroring(settings, configs, instructions)
+    settings = _found_unetpp(_found_mirroring(settings, configs, instructions), configs, instructions)
     input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     # DICOM series in, or DICOM-SEG / RT-STRUCT out: autoseg.inference.dicom_export
     dicom_job = _dicom_job(
@@ -636,6 +636,21 @@ def _found_mirroring(settings: InferenceSettings, configs, instructions) -> Infe
     if not found:
         return replace(settings, mirroring=False)
     return replace(settings, mirror_axes=found)
+
+
+def _found_unetpp(settings: InferenceSettings, configs, instructions) -> InferenceSettings:
+    """``settings`` with the UNet++ mode find-best chose (inference instructions' ``unetpp``) when the mode is
+    "auto" and ``configs`` are the ones it chose; a ``--prune-depth`` given alone keeps its depth."""
+    found = instructions.unetpp if instructions is not None else None
+    if found is None or settings.unetpp_inference != "auto" or list(configs) != list(instructions.configs):
+        return settings
+    depth = settings.unetpp_prune_depth or int(found["prune_depth"])
+    _log.info(
+        "UNet++ %s inference%s, as find-best chose",
+        found["inference"],
+        f" pruned at depth {depth}" if found["inference"] == "fast" else "",
+    )
+    return replace(settings, unetpp_inference=str(found["inference"]), unetpp_prune_depth=depth)
 
 
 def _predict_configs(plans: Plans, configs, config, instructions) -> list[str]:

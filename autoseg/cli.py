@@ -402,6 +402,20 @@ _PredictNoHeapReuse = Annotated[
         help="CPU: unmap each forward pass's memory when freed (slower, less memory held between passes)",
     ),
 ]
+_PredictUnetppInference = Annotated[
+    str,
+    typer.Option(
+        "--unetpp-inference",
+        help="UNet++: accurate (mean of the nested heads), fast (pruned at --prune-depth), or auto "
+        "(find-best's choice, else accurate)",
+    ),
+]
+_PredictPruneDepth = Annotated[
+    int,
+    typer.Option(
+        "--prune-depth", help="UNet++ fast mode: depth 1 .. stages-1 (0: find-best's, else deepest)"
+    ),
+]
 _PredictOutputFormat = Annotated[
     list[str] | None,
     typer.Option(
@@ -442,6 +456,8 @@ def predict(
     no_calibration: _PredictNoCalibration = False,
     output_format: _PredictOutputFormat = None,
     channel: _PredictChannel = None,
+    unetpp_inference: _PredictUnetppInference = INFER.unetpp_inference,
+    prune_depth: _PredictPruneDepth = INFER.unetpp_prune_depth,
 ) -> None:
     """Sliding-window prediction, fold and configuration ensembling, export in the input's geometry."""
     settings = dict(
@@ -453,6 +469,8 @@ def predict(
         fix_nonfinite=True if fix_nonfinite else None,
         save_uncertainty=True if save_uncertainty else None,
         calibration=False if no_calibration else None,
+        unetpp_inference=unetpp_inference,
+        unetpp_prune_depth=prune_depth,
     )
     with _progress() as bar:
         task = bar.add_task("predict", total=None, info="")

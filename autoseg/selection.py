@@ -133,6 +133,10 @@ class InferenceInstructions:
     mirroring: dict | None = None
     """What test-time mirroring buys (:func:`autoseg.inference.mirroring.choose_mirroring`): ``mirror_axes``
     that predict uses by default; None (older files, ensembles, cascades): predict's own setting."""
+    unetpp: dict | None = None
+    """UNet++'s inference mode (:func:`autoseg.inference.unetpp_modes.choose_unetpp_mode`): ``inference``
+    ("accurate" or "fast") and ``prune_depth`` that predict uses by default, with the Dice and seconds of every
+    mode; None (other networks, ensembles, older files): accurate."""
     schema_version: int = INSTRUCTIONS_SCHEMA_VERSION
 
     @property
@@ -140,21 +144,25 @@ class InferenceInstructions:
         return None if self.mirroring is None else tuple(int(a) for a in self.mirroring["mirror_axes"])
 
     def to_json(self) -> dict:
-        return {
-            "schema_version": self.schema_version,
-            "best": self.best,
-            "configs": list(self.configs),
-            "folds": list(self.folds),
-            "postprocessing": self.postprocessing.to_json(),
-            "mean_dice": self.mean_dice,
-            "mean_dice_postprocessed": self.mean_dice_postprocessed,
-            "scores": self.scores,
-            "skipped": [dict(s) for s in self.skipped],
-            "predict": self.predict,
-            "dataset_hash": self.dataset_hash,
-            "postprocessing_report": self.postprocessing_report,
-            "calibration": self.calibration,
-        } | ({} if self.mirroring is None else {"mirroring": self.mirroring})
+        return (
+            {
+                "schema_version": self.schema_version,
+                "best": self.best,
+                "configs": list(self.configs),
+                "folds": list(self.folds),
+                "postprocessing": self.postprocessing.to_json(),
+                "mean_dice": self.mean_dice,
+                "mean_dice_postprocessed": self.mean_dice_postprocessed,
+                "scores": self.scores,
+                "skipped": [dict(s) for s in self.skipped],
+                "predict": self.predict,
+                "dataset_hash": self.dataset_hash,
+                "postprocessing_report": self.postprocessing_report,
+                "calibration": self.calibration,
+            }
+            | ({} if self.mirroring is None else {"mirroring": self.mirroring})
+            | ({} if self.unetpp is None else {"unetpp": self.unetpp})
+        )
 
     @classmethod
     def from_json(cls, d: dict) -> InferenceInstructions:
@@ -180,8 +188,22 @@ class InferenceInstructions:
             postprocessing_report=dict(d.get("postprocessing_report", {})),
             calibration=check_calibration(d.get("calibration", {})),
             mirroring=None if d.get("mirroring") is None else dict(d["mirroring"]),
+            unetpp=check_unetpp(d.get("unetpp")),
             schema_version=version,
         )
+
+
+def check_unetpp(unetpp) -> dict | None:
+    """The ``unetpp`` entry of inference instructions, checked: None, or ``inference`` accurate/fast with a
+    ``prune_depth`` >= 1 (a :class:`ValueError` saying what is wrong)."""
+    if unetpp is None:
+        return None
+    if not isinstance(unetpp, dict) or unetpp.get("inference") not in ("accurate", "fast"):
+        raise ValueError(f"'unetpp' must have 'inference' accurate or fast, got {unetpp!r}")
+    depth = unetpp.get("prune_depth")
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"'unetpp.prune_depth' must be a whole number >= 1, got {depth!r}")
+    return dict(unetpp)
 
 
 def check_calibration(calibration) -> dict:
@@ -267,6 +289,7 @@ def find_best(
         postprocessing_report=report,
         calibration=calibration,
         mirroring=_mirroring(work, plans, best.configs, case_folds, mirror_tolerance),
+        unetpp=_unetpp(work, plans, best.configs, case_folds, mirror_tolerance),
     )
     out = instructions.to_json()
     write_json(instructions_path(work), out)
@@ -322,6 +345,22 @@ def _mirroring(work: WorkDir, plans: Plans, configs, case_folds, tolerance: floa
     from autoseg.inference.predictor import resolve_device
 
     return choose_mirroring(work, plans, configs[0], case_folds, tolerance, resolve_device("auto"))
+
+
+def _unetpp(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> dict | None:
+    """:func:`autoseg.inference.unetpp_modes.choose_unetpp_mode` for a single, non-cascade UNet++ best
+    configuration whose folds all have their final checkpoint (the same tolerance as mirroring); else None."""
+    if tolerance is None or len(configs) != 1:
+        return None
+    cfg = plans.configuration(configs[0])
+    if cfg.network.architecture != "unetpp" or cfg.previous_stage:
+        return None
+    if not all(work.checkpoint(configs[0], f).is_file() for f in set(case_folds.values())):
+        return None
+    from autoseg.inference.predictor import resolve_device
+    from autoseg.inference.unetpp_modes import choose_unetpp_mode
+
+    return choose_unetpp_mode(work, plans, configs[0], case_folds, tolerance, resolve_device("auto"))
 
 
 def predict_command(work: WorkDir, configs: Sequence[str], folds: Sequence[int]) -> str:

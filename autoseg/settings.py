@@ -243,6 +243,13 @@ class InferenceSettings:
     calibration: bool = True
     """Apply find-best's temperature (inference instructions' ``calibration``) to every saved probability; the
     label maps never change by it (docs/calibration.md)."""
+    unetpp_inference: str = "auto"
+    """UNet++ at predict time, the paper's two modes: "accurate" (the mean of the nested full-resolution heads),
+    "fast" (the network pruned at ``unetpp_prune_depth``), or "auto": what find-best chose for its configuration
+    (inference instructions' ``unetpp``), else accurate. Other networks ignore it."""
+    unetpp_prune_depth: int = 0
+    """Depth of the fast mode, 1 .. the network's depth (its stages - 1); 0: find-best's choice, else the
+    deepest (the full network with its last head only)."""
 
     def tiles_per_pass(self, device_type: str) -> int:
         """``tile_batch``, or when it is 0: two tiles per forward pass on CUDA, one elsewhere."""
@@ -264,9 +271,19 @@ class InferenceSettings:
             raise SettingError("compile", self.compile, "must be auto, on or off")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise SettingError("precision", self.precision, "must be auto, fp32 or bf16")
+        if self.unetpp_inference not in ("auto", "accurate", "fast"):
+            raise SettingError("unetpp_inference", self.unetpp_inference, "must be auto, accurate or fast")
+        _check_range(
+            "unetpp_prune_depth", self.unetpp_prune_depth, 0, 8, what="0: find-best's or the deepest"
+        )
 
 
-OPTION_NAMES = {"time_budget_minutes": "--time-budget", "loader_workers": "--workers", "step_size": "--step"}
+OPTION_NAMES = {
+    "time_budget_minutes": "--time-budget",
+    "loader_workers": "--workers",
+    "step_size": "--step",
+    "unetpp_prune_depth": "--prune-depth",
+}
 """Command-line spellings of the settings whose option is not ``--`` + the name with dashes."""
 
 

@@ -103,23 +103,12 @@ def choose_mirroring(work, plans, config: str, case_folds: dict[str, int], toler
     -> fold) and choose the cheapest within ``tolerance`` of the best Dice. Returns ``{"mirror_axes": [...],
     "tolerance", "mean_dice": {"0,1": Dice, ...}, "passes": {...}}`` ("" names the unmirrored pass)."""
     from autoseg.inference.predictor import Predictor
-    from autoseg.preprocessing.pipeline import load_case_properties
     from autoseg.settings import InferenceSettings
 
     cfg = plans.configuration(config)
-    data = work.preprocessed(cfg.data_identifier)
     settings = InferenceSettings(mirroring=False, compile="off")
-    folds = sorted(set(case_folds.values()))
-    predictors = {f: Predictor(work, config, [f], device, settings, plans=plans) for f in folds}
-    cases: dict = {f: [] for f in folds}
-    for case, fold in sorted(case_folds.items()):
-        image = np.load(data / f"{case}.npy")
-        seg = np.load(data / f"{case}_seg.npy")
-        cases[fold].append((image, seg, load_case_properties(data, case).background))
-    if plans.region_based:
-        structures = [list(v) for v in plans.regions.values()]
-    else:
-        structures = [[v] for v in sorted(set(plans.labels.values())) if v > 0]
+    cases, structures = validation_cases(work, plans, config, case_folds)
+    predictors = {f: Predictor(work, config, [f], device, settings, plans=plans) for f in cases}
     scores = measure_mirroring(predictors, cases, structures, plans.region_based)
     usable = {s: d for s, d in scores.items() if d is not None}
     chosen = cheapest_axes(usable, tolerance) if usable else tuple(range(cfg.dim))
@@ -131,3 +120,22 @@ def choose_mirroring(work, plans, config: str, case_folds: dict[str, int], toler
         "mean_dice": {name(map(str, s)): d for s, d in scores.items()},
         "passes": {name(map(str, s)): 2 ** len(s) for s in scores},
     }
+
+
+def validation_cases(work, plans, config: str, case_folds: dict[str, int]) -> tuple[dict, list[list[int]]]:
+    """``(cases, structures)`` for measuring ``config`` on its cross-validation: ``cases`` fold -> list of
+    ``(image, seg, background)`` of its preprocessed validation cases (what training saw); ``structures`` the
+    labels each structure joins (one label, or a region's labels)."""
+    from autoseg.preprocessing.pipeline import load_case_properties
+
+    data = work.preprocessed(plans.configuration(config).data_identifier)
+    cases: dict = {f: [] for f in sorted(set(case_folds.values()))}
+    for case, fold in sorted(case_folds.items()):
+        image = np.load(data / f"{case}.npy")
+        seg = np.load(data / f"{case}_seg.npy")
+        cases[fold].append((image, seg, load_case_properties(data, case).background))
+    if plans.region_based:
+        structures = [list(v) for v in plans.regions.values()]
+    else:
+        structures = [[v] for v in sorted(set(plans.labels.values())) if v > 0]
+    return cases, structures

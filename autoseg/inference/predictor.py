@@ -131,6 +131,7 @@ class Predictor:
             check_weights(ckpt, path, network.state_dict())
             check_finite(ckpt, path)
             network.load_state_dict(ckpt["network"])
+            set_network_inference(network, settings)
             del ckpt
             self.runners.append(
                 TileRunner(
@@ -236,6 +237,21 @@ class Predictor:
             )
             image = append_previous_stage(image, prev, self.plans.num_classes)
         return image
+
+
+def set_network_inference(network: torch.nn.Module, settings: InferenceSettings) -> None:
+    """The eval-mode answer of a network with several (UNet++: ``set_inference``), from ``settings``' UNet++
+    fields ("auto" has been resolved by the caller, else it means accurate); other networks are left alone.
+    A prune depth the network does not have is refused in one line naming the option."""
+    if not hasattr(network, "set_inference"):
+        return
+    mode = "accurate" if settings.unetpp_inference == "auto" else settings.unetpp_inference
+    try:
+        network.set_inference(mode, settings.unetpp_prune_depth or None)
+    except ValueError as exc:
+        raise AutosegError(
+            f"--unetpp-inference {mode} --prune-depth {settings.unetpp_prune_depth}: {exc}"
+        ) from None
 
 
 def _check_memory(plans: Plans, config: str, device: torch.device, tiles: int) -> None:

@@ -64,6 +64,13 @@ class UNetPlusPlus(nn.Module):
                 )
         self.heads = nn.ModuleList(conv_cls(dim)(feats[0], num_classes, 1) for _ in range(self.depth))
 
+    def set_inference(self, inference: str, prune_depth: int | None = None) -> None:
+        """Choose the eval-mode answer: ``"accurate"`` or ``"fast"`` pruned at ``prune_depth`` (None: the
+        deepest); a :class:`ValueError` naming what is allowed otherwise. Training mode is not affected."""
+        depth = self.depth if prune_depth is None else prune_depth
+        check_inference(inference, depth, self.depth)
+        self.inference, self.prune_depth = inference, depth
+
     def forward(self, x: torch.Tensor):
         pruned = not self.training and self.inference == "fast"
         depth = self.prune_depth if pruned else self.depth

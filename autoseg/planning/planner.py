@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from autoseg.errors import AutosegError
 from autoseg.fingerprint import Fingerprint
 from autoseg.io.dataset import DatasetSpec
 from autoseg.io.volume import CANONICAL_ORIENTATION
@@ -338,17 +339,44 @@ def _plan_architecture(
     common: dict,
     budget: BudgetRequest | None,
 ) -> dict[str, Configuration]:
-    """Every configuration of one architecture (``common["architecture"]``), named with ``suffix``."""
-    cfg3d = plan_configuration(f"3d_fullres{suffix}", 3, spacing, median_shape, **common)
-    lowres = plan_lowres(spacing, median_shape, cfg3d, common, common["reasons"], suffix)
+    """Every configuration of one architecture (``common["architecture"]``), named with ``suffix``. An
+    architecture that cannot be built for the planned topologies (e.g. too few stages for its design) is
+    refused in one line naming it, why, and the registered architectures that can be planned here."""
+    try:
+        cfg3d = plan_configuration(f"3d_fullres{suffix}", 3, spacing, median_shape, **common)
+        lowres = plan_lowres(spacing, median_shape, cfg3d, common, common["reasons"], suffix)
+        cfg2d = _plan_2d(spacing, median_shape, common, f"2d{suffix}")
+    except (AutosegError, ValueError, RuntimeError) as exc:
+        raise AutosegError(_unplannable(common["architecture"], exc, spacing, median_shape, common)) from None
     if budget is not None:
         name = f"3d_budget{suffix}"
         quiet: list[str] = []
         cfg = _plan_budget(budget, spacing, median_shape, spec, fp, {**common, "reasons": quiet})
         common["reasons"].extend(r.replace("3d_budget:", f"{name}:", 1) for r in quiet)
         lowres = {**lowres, name: replace(cfg, name=name)}
-    cfg2d = _plan_2d(spacing, median_shape, common, f"2d{suffix}")
     return {cfg2d.name: cfg2d, cfg3d.name: cfg3d, **lowres}
+
+
+def plannable(spacing: list[float], median_shape: list[float], common: dict) -> list[str]:
+    """The registered architectures whose 3D and 2D configurations can be planned for this geometry."""
+    out = []
+    for arch in memory.ARCHITECTURES:
+        trial = {**common, "architecture": arch, "reasons": []}
+        try:
+            plan_configuration("3d_fullres", 3, spacing, median_shape, **trial)
+            _plan_2d(spacing, median_shape, trial)
+        except (AutosegError, ValueError, RuntimeError):
+            continue
+        out.append(arch)
+    return out
+
+
+def _unplannable(arch: str, exc: Exception, spacing, median_shape, common: dict) -> str:
+    can = [a for a in plannable(spacing, median_shape, common) if a != arch]
+    reason = str(exc).rstrip(".") or type(exc).__name__
+    return f"--architecture {arch}: cannot be planned for this dataset ({reason}); " + (
+        f"these can: {', '.join(can)}" if can else "no registered architecture can"
+    )
 
 
 def share_data(configurations: dict[str, Configuration], reasons: list[str]) -> dict[str, Configuration]:

@@ -221,8 +221,18 @@ def test_attention_memory_is_measured_at_the_patch_not_extended_linearly():
 
 def test_swin_unetr_refuses_images_too_small_to_pool_twice_in_one_line():
     fp = _fingerprint([[1.0, 1.0, 1.0]] * 4, [[8, 8, 8]] * 4)  # 8³: one pooling, 2 stages
-    with pytest.raises(AutosegError, match="swin_unetr needs a topology of at least 3 stages .* got 2"):
+    with pytest.raises(
+        AutosegError, match="swin_unetr needs a topology of at least 3 stages .* got 2"
+    ) as err:
         make_plans(_spec(), fp, architecture="swin_unetr")
+    line = str(err.value)
+    assert (
+        line.startswith("--architecture swin_unetr: cannot be planned for this dataset") and "\n" not in line
+    )
+    can = line.split("these can: ")[1].split(", ")  # what would work: every other network plans here
+    assert "unet" in can and "unetr" in can and "swin_unetr" not in can
+    with pytest.raises(AutosegError, match="--architecture swin_unetr"):  # also among several
+        make_plans(_spec(), fp, architecture=("unet", "swin_unetr"))
     assert make_plans(_spec(), fp, architecture="unetr").configurations["3d_fullres"].network.n_stages == 2
 
 
