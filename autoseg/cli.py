@@ -218,7 +218,11 @@ _TrainLoss = Annotated[
 ]
 _TrainOptimizer = Annotated[str | None, typer.Option(help=f"sgd, adam or adamw (default {TRAIN.optimizer})")]
 _TrainSchedule = Annotated[
-    str | None, typer.Option(help=f"Learning-rate schedule: poly or cosine (default {TRAIN.schedule})")
+    str | None,
+    typer.Option(
+        help=f"Learning-rate schedule: poly, cosine or plateau (lowered when the validation EMA stalls; "
+        f"[train] plateau_* in the settings file) (default {TRAIN.schedule})"
+    ),
 ]
 _TrainWarmup = Annotated[
     float | None,

@@ -143,7 +143,15 @@ class TrainSettings:
     optimizer: str = "sgd"
     """sgd (with ``momentum`` and ``nesterov``), adam or adamw (``weight_decay`` decoupled for adamw)."""
     schedule: str = "poly"
-    """Learning-rate decay over the run (or the time budget): poly (``poly_exponent``) or cosine."""
+    """Learning-rate decay over the run (or the time budget): poly (``poly_exponent``), cosine, or plateau
+    (multiplied by ``plateau_factor`` whenever the validation pseudo-Dice EMA has not risen by
+    ``plateau_threshold`` for ``plateau_patience`` epochs; never below a thousandth of ``initial_lr``)."""
+    plateau_patience: int = 10
+    """Epochs without improvement of the validation EMA before a plateau schedule lowers the rate."""
+    plateau_factor: float = 0.5
+    """What a plateau schedule multiplies the rate by (0 < factor < 1)."""
+    plateau_threshold: float = 0.001
+    """Rise of the validation EMA (Dice) that counts as an improvement for a plateau schedule."""
     warmup_fraction: float = 0.0
     """Part of the run (or budget) over which the rate rises linearly from a tenth of ``initial_lr``."""
     output_prior: bool = True
@@ -193,14 +201,26 @@ class TrainSettings:
         if self.schedule not in SCHEDULES:
             raise SettingError("schedule", self.schedule, f"must be {' or '.join(SCHEDULES)}")
         _check_range("warmup_fraction", self.warmup_fraction, 0, 0.5, what="a fraction of the run")
+        _check_range("plateau_patience", self.plateau_patience, 1, what="epochs")
+        if not 0 < self.plateau_factor < 1:
+            raise SettingError("plateau_factor", self.plateau_factor, "must be in (0, 1): it lowers the rate")
+        _check_range("plateau_threshold", self.plateau_threshold, 0, 1, what="a rise of the Dice EMA")
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("poly", "cosine")
-RECIPE_KEYS = ("loss", "optimizer", "schedule", "warmup_fraction")
+SCHEDULES = ("poly", "cosine", "plateau")
+RECIPE_KEYS = (
+    "loss",
+    "optimizer",
+    "schedule",
+    "warmup_fraction",
+    "plateau_patience",
+    "plateau_factor",
+    "plateau_threshold",
+)
 """Training settings a resumed run must keep (the optimizer's state and the loss curve depend on them)."""
 
 

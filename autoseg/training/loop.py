@@ -205,6 +205,7 @@ def _run_epoch(
     train_loss = distributed.mean_over_ranks(float(np.mean(done.losses)), run.world)
     _refuse_non_finite(run, train_loss, state.epoch)
     state.update_ema(float(np.nanmean(list(dice.values()))) if dice else None)
+    _step_plateau(run.settings, state)
     state.epoch += 1
     seconds = time.perf_counter() - t0
     started_at = state.budget.used_s
@@ -249,6 +250,19 @@ def peak_memory_gb(device: torch.device) -> tuple[float | None, str]:
     return None, ""
 
 
+def _step_plateau(settings: TrainSettings, state: RunState) -> None:
+    """A plateau schedule: lower the rate when the validation EMA has stopped rising (every rank alike: the
+    EMA is computed from the pseudo-Dice all ranks share)."""
+    if settings.schedule != "plateau":
+        return
+    p = settings
+    if state.plateau.step(state.ema, p.plateau_patience, p.plateau_factor, p.plateau_threshold):
+        _log.info(
+            "validation EMA has not risen by %g for %d epochs: learning rate now %.3g of the initial %g",
+            p.plateau_threshold, p.plateau_patience, state.plateau.scale, p.initial_lr,
+        )  # fmt: skip
+
+
 def _learning_rate(settings: TrainSettings, state: RunState, epoch_started: float | None = None) -> float:
     """The schedule over the epochs, or with a time budget over the budget: it ends with the budget (set before
     every iteration, at the share of the budget used by then, when ``epoch_started`` is given)."""
@@ -259,7 +273,12 @@ def _learning_rate(settings: TrainSettings, state: RunState, epoch_started: floa
             else state.epoch / max(state.planned, 1)
         )
         return scheduled_lr(
-            settings.initial_lr, done, settings.schedule, settings.poly_exponent, settings.warmup_fraction
+            settings.initial_lr,
+            done,
+            settings.schedule,
+            settings.poly_exponent,
+            settings.warmup_fraction,
+            state.plateau.scale,
         )
     if state.budget.limited:
         used = state.budget.used_fraction(epoch_started)

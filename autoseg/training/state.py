@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from autoseg.checkpoint_io import check_compatible, load_checkpoint
 from autoseg.training.budget import TimeBudget
 from autoseg.training.run import TrainingRun
+from autoseg.training.schedule import Plateau
 
 EMA_DECAY = 0.9
 
@@ -31,6 +32,8 @@ class RunState:
     best_ema: float = -1.0
     ema: float | None = None
     """Exponential moving average of the validation pseudo-Dice (None until one is finite)."""
+    plateau: Plateau = field(default_factory=Plateau)
+    """A plateau schedule's bookkeeping (:class:`autoseg.training.schedule.Plateau`); unused by the others."""
 
     def update_ema(self, mean_dice: float | None) -> None:
         if mean_dice is not None and math.isfinite(mean_dice):
@@ -64,6 +67,7 @@ def restore_or_start(run: TrainingRun, resume: bool) -> RunState:
     state.epoch = state.start_epoch = int(ckpt["epoch"])
     state.best_ema = float(ckpt.get("best_ema", -1.0))
     state.ema = ckpt.get("ema")
+    state.plateau = Plateau.from_json(ckpt.get("plateau"))
     state.budget.used_s = float(ckpt.get("elapsed_seconds", 0.0))
     if state.budget.limited and "planned_epochs" in ckpt:
         state.planned = min(settings.epochs, max(state.epoch, int(ckpt["planned_epochs"])))
@@ -93,4 +97,5 @@ def checkpoint_contents(run: TrainingRun, state: RunState, resumable: bool = Tru
         "ema": state.ema,
         "elapsed_seconds": state.budget.used_s,
         "planned_epochs": state.planned,
+        "plateau": state.plateau.to_json(),
     }

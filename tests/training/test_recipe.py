@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -266,3 +267,84 @@ def test_schedules_run_on_the_clock_with_a_time_budget():
     assert _learning_rate(cosine, state) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))
     poly = TrainSettings(time_budget_minutes=1)
     assert _learning_rate(poly, state) == poly_lr(0.01, 0.1, 1.0, 0.9)  # today's rule, unchanged
+
+
+def test_plateau_lowers_the_rate_after_patience_epochs_without_a_rise():
+    from autoseg.training.schedule import MIN_PLATEAU_SCALE, Plateau
+
+    p = Plateau()
+    emas = [0.10, 0.20, 0.2005, 0.1990, 0.2009, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30]
+    lowered = [p.step(v, patience=3, factor=0.5, threshold=0.001) for v in emas]
+    # 0.2005, 0.1990 and 0.2009 do not rise 0.001 above 0.20: after the third the rate halves; 0.30 is a
+    # new best; then three epochs without a rise halve it again, and three more once more
+    assert lowered == [False, False, False, False, True, False, False, False, True, False, False, True]
+    assert p.scale == 0.125 and p.best == 0.30 and p.wait == 0
+    assert not p.step(None, 3, 0.5, 0.001) and not p.step(math.nan, 3, 0.5, 0.001)  # no average yet: nothing
+    floor = Plateau(best=1.0, scale=0.0015)
+    assert floor.step(0.5, 1, 0.5, 0.0) and floor.scale == MIN_PLATEAU_SCALE  # never below a thousandth
+    assert not floor.step(0.5, 1, 0.5, 0.0) and floor.scale == MIN_PLATEAU_SCALE
+    again = Plateau.from_json(json.loads(json.dumps(p.to_json())))  # what a checkpoint keeps
+    assert again == p
+    assert Plateau.from_json(json.loads(json.dumps(Plateau().to_json()))) == Plateau()
+    assert Plateau.from_json(None) == Plateau()  # a checkpoint from before the plateau schedule
+
+
+def test_plateau_rate_is_the_initial_rate_times_the_scale_after_the_warmup():
+    from autoseg.training.budget import TimeBudget
+    from autoseg.training.loop import _learning_rate, _step_plateau
+    from autoseg.training.state import RunState
+
+    assert scheduled_lr(0.01, 0.5, "plateau", 0.9, 0.0, 0.25) == pytest.approx(0.0025)
+    assert scheduled_lr(0.01, 0.05, "plateau", 0.9, 0.1, 0.25) == pytest.approx(0.01 * 0.55)  # warming up
+    settings = TrainSettings(schedule="plateau", plateau_patience=2, plateau_factor=0.1)
+    state = RunState(epoch=3, planned=10, budget=TimeBudget(limit_s=0.0))
+    for ema in (0.5, 0.5, 0.5):
+        state.ema = ema
+        _step_plateau(settings, state)
+    assert _learning_rate(settings, state) == pytest.approx(0.001)
+    poly = RunState(epoch=3, planned=10, budget=TimeBudget(limit_s=0.0))
+    for ema in (0.5, 0.5, 0.5):
+        poly.ema = ema
+        _step_plateau(TrainSettings(), poly)  # other schedules keep no plateau bookkeeping
+    assert poly.plateau.scale == 1.0
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [("plateau_patience", 0, ">= 1"), ("plateau_factor", 1.0, "(0, 1)"), ("plateau_factor", 0.0, "(0, 1)"),
+     ("plateau_threshold", -0.1, "[0, 1]"), ("schedule", "step", "poly or cosine or plateau")],
+)  # fmt: skip
+def test_plateau_settings_out_of_range_are_refused(tmp_path, key, value, allowed):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[train]\n{key} = {json.dumps(value)}\n")
+    with pytest.raises(AutosegError, match=rf"\[train\] {key} = .*{re.escape(allowed)}"):
+        load_settings(path)
+    recorded = json.dumps({"train": {"schedule": "plateau", "plateau_patience": 10}})
+    (tmp_path / "settings.json").write_text(recorded)
+    with pytest.raises(AutosegError, match="plateau_patience = 10, now 5"):
+        check_same_recipe(
+            tmp_path / "settings.json", TrainSettings(schedule="plateau", plateau_patience=5).to_json()
+        )
+
+
+def test_a_plateau_run_lowers_its_rate_and_a_resumed_run_continues_from_the_checkpoint(
+    planned_phantom, tmp_path
+):
+    import shutil
+
+    from autoseg.layout import WorkDir
+    from autoseg.training.loop import train_fold
+
+    work = WorkDir(tmp_path / "work")
+    shutil.copytree(planned_phantom.root, work.root)
+    # a threshold of 1 Dice: no epoch ever counts as an improvement, so the rate halves after each epoch but
+    # the first (which sets the best)
+    plateau = dict(schedule="plateau", plateau_patience=1, plateau_threshold=1.0, plateau_factor=0.5)
+    common = dict(iters_per_epoch=2, val_iters=1, loader_workers=0, **plateau)
+    train_fold(
+        work, "2d", 0, TrainSettings(epochs=3, **common), torch.device("cpu")
+    )  # fold 0: a validation EMA
+    train_fold(work, "2d", 0, TrainSettings(epochs=4, **common), torch.device("cpu"), resume=True)
+    log = [json.loads(line) for line in (work.fold_dir("2d", 0) / "log.jsonl").read_text().splitlines()]
+    assert all(e["ema_dice"] is not None for e in log)
+    assert [e["lr"] for e in log] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
