@@ -452,6 +452,47 @@ def train(
     )
 
 
+def make_variant(workdir: str | Path, source: str, name: str, **recipe) -> Plans:
+    """Add configuration ``name`` to WORK's plans: ``source`` (its data, network, patch, batch and any time
+    budget) trained with ``recipe`` (training settings of :data:`autoseg.settings.VARIANT_KEYS`, e.g.
+    ``loss="tversky(alpha=0.3,beta=0.7)"``; ``None`` values are ignored) over what ``source`` trains with. Train,
+    predict, find-best and compare then take ``name`` like any configuration; its data is ``source``'s. Refused
+    in one line (:class:`AutosegError`) before the plans change: an unknown ``source``, a ``name`` that exists,
+    an empty recipe, or a setting out of range. Returns the new plans (saved atomically)."""
+    from autoseg.planning.plans import PLANS_SCHEMA_VERSION
+    from autoseg.settings import recipe_settings
+
+    work = WorkDir(Path(workdir))
+    plans = Plans.load(work.plans)
+    src = plans.configuration(source)
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    if not recipe:
+        raise AutosegError(
+            f"variant {name}: no training setting given (e.g. --loss, --optimizer, --schedule)"
+        )
+    if name in plans.configurations:
+        raise AutosegError(
+            f"variant {name}: a configuration of that name exists in {work.plans}; choose another"
+        )
+    merged = recipe_settings({**src.recipe, **recipe}, base=replace(TrainSettings(), **_arch_recipe(src)))
+    variant = replace(src, name=name, recipe={k: getattr(merged, k) for k in {**src.recipe, **recipe}})
+    try:
+        variant.validate()
+    except PlansError as exc:
+        raise AutosegError(f"variant {name}: {exc}") from None
+    new = replace(
+        plans, configurations={**plans.configurations, name: variant}, schema_version=PLANS_SCHEMA_VERSION
+    )
+    new.save(work.plans)
+    return new
+
+
+def _arch_recipe(cfg) -> dict:
+    from autoseg.networks.registry import default_recipe
+
+    return default_recipe(cfg.network.architecture)
+
+
 def plan_defaults(work: WorkDir, config: str) -> TrainSettings | None:
     """The training defaults a configuration's plan sets (a settings file or option still wins): its
     architecture's recipe (:data:`autoseg.networks.registry.RECIPES`: AdamW, warmup and cosine decay for the
@@ -463,7 +504,7 @@ def plan_defaults(work: WorkDir, config: str) -> TrainSettings | None:
         cfg = Plans.load(work.plans).configuration(config)
     except AutosegError:
         return None
-    recipe = default_recipe(cfg.network.architecture)
+    recipe = {**default_recipe(cfg.network.architecture), **cfg.recipe}
     if cfg.budget is None and not recipe:
         return None
     settings = replace(TrainSettings(), **recipe)

@@ -670,6 +670,39 @@ def find_best(
 
 
 @app.command()
+def variant(
+    workdir: Annotated[Path, typer.Argument(help="WORK folder made by 'autoseg plan'")],
+    source: Annotated[str, typer.Argument(help="Configuration to copy, e.g. 3d_budget")],
+    name: Annotated[str, typer.Argument(help="Name of the new configuration, e.g. 3d_budget_tversky")],
+    loss: _TrainLoss = None,
+    optimizer: _TrainOptimizer = None,
+    schedule: _TrainSchedule = None,
+    warmup_fraction: _TrainWarmup = None,
+    initial_lr: Annotated[float | None, typer.Option(help="Initial learning rate")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay")] = None,
+) -> None:
+    """Add a recipe variant: SOURCE's data, network, patch and budget, trained with another loss, optimizer or
+    schedule, under NAME; train, find-best and compare take it like any configuration (docs/training.md)."""
+    recipe = dict(
+        loss=loss,
+        optimizer=optimizer,
+        schedule=schedule,
+        warmup_fraction=warmup_fraction,
+        initial_lr=initial_lr,
+        weight_decay=weight_decay,
+    )
+    plans = api.make_variant(workdir, source, name, **recipe)
+    given = plans.configuration(name).recipe
+    out.print(
+        f"configuration {name}: {source} trained with "
+        + ", ".join(f"{k} = {v}" for k, v in given.items())
+        + f"; train it with 'autoseg train {workdir} {name} FOLD'",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+@app.command()
 def compare(
     workdir: Annotated[Path, typer.Argument(help="WORK folder with trained configurations")],
 ) -> None:

@@ -98,6 +98,7 @@ class Row:
     p_value: float | None = None
     n_pairs: int = 0
     median_difference: float | None = None  # this configuration's per-case Dice minus the best's
+    recipe: str = ""  # loss, optimizer and schedule the folds trained with (their settings.json)
 
     @property
     def complete(self) -> bool:
@@ -180,6 +181,21 @@ def _fold_dirs(work: WorkDir, config: str) -> list[int]:
     return sorted(out)
 
 
+RECIPE_SHOWN = ("loss", "optimizer", "schedule", "initial_lr")
+
+
+def _recipe(work: WorkDir, name: str, folds: Sequence[int]) -> str:
+    """``loss, optimizer, schedule, lr`` the first of ``folds`` trained with (its ``settings.json``), so that
+    recipe variants (``autoseg variant``) and overridden options show; empty when no fold recorded one."""
+    for k in folds:
+        path = work.fold_dir(name, k) / "settings.json"
+        if path.is_file():
+            train = _read(path).get("train", {})
+            return ", ".join(f"{train[key]}" if key == "loss" else f"{key} {train[key]}"
+                             for key in RECIPE_SHOWN if key in train)  # fmt: skip
+    return ""
+
+
 def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]]) -> Row:
     """Cost, scores and per-case Dice of configuration ``name`` (scores only if every fold is validated)."""
     cfg = plans.configuration(name)
@@ -195,6 +211,7 @@ def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]]) -> Row
         problem = " ".join(parts)
     cost = _cost(work, plans, name, validated or _fold_dirs(work, name))
     row = Row(name, cfg.network.architecture, cfg.dim, tuple(validated), problem, cost)
+    row = replace(row, recipe=_recipe(work, name, validated or _fold_dirs(work, name)))
     if problem is not None:
         return row
     per_case, fold_of, structures = _per_case(work, name, splits)
@@ -537,6 +554,8 @@ def markdown(result: Comparison) -> str:
         *_md_table(score_columns(result), score_rows(result)),
         "",
     ]
+    lines += ["## Recipes (what the folds trained with)", ""]
+    lines += [f"- {r.name}: {r.recipe or 'not recorded'}" for r in result.rows] + [""]
     left_out = [r for r in result.rows if not r.complete]
     if left_out:
         lines += ["## Left out of the best and the tests", ""]
@@ -560,6 +579,7 @@ def csv_text(result: Comparison) -> str:
         "configuration", "architecture", "dim", "status", "folds_validated", "parameters", "flops_per_step",
         "batch_size", "patch_size", "seconds_per_iteration", "peak_memory_gb", "peak_memory_of",
         "training_minutes_per_fold", "mean_dice", "n_cases", "p_value_vs_best", "n_pairs", "median_dice_difference",
+        "recipe",
     ]  # fmt: skip
     head += [f"{m}_{s}_{x}" for s in result.structures for m in METRICS for x in ("mean", "fold_sd")]
     buf = io.StringIO()
@@ -573,7 +593,7 @@ def csv_text(result: Comparison) -> str:
             c.batch_size, "x".join(map(str, c.patch_size)), c.seconds_per_iteration, c.peak_memory_gb,
             c.peak_memory_of, c.training_minutes_per_fold, r.mean_dice, len(r.case_dice) if r.complete else None,
             r.p_value, r.n_pairs or None,
-            r.median_difference,
+            r.median_difference, r.recipe or None,
         ]  # fmt: skip
         for s in result.structures:
             for m in METRICS:

@@ -222,6 +222,31 @@ RECIPE_KEYS = (
     "plateau_threshold",
 )
 """Training settings a resumed run must keep (the optimizer's state and the loss curve depend on them)."""
+VARIANT_KEYS = (
+    *RECIPE_KEYS,
+    "initial_lr",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "poly_exponent",
+    "output_prior",
+)
+"""What a recipe variant of a configuration (``autoseg variant``, ``Configuration.recipe``) may set."""
+
+
+def recipe_settings(recipe: dict, base: TrainSettings | None = None, where=None) -> TrainSettings:
+    """``base`` (default :class:`TrainSettings`) with a configuration's ``recipe`` set, every key and value
+    checked: :class:`AutosegError` worded by ``where(name, value, allowed)`` (default: as a command-line
+    option) for a key outside :data:`VARIANT_KEYS` or a value out of range."""
+    where = where or _as_option
+    if not isinstance(recipe, dict):
+        raise AutosegError(where("recipe", recipe, "must be a table of training settings"))
+    for key, value in recipe.items():
+        if key not in VARIANT_KEYS:
+            raise AutosegError(
+                where(key, value, f"not a recipe setting (recipe settings: {', '.join(VARIANT_KEYS)})")
+            )
+    return _merge(base or TrainSettings(), recipe, where)
 
 
 @dataclass(frozen=True)

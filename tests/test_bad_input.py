@@ -533,7 +533,7 @@ def _config(name: str, key: str, value) -> Callable[[dict], None]:
 
 PLANS_CASES = [
     ("bad JSON", lambda w: w.plans.write_text("{not json"), "invalid plans (JSONDecodeError: "),
-    ("schema_version 99", lambda w: _edit_plans(w, lambda p: p.update(schema_version=99)), "plans schema_version 99 is not supported (expected one of 1, 2)"),
+    ("schema_version 99", lambda w: _edit_plans(w, lambda p: p.update(schema_version=99)), "plans schema_version 99 is not supported (expected one of 1, 2, 3)"),
     ("no schema_version", lambda w: _edit_plans(w, lambda p: p.pop("schema_version")), "plans schema_version None is not supported"),
     ("negative patch size", lambda w: _edit_plans(w, _config("3d_fullres", "patch_size", [-8, 32, 32])), "configuration '3d_fullres': patch_size [-8, 32, 32] must be"),
     ("patch size of wrong length", lambda w: _edit_plans(w, _config("3d_fullres", "patch_size", [32, 32])), "configuration '3d_fullres': patch_size [32, 32] must be"),

@@ -14,12 +14,13 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from autoseg.errors import PlansError
+from autoseg.errors import AutosegError, PlansError
 from autoseg.jsonio import JSONFileError, read_json, write_json
 from autoseg.planning.network_topology import NetworkTopology  # defined below the networks; re-exported here
 
-PLANS_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # 2 added a configuration's optional ``budget``; a version 1 file has none
+PLANS_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+"""2 added a configuration's optional ``budget``, 3 its optional ``recipe``; older files have neither."""
 # Sanity limits for plans read from disk (a hand-edited WORK/plans.json, or one from a model bundle, is
 # untrusted). Every plan the planner makes lies well inside them: its patch starts at 256^3 voxels (2D:
 # 2048^2) and is only rounded up to the total stride, it makes at most 7 stages of at most 512 features,
@@ -117,11 +118,16 @@ class Configuration:
     previous_stage: str | None = None  # cascade: configuration whose predictions are extra input channels
     estimated_step_seconds: dict[str, float] = field(default_factory=dict)  # {"gpu": s, "cpu": s}, rough
     budget: BudgetPlan | None = None  # only the time-budget configuration (3d_budget) has one
+    recipe: dict = field(default_factory=dict)
+    """Training settings this configuration trains with by default (a recipe variant, ``autoseg variant``:
+    e.g. ``{"loss": "tversky(alpha=0.3,beta=0.7)"}``); a settings file or option still wins. Empty: none."""
 
     def to_json(self) -> dict:
         d = asdict(self)
         if self.budget is None:
             del d["budget"]  # the standard configurations read as they did before budgets existed
+        if not self.recipe:
+            del d["recipe"]
         return d
 
     @classmethod
@@ -167,6 +173,13 @@ class Configuration:
         self._check_ranges(bad)
         if self.budget is not None:
             self.budget.check(bad)
+        if self.recipe:
+            from autoseg.settings import recipe_settings
+
+            try:
+                recipe_settings(self.recipe, where=lambda n, v, a: f"recipe {n} = {v!r}: {a}")
+            except AutosegError as exc:
+                raise PlansError(f"configuration '{self.name}': {exc}") from None
 
     def _check_ranges(self, bad) -> None:
         """The sanity limits above (a plan from anywhere must not make predict allocate without bound)."""

@@ -101,7 +101,8 @@ def work(tmp_path_factory) -> WorkDir:
     for k in range(3):
         _write_fold(work, "3d_fullres", k, unet, log=[{"epoch": 1, **epoch}, {"epoch": 2, **epoch}])
         _write_fold(work, "3d_fullres_segnet", k, segnet, log=[{"epoch": 1, **old_epoch}],
-                    settings={"train": {"iters_per_epoch": 5}})  # fmt: skip
+                    settings={"train": {"iters_per_epoch": 5, "loss": "tversky(alpha=0.3,beta=0.7)",
+                                        "optimizer": "adam", "schedule": "plateau", "initial_lr": 0.001}})  # fmt: skip
         _write_fold(work, "3d_fullres_unetpp", k, unetpp)
     for k in range(2):
         _write_fold(work, "3d_fullres_fcn8s", k, unet)
@@ -207,6 +208,10 @@ def test_files_are_written_atomically_with_the_table(work, result):
     md = (folder / "compare.md").read_text()
     assert "| 3d_fullres * |" in md and "0.031 (6)" in md and "- 3d_fullres_fcn8s: fold 2 of 3" in md
     assert "Wilcoxon" in md
+    # the recipe each trained with (a variant's, or overridden options), from the folds' settings.json
+    recipe = "tversky(alpha=0.3,beta=0.7), optimizer adam, schedule plateau, initial_lr 0.001"
+    assert rows["3d_fullres_segnet"]["recipe"] == recipe and rows["3d_fullres"]["recipe"] == ""
+    assert f"- 3d_fullres_segnet: {recipe}" in md and "- 3d_fullres: not recorded" in md
 
 
 def test_paired_test_edge_cases():
