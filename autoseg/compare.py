@@ -188,7 +188,7 @@ def _recipe(work: WorkDir, name: str, folds: Sequence[int]) -> str:
     """``loss, optimizer, schedule, lr`` the first of ``folds`` trained with (its ``settings.json``), so that
     recipe variants (``autoseg variant``) and overridden options show; empty when no fold recorded one."""
     for k in folds:
-        path = work.fold_dir(name, k) / "settings.json"
+        path = work.fold_dir(name, k) / WorkDir.FOLD_SETTINGS
         if path.is_file():
             train = _read(path).get("train", {})
             return ", ".join(f"{train[key]}" if key == "loss" else f"{key} {train[key]}"

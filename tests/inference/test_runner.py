@@ -144,6 +144,7 @@ def test_a_runner_that_may_compile_only_ever_sees_full_batches(monkeypatch):
     np.testing.assert_allclose(got, plain, atol=1e-6)
 
 
+@pytest.mark.slow  # ~30 s on 2 cores (TorchInductor compiles the network); the fake-compile tests stay in CI
 @pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
     reason="torch.compile on CPU needs a C++ compiler (c++/g++), and there is none on PATH",

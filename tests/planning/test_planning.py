@@ -180,6 +180,7 @@ def test_plan_is_deterministic(phantom_dataset, tmp_path):
     ).read_text()
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: the fingerprint reads all four BraTS volumes
 @pytest.mark.realdata
 def test_brats_plans_fit_the_budget(tmp_path):
     """Dataset001 (240x240x155, 1 mm, 2 channels, 5 labels): fingerprint and plans without preprocessing."""
