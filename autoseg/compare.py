@@ -209,9 +209,17 @@ def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]]) -> Row
         if trained:
             parts.append(f"(trained: {', '.join(map(str, trained))}; rerun train with --resume)")
         problem = " ".join(parts)
-    cost = _cost(work, plans, name, validated or _fold_dirs(work, name))
-    row = Row(name, cfg.network.architecture, cfg.dim, tuple(validated), problem, cost)
-    row = replace(row, recipe=_recipe(work, name, validated or _fold_dirs(work, name)))
+    folds = validated or _fold_dirs(work, name)
+    cost = _cost(work, plans, name, folds)
+    row = Row(
+        name,
+        cfg.network.architecture,
+        cfg.dim,
+        tuple(validated),
+        problem,
+        cost,
+        recipe=_recipe(work, name, folds),
+    )
     if problem is not None:
         return row
     per_case, fold_of, structures = _per_case(work, name, splits)

@@ -334,12 +334,18 @@ def _calibrate(
     return fit_calibration(items, spec)
 
 
-def _mirroring(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> dict | None:
-    """:func:`autoseg.inference.mirroring.choose_mirroring` for a single, non-cascade best configuration
-    whose folds all have their final checkpoint; None otherwise (predict then keeps its own setting)."""
+def _measurable(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> bool:
+    """Whether find-best measures a test-time choice (mirroring, UNet++ mode) for ``configs``: a tolerance is
+    given, and they are a single, non-cascade configuration whose folds all have their final checkpoint."""
     if tolerance is None or len(configs) != 1 or plans.configuration(configs[0]).previous_stage:
-        return None
-    if not all(work.checkpoint(configs[0], f).is_file() for f in set(case_folds.values())):
+        return False
+    return all(work.checkpoint(configs[0], f).is_file() for f in set(case_folds.values()))
+
+
+def _mirroring(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> dict | None:
+    """:func:`autoseg.inference.mirroring.choose_mirroring` for a best configuration find-best can measure
+    (:func:`_measurable`); None otherwise (predict then keeps its own setting)."""
+    if not _measurable(work, plans, configs, case_folds, tolerance):
         return None
     from autoseg.inference.mirroring import choose_mirroring
     from autoseg.inference.predictor import resolve_device
@@ -348,14 +354,11 @@ def _mirroring(work: WorkDir, plans: Plans, configs, case_folds, tolerance: floa
 
 
 def _unetpp(work: WorkDir, plans: Plans, configs, case_folds, tolerance: float | None) -> dict | None:
-    """:func:`autoseg.inference.unetpp_modes.choose_unetpp_mode` for a single, non-cascade UNet++ best
-    configuration whose folds all have their final checkpoint (the same tolerance as mirroring); else None."""
-    if tolerance is None or len(configs) != 1:
+    """:func:`autoseg.inference.unetpp_modes.choose_unetpp_mode` for a UNet++ best configuration find-best can
+    measure (:func:`_measurable`, with the same tolerance as mirroring); else None."""
+    if not _measurable(work, plans, configs, case_folds, tolerance):
         return None
-    cfg = plans.configuration(configs[0])
-    if cfg.network.architecture != "unetpp" or cfg.previous_stage:
-        return None
-    if not all(work.checkpoint(configs[0], f).is_file() for f in set(case_folds.values())):
+    if plans.configuration(configs[0]).network.architecture != "unetpp":
         return None
     from autoseg.inference.predictor import resolve_device
     from autoseg.inference.unetpp_modes import choose_unetpp_mode

@@ -73,16 +73,15 @@ def choose_unetpp_mode(
     predictors = {f: Predictor(work, config, [f], device, settings, plans=plans) for f in cases}
     scores, seconds = measure_modes(predictors, cases, structures, plans.region_based)
     usable = {m: d for m, d in scores.items() if d is not None}
-    chosen = cheapest_mode(usable, tolerance) if usable else modes(1)[-1]
+    chosen = cheapest_mode(usable, tolerance) if usable else list(scores)[-1]  # no Dice at all: accurate
     _log.info(
         "UNet++: %s chosen (Dice by mode: %s)",
         mode_name(chosen),
         ", ".join(f"{mode_name(m)} {d:.4f}" for m, d in usable.items()),
     )
-    depth = max(m[1] for m in scores) if scores else chosen[1]
     return {
         "inference": chosen[0],
-        "prune_depth": chosen[1] if chosen[0] == "fast" else depth,
+        "prune_depth": chosen[1],  # the accurate mode carries the network's depth
         "tolerance": tolerance,
         "mean_dice": {mode_name(m): d for m, d in scores.items()},
         "seconds": {mode_name(m): round(s, 3) for m, s in seconds.items()},

@@ -255,11 +255,11 @@ def _step_plateau(settings: TrainSettings, state: RunState) -> None:
     EMA is computed from the pseudo-Dice all ranks share)."""
     if settings.schedule != "plateau":
         return
-    p = settings
-    if state.plateau.step(state.ema, p.plateau_patience, p.plateau_factor, p.plateau_threshold):
+    s = settings
+    if state.plateau.step(state.ema, s.plateau_patience, s.plateau_factor, s.plateau_threshold):
         _log.info(
             "validation EMA has not risen by %g for %d epochs: learning rate now %.3g of the initial %g",
-            p.plateau_threshold, p.plateau_patience, state.plateau.scale, p.initial_lr,
+            s.plateau_threshold, s.plateau_patience, state.plateau.scale, s.initial_lr,
         )  # fmt: skip
 
 

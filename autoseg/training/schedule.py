@@ -1,8 +1,9 @@
 """Learning-rate schedules over the fraction ``f`` of the run done (``epoch / epochs``; with a time budget the
 fraction of the budget used). Polynomial decay: ``lr = initial * (1 - f) ** exponent``; cosine:
-``lr = initial * (1 + cos(pi f)) / 2``; plateau: ``lr = initial * scale``, where the run's state lowers ``scale``
-when the validation average stops improving (:class:`Plateau`). With a warmup over the first ``w`` of the run the rate rises linearly
-from ``initial / 10`` to ``initial`` (the first epoch is not wasted at rate 0), then the decay runs over the rest.
+``lr = initial * (1 + cos(pi f)) / 2``; plateau: ``lr = initial * scale``, where the run's state lowers
+``scale`` when the validation average stops improving (:class:`Plateau`). With a warmup over the first ``w`` of
+the run the rate rises linearly from ``initial / 10`` to ``initial`` (the first epoch is not wasted at rate 0),
+then the decay runs over the rest.
 """
 
 from __future__ import annotations

@@ -248,9 +248,10 @@ def test_bf16_and_tile_skipping_agree_with_the_reference_on_a_real_case():
     assert same >= 0.995, same
 
 
-def _train_tiny(dataset, root, config: str, folds: int, iters: int):
-    """Plan ``dataset`` (``config`` only, narrow network), split its cases into ``folds`` folds and train each
-    for ``iters`` iterations (with its final validation, unmirrored): a cross-validated WORK in minutes."""
+def _train_tiny(dataset, root, config: str, folds: int, iters: int, architecture: str = "unet"):
+    """Plan ``dataset`` (``config`` only, narrow ``architecture``), split its cases into ``folds`` folds and
+    train each for ``iters`` iterations (with its final validation, unmirrored): a cross-validated WORK in
+    minutes."""
     from autoseg import api
     from autoseg.io.dataset import discover_cases
     from autoseg.jsonio import write_json
@@ -258,7 +259,7 @@ def _train_tiny(dataset, root, config: str, folds: int, iters: int):
     from tests.conftest import shrink_network
 
     work = WorkDir(root)
-    api.plan(dataset, work.root, workers=1, configurations=(config,))
+    api.plan(dataset, work.root, workers=1, configurations=(config,), architecture=architecture)
     shrink_network(work)
     cases = sorted(c.case_id for c in discover_cases(dataset))
     parts = [cases[k::folds] for k in range(folds)]
@@ -269,6 +270,14 @@ def _train_tiny(dataset, root, config: str, folds: int, iters: int):
             loader_workers=0, mirroring=False, num_folds=folds,
         )  # fmt: skip
     return work
+
+
+def _one_case_inputs(dataset, folder):
+    """A folder of links to the images of the phantom's first case (an input folder for predict)."""
+    folder.mkdir()
+    for f in sorted((dataset / "imagesTr").glob("phantom_000_*")):
+        (folder / f.name).symlink_to(f)
+    return folder
 
 
 @pytest.mark.slow  # minutes on 2 cores: two folds are trained, then 4 flips of every validation case
@@ -284,10 +293,7 @@ def test_find_best_records_the_cheapest_mirroring_and_predict_uses_it(phantom_da
     assert set(found["mirroring"]["mean_dice"]) == {"", "0", "1", "0,1"}
     assert found["mirroring"]["passes"] == {"": 1, "0": 2, "1": 2, "0,1": 4}
     assert load_instructions(work).mirror_axes == ()
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for f in sorted((phantom_dataset / "imagesTr").glob("phantom_000_*")):
-        (inputs / f.name).symlink_to(f)
+    inputs = _one_case_inputs(phantom_dataset, tmp_path / "in")
     with caplog.at_level(logging.INFO, logger="autoseg"):
         api.predict(work.root, inputs, tmp_path / "out", device="cpu")
     assert "mirroring over axes none, as find-best chose" in caplog.text

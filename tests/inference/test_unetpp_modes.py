@@ -119,32 +119,16 @@ def test_find_best_records_the_cheapest_unetpp_mode_and_predict_uses_it(phantom_
     import logging
 
     from autoseg import api
-    from autoseg.io.dataset import discover_cases
-    from autoseg.jsonio import write_json
-    from autoseg.layout import WorkDir
     from autoseg.selection import load_instructions
-    from tests.conftest import shrink_network
+    from tests.inference.test_speed_levers import _one_case_inputs, _train_tiny
 
-    work = WorkDir(tmp_path / "work")
-    api.plan(phantom_dataset, work.root, workers=1, configurations=("2d",), architecture="unetpp")
-    shrink_network(work)
-    cases = sorted(c.case_id for c in discover_cases(phantom_dataset))
-    parts = [cases[k::2] for k in range(2)]
-    write_json(work.splits, [{"train": [c for c in cases if c not in p], "val": p} for p in parts])
-    for k in range(2):
-        api.train(
-            work.root, "2d", str(k), device="cpu", epochs=1, iters_per_epoch=4, val_iters=0,
-            loader_workers=0, mirroring=False, num_folds=2,
-        )  # fmt: skip
+    work = _train_tiny(phantom_dataset, tmp_path / "work", "2d", folds=2, iters=4, architecture="unetpp")
     found = api.find_best(work.root, ["2d"], workers=1, mirror_tolerance=1.0)  # any Dice will do: fast@1
     depth = len(api.Plans.load(work.plans).configuration("2d").network.strides) - 1
     assert found["unetpp"]["inference"] == "fast" and found["unetpp"]["prune_depth"] == 1
     assert list(found["unetpp"]["mean_dice"]) == [f"fast@{d}" for d in range(1, depth + 1)] + ["accurate"]
     assert load_instructions(work).unetpp["prune_depth"] == 1
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for f in sorted((phantom_dataset / "imagesTr").glob("phantom_000_*")):
-        (inputs / f.name).symlink_to(f)
+    inputs = _one_case_inputs(phantom_dataset, tmp_path / "in")
     with caplog.at_level(logging.INFO, logger="autoseg"):
         api.predict(work.root, inputs, tmp_path / "out", device="cpu")
     assert "UNet++ fast inference pruned at depth 1, as find-best chose" in caplog.text
