@@ -103,6 +103,20 @@ class AugmentationSettings:
     p_gamma: float = 0.3
     p_gamma_inverted: float = 0.1
     p_mirror: float = 0.5
+    p_elastic: float = 0.0
+    """Elastic deformation per sample (batchgenerators' displacement field: uniform noise in [-1, 1] per voxel
+    and axis, smoothed by a Gaussian of ``sigma`` voxels, times ``alpha``); 0: none, as nnU-Net v2."""
+    elastic_alpha_min: float = 0.0
+    elastic_alpha_max: float = 900.0
+    """Range of ``alpha`` (nnU-Net v1's 3D default, 0-900; batchgenerators' own is 0-1000)."""
+    elastic_sigma_min: float = 9.0
+    elastic_sigma_max: float = 13.0
+    """Range of ``sigma`` in voxels (nnU-Net v1's default, 9-13; batchgenerators' own is 10-13)."""
+    p_rot90: float = 0.0
+    """A rotation by 90, 180 or 270 degrees in a plane of two interchangeable axes (similar target spacing,
+    equal patch extent: :func:`autoseg.training.augmentation.interchangeable_axes`) per sample; 0: none."""
+    p_transpose: float = 0.0
+    """A random permutation of the interchangeable axes per sample; 0: none."""
 
     def __post_init__(self):
         _check_types(self)
@@ -112,6 +126,14 @@ class AugmentationSettings:
         _check_range("rotation_deg", self.rotation_deg, 0, 180, what="degrees")
         _check_range("scale_min", self.scale_min, 0, low_open=True)
         _check_range("scale_max", self.scale_max, self.scale_min, what="at least scale_min")
+        _check_range("elastic_alpha_min", self.elastic_alpha_min, 0)
+        _check_range(
+            "elastic_alpha_max", self.elastic_alpha_max, self.elastic_alpha_min, what="at least elastic_alpha_min"
+        )
+        _check_range("elastic_sigma_min", self.elastic_sigma_min, 0, low_open=True, what="voxels")
+        _check_range(
+            "elastic_sigma_max", self.elastic_sigma_max, self.elastic_sigma_min, what="at least elastic_sigma_min"
+        )
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,19 @@ batchgenerators draws its random numbers from the global ``np.random``; the trai
 (and restores its state on resume) so a run is reproducible. Spatial augmentation (rotation, scaling) works on
 an enlarged patch (:func:`augmentation_patch_size`) and crops its centre, so rotated corners hold real data.
 For anisotropic 3D patches (axis 0 more than 3× shorter than the others) rotation is restricted to the plane
-of axes 1-2 and low-resolution simulation leaves axis 0 alone, as slices are too thick to rotate across.
+of axes 1-2, elastic deformation happens in that plane only (the same in every slice) and low-resolution
+simulation leaves axis 0 alone, as slices are too thick to rotate or deform across. 90° rotations and
+transposes only exchange axes of similar target spacing and equal patch extent (:func:`interchangeable_axes`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from itertools import combinations
 
 import numpy as np
-from batchgenerators.transforms.abstract_transforms import Compose
+from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
 from batchgenerators.transforms.color_transforms import (
     BrightnessMultiplicativeTransform,
     ContrastAugmentationTransform,
@@ -20,7 +24,12 @@ from batchgenerators.transforms.color_transforms import (
 )
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
-from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+from batchgenerators.transforms.spatial_transforms import (
+    MirrorTransform,
+    Rot90Transform,
+    SpatialTransform,
+    TransposeAxesTransform,
+)
 
 from autoseg.settings import AugmentationSettings
 
@@ -60,35 +69,128 @@ def augmentation_patch_size(patch_size: list[int], settings: AugmentationSetting
     return [int(math.ceil(v - 1e-6)) for v in np.maximum(out, p)]
 
 
-def build_train_transforms(patch_size: list[int], settings: AugmentationSettings) -> Compose:
+SPACING_TOLERANCE = 1.2
+"""Two axes are interchangeable (90° rotations, transposes) when the larger of their target spacings is at most
+this many times the smaller (and the patch is as long along both)."""
+
+
+def interchangeable_axes(
+    spacing: Sequence[float], patch_size: Sequence[int], tolerance: float = SPACING_TOLERANCE
+) -> tuple[int, ...]:
+    """Patch axes that 90° rotations and transposes may exchange: the largest group of two or more axes whose
+    target spacings are within ``tolerance`` (largest / smallest) and along which the patch has the same
+    extent; among groups of that size, the one of most similar spacings (then the lowest axes). ``spacing`` is
+    the configuration's, in the patch's axis order (3 entries; a 2D patch has the last two). ``()``: none."""
     dim = len(patch_size)
-    aniso = is_anisotropic_patch(patch_size)
+    sp = [float(v) for v in spacing][-dim:]
+
+    def ratio(group: tuple[int, ...]) -> float:
+        return max(sp[a] for a in group) / min(sp[a] for a in group)
+
+    for size in range(dim, 1, -1):
+        groups = [
+            g
+            for g in combinations(range(dim), size)
+            if len({patch_size[a] for a in g}) == 1 and ratio(g) <= tolerance * (1 + 1e-9)
+        ]
+        if groups:
+            return min(groups, key=ratio)
+    return ()
+
+
+def axis_augmentation_note(
+    patch_size: Sequence[int], spacing: Sequence[float], settings: AugmentationSettings
+) -> str | None:
+    """One line for the run's log on 90° rotations and transposes: the axes they exchange, or why there are
+    none; ``None`` when both are off."""
+    if settings.p_rot90 == 0 and settings.p_transpose == 0:
+        return None
+    axes = interchangeable_axes(spacing, patch_size)
+    if not axes:
+        return (
+            f"90-degree rotations and transposes off: no two patch axes have spacings within "
+            f"{SPACING_TOLERANCE:g}x and equal extent (spacing {list(spacing)}, patch {list(patch_size)})"
+        )
+    return f"90-degree rotations and transposes among patch axes {axes}"
+
+
+_SPATIAL_BORDERS = dict(
+    border_mode_data="constant",
+    border_cval_data=0,
+    order_data=3,
+    border_mode_seg="constant",
+    border_cval_seg=0,
+    order_seg=0,
+    random_crop=False,
+    patch_center_dist_from_border=None,
+)
+
+
+def _elastic(settings: AugmentationSettings) -> dict:
+    return dict(
+        alpha=(settings.elastic_alpha_min, settings.elastic_alpha_max),
+        sigma=(settings.elastic_sigma_min, settings.elastic_sigma_max),
+        p_el_per_sample=settings.p_elastic,
+    )
+
+
+class InPlaneElasticTransform(AbstractTransform):
+    """Elastic deformation within the planes of axes 1-2 of a 3D batch ``(b, c, z, y, x)``, the same in every
+    plane of a sample, so nothing moves along axis 0 (thick slices are not mixed): each sample's planes become
+    channels of a 2D batch for batchgenerators' SpatialTransform (elastic only), then the batch is reshaped
+    back. Its shape is kept; voxels displaced from outside read as 0 (data) and background (seg)."""
+
+    def __init__(self, settings: AugmentationSettings):
+        self.kwargs = dict(
+            do_elastic_deform=True, **_elastic(settings), do_rotation=False, do_scale=False, **_SPATIAL_BORDERS
+        )
+
+    def __call__(self, **batch):
+        data, seg = batch["data"], batch["seg"]
+        spatial = SpatialTransform(list(data.shape[3:]), **self.kwargs)
+        out = spatial(
+            data=data.reshape(data.shape[0], -1, *data.shape[3:]),
+            seg=seg.reshape(seg.shape[0], -1, *seg.shape[3:]),
+        )
+        return {**batch, "data": out["data"].reshape(data.shape), "seg": out["seg"].reshape(seg.shape)}
+
+
+def _spatial(patch_size: list[int], settings: AugmentationSettings, aniso: bool) -> SpatialTransform:
+    """Rotation, scaling and (3D isotropic and 2D patches) elastic deformation in one interpolation."""
     rot = math.radians(settings.rotation_deg)
-    if dim == 2 or aniso:
+    if len(patch_size) == 2 or aniso:
         angles = dict(angle_x=(-rot, rot), angle_y=(0, 0), angle_z=(0, 0))
     else:
         angles = dict(angle_x=(-rot, rot), angle_y=(-rot, rot), angle_z=(-rot, rot))
-    transforms = [
-        SpatialTransform(
-            patch_size,
-            patch_center_dist_from_border=None,
-            do_elastic_deform=False,
-            do_rotation=settings.p_rotation > 0,
-            **angles,
-            p_rot_per_axis=1,
-            do_scale=settings.p_scale > 0,
-            scale=(settings.scale_min, settings.scale_max),
-            border_mode_data="constant",
-            border_cval_data=0,
-            order_data=3,
-            border_mode_seg="constant",
-            border_cval_seg=0,
-            order_seg=0,
-            random_crop=False,
-            p_el_per_sample=0,
-            p_scale_per_sample=settings.p_scale,
-            p_rot_per_sample=settings.p_rotation,
-        ),
+    return SpatialTransform(
+        patch_size,
+        do_elastic_deform=settings.p_elastic > 0 and not aniso,
+        **_elastic(settings),
+        do_rotation=settings.p_rotation > 0,
+        **angles,
+        p_rot_per_axis=1,
+        do_scale=settings.p_scale > 0,
+        scale=(settings.scale_min, settings.scale_max),
+        **_SPATIAL_BORDERS,
+        p_scale_per_sample=settings.p_scale,
+        p_rot_per_sample=settings.p_rotation,
+    )
+
+
+def _axis_transforms(
+    patch_size: list[int], settings: AugmentationSettings, spacing: Sequence[float]
+) -> list[AbstractTransform]:
+    axes = interchangeable_axes(spacing, patch_size)
+    out: list[AbstractTransform] = []
+    if axes and settings.p_rot90 > 0:
+        out.append(Rot90Transform(num_rot=(1, 2, 3), axes=axes, p_per_sample=settings.p_rot90))
+    if axes and settings.p_transpose > 0:
+        out.append(TransposeAxesTransform(transpose_any_of_these=axes, p_per_sample=settings.p_transpose))
+    return out
+
+
+def _intensity(settings: AugmentationSettings, aniso: bool) -> list[AbstractTransform]:
+    return [
         GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_sample=settings.p_noise),
         GaussianBlurTransform(
             (0.5, 1.0), different_sigma_per_channel=True, p_per_sample=settings.p_blur, p_per_channel=0.5
@@ -115,8 +217,23 @@ def build_train_transforms(patch_size: list[int], settings: AugmentationSettings
             (0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=settings.p_gamma
         ),
     ]
+
+
+def build_train_transforms(
+    patch_size: list[int], settings: AugmentationSettings, spacing: Sequence[float]
+) -> Compose:
+    """The training augmentation of a batch extracted at :func:`augmentation_patch_size`, cropped to
+    ``patch_size``; ``spacing`` is the configuration's target spacing (3 entries, the patch's axis order),
+    which decides the axes 90° rotations and transposes exchange (:func:`interchangeable_axes`)."""
+    aniso = is_anisotropic_patch(patch_size)
+    transforms: list[AbstractTransform] = []
+    if aniso and settings.p_elastic > 0:
+        transforms.append(InPlaneElasticTransform(settings))
+    transforms.append(_spatial(patch_size, settings, aniso))
+    transforms += _axis_transforms(patch_size, settings, spacing)
+    transforms += _intensity(settings, aniso)
     if settings.p_mirror > 0:
-        transforms.append(MirrorTransform(axes=tuple(range(dim))))
+        transforms.append(MirrorTransform(axes=tuple(range(len(patch_size)))))
     return Compose(transforms)
 
 

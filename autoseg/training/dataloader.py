@@ -48,6 +48,9 @@ class LoaderSpec:
     dim: int
     oversample_foreground: float
     augmentation: AugmentationSettings
+    spacing: tuple[float, ...]
+    """The configuration's target spacing (3 entries, the patch's axis order): which axes 90° rotations and
+    transposes may exchange."""
     num_classes: int
     seed: int
     fold_index: int
@@ -68,7 +71,7 @@ class BatchMaker:
             spec.oversample_foreground,
             np.random.default_rng(0),
         )
-        self.transforms = build_train_transforms(list(spec.patch_size), spec.augmentation)
+        self.transforms = build_train_transforms(list(spec.patch_size), spec.augmentation, spec.spacing)
 
     def make(self, epoch: int, iteration: int) -> dict[str, np.ndarray]:
         s = self.spec

@@ -31,6 +31,7 @@ from autoseg.jsonio import write_text
 from autoseg.layout import WorkDir
 from autoseg.settings import TrainSettings
 from autoseg.training import distributed
+from autoseg.training.augmentation import axis_augmentation_note
 from autoseg.training.dataloader import BatchLoader
 from autoseg.training.patch_validation import output_structures, validate_patches
 from autoseg.training.progress import plot_progress, read_log
@@ -168,6 +169,9 @@ def _log_start(run: TrainingRun, state: RunState, workers: int) -> None:
         workers,
         f", {w.size} processes" if w.distributed else "",
     )
+    note = axis_augmentation_note(run.config.patch_size, run.config.spacing, settings.augmentation)
+    if note:
+        _log.info("%s", note)
 
 
 @dataclass

@@ -293,6 +293,7 @@ def loader_spec(run: TrainingRun) -> LoaderSpec:
         dim=config.dim,
         oversample_foreground=settings.oversample_foreground,
         augmentation=settings.augmentation,
+        spacing=tuple(config.spacing),
         num_classes=run.plans.num_classes,
         seed=settings.seed,
         fold_index=run.fold_index,

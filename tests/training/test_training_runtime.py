@@ -47,6 +47,7 @@ def _spec(work: WorkDir, rank: int = 0) -> LoaderSpec:
         dim=3,
         oversample_foreground=0.33,
         augmentation=AugmentationSettings(),
+        spacing=(1.0, 1.0, 1.0),
         num_classes=3,
         seed=11,
         fold_index=0,
