@@ -108,7 +108,8 @@ class AugmentationSettings:
     and axis, smoothed by a Gaussian of ``sigma`` voxels, times ``alpha``); 0: none, as nnU-Net v2."""
     elastic_alpha_min: float = 0.0
     elastic_alpha_max: float = 900.0
-    """Range of ``alpha`` (nnU-Net v1's 3D default, 0-900; batchgenerators' own is 0-1000)."""
+    """Range of ``alpha`` (nnU-Net v1's 3D default, 0-900; batchgenerators' own is 0-1000) for a 3D field; a 2D
+    field (2D patches, the planes of thick-slice patches) takes 2/9 of it, as nnU-Net v1's 2D range (0-200)."""
     elastic_sigma_min: float = 9.0
     elastic_sigma_max: float = 13.0
     """Range of ``sigma`` in voxels (nnU-Net v1's default, 9-13; batchgenerators' own is 10-13)."""
@@ -128,11 +129,17 @@ class AugmentationSettings:
         _check_range("scale_max", self.scale_max, self.scale_min, what="at least scale_min")
         _check_range("elastic_alpha_min", self.elastic_alpha_min, 0)
         _check_range(
-            "elastic_alpha_max", self.elastic_alpha_max, self.elastic_alpha_min, what="at least elastic_alpha_min"
+            "elastic_alpha_max",
+            self.elastic_alpha_max,
+            self.elastic_alpha_min,
+            what="at least elastic_alpha_min",
         )
         _check_range("elastic_sigma_min", self.elastic_sigma_min, 0, low_open=True, what="voxels")
         _check_range(
-            "elastic_sigma_max", self.elastic_sigma_max, self.elastic_sigma_min, what="at least elastic_sigma_min"
+            "elastic_sigma_max",
+            self.elastic_sigma_max,
+            self.elastic_sigma_min,
+            what="at least elastic_sigma_min",
         )
 
 

@@ -64,7 +64,9 @@ def test_axis_note_names_the_axes_or_why_there_are_none():
     on = AugmentationSettings(p_rot90=0.5)
     assert axis_augmentation_note([16, 160, 160], ANISO, on).endswith("among patch axes (1, 2)")
     none = axis_augmentation_note([64, 96, 128], ISO, on)
-    assert none.startswith("90-degree rotations and transposes off: no two patch axes have spacings within 1.2x")
+    assert none.startswith(
+        "90-degree rotations and transposes off: no two patch axes have spacings within 1.2x"
+    )
 
 
 def _names(settings: AugmentationSettings, patch=(16, 32, 32), spacing=ISO) -> list[str]:
@@ -127,9 +129,7 @@ def test_rot90_turns_image_and_labels_together_among_similar_axes(spacing, patch
 def test_transpose_permutes_image_and_labels_together_among_similar_axes(spacing, patch, axes):
     transforms = build_train_transforms(list(patch), AugmentationSettings(**OFF, p_transpose=1.0), spacing)
     fixed = [a for a in range(3) if a not in axes]
-    orders = [
-        (0,) + tuple(a + 1 for a in p) for p in permutations(range(3)) if all(p[a] == a for a in fixed)
-    ]
+    orders = [(0,) + tuple(a + 1 for a in p) for p in permutations(range(3)) if all(p[a] == a for a in fixed)]
     seen = set()
     for seed in range(12):
         batch = _marked_batch(patch, seed=seed)
@@ -166,6 +166,16 @@ def test_elastic_changes_the_image_and_keeps_labels_and_alignment():
     assert not np.array_equal(out["seg"], batch["seg"])
     relabelled = (out["data"] > 0.3).astype(np.float32) + (out["data"] > 0.7)
     assert np.mean(relabelled == out["seg"]) > 0.97  # cubic image, nearest labels: same deformation
+
+
+def test_elastic_alpha_is_for_a_3d_field_and_two_ninths_of_it_for_a_2d_one():
+    """batchgenerators' 2D field moves voxels about 4x as far as its 3D one at the same alpha: 2D patches and
+    the planes of thick-slice patches take nnU-Net v1's 2D range, 0-200 for 0-900."""
+    on = AugmentationSettings(p_elastic=0.5, elastic_alpha_min=90.0)
+    assert build_train_transforms([32, 32, 32], on, ISO).transforms[0].alpha == (90.0, 900.0)
+    assert build_train_transforms([64, 64], on, ISO).transforms[0].alpha == pytest.approx((20.0, 200.0))
+    thick = build_train_transforms([8, 64, 64], on, ANISO).transforms
+    assert thick[0].kwargs["alpha"] == pytest.approx((20.0, 200.0)) and not thick[1].do_elastic_deform
 
 
 def test_elastic_on_thick_slices_is_the_same_in_every_slice():
@@ -215,9 +225,13 @@ def test_bad_new_settings_are_refused_in_one_line(tmp_path: Path, capfd, text, e
 
 def test_resolved_augmentation_is_recorded_with_the_run_settings(tmp_path: Path):
     path = tmp_path / "aug.toml"
-    path.write_text("[augmentation]\np_elastic = 0.2\np_rot90 = 0.5\nelastic_sigma_max = 15\n", encoding="utf-8")
+    path.write_text(
+        "[augmentation]\np_elastic = 0.2\np_rot90 = 0.5\nelastic_sigma_max = 15\n", encoding="utf-8"
+    )
     train, _ = load_settings(path)
     recorded = train.to_json()["augmentation"]  # what settings.json holds
-    assert recorded["p_elastic"] == 0.2 and recorded["p_rot90"] == 0.5 and recorded["elastic_sigma_max"] == 15.0
+    assert (
+        recorded["p_elastic"] == 0.2 and recorded["p_rot90"] == 0.5 and recorded["elastic_sigma_max"] == 15.0
+    )
     assert recorded["p_transpose"] == 0.0 and recorded["elastic_alpha_max"] == 900.0
     assert TrainSettings(augmentation=AugmentationSettings(**recorded)) == train
