@@ -12,13 +12,16 @@ import pytest
 
 from autoseg.cli import main
 from autoseg.errors import AutosegError
+from autoseg.planning.plans import Plans
 from autoseg.settings import AugmentationSettings, TrainSettings, load_settings
 from autoseg.training.augmentation import (
     InPlaneElasticTransform,
+    augmentation_patch_size,
     axis_augmentation_note,
     build_train_transforms,
     interchangeable_axes,
 )
+from autoseg.training.dataloader import BatchMaker, LoaderSpec
 
 ISO = (1.0, 1.0, 1.0)
 ANISO = (3.0, 0.5, 0.5)
@@ -235,3 +238,40 @@ def test_resolved_augmentation_is_recorded_with_the_run_settings(tmp_path: Path)
     )
     assert recorded["p_transpose"] == 0.0 and recorded["elastic_alpha_max"] == 900.0
     assert TrainSettings(augmentation=AugmentationSettings(**recorded)) == train
+
+
+@pytest.mark.parametrize("patch", [None, (16, 48, 48)])
+def test_batch_maker_takes_the_plans_spacing(planned_phantom, patch):
+    """The loader's workers build the transforms from the configuration's spacing (the phantom's 3 x 1 x 1 mm):
+    with every new transform on, batches come out at the patch size with labels of the plan. The planned patch
+    (28 x 80 x 64) has no two equal extents, so no 90-degree transforms; a 16 x 48 x 48 patch gets them on
+    axes 1, 2."""
+    plans = Plans.load(planned_phantom.plans)
+    config = plans.configuration("3d_fullres")
+    patch = patch or tuple(config.patch_size)
+    settings = AugmentationSettings(p_elastic=1.0, p_rot90=1.0, p_transpose=1.0)
+    data = planned_phantom.preprocessed(config.data_identifier)
+    spec = LoaderSpec(
+        data_dir=data,
+        case_ids=tuple(sorted(p.stem for p in data.glob("*.json"))),
+        previous_dir=None,
+        extract_size=tuple(augmentation_patch_size(list(patch), settings)),
+        patch_size=patch,
+        batch_size=2,
+        dim=3,
+        oversample_foreground=1.0,
+        augmentation=settings,
+        spacing=tuple(config.spacing),
+        num_classes=plans.num_classes,
+        seed=5,
+        fold_index=0,
+    )
+    maker = BatchMaker(spec)
+    names = [type(t).__name__ for t in maker.transforms.transforms]
+    axes = interchangeable_axes(config.spacing, patch)
+    assert axes == ((1, 2) if patch == (16, 48, 48) else ()), (config.spacing, patch)
+    assert ("Rot90Transform" in names) == ("TransposeAxesTransform" in names) == bool(axes)
+    batch = maker.make(0, 0)
+    assert batch["data"].shape[2:] == patch and batch["seg"].shape[2:] == patch
+    assert set(np.unique(batch["seg"])) <= set(range(plans.num_classes))
+    np.testing.assert_array_equal(maker.make(0, 0)["data"], batch["data"])  # still one batch per seed
