@@ -29,7 +29,7 @@ from autoseg.planning.budget import BudgetRequest
 from autoseg.planning.device import DeviceTimer, device_available
 from autoseg.planning.device import default_cache as default_step_cache
 from autoseg.planning.planner import make_plans
-from autoseg.planning.plans import Plans
+from autoseg.planning.plans import Plans, carry_over
 from autoseg.preprocessing.pipeline import preprocess_dataset
 from autoseg.settings import MAX_WORKERS, InferenceSettings, SettingError, inference_settings, load_settings
 from autoseg.settings import TrainSettings as TrainSettings  # re-exported: the CLI's option defaults
@@ -147,6 +147,31 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _previous_plans(work: WorkDir) -> Plans | None:
+    """WORK's plans before this re-plan (None on a first plan)."""
+    return Plans.load(work.plans) if work.plans.is_file() else None
+
+
+def _warn_orphans(work: WorkDir, old: Plans | None, new: Plans) -> None:
+    """Warn about trained folds that the new plans leave behind: a configuration dropped, or planned anew
+    differently (its folds were trained for the previous plan). They stay on disk untouched."""
+    for name, cfg in old.configurations.items() if old else ():
+        folds = work.trained_folds(name)
+        if not folds:
+            continue
+        where = f"{work.root / 'results' / name} ({len(folds)} trained fold(s))"
+        if name not in new.configurations:
+            _log.warning(
+                "%s: not in the new plans; %s stays on disk, unused (plan with the same --time-budget, "
+                "architectures or 'autoseg variant' again to use it)", name, where,
+            )  # fmt: skip
+        elif new.configurations[name] != cfg:
+            _log.warning(
+                "%s: planned differently now; %s was trained for the previous plan: train those folds again "
+                "(or move the folder aside) before predicting with it", name, where,
+            )  # fmt: skip
+
+
 def _plan_into(
     dataset_dir, work, spec, cases, budget, why, undo, workers, configurations, clean, progress, architecture,
     fix_nonfinite, resample_device, timing,
@@ -166,6 +191,11 @@ def _plan_into(
     request = timing.request(spec) if timing is not None else None
     plans = make_plans(spec, fp, gpu_memory_gb=budget, architecture=architecture, budget=request)
     plans.reasons.insert(0, f"memory budget {budget:.3g} GB: {why}")
+    old = _previous_plans(work)
+    plans, kept = carry_over(old, plans, budget_requested=request is not None)
+    for line in kept:
+        _log.info("%s", line)
+    _warn_orphans(work, old, plans)
     wanted = configurations or tuple(plans.configurations)
     try:
         work.root.mkdir(parents=True, exist_ok=True)
@@ -174,7 +204,6 @@ def _plan_into(
     if fresh_fingerprint:
         undo.keep(work.fingerprint)
         write_json(work.fingerprint, fp.to_json())
-    old = Plans.load(work.plans) if work.plans.is_file() else None
     if clean or (old is not None and old.to_json() != plans.to_json()):
         # stale preprocessed data must not be mixed with new plans (set aside; deleted once planning is done)
         undo.move_aside(work.root / "preprocessed")

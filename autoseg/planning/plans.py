@@ -530,3 +530,42 @@ def _check_label_fields(d: dict) -> None:
     plain = sorted(v for v in labels.values() if v != ignore)
     if not order and plain != list(range(len(plain))):
         raise _bad("labels", labels, "consecutive values from 0 (without region-based training)")
+
+
+def carry_over(old: Plans | None, new: Plans, budget_requested: bool) -> tuple[Plans, list[str]]:
+    """``new`` plus the configurations of ``old`` that re-planning would otherwise drop although nothing they
+    depend on changed, and one line per configuration kept.
+
+    Kept, when the plan-wide fields (dataset hash, normalization, orientation, labels, ...) are unchanged:
+    the time-budget configuration of ``old`` when this plan was made without a budget (``budget_requested``
+    false; ``3d_budget`` was sized by an earlier ``--time-budget``), and every recipe variant (``autoseg
+    variant``) whose source configuration is in the result unchanged (the variant is that source with a
+    recipe). A variant of a changed source, or anything of plans of another dataset, is not kept."""
+    if old is None or _plan_wide(old) != _plan_wide(new):
+        return new, []
+    configs, kept = dict(new.configurations), []
+    for name, cfg in old.configurations.items():
+        if name not in configs and cfg.budget is not None and not cfg.recipe and not budget_requested:
+            configs[name] = cfg
+            kept.append(
+                f"{name}: kept from the previous plans (sized for a {cfg.budget.minutes:g}-minute budget)"
+            )
+    for name, cfg in old.configurations.items():
+        if name in configs or not cfg.recipe:
+            continue
+        if any(
+            replace(src, name=name, recipe=cfg.recipe) == cfg for src in configs.values() if not src.recipe
+        ):
+            configs[name] = cfg
+            kept.append(f"{name}: recipe variant kept from the previous plans (its source is unchanged)")
+    if not kept:
+        return new, []
+    return replace(new, configurations=configs, reasons=[*new.reasons, *kept]), kept
+
+
+def _plan_wide(plans: Plans) -> dict:
+    """What every configuration of ``plans`` depends on: all but the configurations and the reasons."""
+    d = plans.to_json()
+    for key in ("configurations", "reasons", "schema_version"):
+        d.pop(key)
+    return d
