@@ -14,8 +14,11 @@ the ``torch`` backend needs nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
+import sys
 import tempfile
 import time
 import warnings
@@ -69,17 +72,44 @@ def write_onnx(network: torch.nn.Module, example: torch.Tensor, path: Path, dyna
     """Export ``network`` (eval mode, full-resolution output) to one self-contained ONNX file ``path`` for
     inputs shaped like ``example``; ``dynamic_batch``: any batch size (else exactly ``example``'s). The
     TorchScript-based exporter is tried first (seconds, where the dynamo exporter takes tens of them), the
-    dynamo exporter when it fails."""
+    dynamo exporter when it fails (swin_unetr: its layer norms take their shape from the tensor)."""
     model = _FullResolution(network).eval()
     axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     # one self-contained file: external weights would name the (temporary) file they were written beside
     args = dict(input_names=["image"], output_names=["logits"], dynamic_axes=axes, external_data=False)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")  # the exporters' deprecation and instance-norm notes
         try:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, **args)
+            with _stdout_discarded():  # where it fails, it prints the whole graph to the process's stdout
+                torch.onnx.export(model, (example,), str(path), dynamo=False, verbose=False, **args)
         except Exception:
             torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, **args)
+
+
+@contextlib.contextmanager
+def _stdout_discarded():
+    """File descriptor 1 goes to the null device meanwhile (it catches what C++ code prints, too)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Only errors from the logger ``name`` meanwhile (the dynamo exporter warns about missing torchvision)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class OnnxRunner:
