@@ -158,3 +158,31 @@ def test_each_engine_agrees_with_torch_on_a_real_case(engine):
         same, dice_change = _agreement(ref, other, seg, [[1]])
         assert same >= 0.995 and dice_change <= 0.002, (type(net).__name__, same, dice_change)
         assert np.abs(ref - other).max() < 1e-3  # float32 in both: rounding, not another answer
+
+
+def _architectures():
+    from autoseg.networks.registry import ARCHITECTURES
+
+    # swin_unetr only exports through the dynamo exporter (tens of seconds)
+    return [pytest.param(a, marks=pytest.mark.slow) if a == "swin_unetr" else a for a in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("arch", _architectures())
+def test_every_architecture_exports_at_its_tile_batch_and_agrees(arch):
+    """Each registered network, built small, gives through ONNX Runtime the torch logits, for a full and a
+    short last batch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from autoseg.inference.backends import OnnxRunner
+    from autoseg.networks import build_network
+    from autoseg.planning.network_topology import NetworkTopology
+
+    torch.manual_seed(0)
+    topo = NetworkTopology(arch, 3, [[1, 1, 1]] + [[2, 2, 2]] * 3, [[3, 3, 3]] * 4, [4, 8, 16, 32])
+    net = build_network(topo, 2, 3).eval()
+    x = torch.randn(2, 2, 32, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+    runner = OnnxRunner(net, (2, 2, 32, 32, 32), threads=1)
+    torch.testing.assert_close(runner(x), ref, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(runner(x[1:]), ref[1:], rtol=1e-3, atol=1e-4)
