@@ -650,11 +650,11 @@ def predict(
     configurations are the ones it was decided for (and ``postprocessing``). Folds default to every trained
     fold. What was chosen is logged (logger ``autoseg``). ``output_formats``: any of "nifti", "dicom-seg",
     "rtstruct" (DICOM series inputs, :mod:`autoseg.io.dicom`; ``channels`` matches series, ``{0: "T1"}``)."""
-    from autoseg.inference.predictor import Predictor, predict_cases, remove_stale_outputs, resolve_device
+    from autoseg.inference.predictor import Predictor, predict_cases, remove_stale_outputs
     from autoseg.selection import load_instructions
 
     settings = _inference(settings)
-    dev = resolve_device(device)  # every option is checked before anything is read or written
+    dev = _backend_device(device, settings)  # every option is checked before anything is read or written
     folds = _check_folds(folds)
     work = WorkDir(Path(workdir))
     plans = Plans.load(work.plans)
@@ -684,6 +684,16 @@ def predict(
     return predict_cases(
         predictors, cases, targets, post, save_probabilities, progress, spacings, write, calibrate
     )
+
+
+def _backend_device(device: str, settings: InferenceSettings):
+    """The torch device named ``device``, checked to run the settings' backend (its packages installed)."""
+    from autoseg.inference.backends import check_backend
+    from autoseg.inference.predictor import resolve_device
+
+    dev = resolve_device(device)
+    check_backend(settings.backend, dev)
+    return dev
 
 
 def _inference(settings: InferenceSettings | None) -> InferenceSettings:

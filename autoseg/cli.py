@@ -399,6 +399,14 @@ _PredictPrecision = Annotated[
         help="Forward passes: auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16",
     ),
 ]
+_PredictBackend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="Forward passes: torch, onnxruntime or openvino (CPU, float32; pip install "
+        "'autoseg\\[onnx]' or 'autoseg\\[openvino]')",
+    ),
+]
 _PredictNoHeapReuse = Annotated[
     bool,
     typer.Option(
@@ -456,6 +464,7 @@ def predict(
     fix_nonfinite: _PredictFixNonfinite = False,
     compile_: _PredictCompile = INFER.compile,
     precision: _PredictPrecision = INFER.precision,
+    backend: _PredictBackend = INFER.backend,
     no_heap_reuse: _PredictNoHeapReuse = False,
     no_calibration: _PredictNoCalibration = False,
     output_format: _PredictOutputFormat = None,
@@ -469,6 +478,7 @@ def predict(
         mirroring=False if no_mirroring else None,
         compile=compile_,
         precision=precision,
+        backend=backend,
         reuse_heap=False if no_heap_reuse else None,
         fix_nonfinite=True if fix_nonfinite else None,
         save_uncertainty=True if save_uncertainty else None,

@@ -278,6 +278,10 @@ def recipe_settings(recipe: dict, base: TrainSettings | None = None, where=None)
     return _merge(base or TrainSettings(), recipe, where)
 
 
+BACKENDS = ("torch", "onnxruntime", "openvino")
+"""Values of ``InferenceSettings.backend`` (:mod:`autoseg.inference.backends`)."""
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     step_size: float = 0.5
@@ -324,6 +328,11 @@ class InferenceSettings:
     unetpp_prune_depth: int = 0
     """Depth of the fast mode, 1 .. the network's depth (its stages - 1); 0: find-best's choice, else the
     deepest (the full network with its last head only)."""
+    backend: str = "torch"
+    """Kernels of the forward passes: "torch" (eager or compiled, as ``compile`` says), or "onnxruntime" /
+    "openvino": each fold's network exported to ONNX once and run by that engine on the CPU in float32 (the
+    optional extras ``autoseg[onnx]``, ``autoseg[openvino]``; ``compile`` and ``precision`` do not apply).
+    See docs/inference.md."""
 
     def tiles_per_pass(self, device_type: str) -> int:
         """``tile_batch``, or when it is 0: two tiles per forward pass on CUDA, one elsewhere."""
@@ -345,6 +354,10 @@ class InferenceSettings:
             raise SettingError("compile", self.compile, "must be auto, on or off")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise SettingError("precision", self.precision, "must be auto, fp32 or bf16")
+        if self.backend not in BACKENDS:
+            raise SettingError(
+                "backend", self.backend, f"must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}"
+            )
         if self.unetpp_inference not in ("auto", "accurate", "fast"):
             raise SettingError("unetpp_inference", self.unetpp_inference, "must be auto, accurate or fast")
         _check_range(

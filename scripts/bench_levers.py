@@ -10,7 +10,9 @@ tests/inference/test_speed_levers.py). Printed:
   (:attr:`CaseProperties.background`), at ``--step``;
 * per lever (fp32, bf16 autocast, channels_last_3d with either), the median seconds of ``--passes`` eager
   forward passes of one tile (after one warm-up pass), and against fp32 the largest probability difference
-  and the fraction of voxels with the same arg-max (random weights: a check of the arithmetic only).
+  and the fraction of voxels with the same arg-max (random weights: a check of the arithmetic only);
+  ``onnxruntime`` and ``openvino`` levers: the network exported to ONNX (export and load time printed apart)
+  and run by that engine in float32 on as many threads as torch.
 
 The 1-minute load average is printed: other work on the machine skews every figure.
 
@@ -78,6 +80,16 @@ def _time(net, x, dtype, passes: int) -> tuple[float, torch.Tensor]:
     return statistics.median(times), torch.softmax(out, 1)
 
 
+def _engine(net, tile, engine: str):
+    """``net`` exported to ONNX and loaded in ``engine`` for ``tile``'s shape (the time it took printed)."""
+    from autoseg.inference.backends import OnnxRunner
+
+    start = time.perf_counter()
+    runner = OnnxRunner(net, tuple(tile.shape), torch.get_num_threads(), engine)
+    print(f"{engine}: exported and loaded in {time.perf_counter() - start:.1f} s")
+    return runner
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
@@ -87,7 +99,7 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.5)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--levers", default="fp32,bf16,cl3d_fp32,cl3d_bf16")
+    ap.add_argument("--levers", default="fp32,bf16,cl3d_fp32,cl3d_bf16", help="also: onnxruntime, openvino")
     args = ap.parse_args()
     from autoseg.inference.runner import cpu_has_native_bf16
     from autoseg.networks import build_network
@@ -100,13 +112,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     net = build_network(cfg.network, plans.input_channels(args.config), plans.num_outputs).eval()
     z, y, x = (min(p, s) for p, s in zip(cfg.patch_size, image.shape[1:]))
-    tile = torch.from_numpy(image[None, :, :z, :y, :x].copy())
+    tile = torch.zeros((1, image.shape[0], *cfg.patch_size))  # an image smaller than the patch: 0-padded
+    tile[0, :, :z, :y, :x] = torch.from_numpy(image[:, :z, :y, :x].copy())
     ref = None
     for lever in args.levers.split(","):
         dtype = torch.bfloat16 if lever.endswith("bf16") else None
         cl = lever.startswith("cl3d")
         fmt = torch.channels_last_3d if cl else torch.contiguous_format
-        seconds, probs = _time(net.to(memory_format=fmt), tile.to(memory_format=fmt), dtype, args.passes)
+        run = _engine(net, tile, lever) if lever in ("onnxruntime", "openvino") else net.to(memory_format=fmt)
+        seconds, probs = _time(run, tile.to(memory_format=fmt), dtype, args.passes)
         ref = probs if ref is None else ref
         same = (probs.argmax(1) == ref.argmax(1)).float().mean().item()
         diff = (probs - ref).abs().max().item()

@@ -6,7 +6,9 @@ validation case of ``splits.json`` (each with the fold that validated it), on th
 preprocessed reference (``<case>_seg.npy``):
 
 * reference: float32, every tile, no mirroring;
-* ``bf16``: bfloat16 autocast; ``skip``: tiles with only background skipped (float32);
+* ``bf16``: bfloat16 autocast; ``skip``: tiles with only background skipped (float32); ``onnxruntime`` and
+  ``openvino``: the network exported to ONNX and run by that engine (float32, every tile; the export is not
+  timed: it is logged); ``--variants`` picks them (default ``fp32,bf16,skip``; the first is the reference);
   each: seconds of the sliding window, fraction of voxels with the reference's label, and per structure the
   Dice against the reference segmentation minus the reference path's Dice;
 * with ``--mirroring``: :func:`autoseg.inference.mirroring.choose_mirroring` (every axis subset's mean Dice
@@ -20,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -43,13 +46,22 @@ def main() -> None:
     ap.add_argument("--mirroring", action="store_true")
     ap.add_argument("--tolerance", type=float, default=0.001)
     ap.add_argument("--cases", type=int, default=0, help="only the first N validation cases (0: all)")
+    ap.add_argument("--fold", default=None, help="only the validation cases of this fold")
+    ap.add_argument(
+        "--variants", default="fp32,bf16,skip", help="comma-separated; the first is the reference"
+    )
     args = ap.parse_args()
+    log = logging.getLogger("autoseg")  # the engines' export times
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
     work = WorkDir(args.work)
     plans = Plans.load(work.plans)
     cfg = plans.configuration(args.config)
     data = work.preprocessed(cfg.data_identifier)
     splits = read_json(work.splits)
     case_folds = {c: k for k, s in reversed(list(enumerate(splits))) for c in s["val"]}
+    if args.fold is not None:
+        case_folds = {c: k for c, k in case_folds.items() if str(k) == args.fold}
     if args.cases:  # one case per fold in turn
         order = sorted(
             case_folds,
@@ -70,6 +82,11 @@ def main() -> None:
             mirroring=False, compile="off", precision="fp32", skip_background_tiles=True
         ),
     }
+    for engine in ("onnxruntime", "openvino"):
+        variants[engine] = InferenceSettings(
+            mirroring=False, compile="off", precision="fp32", skip_background_tiles=False, backend=engine
+        )
+    variants = {name: variants[name] for name in args.variants.split(",")}
     print(f"cpu threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}; structures {structures}")
     for case, fold in sorted(case_folds.items()):
         image, seg = np.load(data / f"{case}.npy"), np.load(data / f"{case}_seg.npy")

@@ -291,6 +291,31 @@ def test_onnx_export_gives_the_same_logits_in_onnxruntime(trained, tmp_path):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("config", ["2d", "3d_fullres"])
+def test_predict_with_an_onnx_engine_writes_the_torch_labels(
+    trained, one_case, tmp_path, capfd, config, engine
+):
+    """``predict --backend`` end to end (the fold's network exported at the tile batch, mirrored tiles, a 2D
+    network's slices): the same label file as torch, and nothing written into WORK or beside the inputs."""
+    pytest.importorskip(engine)
+    pytest.importorskip("onnx")
+    before = sorted(p.relative_to(trained.root) for p in trained.root.rglob("*"))
+    inputs = sorted(one_case.iterdir())
+    outs = {}
+    for backend in ("torch", engine):
+        out = tmp_path / backend
+        args = ["predict", str(trained.root), str(one_case), str(out), "-c", config, "--device", "cpu"]
+        assert main([*args, "--backend", backend, "--mirror-axes", "0,1"]) == 0
+        (outs[backend],) = sorted(out.glob("*.nii.gz"))
+        assert (f"loaded in {engine}" in capfd.readouterr().err) == (backend == engine)  # it ran the engine
+    ref, got = _labels(outs["torch"]), _labels(outs[engine])
+    assert (ref > 0).any()  # trained enough to segment something
+    assert (ref == got).mean() >= 0.995
+    assert sorted(p.relative_to(trained.root) for p in trained.root.rglob("*")) == before
+    assert sorted(one_case.iterdir()) == inputs
+
+
 def test_predict_killed_then_continue_gives_the_uninterrupted_outputs(trained, phantom_dataset, tmp_path):
     """SIGKILL during a prediction of six cases leaves only complete outputs (atomic writes); --continue
     then writes the rest, and every file equals an uninterrupted run's."""

@@ -14,6 +14,7 @@ import torch
 
 from autoseg.checkpoint_io import check_compatible, check_finite, check_weights, load_checkpoint
 from autoseg.errors import AutosegError
+from autoseg.inference.backends import write_onnx
 from autoseg.inference.predictor import topology_key
 from autoseg.jsonio import temp_path_for
 from autoseg.layout import WorkDir
@@ -65,16 +66,7 @@ def export_network(
                     raise AutosegError(
                         "ONNX export needs the onnx package (pip install onnx onnxscript)"
                     ) from None
-                torch.onnx.export(
-                    network,
-                    (example,),
-                    str(tmp),
-                    input_names=["image"],
-                    output_names=["logits"],
-                    dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                    # one self-contained file: external weights would name the temporary file
-                    external_data=False,
-                )
+                write_onnx(network, example, tmp, dynamic_batch=True)
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import torch
 from autoseg.atomic import check_name_fits, check_output_folder, remove_stale_temporaries, under
 from autoseg.checkpoint_io import check_compatible, check_finite, check_weights, load_checkpoint
 from autoseg.errors import AutosegError, CheckpointError, DatasetError
+from autoseg.inference.backends import OnnxRunner, check_backend
 from autoseg.inference.cascade import append_previous_stage, next_stage_segmentation
 from autoseg.inference.export import (
     SlabSegmenter,
@@ -112,6 +113,7 @@ class Predictor:
         self.config = self.plans.configuration(config)
         self.device = device
         self.settings = settings
+        self.in_channels = self.plans.input_channels(config)
         key = topology_key(self.plans, config)
         _check_memory(self.plans, config, device, settings.tiles_per_pass(device.type) * len(folds))
         # one network per fold: a compiled network has its weights frozen in, so folds cannot share one
@@ -125,24 +127,13 @@ class Predictor:
                 )
             ckpt = load_checkpoint(path)
             check_compatible(ckpt, path, config, key)
-            network = build_network(
-                self.config.network, self.plans.input_channels(config), self.plans.num_outputs
-            )
+            network = build_network(self.config.network, self.in_channels, self.plans.num_outputs)
             check_weights(ckpt, path, network.state_dict())
             check_finite(ckpt, path)
             network.load_state_dict(ckpt["network"])
             set_network_inference(network, settings)
             del ckpt
-            self.runners.append(
-                TileRunner(
-                    network.to(device),
-                    device,
-                    settings.compile,
-                    amp=dtype is not None,
-                    reuse_heap=settings.reuse_heap,
-                    dtype=dtype,
-                )
-            )
+            self.runners.append(self._runner(network, dtype))
         if not self.runners:
             raise CheckpointError("no folds given to predict with")
         self.previous: Predictor | None = None
@@ -150,6 +141,20 @@ class Predictor:
             self.previous = Predictor(
                 work, self.config.previous_stage, folds, device, settings, checkpoint_name, self.plans
             )
+
+    def _runner(self, network: torch.nn.Module, dtype: torch.dtype | None):
+        """The callable ``tiles -> logits`` of one fold: torch (eager or compiled, in ``dtype``), or the
+        network exported to the settings' other backend (:mod:`autoseg.inference.backends`, float32)."""
+        settings, device = self.settings, self.device
+        if settings.backend == "torch":
+            amp, heap = dtype is not None, settings.reuse_heap
+            return TileRunner(network.to(device), device, settings.compile, amp, heap, dtype)
+        check_backend(settings.backend, device)
+        if dtype is not None:
+            _log.info("--backend %s runs in float32 (not %s)", settings.backend, str(dtype).split(".")[-1])
+        tiles = settings.tiles_per_pass(device.type)
+        tile = (tiles, self.in_channels, *self.config.patch_size)
+        return OnnxRunner(network, tile, torch.get_num_threads(), settings.backend)
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:

@@ -181,11 +181,14 @@ def probability_slabs(
 
 
 def _as_runners(network, device: torch.device, amp: bool) -> list[TileRunner]:
+    """A list of runners: ``network`` itself (a list), a module wrapped in an eager :class:`TileRunner`, or
+    one runner (a :class:`TileRunner` or another ``tiles -> logits`` callable with ``mode`` and ``expect``,
+    e.g. :class:`autoseg.inference.backends.OnnxRuntimeRunner`)."""
     if isinstance(network, list):
         return network
-    if isinstance(network, TileRunner):
-        return [network]
-    return [TileRunner(network, device, "off", amp)]
+    if isinstance(network, torch.nn.Module):
+        return [TileRunner(network, device, "off", amp)]
+    return [network]
 
 
 class _TileGrid:
