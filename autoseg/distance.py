@@ -1,7 +1,8 @@
 """Signed distance maps of label masks (numpy and scipy only): what the boundary loss multiplies the predicted
 probabilities by (Kervadec et al. 2019). Shared by the loss (:mod:`autoseg.networks.losses`, from a patch's
-truth) and by the maps stored beside each preprocessed case (:mod:`autoseg.preprocessing.distance_maps`, from the
-whole case's labels), so both follow one definition. Distances are Euclidean, in voxels of the array given."""
+truth) and by the maps stored beside each preprocessed case (:mod:`autoseg.preprocessing.distance_maps`,
+from the whole case's labels), so both follow one definition. Distances are Euclidean, in voxels of the array
+given."""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 Files, in ``WORK/preprocessed/<data_identifier>/distance_maps/``, beside the cases (a folder of their own, so
 nothing that lists a configuration's cases by ``<case>.json`` / ``<case>.npy`` ever takes a map for a case):
 
-- ``<case>.npy``   ``(C, Z', Y', X')`` float16: :func:`autoseg.distance.signed_distance` of each foreground class
-                   ``1 .. K-1`` (softmax plans) or region (region-based plans) over the whole case's label
-                   ``../<case>_seg.npy``, in voxels of the configuration's spacing (the unit the loss has always
-                   used). float16 holds the distances to 1/2048 of their value (0.5 voxel at 1000).
+- ``<case>.npy``   ``(C, Z', Y', X')`` float16: :func:`autoseg.distance.signed_distance` of each foreground
+                   class ``1 .. K-1`` (softmax plans) or region (region-based plans) over the whole case's
+                   label ``../<case>_seg.npy``, in voxels of the configuration's spacing (the unit the loss
+                   has always used). float16 holds the distances to 1/2048 of their value (0.5 voxel at 1000).
 - ``<case>.json``  :class:`MapInfo`: the channels, the ignore label and the largest distance per channel;
                    written after the ``.npy``, so its presence marks a finished map.
 
@@ -114,8 +114,8 @@ def open_case_maps(data_dir: Path, case_id: str) -> tuple[np.ndarray, MapInfo]:
         return _open(data_dir, case_id)
     except ValueError as exc:
         raise AutosegError(
-            f"{map_file(data_dir, case_id)}: unreadable distance map ({exc}); start the training run again to "
-            "make it anew"
+            f"{map_file(data_dir, case_id)}: unreadable distance map ({exc}); start the training run again "
+            "to make it anew"
         ) from None
 
 
@@ -147,8 +147,8 @@ class MapReport:
 def ensure_distance_maps(
     data_dir: Path, case_ids: list[str], channels: list[list[int]], ignore_label: int | None
 ) -> MapReport:
-    """Make the maps of every case in ``case_ids`` that has none current (:func:`stale_reason`); logs the cases
-    remade for a reason other than a first run, and what it cost."""
+    """Make the maps of every case in ``case_ids`` that has none current (:func:`stale_reason`); logs the
+    cases remade for a reason other than a first run, and what it cost."""
     t0 = time.perf_counter()
     made = []
     for case_id in case_ids:

@@ -5,6 +5,11 @@ batchgenerators draws its random numbers from the global ``np.random``; the trai
 an enlarged patch (:func:`augmentation_patch_size`) and crops its centre, so rotated corners hold real data.
 For anisotropic 3D patches (axis 0 more than 3× shorter than the others) rotation is restricted to the plane
 of axes 1-2 and low-resolution simulation leaves axis 0 alone, as slices are too thick to rotate across.
+
+Signed distance maps (``"dist"``, for the boundary loss) travel as extra ``seg`` channels (:func:`augment`):
+the spatial transform moves them with the labels by nearest neighbour (order 0, as the labels, so a map's sign
+agrees with the augmented label voxel for voxel) and mirroring flips them; the intensity transforms never see
+them. Their values stay in voxels of the case (a patch zoomed by ``s`` has distances off by that factor).
 """
 
 from __future__ import annotations
@@ -120,8 +125,31 @@ def build_train_transforms(patch_size: list[int], settings: AugmentationSettings
     return Compose(transforms)
 
 
+def augment(transforms: Compose, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply ``transforms`` to ``batch``; its ``"dist"`` maps (if any) ride along as extra ``seg`` channels.
+
+    They are shifted by ``fill`` per sample and channel (the patch's largest distance, rounded up to a whole
+    voxel, so the shift is exact in float32) before and back after: a voxel the spatial transform takes from
+    beyond the extracted patch gets the seg border value 0, so its distance becomes ``fill``, a large positive
+    distance (0 for a structure absent from the case, whose map is 0 everywhere)."""
+    if "dist" not in batch:
+        return transforms(**batch)
+    seg, dist = batch["seg"], batch["dist"]
+    axes = tuple(range(2, dist.ndim))
+    fill = np.ceil(np.maximum(dist.max(axis=axes, keepdims=True), 0)).astype(np.float32)
+    packed = np.concatenate([seg.astype(np.float32), dist - fill], axis=1)
+    out = transforms(data=batch["data"], seg=packed)
+    n = seg.shape[1]
+    return {
+        "data": out["data"],
+        "seg": np.ascontiguousarray(out["seg"][:, :n]),
+        "dist": np.ascontiguousarray(out["seg"][:, n:] + fill, dtype=np.float32),
+    }
+
+
 def center_crop(batch: dict[str, np.ndarray], patch_size: list[int]) -> dict[str, np.ndarray]:
-    """Centre-crop ``data``/``seg`` spatially to ``patch_size`` (validation batches: no augmentation)."""
+    """Centre-crop ``data``/``seg`` (and ``dist``) spatially to ``patch_size`` (validation batches: no
+    augmentation)."""
     out = {}
     for k, v in batch.items():
         spatial = v.shape[2:]
