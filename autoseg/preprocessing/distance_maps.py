@@ -84,12 +84,23 @@ class MapInfo:
 def write_case_maps(
     data_dir: Path, case_id: str, channels: list[list[int]], ignore_label: int | None
 ) -> MapInfo:
-    """Compute the case's maps from its whole label and store them (atomic writes, the JSON last)."""
-    label = np.load(Path(data_dir) / f"{case_id}_seg.npy")
+    """Compute the case's maps from its whole label and store them (atomic writes, the JSON last). A label
+    that cannot be read or a folder that cannot be written is refused in one line naming the file."""
+    seg = Path(data_dir) / f"{case_id}_seg.npy"
+    try:
+        label = np.load(seg, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise AutosegError(
+            f"{seg}: cannot read the label to make its distance map ({type(exc).__name__}: {exc}); run "
+            "'autoseg plan' with --clean to preprocess again"
+        ) from None
     maps = label_distance_maps(label, channels, ignore_label).astype(np.float16)
     info = MapInfo([list(c) for c in channels], ignore_label, [float(m.max()) for m in maps])
-    save_npy(map_file(data_dir, case_id), maps)
-    write_json(info_file(data_dir, case_id), info.to_json())
+    try:
+        save_npy(map_file(data_dir, case_id), maps)
+        write_json(info_file(data_dir, case_id), info.to_json())
+    except PermissionError as exc:
+        raise AutosegError(f"{map_file(data_dir, case_id)}: cannot write the distance map ({exc})") from None
     return info
 
 

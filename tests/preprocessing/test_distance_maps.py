@@ -103,3 +103,10 @@ def test_maps_are_made_once_and_again_when_stale_or_unreadable(tmp_path, caplog)
     assert np.array_equal(
         open_case_maps(data, "c1")[0][0], signed_distance(label[::-1] == 1).astype(np.float16)
     )
+
+
+def test_a_label_that_cannot_be_read_is_refused_naming_it(tmp_path):
+    (tmp_path / "c0_seg.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(AutosegError, match=f"^{tmp_path / 'c0_seg.npy'}: cannot read the label"):
+        ensure_distance_maps(tmp_path, ["c0"], [[1]], None)
+    assert not map_file(tmp_path, "c0").exists()
