@@ -186,17 +186,26 @@ def crop_maps(maps: np.ndarray, start: list[int], size: list[int], bounded: list
     image voxel belongs to it). Channels not ``bounded`` (a structure absent from the case: all zeros) stay 0.
     """
     spatial = maps.shape[1:]
-    wanted = [np.arange(s, s + n) for s, n in zip(start, size)]
-    inside = [np.clip(w, 0, d - 1) for w, d in zip(wanted, spatial)]
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in inside)
-    sub = np.asarray(maps[(slice(None),) + box], dtype=np.float32)  # reads the box only
-    out = sub[(slice(None),) + np.ix_(*[i - b.start for i, b in zip(inside, box)])]
-    t2 = sum(
-        ((w - i) ** 2).astype(np.float32).reshape([-1 if a == k else 1 for a in range(len(size))])
-        for k, (w, i) in enumerate(zip(wanted, inside))
-    )
-    if np.any(t2 > 0):
-        beyond = np.sqrt(np.maximum(out, 0) ** 2 + t2)
-        keep = np.asarray(bounded, dtype=bool).reshape((-1,) + (1,) * len(size))
-        out = np.where(t2 > 0, np.where(keep, beyond, 0), out).astype(np.float32)
-    return np.ascontiguousarray(out)
+    lo = [min(max(s, 0), d - 1) for s, d in zip(start, spatial)]
+    hi = [min(max(s + n, a + 1), d) for s, n, d, a in zip(start, size, spatial, lo)]
+    pads = [(a - s, s + n - b) for s, n, a, b in zip(start, size, lo, hi)]
+    if any(p < 0 for pad in pads for p in pad):  # no overlap along an axis: keep the image's nearest voxel
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        sub = np.asarray(maps[(slice(None),) + box], dtype=np.float32)
+        near = [np.clip(np.arange(s, s + n), a, b - 1) - a for s, n, a, b in zip(start, size, lo, hi)]
+        out = sub[(slice(None),) + np.ix_(*near)]
+    else:
+        out = np.asarray(maps[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.float32)
+        if not any(p for pad in pads for p in pad):
+            return np.ascontiguousarray(out)  # inside the image: the stored values
+        out = np.pad(out, [(0, 0)] + pads, mode="edge")
+    t2 = np.zeros(size, dtype=np.float32)
+    for k, (s, n, a, b) in enumerate(zip(start, size, lo, hi)):
+        w = np.arange(s, s + n)
+        t = (w - np.clip(w, a, b - 1)).astype(np.float32) ** 2  # voxels past the image along axis k
+        t2 += t.reshape([-1 if j == k else 1 for j in range(len(size))])
+    beyond = t2 > 0
+    keep = np.asarray(bounded, dtype=bool)
+    outside = out[:, beyond]  # (C, voxels beyond the image)
+    out[:, beyond] = np.where(keep[:, None], np.sqrt(np.maximum(outside, 0) ** 2 + t2[beyond]), 0)
+    return out

@@ -80,6 +80,8 @@ def test_beyond_the_image_the_distance_keeps_growing(tmp_path):
     # past the far end (d = 4 at the last voxel) the lower bound sqrt(d^2 + t^2); the truth is d + t here
     beyond = crop_maps(maps, [0, 0, 4], [1, 1, 4], [True, False])[0, 0, 0]
     assert beyond.tolist() == pytest.approx([3, 4, np.hypot(4, 1), np.hypot(4, 2)])
+    away = crop_maps(maps, [0, 0, 8], [1, 1, 3], [True, False])[0, 0, 0]  # not touching the image at all
+    assert away.tolist() == pytest.approx([5, np.hypot(4, 4), np.hypot(4, 5)])
 
 
 def test_maps_are_made_once_and_again_when_stale_or_unreadable(tmp_path, caplog):
