@@ -189,23 +189,61 @@ def crop_maps(maps: np.ndarray, start: list[int], size: list[int], bounded: list
     lo = [min(max(s, 0), d - 1) for s, d in zip(start, spatial)]
     hi = [min(max(s + n, a + 1), d) for s, n, d, a in zip(start, size, spatial, lo)]
     pads = [(a - s, s + n - b) for s, n, a, b in zip(start, size, lo, hi)]
-    if any(p < 0 for pad in pads for p in pad):  # no overlap along an axis: keep the image's nearest voxel
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        sub = np.asarray(maps[(slice(None),) + box], dtype=np.float32)
-        near = [np.clip(np.arange(s, s + n), a, b - 1) - a for s, n, a, b in zip(start, size, lo, hi)]
-        out = sub[(slice(None),) + np.ix_(*near)]
-    else:
-        out = np.asarray(maps[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.float32)
-        if not any(p for pad in pads for p in pad):
-            return np.ascontiguousarray(out)  # inside the image: the stored values
-        out = np.pad(out, [(0, 0)] + pads, mode="edge")
+    box = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
+    keep = np.asarray(bounded, dtype=bool)
+    if any(p < 0 for pad in pads for p in pad):
+        return _away_from_image(maps, box, start, size, lo, hi, keep)
+    if not any(p for pad in pads for p in pad):
+        return np.ascontiguousarray(maps[box], dtype=np.float32)  # inside the image: the stored values
+    out = _edge_padded(maps, box, pads, size)
+    t = [
+        (np.arange(n) - np.clip(np.arange(n), b, n - a - 1)).astype(np.float32) ** 2
+        for (b, a), n in zip(pads, size)
+    ]
+    for k, ((before, after), n) in enumerate(zip(pads, size)):
+        for part in (slice(0, before), slice(n - after, n)):
+            if part.start == part.stop:
+                continue
+            # the voxels past the image along axis k and not along an earlier axis (done there): each once
+            region = tuple(
+                part if j == k else slice(b, m - a) if j < k else slice(None)
+                for j, ((b, a), m) in enumerate(zip(pads, size))
+            )
+            t2 = sum(
+                t[j][region[j]].reshape([-1 if i == j else 1 for i in range(len(size))])
+                for j in range(len(size))
+            )
+            view = out[(slice(None),) + region]
+            view[...] = np.sqrt(np.maximum(view, 0) ** 2 + t2)
+            view[~keep] = 0
+    return out
+
+
+def _away_from_image(maps, box, start, size, lo, hi, keep) -> np.ndarray:
+    """:func:`crop_maps` of a window that misses the image along some axis (its nearest image voxels)."""
+    near = [np.clip(np.arange(s, s + n), a, b - 1) - a for s, n, a, b in zip(start, size, lo, hi)]
+    out = np.asarray(maps[box], dtype=np.float32)[(slice(None),) + np.ix_(*near)]
     t2 = np.zeros(size, dtype=np.float32)
     for k, (s, n, a, b) in enumerate(zip(start, size, lo, hi)):
         w = np.arange(s, s + n)
-        t = (w - np.clip(w, a, b - 1)).astype(np.float32) ** 2  # voxels past the image along axis k
-        t2 += t.reshape([-1 if j == k else 1 for j in range(len(size))])
-    beyond = t2 > 0
-    keep = np.asarray(bounded, dtype=bool)
-    outside = out[:, beyond]  # (C, voxels beyond the image)
-    out[:, beyond] = np.where(keep[:, None], np.sqrt(np.maximum(outside, 0) ** 2 + t2[beyond]), 0)
+        t2 += ((w - np.clip(w, a, b - 1)).astype(np.float32) ** 2).reshape(
+            [-1 if j == k else 1 for j in range(len(size))]
+        )
+    return np.where(keep.reshape((-1,) + (1,) * len(size)), np.sqrt(np.maximum(out, 0) ** 2 + t2), 0).astype(
+        np.float32
+    )
+
+
+def _edge_padded(maps: np.ndarray, box: tuple, pads: list[tuple[int, int]], size: list[int]) -> np.ndarray:
+    """``maps[box]`` as float32, padded by ``pads`` (before, after per spatial axis) with its edge values,
+    written into one array (``np.pad`` copies the whole patch once more)."""
+    out = np.empty((maps.shape[0],) + tuple(size), dtype=np.float32)
+    inner = tuple(slice(before, n - after) for (before, after), n in zip(pads, size))
+    out[(slice(None),) + inner] = maps[box]
+    for k, ((before, after), n) in enumerate(zip(pads, size)):  # axis by axis: corners come out right
+        lead = (slice(None),) * (k + 1)
+        if before:
+            out[lead + (slice(0, before),)] = out[lead + (slice(before, before + 1),)]
+        if after:
+            out[lead + (slice(n - after, n),)] = out[lead + (slice(n - after - 1, n - after),)]
     return out

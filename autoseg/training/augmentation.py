@@ -135,11 +135,12 @@ def augment(transforms: Compose, batch: dict[str, np.ndarray]) -> dict[str, np.n
     if "dist" not in batch:
         return transforms(**batch)
     seg, dist = batch["seg"], batch["dist"]
-    axes = tuple(range(2, dist.ndim))
+    n, axes = seg.shape[1], tuple(range(2, dist.ndim))
     fill = np.ceil(np.maximum(dist.max(axis=axes, keepdims=True), 0)).astype(np.float32)
-    packed = np.concatenate([seg.astype(np.float32), dist - fill], axis=1)
+    packed = np.empty((seg.shape[0], n + dist.shape[1]) + seg.shape[2:], dtype=np.float32)
+    packed[:, :n] = seg
+    np.subtract(dist, fill, out=packed[:, n:])  # one pass over the (large) extracted maps
     out = transforms(data=batch["data"], seg=packed)
-    n = seg.shape[1]
     return {
         "data": out["data"],
         "seg": np.ascontiguousarray(out["seg"][:, :n]),

@@ -112,3 +112,17 @@ def test_a_label_that_cannot_be_read_is_refused_naming_it(tmp_path):
     with pytest.raises(AutosegError, match=f"^{tmp_path / 'c0_seg.npy'}: cannot read the label"):
         ensure_distance_maps(tmp_path, ["c0"], [[1]], None)
     assert not map_file(tmp_path, "c0").exists()
+
+
+def test_a_window_over_the_image_corner_matches_the_formula_voxel_by_voxel():
+    rng = np.random.default_rng(0)
+    maps = (rng.random((2, 5, 6, 7)) * 8 - 3).astype(np.float16)
+    for start, size in (([-2, 3, -1], [6, 6, 9]), ([1, -3, 4], [3, 12, 2]), ([-4, -4, -4], [3, 3, 3])):
+        got = crop_maps(maps, start, size, [True, False])
+        for q in np.ndindex(*size):
+            p = np.add(start, q)
+            b = np.clip(p, 0, np.array(maps.shape[1:]) - 1)
+            t2 = float(((p - b) ** 2).sum())
+            d = float(maps[(0, *b)])
+            assert got[(0, *q)] == pytest.approx(np.sqrt(max(d, 0) ** 2 + t2) if t2 else d)
+            assert got[(1, *q)] == (0 if t2 else float(maps[(1, *b)]))
