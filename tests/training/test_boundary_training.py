@@ -70,6 +70,26 @@ def test_batches_carry_maps_that_move_with_the_labels(work_copy):
         assert dist.max() > 10
 
 
+def test_gathering_by_index_gives_what_carrying_the_maps_gives(work_copy, monkeypatch):
+    """The index channel (every patch) and the maps as seg channels (patches of 2^24 voxels or more): the
+    same augmented maps, voxel for voxel."""
+    from autoseg.training import augmentation
+
+    plans = Plans.load(work_copy.plans)
+    spec = _spec(work_copy, maps=True)
+    ensure_distance_maps(spec.data_dir, list(spec.case_ids), map_channels(plans), plans.ignore_label)
+    maker = BatchMaker(spec)
+    batch = maker.sampler.next_batch()
+    results = []
+    for limit in (2**24, 0):
+        monkeypatch.setattr(augmentation, "INDEX_LIMIT", limit)
+        np.random.seed(4)
+        results.append(augmentation.augment(maker.transforms, {k: v.copy() for k, v in batch.items()}))
+    np.testing.assert_array_equal(results[0]["seg"], results[1]["seg"])
+    np.testing.assert_allclose(results[0]["dist"], results[1]["dist"], rtol=0, atol=1e-4)
+    assert not np.array_equal(results[0]["dist"], batch["dist"][:, :, 2:18, 4:36, 4:36])  # it did move
+
+
 def test_2d_patches_take_the_maps_of_their_slice(work_copy):
     data = work_copy.preprocessed("fullres")
     ids = sorted(p.stem for p in data.glob("*.json"))
