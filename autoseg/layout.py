@@ -10,6 +10,7 @@
       gt_segmentations/       copies of labelsTr (reference for validation scores)
       preprocessed/<data_id>/ <case>.npy (C,Z,Y,X float32), <case>_seg.npy (Z,Y,X uint8),
                               <case>.json (properties), <case>_fg.npz (foreground locations)
+                              distance_maps/<case>.npy, <case>.json  signed distance maps (boundary loss)
       predicted_next_stage/<config>/<case>.npy   a lowres stage's validation predictions on the fullres grid
       results/<config>/fold_<k>/
           checkpoint_latest.pt, checkpoint_final.pt, log.jsonl, settings.json

@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("autoseg.io",),
     ("autoseg.settings", "autoseg.checkpoint_io", "autoseg.undo"),
     ("autoseg.loss_spec",),  # loss expressions: parsed by the settings, built by networks/losses.py
+    ("autoseg.distance",),  # signed distance maps (numpy): one definition for the loss and the stored maps
     ("autoseg.layout",),  # every name in a WORK folder, the fold list (settings check num_folds against it)
     ("autoseg.jsonio",),
     ("autoseg.atomic",),

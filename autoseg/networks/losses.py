@@ -16,10 +16,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
+from autoseg.distance import signed_distance
 from autoseg.loss_spec import LossExpression, LossTerm
+
+__all__ = ["signed_distance"]  # re-exported: the boundary loss's definition of the map
 
 
 def _soft_dice(probs: torch.Tensor, truth: torch.Tensor, batch_dice: bool, smooth: float) -> torch.Tensor:
@@ -118,23 +120,35 @@ def deep_supervision_weights(n_outputs: int, same_resolution: bool = False) -> l
 
 
 class DeepSupervisionLoss(nn.Module):
-    """Applies ``loss`` to every output against a nearest-downsampled target, weighted as in the docstring."""
+    """Applies ``loss`` to every output against a nearest-downsampled target, weighted as in the docstring.
+    ``maps`` (signed distances for a boundary term) are downsampled the same way, values unchanged."""
 
     def __init__(self, loss: nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, outputs: list[torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        outputs: list[torch.Tensor] | torch.Tensor,
+        target: torch.Tensor,
+        maps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs, target)
+            outputs = [outputs]
         same = all(out.shape == outputs[0].shape for out in outputs)
         weights = deep_supervision_weights(len(outputs), same_resolution=same)
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(weights, outputs):
             if w == 0:
                 continue
-            t = target if out.shape[2:] == target.shape[2:] else downsample_target(target, out.shape[2:])
-            total = total + w * self.loss(out, t)
+            size = out.shape[2:]
+            t = target if size == target.shape[2:] else downsample_target(target, size)
+            if maps is None:
+                value = self.loss(out, t)
+            else:
+                m = maps if size == maps.shape[2:] else F.interpolate(maps, size=tuple(size), mode="nearest")
+                value = self.loss(out, t, m)
+            total = total + w * value if len(outputs) > 1 else value
         return total
 
 
@@ -158,9 +172,13 @@ def downsample_target(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
 #   lovasz        Lovász extension of the Jaccard loss on |truth - p| per class present in the batch (every
 #                 class, background too; Berman et al. 2018); per region on its sigmoid probability
 #   boundary      mean over valid voxels and foreground classes of p * phi, phi the signed distance map of the
-#                 class's truth (Kervadec et al. 2019; :func:`signed_distance`), computed on the CPU from the
-#                 target the loss is given (so it follows augmentation and deep supervision); minimum: the
-#                 sum of phi inside the truth (<= 0); meant beside a region loss (dice+ce+0.01*boundary)
+#                 class's truth (Kervadec et al. 2019; :func:`autoseg.distance.signed_distance`, in voxels).
+#                 Training passes the maps computed once from the whole case (``maps``: stored beside the
+#                 case, cropped, augmented and mirrored with the labels, nearest-downsampled for deep
+#                 supervision, in voxels of the configuration's spacing at every level); without them phi is
+#                 computed on the CPU from the target the loss is given (the patch alone, so distances stop at
+#                 the patch border). Minimum: the sum of phi inside the truth (<= 0); meant beside a region
+#                 loss (dice+ce+0.01*boundary)
 
 
 class _Shared:
@@ -168,8 +186,9 @@ class _Shared:
     with ignore voxels set to 0 and ``valid`` their mask (None without an ignore label). Regions: ``truth``
     ``(B, R, *spatial)`` and ``mask`` (None without an ignore label)."""
 
-    def __init__(self, logits, target, regions, ignore_label, batch_dice, smooth):
+    def __init__(self, logits, target, regions, ignore_label, batch_dice, smooth, maps=None):
         self.raw_logits, self.regions, self.ignore_label = logits, regions, ignore_label
+        self.maps = maps  # (B, C_fg, *spatial) signed distances of the foreground structures, or None
         self.batch_dice, self.smooth = batch_dice, smooth
         self.logits = logits if logits.dtype == torch.float64 else logits.float()
         self._cache: dict = {}
@@ -330,22 +349,14 @@ def _lovasz(s: _Shared) -> torch.Tensor:
     return torch.stack(losses).mean() if losses else s.logits.sum() * 0
 
 
-def signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Signed distance map of a boolean mask in voxels: outside the mask the distance to its nearest voxel,
-    inside minus (the distance to the nearest voxel outside, less 1), so 0 on the mask's own border voxels;
-    zeros when the mask is empty or full (no boundary)."""
-    if not mask.any() or mask.all():
-        return np.zeros(mask.shape)
-    outside = ndimage.distance_transform_edt(~mask)
-    inside = ndimage.distance_transform_edt(mask)
-    return outside - (inside - 1) * mask
-
-
 def _boundary(s: _Shared) -> torch.Tensor:
     probs, truth = s.foreground()
-    flat = truth.detach().cpu().numpy().reshape(-1, *truth.shape[2:]) > 0.5
-    phi = np.stack([signed_distance(m) for m in flat]).reshape(truth.shape)
-    phi = torch.from_numpy(phi).to(device=probs.device, dtype=probs.dtype)
+    if s.maps is not None:  # stored with the case, cropped and augmented with the labels
+        phi = s.maps.to(device=probs.device, dtype=probs.dtype)
+    else:
+        flat = truth.detach().cpu().numpy().reshape(-1, *truth.shape[2:]) > 0.5
+        phi = np.stack([signed_distance(m) for m in flat]).reshape(truth.shape)
+        phi = torch.from_numpy(phi).to(device=probs.device, dtype=probs.dtype)
     valid = s.valid_voxels()
     voxels = probs[:, 0].numel() if valid is None else int(valid.sum())
     return (probs * phi).sum() / max(probs.shape[1] * voxels, 1)
@@ -398,9 +409,13 @@ class CompositeLoss(nn.Module):
             params["weights"] = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         return params
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``logits`` ``(B, K or R, *spatial)``; ``target`` ``(B, 1, *spatial)`` integer label map."""
-        shared = _Shared(logits, target, self.regions, self.ignore_label, self.batch_dice, self.smooth)
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, maps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``logits`` ``(B, K or R, *spatial)``; ``target`` ``(B, 1, *spatial)`` integer label map; ``maps``
+        ``(B, K - 1 or R, *spatial)`` signed distances of the foreground classes or regions for ``boundary``
+        (None: computed from ``target``)."""
+        shared = _Shared(logits, target, self.regions, self.ignore_label, self.batch_dice, self.smooth, maps)
         total = None
         for weight, fn, params in self.terms:
             value = fn(shared, **params)

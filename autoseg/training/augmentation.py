@@ -7,6 +7,11 @@ For anisotropic 3D patches (axis 0 more than 3× shorter than the others) rotati
 of axes 1-2, elastic deformation happens in that plane only (the same in every slice) and low-resolution
 simulation leaves axis 0 alone, as slices are too thick to rotate or deform across. 90° rotations and
 transposes only exchange axes of similar target spacing and equal patch extent (:func:`interchangeable_axes`).
+
+Signed distance maps (``"dist"``, for the boundary loss) follow the labels (:func:`augment`): every output
+voxel takes the maps of the voxel its label came from (nearest neighbour, as the labels, so a map's sign agrees
+with the augmented label voxel for voxel), mirrored with them; the intensity transforms never see them. Their
+values stay in voxels of the case (a patch zoomed by ``s`` has distances off by that factor).
 """
 
 from __future__ import annotations
@@ -251,8 +256,60 @@ def build_train_transforms(
     return Compose(transforms)
 
 
+INDEX_LIMIT = 2**24
+"""Patches of at least this many voxels carry their maps through the transforms (float32 indices stop being
+exact integers there)."""
+
+
+def augment(transforms: Compose, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply ``transforms`` to ``batch``; its ``"dist"`` maps (if any) follow the labels voxel for voxel.
+
+    The spatial transforms only pick voxels for the labels (nearest neighbour, crops, flips), so one extra
+    ``seg`` channel holding each voxel's index (+1) in the extracted patch says, after them, where every output
+    voxel came from; the maps of all structures are then gathered from there at once (far cheaper than
+    interpolating each map). A voxel taken from beyond the extracted patch (index 0: the seg border value) gets
+    ``fill``, the patch's largest distance rounded up, a large positive distance (0 for a structure absent from
+    the case). Float32 holds indices exactly below 2^24 voxels; larger patches carry the maps themselves as
+    ``seg`` channels (:func:`_carry_maps`)."""
+    if "dist" not in batch:
+        return transforms(**batch)
+    seg, dist = batch["seg"], batch["dist"]
+    n, spatial = seg.shape[1], dist.shape[2:]
+    fill = np.ceil(np.maximum(dist.max(axis=tuple(range(2, dist.ndim))), 0)).astype(np.float32)  # (B, C)
+    if int(np.prod(spatial)) >= INDEX_LIMIT:
+        return _carry_maps(transforms, batch, fill)
+    packed = np.empty((seg.shape[0], n + 1) + spatial, dtype=np.float32)
+    packed[:, :n] = seg
+    packed[:, n] = np.arange(1, int(np.prod(spatial)) + 1, dtype=np.float32).reshape(spatial)
+    out = transforms(data=batch["data"], seg=packed)
+    source = out["seg"][:, n].astype(np.int64) - 1  # (B, *patch); -1: from beyond the extracted patch
+    maps = np.empty((dist.shape[0], dist.shape[1]) + source.shape[1:], dtype=np.float32)
+    for i in range(dist.shape[0]):
+        flat = dist[i].reshape(dist.shape[1], -1)
+        maps[i] = flat[:, np.maximum(source[i], 0).ravel()].reshape(maps.shape[1:])
+        maps[i][:, source[i] < 0] = fill[i][:, None]
+    return {"data": out["data"], "seg": np.ascontiguousarray(out["seg"][:, :n]), "dist": maps}
+
+
+def _carry_maps(transforms: Compose, batch: dict[str, np.ndarray], fill: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`augment` with the maps as extra ``seg`` channels, shifted by ``-fill`` (a whole number of
+    voxels, so exactly) so that the seg border value 0 becomes ``fill``."""
+    seg, dist = batch["seg"], batch["dist"]
+    n, fill = seg.shape[1], fill.reshape(fill.shape + (1,) * (dist.ndim - 2))
+    packed = np.empty((seg.shape[0], n + dist.shape[1]) + seg.shape[2:], dtype=np.float32)
+    packed[:, :n] = seg
+    np.subtract(dist, fill, out=packed[:, n:])
+    out = transforms(data=batch["data"], seg=packed)
+    return {
+        "data": out["data"],
+        "seg": np.ascontiguousarray(out["seg"][:, :n]),
+        "dist": np.ascontiguousarray(out["seg"][:, n:] + fill, dtype=np.float32),
+    }
+
+
 def center_crop(batch: dict[str, np.ndarray], patch_size: list[int]) -> dict[str, np.ndarray]:
-    """Centre-crop ``data``/``seg`` spatially to ``patch_size`` (validation batches: no augmentation)."""
+    """Centre-crop ``data``/``seg`` (and ``dist``) spatially to ``patch_size`` (validation batches: no
+    augmentation)."""
     out = {}
     for k, v in batch.items():
         spatial = v.shape[2:]

@@ -30,7 +30,7 @@ import numpy as np
 
 from autoseg.inference.cascade import append_previous_stage
 from autoseg.settings import AugmentationSettings
-from autoseg.training.augmentation import build_train_transforms
+from autoseg.training.augmentation import augment, build_train_transforms
 from autoseg.training.sampling import CaseStore, PatchSampler
 
 
@@ -55,6 +55,8 @@ class LoaderSpec:
     seed: int
     fold_index: int
     rank: int = 0
+    distance_maps: bool = False
+    """Batches carry the cases' stored signed distance maps as ``"dist"`` (a loss with a boundary term)."""
 
 
 class BatchMaker:
@@ -62,7 +64,7 @@ class BatchMaker:
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        store = CaseStore(spec.data_dir, list(spec.case_ids), spec.previous_dir)
+        store = CaseStore(spec.data_dir, list(spec.case_ids), spec.previous_dir, spec.distance_maps)
         self.sampler = PatchSampler(
             store,
             list(spec.extract_size),
@@ -80,17 +82,18 @@ class BatchMaker:
         self.sampler.rng = np.random.default_rng(seq)
         np.random.seed(int(a))
         random.seed(int(b))
-        return network_batch(self.transforms(**self.sampler.next_batch()), s.num_classes)
+        return network_batch(augment(self.transforms, self.sampler.next_batch()), s.num_classes)
 
 
 def network_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
-    """A cascade batch carries the previous stage as seg channel 1: move it into the data as one-hot."""
+    """A cascade batch carries the previous stage as seg channel 1: move it into the data as one-hot (other
+    keys, such as ``"dist"``, pass unchanged)."""
     if batch["seg"].shape[1] == 1:
         return batch
     data = np.stack(
         [append_previous_stage(d, s[1], num_classes) for d, s in zip(batch["data"], batch["seg"])]
     )
-    return {"data": data, "seg": np.ascontiguousarray(batch["seg"][:, :1])}
+    return {**batch, "data": data, "seg": np.ascontiguousarray(batch["seg"][:, :1])}
 
 
 _MAKER: BatchMaker | None = None

@@ -138,7 +138,9 @@ def train_fold(
     model = batch_model(run)
     spec, workers = loader_spec(run), loader_workers(settings, run.world)
     # built once: its memory maps and previous-stage maps are reused every epoch
-    val_store = CaseStore(run.data_dir, run.val_ids, run.previous_dir) if run.val_ids else None
+    val_store = (
+        CaseStore(run.data_dir, run.val_ids, run.previous_dir, run.distance_maps) if run.val_ids else None
+    )
     _log_start(run, state, workers)
     callbacks = Callbacks(on_iteration, on_epoch)
     with BatchLoader(spec, workers) as loader:
@@ -330,9 +332,10 @@ def _train_step(run: TrainingRun, model: torch.nn.Module, batch: dict[str, np.nd
     device, precision, optimizer = run.device, run.precision, run.optimizer
     x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
     y = torch.from_numpy(batch["seg"]).to(device, non_blocking=True)
+    maps = torch.from_numpy(batch["dist"]).to(device, non_blocking=True) if "dist" in batch else None
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.autocast):
-        loss = run.loss_fn(model(x), y)
+        loss = run.loss_fn(model(x), y, maps)
     precision.scaler.scale(loss).backward()
     precision.scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.settings.grad_clip)

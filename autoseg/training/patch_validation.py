@@ -67,9 +67,10 @@ def validate_patches(
             batch = network_batch(center_crop(sampler.next_batch(), config.patch_size), run.plans.num_classes)
             x = torch.from_numpy(batch["data"]).to(run.device)
             y = torch.from_numpy(batch["seg"]).to(run.device)
+            maps = torch.from_numpy(batch["dist"]).to(run.device) if "dist" in batch else None
             with torch.autocast(run.device.type, dtype=precision.dtype, enabled=precision.autocast):
                 out = model(x)
-                losses.append(float(run.loss_fn(out, y)))
+                losses.append(float(run.loss_fn(out, y, maps)))
             counts += pseudo_dice_counts(out.float(), y, run.plans)
     counts = distributed.sum_over_ranks(counts, w)
     val_loss = distributed.mean_over_ranks(float(np.mean(losses)), w)

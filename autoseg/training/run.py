@@ -23,6 +23,7 @@ from autoseg.networks import build_network
 from autoseg.networks.heads import set_output_bias
 from autoseg.networks.losses import CompositeLoss, DeepSupervisionLoss
 from autoseg.planning.plans import Configuration, Plans
+from autoseg.preprocessing.distance_maps import ensure_distance_maps, map_channels
 from autoseg.settings import RECIPE_KEYS, SettingError, TrainSettings
 from autoseg.training import distributed
 from autoseg.training.augmentation import augmentation_patch_size
@@ -73,6 +74,8 @@ class TrainingRun:
     precision: Precision
     topology: dict
     """What a checkpoint of this run must match (:func:`autoseg.inference.predictor.topology_key`)."""
+    distance_maps: bool = False
+    """The loss has a boundary term: batches carry the cases' stored signed distance maps."""
 
     @property
     def folder(self) -> Path:
@@ -116,6 +119,9 @@ def build_run(
         shutil.rmtree(out_dir, ignore_errors=True)
     record = {"train": settings.to_json(), "config": config_name, "fold": str(fold), "processes": w.size}
     _prepare_folder(out_dir, val_ids, resume, w, record)
+    distance_maps = uses_distance_maps(settings.loss)
+    if distance_maps:
+        prepare_distance_maps(plans, data_dir, w)
     configure_torch(settings, device)
     network = build_network(config.network, plans.input_channels(config_name), plans.num_outputs).to(device)
     network.deep_supervision = settings.deep_supervision
@@ -140,7 +146,23 @@ def build_run(
         loss_fn=loss_fn,
         precision=Precision.for_device(device),
         topology=topology_key(plans, config_name),
+        distance_maps=distance_maps,
     )
+
+
+def uses_distance_maps(loss: str) -> bool:
+    """The loss expression has a boundary term, which reads the cases' stored signed distance maps."""
+    return any(t.name == "boundary" for t in parse_loss(loss).terms)
+
+
+def prepare_distance_maps(plans: Plans, data_dir: Path, w: distributed.World) -> None:
+    """Make the signed distance maps of every case of ``data_dir`` that has none current (rank 0; the other
+    ranks wait), so this run, later runs and the other folds read them
+    (:mod:`autoseg.preprocessing.distance_maps`)."""
+    if w.is_main:
+        case_ids = sorted(p.stem for p in data_dir.glob("*.json"))
+        ensure_distance_maps(data_dir, case_ids, map_channels(plans), plans.ignore_label)
+    distributed.from_main(0, w)  # a barrier: every rank reads the maps only once rank 0 has made them
 
 
 def _fold_cases(
@@ -298,6 +320,7 @@ def loader_spec(run: TrainingRun) -> LoaderSpec:
         seed=settings.seed,
         fold_index=run.fold_index,
         rank=run.world.rank,
+        distance_maps=run.distance_maps,
     )
 
 
