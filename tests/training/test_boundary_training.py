@@ -44,6 +44,7 @@ def _spec(work: WorkDir, maps: bool) -> LoaderSpec:
         dim=3,
         oversample_foreground=0.33,
         augmentation=STRONG,
+        spacing=(1.0, 1.0, 1.0),
         num_classes=3,
         seed=5,
         fold_index=0,
@@ -51,11 +52,16 @@ def _spec(work: WorkDir, maps: bool) -> LoaderSpec:
     )
 
 
-def test_batches_carry_maps_that_move_with_the_labels(work_copy):
-    """Rotated, zoomed (past the extracted patch) and mirrored: each map is <= 0 exactly on its class's
-    voxels, positive elsewhere (large beyond the image); data and labels are those of a run without maps."""
+AXES_AND_ELASTIC = replace(STRONG, p_rot90=1.0, p_transpose=1.0, p_elastic=1.0)
+
+
+@pytest.mark.parametrize("augmentation", [STRONG, AXES_AND_ELASTIC], ids=["spatial", "rot90-transpose-elastic"])
+def test_batches_carry_maps_that_move_with_the_labels(work_copy, augmentation):
+    """Rotated, zoomed (past the extracted patch) and mirrored, and also turned by 90 degrees, transposed and
+    elastically deformed: each map is <= 0 exactly on its class's voxels, positive elsewhere (large beyond the
+    image); data and labels are those of a run without maps."""
     plans = Plans.load(work_copy.plans)
-    spec = _spec(work_copy, maps=True)
+    spec = replace(_spec(work_copy, maps=True), augmentation=augmentation)
     ensure_distance_maps(spec.data_dir, list(spec.case_ids), map_channels(plans), plans.ignore_label)
     with_maps, without = BatchMaker(spec), BatchMaker(replace(spec, distance_maps=False))
     for it in range(4):
