@@ -137,16 +137,21 @@ def train_fold(
         _truncate_log(run.folder / WorkDir.LOG, state.epoch)
     model = batch_model(run)
     spec, workers = loader_spec(run), loader_workers(settings, run.world)
-    # built once: its memory maps and previous-stage maps are reused every epoch
-    val_store = (
-        CaseStore(run.data_dir, run.val_ids, run.previous_dir, run.distance_maps) if run.val_ids else None
-    )
+    val_store = _validation_store(run)
     _log_start(run, state, workers)
     callbacks = Callbacks(on_iteration, on_epoch)
     with BatchLoader(spec, workers) as loader:
         while state.epoch < state.planned:
             _run_epoch(run, state, model, loader, val_store, callbacks)
     return _finish(run, state)
+
+
+def _validation_store(run: TrainingRun) -> CaseStore | None:
+    """The validation cases, built once: their memory maps (and previous-stage and distance maps) are reused
+    every epoch; None without validation cases."""
+    if not run.val_ids:
+        return None
+    return CaseStore(run.data_dir, run.val_ids, run.previous_dir, run.distance_maps)
 
 
 def _log_start(run: TrainingRun, state: RunState, workers: int) -> None:
