@@ -273,3 +273,34 @@ def test_bad_probabilities_get_one_line_naming_the_file(scored, tmp_path, capfd)
     assert "c3.npz: holds no 'probabilities' array" in _bad(capfd, pred, ref, dataset_json, probs, tmp_path)
     (probs / "c3.npz").write_bytes(b"not a zip")
     assert "c3.npz: not a readable .npz" in _bad(capfd, pred, ref, dataset_json, probs, tmp_path)
+
+
+def test_calibration_folds_script_fits_what_find_best_fits_and_takes_single_folds(work, capfd, tmp_path):
+    """scripts/calibration_folds.py (docs/calibration.md) on every fold gives find-best's temperature and
+    ECE; on one fold it uses that fold's cases only; a configuration without probabilities is exit 2."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "calibration_folds.py"
+    spec = importlib.util.spec_from_file_location("calibration_folds", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    code, _, err = _run(capfd, "find-best", work.root, "-c", "3d_fullres", "-j", "1")
+    assert code == 0, err
+    cal = read_json(work.inference_instructions)["calibration"]
+    out = tmp_path / "all.json"
+    assert script.main([str(work.root), "3d_fullres", "--json", str(out)]) == 0
+    fit = json.loads(out.read_text())["3d_fullres"]
+    assert fit["temperature"] == pytest.approx(cal["temperature"])
+    assert fit["ece_after"] == pytest.approx(cal["ece_after"])
+    assert sorted(fit["cases"]) == sorted(CASES)
+
+    splits = read_json(work.splits)
+    assert script.main([str(work.root), "3d_fullres", "--folds", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["3d_fullres"]["cases"] == splits[1]["val"]
+
+    for npz in work.validation("2d", 0).parents[1].glob("fold_*/validation/*.npz"):
+        npz.unlink()
+    capfd.readouterr()
+    assert script.main([str(work.root), "2d"]) == 2
+    assert "2d: no validation probabilities" in capfd.readouterr().err

@@ -1,0 +1,87 @@
+"""Temperature fit and ECE per structure on the validation probabilities of the folds trained so far.
+
+``find-best`` fits the temperature only once every fold of a configuration is validated. This script runs the
+same fit (:func:`autoseg.evaluation.probabilities.fit_calibration`) on whichever folds exist, one
+configuration at a time, so that calibration can be measured on a single fold or a partial cross-validation
+(docs/calibration.md). It reads WORK and writes nothing.
+
+    python scripts/calibration_folds.py WORK CONFIG [CONFIG ...] [--folds 0,1]
+
+Prints, per configuration: the folds and cases used, the temperature, and ECE on the foreground-relevant voxels
+before and after, per structure; with ``--json FILE`` also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from autoseg.errors import AutosegError
+from autoseg.evaluation.probabilities import fit_calibration
+from autoseg.io.dataset import load_dataset_json
+from autoseg.jsonio import read_json
+from autoseg.layout import WorkDir
+
+
+def fold_items(work: WorkDir, config: str, folds: list[int] | None, ending: str) -> tuple[list, list[int]]:
+    """``(case, reference, [probabilities])`` of every validated case of ``config``'s folds, and the folds."""
+    splits = read_json(work.splits)
+    items, used = [], []
+    for k, fold in enumerate(splits):
+        if folds is not None and k not in folds:
+            continue
+        val = work.validation(config, k)
+        cases = [c for c in fold["val"] if (val / f"{c}.npz").is_file()]
+        if not cases:
+            continue
+        used.append(k)
+        items += [(c, work.gt_segmentations / f"{c}{ending}", [val / f"{c}.npz"]) for c in cases]
+    return items, used
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument(
+        "--folds", help="comma list of folds (default: every fold with validation probabilities)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    work = WorkDir(args.work)
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    try:
+        spec = load_dataset_json(work.dataset_json)
+        results = {}
+        for config in args.configs:
+            items, used = fold_items(work, config, folds, spec.file_ending)
+            if not items:
+                print(
+                    f"{config}: no validation probabilities (<case>.npz) in any requested fold",
+                    file=sys.stderr,
+                )
+                return 2
+            start = time.perf_counter()
+            fit = fit_calibration(items, spec)
+            fit.update(
+                folds=used, cases=[c for c, _, _ in items], seconds=round(time.perf_counter() - start, 1)
+            )
+            results[config] = fit
+            print(
+                f"{config}: folds {used}, {len(items)} cases, T = {fit['temperature']}, fit {fit['seconds']} s"
+            )
+            for name, before in fit["ece_before"].items():
+                print(f"  {name:24s} ECE {before:.3f} -> {fit['ece_after'][name]:.3f}")
+    except (AutosegError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
