@@ -247,7 +247,10 @@ def test_torchscript_export_gives_the_same_logits(trained, tmp_path, capsys):
     assert "unknown export format 'tflite'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", ["2d", "3d_fullres"])
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param("2d", marks=pytest.mark.slow), "3d_fullres"],  # 2d: the same path, 25 s more
+)
 def test_slab_by_slab_export_gives_the_whole_volume_labels(trained, phantom_dataset, tmp_path, config):
     """With the size limit at 0 every case is exported slab by slab as the window finishes it; the label maps
     (mirroring on, resampled back to each case's own spacing) equal the whole-volume export's."""
