@@ -255,11 +255,11 @@ def find_best(
     work = work if isinstance(work, WorkDir) else WorkDir(Path(work))
     plans = Plans.load(work.plans)
     spec = load_dataset_json(work.dataset_json)
-    splits = _load_splits(work)
+    splits = load_splits(work)
     names = list(dict.fromkeys(configs)) if configs else list(plans.configurations)
     for name in names:
         plans.configuration(name)  # unknown names are refused before any work
-    case_folds = _case_folds(splits)
+    case_folds = fold_of_cases(splits)
     candidates, skipped = _candidates(work, names, splits, case_folds, spec.file_ending)
     scored = [_score_config(work, name, plans, case_folds, spec, workers) for name in candidates]
     for a, b in itertools.combinations(candidates, 2):
@@ -379,7 +379,8 @@ def predict_command(work: WorkDir, configs: Sequence[str], folds: Sequence[int])
     return " ".join(parts)
 
 
-def _load_splits(work: WorkDir) -> list[dict]:
+def load_splits(work: WorkDir) -> list[dict]:
+    """``splits.json``, checked: a list of folds ``{'train': [...], 'val': [...]}``; :class:`PlansError` naming it."""
     path = work.splits
     if not path.is_file():
         raise PlansError(f"{path}: splits.json not found (it is written when the first fold is trained)")
@@ -398,7 +399,7 @@ def _load_splits(work: WorkDir) -> list[dict]:
     return splits
 
 
-def _case_folds(splits: list[dict]) -> dict[str, int]:
+def fold_of_cases(splits: list[dict]) -> dict[str, int]:
     """``{case: fold}``: the lowest fold that validates each case, cases sorted."""
     out: dict[str, int] = {}
     for k, fold in enumerate(splits):

@@ -22,24 +22,20 @@ from pathlib import Path
 from autoseg.errors import AutosegError
 from autoseg.evaluation.probabilities import fit_calibration
 from autoseg.io.dataset import load_dataset_json
-from autoseg.jsonio import read_json
 from autoseg.layout import WorkDir
+from autoseg.selection import fold_of_cases, load_splits
 
 
 def fold_items(work: WorkDir, config: str, folds: list[int] | None, ending: str) -> tuple[list, list[int]]:
-    """``(case, reference, [probabilities])`` of every validated case of ``config``'s folds, and the folds."""
-    splits = read_json(work.splits)
-    items, used = [], []
-    for k, fold in enumerate(splits):
-        if folds is not None and k not in folds:
-            continue
-        val = work.validation(config, k)
-        cases = [c for c in fold["val"] if (val / f"{c}.npz").is_file()]
-        if not cases:
-            continue
-        used.append(k)
-        items += [(c, work.gt_segmentations / f"{c}{ending}", [val / f"{c}.npz"]) for c in cases]
-    return items, used
+    """``(case, reference, [probabilities])`` of every case that ``config``'s folds (or ``folds``) validated,
+    each from the lowest fold that validates it (as find-best), and the folds used."""
+    items, used = [], set()
+    for case, k in fold_of_cases(load_splits(work)).items():
+        path = work.validation(config, k) / f"{case}.npz"
+        if (folds is None or k in folds) and path.is_file():
+            items.append((case, work.gt_segmentations / f"{case}{ending}", [path]))
+            used.add(k)
+    return items, sorted(used)
 
 
 def main(argv: list[str] | None = None) -> int:
