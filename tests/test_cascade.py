@@ -20,7 +20,7 @@ TINY = TrainSettings(epochs=1, iters_per_epoch=2, val_iters=1, seed=3, loader_wo
 NO_TTA = InferenceSettings(mirroring=False)
 
 
-@pytest.mark.slow  # 45-110 s on the 2-core CI machine; kept out of CI (scripts/test.sh -m slow)
+@pytest.mark.slow  # 31-107 s on the 2-core development machine; kept out of CI (scripts/test.sh -m slow)
 def test_lowres_and_cascade_train_and_predict(phantom_dataset, tmp_path):
     work = WorkDir(tmp_path / "work")
     # 1.1 GB leaves a 10x24x24 fullres patch: 5 % of the median phantom, so a lowres stage is planned

@@ -140,7 +140,7 @@ def test_planning_with_each_architecture_fits_the_budget(arch):
         assert c.estimated_memory_gb == round(est / 1024**3, 3)
 
 
-@pytest.mark.slow  # 45-110 s on the 2-core CI machine; kept out of CI (scripts/test.sh -m slow)
+@pytest.mark.slow  # 31-107 s on the 2-core development machine; kept out of CI (scripts/test.sh -m slow)
 def test_heavier_architectures_get_smaller_patches_under_the_same_budget():
     fp = _fingerprint([[1, 1, 1]] * 10, [[200, 200, 200]] * 10)
     voxels = {

@@ -185,7 +185,7 @@ def _log_epochs(fold_dir: Path) -> list[int]:
     return out
 
 
-@pytest.mark.slow  # 45-110 s on the 2-core CI machine; kept out of CI (scripts/test.sh -m slow)
+@pytest.mark.slow  # 31-107 s on the 2-core development machine; kept out of CI (scripts/test.sh -m slow)
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(work_copy, tmp_path):
     """The training process is SIGKILLed twice at random moments (mid-epoch, during a checkpoint write, ...);
     each ``--resume`` continues, and the run ends with the weights and loss curve of a run never killed."""
@@ -234,7 +234,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(work_
     assert sorted(p.name for p in fold_dir.glob(".*")) == [".keep_me"], "temporary files left behind"
 
 
-@pytest.mark.slow  # 45-110 s on the 2-core CI machine; kept out of CI (scripts/test.sh -m slow)
+@pytest.mark.slow  # 31-107 s on the 2-core development machine; kept out of CI (scripts/test.sh -m slow)
 def test_ddp_with_two_cpu_processes_gives_the_same_layout(work_copy, tmp_path):
     """torchrun with 2 processes (gloo): trains, one writer, the same files as a single-process run."""
     single = WorkDir(tmp_path / "single")
