@@ -52,6 +52,7 @@ import numpy as np
 
 from autoseg import __version__
 from autoseg.errors import PlansError
+from autoseg.evaluation.calibration import ZONES as _ZONE_NAMES
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 
@@ -141,6 +142,8 @@ class CalibrationCard:
     ece_before: dict[str, float] = field(default_factory=dict)
     ece_after: dict[str, float] = field(default_factory=dict)
     voxels: int | None = None
+    kept: str | None = None  # "identity", "temperature" or "zones" (cards before zones: None)
+    zones: dict[str, float] | dict[str, dict[str, float]] | None = None  # zone temperatures, when kept
 
 
 @dataclass(frozen=True)
@@ -208,11 +211,26 @@ def _printable(text: str, limit: int = 400) -> str:
 def _calibration_text(c: CalibrationCard) -> str:
     if not c.calibrated:
         return "not calibrated"
+    if c.kept == "identity":
+        return "calibrated (identity: no fit lowered ECE on every structure)"
+    if c.zones is not None:
+        return f"calibrated (zone T {_zone_text(c.zones)})"
     if isinstance(c.temperature, dict):
         t = ", ".join(f"{k} {v:.3g}" for k, v in c.temperature.items())
     else:
         t = _num(c.temperature, 3)
     return f"calibrated (T {t})"
+
+
+def _zone_text(zones: dict) -> str:
+    """``far/outer/inner/inside`` temperatures, per region when ``zones`` is ``{region: {zone: T}}``."""
+
+    def one(z: dict) -> str:
+        return "/".join(f"{float(v):.3g}" for v in z.values())
+
+    if all(isinstance(v, dict) for v in zones.values()):
+        return ", ".join(f"{k} {one(v)}" for k, v in zones.items())
+    return one(zones)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -459,6 +477,8 @@ def calibration(instructions: dict | None) -> CalibrationCard:
         ece_before={str(k): float(v) for k, v in cal.get("ece_before", {}).items()},
         ece_after={str(k): float(v) for k, v in cal.get("ece_after", {}).items()},
         voxels=int(cal["voxels"]) if cal.get("voxels") is not None else None,
+        kept=str(cal["kept"]) if cal.get("kept") is not None else None,
+        zones=cal["zones"]["temperature"] if isinstance(cal.get("zones"), dict) else None,
     )
 
 
@@ -772,7 +792,13 @@ def _md_calibration(card: ModelCard) -> list[str]:
         return [
             "Not calibrated: predicted probabilities are the networks' softmax/sigmoid outputs as they are."
         ]
-    out = [f"- Method: {c.method}", f"- Temperature: {_calibration_text(c)[len('calibrated (T ') : -1]}"]
+    if c.zones is not None:
+        what = f"- Zone temperatures ({'/'.join(_ZONE_NAMES)}): {_zone_text(c.zones)}"
+    elif c.kept == "identity":
+        what = "- Kept: the identity (no fitted calibration lowered ECE on every structure)"
+    else:
+        what = f"- Temperature: {_calibration_text(c)[len('calibrated (T ') : -1]}"
+    out = [f"- Method: {c.method}", what]
     if c.voxels is not None:
         out.append(f"- Fitted on {c.voxels:,} validation voxels")
     out += ["", "| structure | ECE before | ECE after |", "|---|---|---|"]

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, PlansError
+from autoseg.evaluation.calibration import RELEVANT_BAND, zone_temperatures
 from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.evaluation.probabilities import fit_calibration
 from autoseg.inference.export import probabilities_to_labels
@@ -127,9 +128,11 @@ class InferenceInstructions:
     dataset_hash: str
     postprocessing_report: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
-    """Temperature scaling for predict's probabilities (docs/calibration.md): ``{"temperature": T or {region:
-    T}, "ece_before": {structure: ECE}, "ece_after": {...}, "voxels": int, "method": str}``; ``{}`` is the
-    identity (instructions written before calibration have none)."""
+    """Calibration of predict's probabilities (docs/calibration.md): ``{"temperature": T or {region: T},
+    "zones": {"band": int, "temperature": {zone: T} or {region: {zone: T}}} (only when zone temperatures were
+    kept; they are then what predict applies), "ece_before": {structure: ECE}, "ece_after": {...},
+    "candidates": {...}, "voxels": int, "method": str}``; ``{}`` is the identity (instructions written before
+    calibration have none)."""
     mirroring: dict | None = None
     """What test-time mirroring buys (:func:`autoseg.inference.mirroring.choose_mirroring`): ``mirror_axes``
     that predict uses by default; None (older files, ensembles, cascades): predict's own setting."""
@@ -221,6 +224,23 @@ def check_calibration(calibration) -> dict:
         raise ValueError(
             f"'calibration.temperature' must be a positive number or {{region: number}}, got {t!r}"
         )
+    zones = calibration.get("zones")
+    if zones is not None:
+        if not isinstance(zones, dict) or not isinstance(zones.get("temperature"), dict):
+            raise ValueError(
+                f"'calibration.zones' must be {{'band': int, 'temperature': {{...}}}}, got {zones!r}"
+            )
+        band = zones.get("band", RELEVANT_BAND)
+        if not isinstance(band, int) or isinstance(band, bool) or band < 0:
+            raise ValueError(f"'calibration.zones.band' must be a whole number >= 0, got {band!r}")
+        zt = zones["temperature"]
+        try:
+            if isinstance(next(iter(zt.values()), None), dict):  # region-based: {region: {zone: T}}
+                zone_temperatures(zt, True, list(zt))
+            else:
+                zone_temperatures(zt, False)
+        except ValueError as exc:
+            raise ValueError(f"'calibration.zones.temperature': {exc}") from None
     return dict(calibration)
 
 

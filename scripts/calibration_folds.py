@@ -7,8 +7,8 @@ configuration at a time, so that calibration can be measured on a single fold or
 
     python scripts/calibration_folds.py WORK CONFIG [CONFIG ...] [--folds 0,1]
 
-Prints, per configuration: the folds and cases used, the temperature, and ECE on the foreground-relevant voxels
-before and after, per structure; with ``--json FILE`` also writes them as JSON.
+Prints, per configuration: the folds and cases used, the temperature, the calibration kept (one temperature or
+zone temperatures), and ECE on the foreground-relevant voxels before and after each candidate, per structure; with ``--json FILE`` also writes them as JSON.
 """
 
 from __future__ import annotations
@@ -66,11 +66,18 @@ def main(argv: list[str] | None = None) -> int:
                 folds=used, cases=[c for c, _, _ in items], seconds=round(time.perf_counter() - start, 1)
             )
             results[config] = fit
+            kept = f"zones {fit['zones']['temperature']}" if "zones" in fit else "one temperature"
             print(
-                f"{config}: folds {used}, {len(items)} cases, T = {fit['temperature']}, fit {fit['seconds']} s"
+                f"{config}: folds {used}, {len(items)} cases, T = {fit['temperature']}, kept: {kept}, "
+                f"fit {fit['seconds']} s"
             )
+            cands = fit["candidates"]
+            print(f"  {'structure':24s} ECE before -> one T / zones")
             for name, before in fit["ece_before"].items():
-                print(f"  {name:24s} ECE {before:.3f} -> {fit['ece_after'][name]:.3f}")
+                print(
+                    f"  {name:24s} {before:.3f} -> {cands['temperature']['ece_after'][name]:.3f} / "
+                    f"{cands['zones']['ece_after'][name]:.3f}"
+                )
     except (AutosegError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

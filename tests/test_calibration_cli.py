@@ -43,7 +43,9 @@ def test_find_best_writes_the_calibration(work, capfd):
     assert code == 0, err
     written = read_json(work.inference_instructions)
     cal = written["calibration"]
-    assert set(cal) == {"temperature", "ece_before", "ece_after", "voxels", "method"}
+    assert {"temperature", "kept", "ece_before", "ece_after", "candidates", "voxels", "method"} <= set(cal)
+    assert set(cal["candidates"]) == {"identity", "temperature", "zones"}
+    assert ("zones" in cal) == (cal["kept"] == "zones")
     # 0.9 where right and 0.6 where wrong: over-confident where right; the fit softens or sharpens, but the
     # relevant-voxel ECE never gets worse and the temperature is a positive number
     assert isinstance(cal["temperature"], float) and cal["temperature"] > 0
@@ -93,6 +95,12 @@ def test_instructions_from_before_calibration_still_load(work):
     old["calibration"] = {"temperature": -1.0}
     write_json(work.inference_instructions, old)
     with pytest.raises(Exception, match="calibration.temperature"):
+        load_instructions(work)
+    old["calibration"] = {"temperature": 1.0, "zones": {"band": 3, "temperature": {"far": 1.0, "outer": 2.0}}}
+    write_json(work.inference_instructions, old)
+    with pytest.raises(
+        Exception, match=r"calibration.zones.temperature.*no value for zone\(s\) \['inner', 'inside'\]"
+    ):
         load_instructions(work)
 
 

@@ -53,6 +53,8 @@ CALIBRATION = {
     "ece_after": {"organ": 0.012, "lesion": 0.019},
     "voxels": 123456,
     "method": "temperature scaling (NLL)",
+    "kept": "zones",
+    "zones": {"band": 3, "temperature": {"far": 0.9, "outer": 2.5, "inner": 3.25, "inside": 1.5}},
 }
 
 
@@ -145,6 +147,8 @@ def test_card_lists_the_fold_validation_numbers(hand_work, tmp_path):
         "ece_before": {},
         "ece_after": {},
         "voxels": None,
+        "kept": None,
+        "zones": None,
     }
     assert card["benchmark"]["measured"] is False and "--no-benchmark" in card["benchmark"]["note"]
     # the rest comes from the WORK as well
@@ -187,7 +191,11 @@ def test_card_prefers_find_best_postprocessed_crossval_and_shows_calibration(han
     assert cv["source"] == ["results/crossval/3d_fullres/postprocessed/summary.json"]
     assert "after the postprocessing find-best chose" in cv["description"]
     _assert_numbers(cv, POSTPROCESSED_ROWS)
-    assert card["calibration"] == {"calibrated": True, **CALIBRATION}
+    assert card["calibration"] == {
+        "calibrated": True,
+        **CALIBRATION,
+        "zones": CALIBRATION["zones"]["temperature"],  # what predict applies, per zone
+    }
     # without the postprocessed summary: find-best's cross-validation summary, before postprocessing
     shutil.rmtree(work.crossval("3d_fullres") / "postprocessed")
     api.export_model(work.root, bundle, benchmark=False)
@@ -231,7 +239,7 @@ def test_markdown_has_every_section_and_the_numbers(hand_work, tmp_path):
     inner = [r["dice"] for r in rows if r["label"] == "organ"]
     assert f"| organ | {np.mean(inner):.4f} ± {np.std(inner):.4f} (n 3) |" in md
     assert "| organ | 0.0810 | 0.0120 |" in md  # ECE before / after
-    assert "- Temperature: 1.75" in md
+    assert "- Zone temperatures (far/outer/inner/inside): 0.9/2.5/3.25/1.5" in md
     # generated: the Markdown is the renderer's output for the card in the bundle
     assert md == render_markdown(read_card_from(bundle, tmp_path))
 

@@ -37,6 +37,16 @@ region's ``sigmoid(logit(p) / T)``. ``T > 1`` softens, ``T < 1`` sharpens, ``T =
 of the classes in every voxel, and so the argmax and every ``p > 0.5`` decision, never changes.
 :func:`fit_temperature` finds the ``T`` (one scalar) minimising the NLL of sampled voxels: softmax, the
 multi-class NLL of the reference class; sigmoid, the binary NLL of one region (fit once per region).
+
+Zone temperatures
+-----------------
+A trained network is typically over-confident in a band around what it predicts and about right far from it,
+and one temperature cannot serve both (docs/calibration.md, measured). :func:`zone_map` splits the voxels by
+their distance to the *predicted* structure (computable at prediction, unlike the reference): ``far`` (more than
+:data:`RELEVANT_BAND` voxels outside it), ``outer`` (the band outside), ``inner`` (the band inside, from its
+border) and ``inside`` (deeper). Each zone has its own temperature, fitted on its own voxels; the whole-image NLL
+is the sum of the zones', so the four fits together minimise it. A temperature is still applied per voxel, so
+the argmax and every ``p > 0.5`` decision are still unchanged (and with them the zones themselves).
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ RELEVANT_BAND = 3
 EPS = 1e-7
 T_MIN, T_MAX = 0.05, 20.0
 """The temperatures :func:`fit_temperature` searches between."""
+ZONES = ("far", "outer", "inner", "inside")
+"""The zones of :func:`zone_map`, in the order of their index."""
 
 
 @dataclass
@@ -166,6 +178,40 @@ def relevant_voxels(reference: np.ndarray, predicted: np.ndarray, band: int = RE
     return out
 
 
+def zone_map(predicted: np.ndarray, band: int = RELEVANT_BAND) -> np.ndarray:
+    """int8 index into :data:`ZONES` per voxel of the ``predicted`` mask: 0 ``far`` (more than ``band`` voxels
+    outside it), 1 ``outer`` (within ``band`` voxels outside: 3x3x... cube dilation), 2 ``inner`` (inside,
+    within ``band`` voxels of its border; the image edge is not a border), 3 ``inside``. Work is limited to
+    the mask's bounding box plus the band."""
+    pred = np.asarray(predicted, dtype=bool)
+    out = np.zeros(pred.shape, dtype=np.int8)
+    where = np.nonzero(pred)
+    if not where[0].size:
+        return out
+    box = tuple(
+        slice(max(int(w.min()) - band, 0), min(int(w.max()) + band + 1, n)) for w, n in zip(where, pred.shape)
+    )
+    sub = pred[box]
+    if band > 0:
+        cube = ndimage.generate_binary_structure(sub.ndim, sub.ndim)
+        near = ndimage.binary_dilation(sub, cube, iterations=band)
+        deep = ndimage.binary_erosion(sub, cube, iterations=band, border_value=1)
+    else:
+        near, deep = sub, sub
+    zones = near.astype(np.int8)
+    zones[sub] = 2
+    zones[deep] = 3
+    out[box] = zones
+    return out
+
+
+def predicted_foreground(probs: np.ndarray) -> np.ndarray:
+    """Softmax ``probs`` ``(K, ...)``: where the argmax is a foreground class (ties go to background, as
+    ``argmax`` picks the first), without an index volume."""
+    best_fg = probs[1].copy() if probs.shape[0] == 2 else probs[1:].max(axis=0)
+    return best_fg > probs[0]
+
+
 def structure_channels(
     labels: Mapping[str, int], regions: Mapping[str, Sequence[int]], region_based: bool
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -264,7 +310,52 @@ def apply_temperature(
     return out
 
 
-def _scaled(p: np.ndarray, log_max: np.ndarray, inv_t: float) -> np.ndarray:
+def apply_zone_temperatures(
+    probs: np.ndarray, temperatures: Sequence, region_based: bool = False, band: int = RELEVANT_BAND
+) -> np.ndarray:
+    """``probs`` ``(K, ...)`` after zone temperature scaling (module docstring), in ``probs``' dtype.
+
+    Softmax: ``temperatures`` one per zone of :data:`ZONES`, the zones those of the predicted foreground
+    (:func:`predicted_foreground`); each voxel gets its zone's ``softmax(log(p) / T)``, computed as
+    :func:`apply_temperature` does (memory flat in the number of classes). Sigmoid: one such sequence per
+    region channel, the zones those of the channel's own ``p > 0.5``."""
+    per_channel = [_zone_temps(t) for t in temperatures] if region_based else [_zone_temps(temperatures)]
+    if region_based and len(per_channel) != probs.shape[0]:
+        raise ValueError(f"{len(per_channel)} zone temperature sets for {probs.shape[0]} region channels")
+    out = np.empty_like(probs)
+    if region_based:
+        for k, temps in enumerate(per_channel):
+            inv_t = (1.0 / temps)[zone_map(probs[k] > 0.5, band)]
+            p = np.clip(probs[k].astype(np.float32), EPS, 1 - EPS)
+            out[k] = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) * inv_t))
+        return out
+    inv_t = (1.0 / per_channel[0])[zone_map(predicted_foreground(probs), band)]
+    log_max = np.log(np.clip(probs.max(axis=0).astype(np.float32), EPS, 1.0))
+    total = np.zeros(probs.shape[1:], dtype=np.float32)
+    for k in range(probs.shape[0]):
+        total += _scaled(probs[k], log_max, inv_t)
+    for k in range(probs.shape[0]):
+        out[k] = _scaled(probs[k], log_max, inv_t) / total
+    return out
+
+
+def _zone_temps(temps) -> np.ndarray:
+    """One zone-temperature set as a float32 array of ``len(ZONES)`` positive numbers (``{zone: T}`` or a
+    sequence in :data:`ZONES` order); :class:`ValueError` otherwise."""
+    if isinstance(temps, Mapping):
+        missing = [z for z in ZONES if z not in temps]
+        if missing:
+            raise ValueError(f"zone temperatures have no value for zone(s) {missing}")
+        temps = [temps[z] for z in ZONES]
+    values = [float(t) for t in temps]
+    if len(values) != len(ZONES) or any(not (math.isfinite(t) and t > 0) for t in values):
+        raise ValueError(
+            f"zone temperatures must be {len(ZONES)} positive numbers ({', '.join(ZONES)}), got {temps!r}"
+        )
+    return np.asarray(values, dtype=np.float32)
+
+
+def _scaled(p: np.ndarray, log_max: np.ndarray, inv_t: float | np.ndarray) -> np.ndarray:
     """``(p / p_max)^(1/T)`` in float32, in the log domain (never overflows; the largest class gives 1)."""
     z = np.log(np.clip(p.astype(np.float32), EPS, 1.0))
     z -= log_max
@@ -283,6 +374,23 @@ def channel_temperatures(temperature, region_based: bool, regions: Sequence[str]
             raise ValueError(f"calibration.temperature has no value for region(s) {missing}")
         return [float(temperature[r]) for r in regions]
     return [float(temperature)] * len(regions)
+
+
+def zone_temperatures(temperatures, region_based: bool, regions: Sequence[str] = ()) -> list:
+    """Stored zone temperatures as :func:`apply_zone_temperatures` takes them: softmax ``{zone: T}`` as is;
+    region-based ``{region: {zone: T}}`` in ``regions``' order (a :class:`ValueError` naming a missing region),
+    each set checked by :func:`_zone_temps`."""
+    if not region_based:
+        _zone_temps(temperatures)
+        return temperatures
+    if not isinstance(temperatures, Mapping):
+        raise ValueError(
+            f"zone temperatures of a region-based output must be {{region: {{zone: T}}}}, got {temperatures!r}"
+        )
+    missing = [r for r in regions if r not in temperatures]
+    if missing:
+        raise ValueError(f"calibration.zones has no temperatures for region(s) {missing}")
+    return [_zone_temps(temperatures[r]) for r in regions]
 
 
 def fit_temperature(

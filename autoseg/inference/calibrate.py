@@ -1,4 +1,5 @@
-"""Temperature scaling of the probabilities ``predict`` saves (find-best fits the temperature, see
+"""Temperature scaling (one temperature, or one per zone of distance to the predicted structure) of the
+probabilities ``predict`` saves (find-best fits the temperature, see
 docs/calibration.md and :mod:`autoseg.evaluation.calibration`).
 
 The label maps are computed before, from the uncalibrated probabilities; a temperature never changes them
@@ -13,7 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from autoseg.evaluation.calibration import apply_temperature, channel_temperatures
+from autoseg.evaluation.calibration import (
+    RELEVANT_BAND,
+    ZONES,
+    apply_temperature,
+    apply_zone_temperatures,
+    channel_temperatures,
+    zone_temperatures,
+)
 
 __all__ = ["apply_temperature", "calibrator", "describe"]
 
@@ -26,7 +34,16 @@ def calibrator(
     """The function predict applies to every probability array it saves, from the inference instructions'
     ``calibration`` entry (``None`` or ``{}``: identity, returns ``None``). ``regions``: the region names in
     channel order (region-based datasets: ``temperature`` is ``{region: T}``; a :class:`ValueError` if one is
-    missing)."""
+    missing). With ``zones`` (``{"band", "temperature"}``), the zone temperatures, else the one temperature."""
+    if calibration and calibration.get("zones"):
+        zones = calibration["zones"]
+        band = int(zones.get("band", RELEVANT_BAND))
+        ztemps = zone_temperatures(zones["temperature"], region_based, regions)
+
+        def calibrate_zones(probs: np.ndarray) -> np.ndarray:
+            return apply_zone_temperatures(probs, ztemps, region_based, band)
+
+        return calibrate_zones
     if not calibration or "temperature" not in calibration:
         return None
     temps = channel_temperatures(calibration["temperature"], region_based, regions)
@@ -39,6 +56,19 @@ def calibrator(
 
 def describe(calibration: Mapping | None) -> str:
     """One line for the predict log: the temperature(s), or why none is applied."""
+    if calibration and calibration.get("zones"):
+        zones = calibration["zones"]
+        t = zones["temperature"]
+
+        def one(z: Mapping) -> str:
+            return "/".join(f"{float(z[k]):.3g}" for k in ZONES)
+
+        per = (
+            ", ".join(f"{k} {one(v)}" for k, v in t.items())
+            if isinstance(t.get(ZONES[0]), Mapping)
+            else one(t)
+        )
+        return f"zone temperatures ({'/'.join(ZONES)}, band {zones.get('band', RELEVANT_BAND)} voxels) {per}"
     if not calibration or "temperature" not in calibration:
         return "none"
     t = calibration["temperature"]

@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 
 from autoseg.evaluation.calibration import (
+    ZONES,
     CalibrationStats,
+    apply_zone_temperatures,
     brier_score,
     case_statistics,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    predicted_foreground,
     relevant_voxels,
     structure_channels,
     temperature_scale,
+    zone_map,
 )
-from autoseg.inference.calibrate import apply_temperature, calibrator
+from autoseg.evaluation.probabilities import choose_calibration
+from autoseg.inference.calibrate import apply_temperature, calibrator, describe
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -162,26 +167,156 @@ def test_weights_stand_for_repeated_voxels():
     )
 
 
-def test_stratified_sample_stands_for_the_whole_case():
-    """find-best's sample: half relevant voxels, half the rest, each weighted by its stratum's size; its fit
-    is the fit on every voxel of the case (a model over-confident near the structure, right far from it),
-    not the fit on the relevant voxels alone."""
-    from autoseg.evaluation.probabilities import _stratified
-
-    rng = np.random.default_rng(3)
-    shape = (40, 40, 40)
+def _near_wrong_far_right(rng, shape=(40, 40, 40)):
+    """A cube; near it (its relevant band) 20 % of voxels wrong at confidence 0.99, far away right at 0.999: a
+    model over-confident near the structure and right far from it. ``(reference, relevant, probs (2, N))``."""
     reference = np.zeros(shape, np.int64)
     reference[15:25, 15:25, 15:25] = 1
     relevant = relevant_voxels(reference == 1, reference == 1)
-    # near the cube: 20 % wrong at confidence 0.99; far away: right at confidence 0.999
     wrong = relevant & (rng.random(shape) < 0.2)
     truth_side = np.where(relevant, 0.99, 0.999)
     fg = np.where((reference == 1) ^ wrong, truth_side, 1 - truth_side)
-    probs = np.stack([1 - fg, fg]).reshape(2, -1)
-    idx, w = _stratified(relevant, np.ones(shape, bool), 20_000, rng)
+    return reference, relevant, np.stack([1 - fg, fg]).reshape(2, -1)
+
+
+def test_stratified_sample_stands_for_the_whole_case_and_each_zone():
+    """find-best's sample: an equal share from each (zone, relevant or not) stratum, each voxel weighted by its
+    stratum's size; its fit is the fit on every voxel of the case (not the fit on the relevant voxels alone),
+    and its fit within a zone is the fit on every voxel of that zone."""
+    from autoseg.evaluation.probabilities import _stratified
+
+    rng = np.random.default_rng(3)
+    reference, relevant, probs = _near_wrong_far_right(rng)
+    zones = zone_map(probs[1].reshape(reference.shape) > 0.5)
+    idx, w, z = _stratified(relevant, zones, np.ones(reference.shape, bool), 20_000, rng)
     assert w.sum() == pytest.approx(reference.size)
+    np.testing.assert_array_equal(z, zones.ravel()[idx])
     labels = reference.ravel()
     everything = fit_temperature(probs, labels)
     assert fit_temperature(probs[:, idx], labels[idx], weights=w) == pytest.approx(everything, rel=0.03)
     near = fit_temperature(probs[:, relevant.ravel()], labels[relevant.ravel()])
     assert near > 1.5 * everything
+    for k in range(len(ZONES)):
+        whole = zones.ravel() == k
+        if whole.sum() > 1000:
+            sampled = fit_temperature(probs[:, idx[z == k]], labels[idx[z == k]], weights=w[z == k])
+            assert sampled == pytest.approx(fit_temperature(probs[:, whole], labels[whole]), rel=0.05), ZONES[
+                k
+            ]
+
+
+def test_zone_map_by_hand():
+    """A 7-voxel cube in a 21-voxel box, band 3: inside is the one centre voxel (3 erosions of a 7-cube), inner
+    the other 342 of the cube, outer the 13-cube (3 cube dilations) minus the cube, far the rest; a mask on the
+    image edge has no border there; nothing predicted is all far."""
+    pred = np.zeros((21, 21, 21), bool)
+    pred[7:14, 7:14, 7:14] = True
+    zones = zone_map(pred, band=3)
+    assert np.bincount(zones.ravel(), minlength=4).tolist() == [21**3 - 13**3, 13**3 - 7**3, 7**3 - 1, 1]
+    assert (
+        zones[10, 10, 10] == 3 and zones[7, 10, 10] == 2 and zones[6, 10, 10] == 1 and zones[3, 10, 10] == 0
+    )
+    edge = np.zeros((10, 10, 10), bool)
+    edge[:7] = True  # touches the image's first face: deep voxels there stay inside
+    assert zone_map(edge, band=3)[0, 5, 5] == 3 and zone_map(edge, band=3)[6, 5, 5] == 2
+    assert not zone_map(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_zone_temperatures_keep_the_argmax_and_reduce_to_one_temperature():
+    rng = np.random.default_rng(4)
+    probs = _softmax(rng.normal(0, 3, size=(3, 12, 12, 12))).astype(np.float32)
+    same = apply_zone_temperatures(probs, [2.0] * 4)
+    np.testing.assert_allclose(same, apply_temperature(probs, 2.0), atol=1e-6)
+    mixed = apply_zone_temperatures(probs, {"far": 0.5, "outer": 3.0, "inner": 8.0, "inside": 1.0})
+    np.testing.assert_array_equal(np.argmax(mixed, 0), np.argmax(probs, 0))
+    np.testing.assert_allclose(mixed.sum(0), 1.0, atol=1e-5)
+    zones = zone_map(predicted_foreground(probs))
+    for k, t in enumerate((0.5, 3.0, 8.0, 1.0)):  # each voxel has its zone's temperature
+        np.testing.assert_allclose(
+            mixed[:, zones == k], temperature_scale(probs[:, zones == k], t), atol=1e-5
+        )
+    sig = rng.random((2, 9, 9, 9)).astype(np.float32)
+    sig[1] = 0.3 * sig[1]
+    sig[1, 1:8, 1:8, 1:8] += 0.6  # a 7-cube predicted: its centre voxel is inside
+    out = apply_zone_temperatures(sig, [[2.0] * 4, [1.0, 1.0, 1.0, 4.0]], region_based=True)
+    np.testing.assert_array_equal(out > 0.5, sig > 0.5)
+    np.testing.assert_allclose(out[0], apply_temperature(sig[:1], [2.0], region_based=True)[0], atol=1e-6)
+    deep = zone_map(sig[1] > 0.5) == 3
+    assert deep.any()
+    np.testing.assert_allclose(out[1][~deep], sig[1][~deep], atol=1e-6)
+    with pytest.raises(ValueError, match="4 positive numbers"):
+        apply_zone_temperatures(probs, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"no value for zone\(s\) \['inside'\]"):
+        apply_zone_temperatures(probs, {"far": 1, "outer": 1, "inner": 1})
+
+
+def test_calibrator_applies_stored_zones_and_describes_them():
+    zones = {"band": 3, "temperature": {"far": 1.0, "outer": 2.0, "inner": 2.0, "inside": 1.0}}
+    f = calibrator({"temperature": 1.5, "zones": zones}, False)
+    probs = np.zeros((2, 11, 11, 11), np.float32)
+    probs[1] = 0.02
+    probs[1, 4:7, 4:7, 4:7] = 0.97
+    probs[0] = 1 - probs[1]
+    out = f(probs)
+    assert out[1, 0, 0, 0] == pytest.approx(0.02)  # far: T = 1
+    assert out[1, 5, 5, 5] < 0.97 and out[1, 3, 5, 5] > 0.02  # inner and outer band softened
+    assert "zone temperatures (far/outer/inner/inside, band 3 voxels) 1/2/2/1" in describe(
+        {"temperature": 1.5, "zones": zones}
+    )
+    g = calibrator({"zones": {"band": 3, "temperature": {"wt": zones["temperature"]}}}, True, ["wt"])
+    assert g(probs[1:])[0, 5, 5, 5] < 0.97
+    with pytest.raises(ValueError, match=r"no temperatures for region\(s\) \['et'\]"):
+        calibrator({"zones": {"temperature": {"wt": zones["temperature"]}}}, True, ["wt", "et"])
+
+
+def test_the_kept_calibration_raises_no_structure():
+    """choose_calibration: the lowest mean ECE among the candidates that make no structure worse; the identity
+    (ECE as before) when every fit makes one worse; a structure without voxels (None) is not compared."""
+    before = {"a": 0.10, "b": 0.05, "c": None}
+    assert (
+        choose_calibration(
+            before,
+            {"temperature": {"a": 0.08, "b": 0.05, "c": None}, "zones": {"a": 0.02, "b": 0.06, "c": None}},
+        )
+        == "temperature"
+    )
+    assert (
+        choose_calibration(before, {"temperature": {"a": 0.08, "b": 0.04}, "zones": {"a": 0.02, "b": 0.03}})
+        == "zones"
+    )
+    assert (
+        choose_calibration(before, {"temperature": {"a": 0.11, "b": 0.01}, "zones": {"a": 0.02, "b": 0.06}})
+        == "identity"
+    )
+
+
+def test_fit_keeps_zone_temperatures_for_a_model_over_confident_near_the_structure(tmp_path):
+    """fit_calibration (what find-best runs) on two cases of a model over-confident near the structure and right
+    far from it: one temperature cannot serve both, the zone temperatures can; they are kept, soften the band
+    and sharpen the far background, and lower the relevant-voxel ECE below the one temperature's."""
+    from autoseg.evaluation.probabilities import fit_calibration
+    from autoseg.io.dataset import DatasetSpec
+    from autoseg.io.volume import Geometry, write_volume
+    from autoseg.jsonio import save_npz
+
+    spec = DatasetSpec(channel_names=("MRI",), labels={"background": 0, "cord": 1}, file_ending=".nii.gz")
+    rng = np.random.default_rng(5)
+    items = []
+    for case in ("a", "b"):
+        reference, _, probs = _near_wrong_far_right(rng)
+        geometry = Geometry(reference.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+        write_volume(reference.astype(np.uint8), geometry, tmp_path / f"{case}.nii.gz")
+        save_npz(
+            tmp_path / f"{case}.npz", probabilities=probs.reshape(2, *reference.shape).astype(np.float16)
+        )
+        items.append((case, tmp_path / f"{case}.nii.gz", [tmp_path / f"{case}.npz"]))
+    cal = fit_calibration(items, spec)
+    assert cal["kept"] == "zones" and cal["zones"]["band"] == 3
+    zt = cal["zones"]["temperature"]
+    # the 20 % wrong voxels riddle the predicted cube: its band (inner) is where the model is wrong, and no
+    # voxel is 3 deep (inside), which then takes the one temperature
+    assert zt["inner"] > 5 * cal["temperature"] and zt["far"] < 0.5 * cal["temperature"]
+    assert zt["inside"] == cal["temperature"]
+    one = cal["candidates"]["temperature"]["ece_after"]["cord"]
+    assert cal["ece_after"]["cord"] < 0.5 * one < cal["ece_before"]["cord"]
+    assert cal["candidates"]["identity"]["ece_after"] == cal["ece_before"]
