@@ -8,7 +8,8 @@ configuration at a time, so that calibration can be measured on a single fold or
     python scripts/calibration_folds.py WORK CONFIG [CONFIG ...] [--folds 0,1]
 
 Prints, per configuration: the folds and cases used, the temperature, the calibration kept (one temperature or
-zone temperatures), and ECE on the foreground-relevant voxels before and after each candidate, per structure; with ``--json FILE`` also writes them as JSON.
+zone temperatures) and on what it was chosen, and ECE on the foreground-relevant voxels before and after each
+candidate, per structure, on the fitted cases and (two cases or more) on held-out cases; with ``--json FILE`` also writes them as JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def fold_items(work: WorkDir, config: str, folds: list[int] | None, ending: str)
             items.append((case, work.gt_segmentations / f"{case}{ending}", [path]))
             used.add(k)
     return items, sorted(used)
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,18 +71,28 @@ def main(argv: list[str] | None = None) -> int:
                 folds=used, cases=[c for c, _, _ in items], seconds=round(time.perf_counter() - start, 1)
             )
             results[config] = fit
-            kept = f"zones {fit['zones']['temperature']}" if "zones" in fit else "one temperature"
+            kept = fit["kept"] + (f" {fit['zones']['temperature']}" if "zones" in fit else "")
             print(
-                f"{config}: folds {used}, {len(items)} cases, T = {fit['temperature']}, kept: {kept}, "
+                f"{config}: folds {used}, {len(items)} cases, one T = {fit['candidates']['temperature']['parameters']}, kept: {kept}, "
                 f"fit {fit['seconds']} s"
             )
             cands = fit["candidates"]
-            print(f"  {'structure':24s} ECE before -> one T / zones")
+            held = fit["ece_held_out"] is not None
+            print(
+                f"  {'structure':24s} ECE before -> one T / zones (fitted cases)"
+                + (" | held out: before -> one T / zones / kept" if held else "")
+            )
             for name, before in fit["ece_before"].items():
-                print(
-                    f"  {name:24s} {before:.3f} -> {cands['temperature']['ece_after'][name]:.3f} / "
-                    f"{cands['zones']['ece_after'][name]:.3f}"
+                line = (
+                    f"  {name:24s} {_f(before)} -> {_f(cands['temperature']['ece_after'][name])} / "
+                    f"{_f(cands['zones']['ece_after'][name])}"
                 )
+                if held:
+                    line += (
+                        f" | {_f(before)} -> {_f(cands['temperature']['ece_held_out'][name])} / "
+                        f"{_f(cands['zones']['ece_held_out'][name])} / {_f(fit['ece_held_out'][name])}"
+                    )
+                print(line)
     except (AutosegError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

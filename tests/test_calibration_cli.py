@@ -302,10 +302,19 @@ def test_calibration_folds_script_fits_what_find_best_fits_and_takes_single_fold
     assert fit["temperature"] == pytest.approx(cal["temperature"])
     assert fit["ece_after"] == pytest.approx(cal["ece_after"])
     assert sorted(fit["cases"]) == sorted(CASES)
+    # held out: the identity's held-out ECE is the ECE before (the same voxels, pooled), and the kept
+    # calibration's held-out ECE is its candidate's
+    assert fit["chosen_on"] == "held-out cases"
+    for name in ("organ", "lesion"):
+        assert fit["candidates"]["identity"]["ece_held_out"][name] == pytest.approx(fit["ece_before"][name])
+        assert fit["ece_held_out"][name] == fit["candidates"][fit["kept"]]["ece_held_out"][name]
+    assert "held out: before -> one T / zones / kept" in capfd.readouterr().out
 
     splits = read_json(work.splits)
     assert script.main([str(work.root), "3d_fullres", "--folds", "1", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["3d_fullres"]["cases"] == splits[1]["val"]
+    one = json.loads(out.read_text())["3d_fullres"]
+    assert one["cases"] == splits[1]["val"]
+    assert one["ece_held_out"] is None and one["chosen_on"].startswith("the fitted cases")
 
     for npz in work.validation("2d", 0).parents[1].glob("fold_*/validation/*.npz"):
         npz.unlink()

@@ -103,6 +103,15 @@ class CalibrationStats:
         self.log_loss -= float(np.sum(y * np.log(q) + (1 - y) * np.log1p(-q)))
         return self
 
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
+        """Add another set of sums (another case's voxels, say)."""
+        self.count += other.count
+        self.confidence += other.confidence
+        self.positives += other.positives
+        self.squared_error += other.squared_error
+        self.log_loss += other.log_loss
+        return self
+
     def ece(self) -> float | None:
         n = self.voxels
         if n == 0:

@@ -152,7 +152,7 @@ def calibration_summary(items: Sequence[Item], spec: DatasetSpec, workers: int =
     pooled = {name: CalibrationStats() for name in structures}
     for stats in per_case:
         for name, s in stats.items():
-            _merge(pooled[name], s)
+            pooled[name].merge(s)
     return {
         "n_bins": N_BINS,
         "relevant_band_voxels": RELEVANT_BAND,
@@ -167,12 +167,9 @@ def calibration_summary(items: Sequence[Item], spec: DatasetSpec, workers: int =
     }
 
 
-def _merge(into: CalibrationStats, other: CalibrationStats) -> None:
-    into.count += other.count
-    into.confidence += other.confidence
-    into.positives += other.positives
-    into.squared_error += other.squared_error
-    into.log_loss += other.log_loss
+HELD_OUT_GROUPS = 5
+"""Cases are split into at most this many groups (case ``i`` in group ``i % 5``: leave one case out up to five
+cases) for the held-out choice of :func:`fit_calibration`."""
 
 
 def fit_calibration(
@@ -182,84 +179,128 @@ def fit_calibration(
 
     Two calibrations are fitted on one sample: one temperature (per region for a region-based output), and a
     temperature per zone of distance to the predicted structure (:func:`zone_map`). With the identity they are
-    the candidates; :func:`choose_calibration` keeps the one with the lowest mean ECE over the structures among
-    those that raise no structure's ECE. Per case, up to ``max_voxels / cases`` voxels are drawn by
-    :func:`_fit_samples` (a fixed seed: the same WORK gives the same fit). ECE before and after is over all
-    relevant voxels of every case (in-sample). Returns the inference instructions' ``calibration`` entry:
-    ``temperature`` (the one-temperature fit; 1 when the identity is kept), ``zones`` (``{"band",
-    "temperature"}``, only when they are kept: predict then applies them), ``kept``, ``ece_before``,
-    ``ece_after`` (of the kept candidate), ``candidates`` (each one's parameters and ECE after), ``voxels``,
-    ``method``."""
+    the candidates. Which one is kept is decided on **held-out** cases: the cases are split into
+    :data:`HELD_OUT_GROUPS` groups, each group's cases are calibrated by the candidates fitted on the other
+    groups, and :func:`choose_calibration` keeps the lowest mean held-out ECE over the structures among the
+    candidates that raise no structure's held-out ECE (with one case, in-sample). The kept candidate's
+    parameters are then fitted on every case. Per case, up to ``max_voxels / cases`` voxels are drawn by
+    :func:`_fit_samples` (a fixed seed: the same WORK gives the same fit).
+
+    Returns the inference instructions' ``calibration`` entry: ``temperature`` (the one-temperature fit; 1 when
+    the identity is kept), ``zones`` (``{"band", "temperature"}``, only when they are kept: predict then applies
+    them), ``kept``, ``chosen_on`` ("held-out cases" or "the fitted cases"), ``ece_before``, ``ece_after`` (the
+    kept candidate's, in-sample), ``ece_held_out`` (its held-out ECE; None with one case), ``candidates`` (each
+    one's parameters, in-sample and held-out ECE), ``voxels``, ``method``."""
     rng = np.random.default_rng(seed)
     per_case = max(1, max_voxels // max(1, len(items)))
     structures = structures_of(spec)
-    samples: dict[str, list] = {}
+    regions = list(spec.regions)
+    case_samples: list[dict[str, tuple]] = []
     before = {name: CalibrationStats() for name in structures}
     for item in items:
         reference, probs = load_item(item, spec)
         for name, s in case_statistics(probs, reference, structures, spec.ignore_label).items():
-            _merge(before[name], s)
-        for key, sample in _fit_samples(probs, reference, spec, per_case, rng).items():
-            samples.setdefault(key, []).append(sample)
-    single, zoned, voxels = {}, {}, 0
-    for key, parts in samples.items():
-        p, y, w, z = (np.concatenate([part[i] for part in parts], axis=-1) for i in range(4))
-        sigmoid = spec.region_based
-        single[key] = fit_temperature(p, y, sigmoid=sigmoid, weights=w)
-        zoned[key] = {
-            zone: (
-                fit_temperature(p[..., z == k], y[z == k], sigmoid, w[z == k])
-                if np.any(z == k)
-                else single[key]
-            )
-            for k, zone in enumerate(ZONES)
-        }
-        voxels += int(y.size)
-    if spec.region_based:
-        temperature, zone_temps = single, zoned
-    else:
-        temperature, zone_temps = single.get("", 1.0), zoned.get("", dict.fromkeys(ZONES, 1.0))
-    regions = list(spec.regions)
-    candidates = {
-        "temperature": lambda a: apply_temperature_array(a, temperature, spec.region_based, regions),
-        "zones": lambda a: apply_zone_array(a, zone_temps, spec.region_based, regions),
-    }
-    after = {c: {name: CalibrationStats() for name in structures} for c in candidates}
-    for item in items:
-        reference, probs = load_item(item, spec)
-        for c, calibrate in candidates.items():
-            stats = case_statistics(calibrate(probs), reference, structures, spec.ignore_label)
-            for name, s in stats.items():
-                _merge(after[c][name], s)
+            before[name].merge(s)
+        case_samples.append(_fit_samples(probs, reference, spec, per_case, rng))
     ece_before = {n: s.ece() for n, s in before.items()}
-    ece = {"identity": ece_before} | {c: {n: s.ece() for n, s in st.items()} for c, st in after.items()}
-    mean = {c: _mean_ece(e) for c, e in ece.items()}
-    kept = choose_calibration(ece_before, ece)
-    params = {"identity": None, "temperature": temperature, "zones": zone_temps}
+
+    def pooled_ece(pairs) -> dict[str, dict[str, float | None]]:
+        """ECE per structure of each candidate over ``(case index, fits)`` pairs, relevant voxels pooled."""
+        stats: dict[str, dict[str, CalibrationStats]] = {}
+        for i, fits in pairs:
+            for c, per in _score_case(items[i], fits, spec, structures).items():
+                for name, st in per.items():
+                    stats.setdefault(c, {}).setdefault(name, CalibrationStats()).merge(st)
+        return {c: {n: st.ece() for n, st in per.items()} for c, per in stats.items()}
+
+    groups = [i % min(HELD_OUT_GROUPS, len(items)) for i in range(len(items))]
+    held: dict[str, dict] | None = None
+    if len(set(groups)) > 1:
+        pairs = []
+        for g in sorted(set(groups)):
+            fits = _fit_candidates([cs for cs, h in zip(case_samples, groups) if h != g], spec)
+            pairs += [(i, fits) for i, h in enumerate(groups) if h == g]
+        held = {"identity": ece_before} | pooled_ece(pairs)
+    fits = _fit_candidates(case_samples, spec)
+    in_sample = {"identity": ece_before} | pooled_ece((i, fits) for i in range(len(items)))
+    kept = choose_calibration(ece_before, held if held is not None else in_sample)
     identity = dict.fromkeys(regions, 1.0) if spec.region_based else 1.0
     # with zones kept, "temperature" still holds the one-temperature fit: what an autoseg without zones applies
-    out = {"temperature": identity if kept == "identity" else temperature}
+    out: dict = {"temperature": identity if kept == "identity" else fits["temperature"]}
     if kept == "zones":
-        out["zones"] = {"band": RELEVANT_BAND, "temperature": zone_temps}
+        out["zones"] = {"band": RELEVANT_BAND, "temperature": fits["zones"]}
+    params = {"identity": None, **fits}
     out.update(
         kept=kept,
+        chosen_on="held-out cases"
+        if held is not None
+        else "the fitted cases (one case: nothing to hold out)",
         ece_before=ece_before,
-        ece_after=ece[kept],
+        ece_after=in_sample[kept],
+        ece_held_out=held[kept] if held is not None else None,
         candidates={
-            c: {"parameters": params[c], "ece_after": e, "mean_ece_after": mean[c]} for c, e in ece.items()
+            c: {
+                "parameters": params[c],
+                "ece_after": in_sample[c],
+                "ece_held_out": held[c] if held is not None else None,
+                "mean_ece_held_out": _mean_ece(held[c]) if held is not None else None,
+            }
+            for c in in_sample
         },
-        voxels=voxels,
+        voxels=int(sum(y.size for cs in case_samples for _, y, _, _ in cs.values())),
         method=(
             f"kept: {kept}. Candidates: the identity, one temperature, and one temperature per zone of distance "
             f"to the predicted structure ({', '.join(ZONES)}; band {RELEVANT_BAND} voxels); each temperature "
             "minimises the NLL of every voxel (of its zone) of the cross-validation probabilities, estimated from "
             "a stratified, weighted sample (zones, and foreground-relevant voxels: reference or predicted "
-            f"foreground dilated by {RELEVANT_BAND} voxels). Kept: the lowest mean ECE over the structures among "
-            "the candidates that raise no structure's ECE (the identity always qualifies). ECE: "
-            f"{N_BINS} equal-width bins on the foreground-relevant voxels of every case (in-sample)"
+            f"foreground dilated by {RELEVANT_BAND} voxels). Kept: the lowest mean held-out ECE over the "
+            "structures among the candidates that raise no structure's held-out ECE (the identity always "
+            f"qualifies); held out: up to {HELD_OUT_GROUPS} groups of cases, each calibrated by the fit on the "
+            f"others. ECE: {N_BINS} equal-width bins on the foreground-relevant voxels"
         ),
     )
     return out
+
+
+def _score_case(item: Item, fits: dict, spec: DatasetSpec, structures) -> dict[str, dict]:
+    """One case's :class:`CalibrationStats` per structure under each candidate of ``fits``."""
+    reference, probs = load_item(item, spec)
+    regions = list(spec.regions)
+    return {
+        c: case_statistics(
+            _apply_candidate(c, params, probs, spec.region_based, regions),
+            reference,
+            structures,
+            spec.ignore_label,
+        )
+        for c, params in fits.items()
+    }
+
+
+def _apply_candidate(candidate: str, params, probs, region_based: bool, regions) -> np.ndarray:
+    if candidate == "temperature":
+        return apply_temperature_array(probs, params, region_based, regions)
+    return apply_zone_array(probs, params, region_based, regions)
+
+
+def _fit_candidates(case_samples: Sequence[dict[str, tuple]], spec: DatasetSpec) -> dict:
+    """``{"temperature": T or {region: T}, "zones": {zone: T} or {region: {zone: T}}}`` fitted on the pooled
+    samples of :func:`_fit_samples` (a zone without samples takes the one temperature)."""
+    single, zoned = {}, {}
+    for key in case_samples[0] if case_samples else ():
+        p, y, w, z = (np.concatenate([cs[key][i] for cs in case_samples], axis=-1) for i in range(4))
+        single[key] = fit_temperature(p, y, sigmoid=spec.region_based, weights=w)
+        zoned[key] = {
+            zone: (
+                fit_temperature(p[..., z == k], y[z == k], spec.region_based, w[z == k])
+                if np.any(z == k)
+                else single[key]
+            )
+            for k, zone in enumerate(ZONES)
+        }
+    if spec.region_based:
+        return {"temperature": single, "zones": zoned}
+    return {"temperature": single.get("", 1.0), "zones": zoned.get("", dict.fromkeys(ZONES, 1.0))}
 
 
 def choose_calibration(ece_before: dict, ece_after: dict[str, dict]) -> str:
