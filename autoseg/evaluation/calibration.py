@@ -309,14 +309,7 @@ def apply_temperature(
             p = np.clip(probs[k].astype(np.float32), EPS, 1 - EPS)
             out[k] = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) / t))
         return out
-    inv_t = 1.0 / temps[0]
-    log_max = np.log(np.clip(probs.max(axis=0).astype(np.float32), EPS, 1.0))
-    total = np.zeros(probs.shape[1:], dtype=np.float32)
-    for k in range(probs.shape[0]):
-        total += _scaled(probs[k], log_max, inv_t)
-    for k in range(probs.shape[0]):
-        out[k] = _scaled(probs[k], log_max, inv_t) / total
-    return out
+    return _softmax_scaled(probs, 1.0 / temps[0], out)
 
 
 def apply_zone_temperatures(
@@ -338,14 +331,7 @@ def apply_zone_temperatures(
             p = np.clip(probs[k].astype(np.float32), EPS, 1 - EPS)
             out[k] = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) * inv_t))
         return out
-    inv_t = (1.0 / per_channel[0])[zone_map(predicted_foreground(probs), band)]
-    log_max = np.log(np.clip(probs.max(axis=0).astype(np.float32), EPS, 1.0))
-    total = np.zeros(probs.shape[1:], dtype=np.float32)
-    for k in range(probs.shape[0]):
-        total += _scaled(probs[k], log_max, inv_t)
-    for k in range(probs.shape[0]):
-        out[k] = _scaled(probs[k], log_max, inv_t) / total
-    return out
+    return _softmax_scaled(probs, (1.0 / per_channel[0])[zone_map(predicted_foreground(probs), band)], out)
 
 
 def _zone_temps(temps) -> np.ndarray:
@@ -362,6 +348,18 @@ def _zone_temps(temps) -> np.ndarray:
             f"zone temperatures must be {len(ZONES)} positive numbers ({', '.join(ZONES)}), got {temps!r}"
         )
     return np.asarray(values, dtype=np.float32)
+
+
+def _softmax_scaled(probs: np.ndarray, inv_t: float | np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[k] = p_k^(1/T) / sum_j p_j^(1/T)`` (``inv_t``: ``1/T``, a number or one per voxel), one channel
+    at a time against the voxel's largest probability: two float32 volumes besides ``out``."""
+    log_max = np.log(np.clip(probs.max(axis=0).astype(np.float32), EPS, 1.0))
+    total = np.zeros(probs.shape[1:], dtype=np.float32)
+    for k in range(probs.shape[0]):
+        total += _scaled(probs[k], log_max, inv_t)
+    for k in range(probs.shape[0]):
+        out[k] = _scaled(probs[k], log_max, inv_t) / total
+    return out
 
 
 def _scaled(p: np.ndarray, log_max: np.ndarray, inv_t: float | np.ndarray) -> np.ndarray:

@@ -194,7 +194,6 @@ def fit_calibration(
     rng = np.random.default_rng(seed)
     per_case = max(1, max_voxels // max(1, len(items)))
     structures = structures_of(spec)
-    regions = list(spec.regions)
     case_samples: list[dict[str, tuple]] = []
     before = {name: CalibrationStats() for name in structures}
     for item in items:
@@ -204,26 +203,42 @@ def fit_calibration(
         case_samples.append(_fit_samples(probs, reference, spec, per_case, rng))
     ece_before = {n: s.ece() for n, s in before.items()}
 
-    def pooled_ece(pairs) -> dict[str, dict[str, float | None]]:
-        """ECE per structure of each candidate over ``(case index, fits)`` pairs, relevant voxels pooled."""
-        stats: dict[str, dict[str, CalibrationStats]] = {}
-        for i, fits in pairs:
-            for c, per in _score_case(items[i], fits, spec, structures).items():
-                for name, st in per.items():
-                    stats.setdefault(c, {}).setdefault(name, CalibrationStats()).merge(st)
-        return {c: {n: st.ece() for n, st in per.items()} for c, per in stats.items()}
-
     groups = [i % min(HELD_OUT_GROUPS, len(items)) for i in range(len(items))]
     held: dict[str, dict] | None = None
     if len(set(groups)) > 1:
         pairs = []
         for g in sorted(set(groups)):
             fits = _fit_candidates([cs for cs, h in zip(case_samples, groups) if h != g], spec)
-            pairs += [(i, fits) for i, h in enumerate(groups) if h == g]
-        held = {"identity": ece_before} | pooled_ece(pairs)
+            pairs += [(items[i], fits) for i, h in enumerate(groups) if h == g]
+        held = {"identity": ece_before} | _pooled_ece(pairs, spec)
     fits = _fit_candidates(case_samples, spec)
-    in_sample = {"identity": ece_before} | pooled_ece((i, fits) for i in range(len(items)))
+    in_sample = {"identity": ece_before} | _pooled_ece([(item, fits) for item in items], spec)
     kept = choose_calibration(ece_before, held if held is not None else in_sample)
+    voxels = int(sum(y.size for cs in case_samples for _, y, _, _ in cs.values()))
+    return _calibration_entry(kept, fits, ece_before, in_sample, held, voxels, spec)
+
+
+def _pooled_ece(pairs: Sequence[tuple[Item, dict]], spec: DatasetSpec) -> dict[str, dict[str, float | None]]:
+    """ECE per structure of each candidate over ``(case, fits)`` pairs, relevant voxels pooled."""
+    stats: dict[str, dict[str, CalibrationStats]] = {}
+    for item, fits in pairs:
+        for c, per in _score_case(item, fits, spec, structures_of(spec)).items():
+            for name, st in per.items():
+                stats.setdefault(c, {}).setdefault(name, CalibrationStats()).merge(st)
+    return {c: {n: st.ece() for n, st in per.items()} for c, per in stats.items()}
+
+
+def _calibration_entry(
+    kept: str,
+    fits: dict,
+    ece_before: dict,
+    in_sample: dict,
+    held: dict | None,
+    voxels: int,
+    spec: DatasetSpec,
+) -> dict:
+    """The instructions' ``calibration`` entry (:func:`fit_calibration`)."""
+    regions = list(spec.regions)
     identity = dict.fromkeys(regions, 1.0) if spec.region_based else 1.0
     # with zones kept, "temperature" still holds the one-temperature fit: what an autoseg without zones applies
     out: dict = {"temperature": identity if kept == "identity" else fits["temperature"]}
@@ -247,7 +262,7 @@ def fit_calibration(
             }
             for c in in_sample
         },
-        voxels=int(sum(y.size for cs in case_samples for _, y, _, _ in cs.values())),
+        voxels=voxels,
         method=(
             f"kept: {kept}. Candidates: the identity, one temperature, and one temperature per zone of distance "
             f"to the predicted structure ({', '.join(ZONES)}; band {RELEVANT_BAND} voxels); each temperature "
