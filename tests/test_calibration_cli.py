@@ -172,6 +172,30 @@ def test_predict_applies_the_temperature_to_probabilities_only(trained, one_case
     assert calibrated.astype(np.float32).max(0).mean() < raw.astype(np.float32).max(0).mean()
 
 
+def test_predict_applies_zone_temperatures_to_probabilities_only(trained, one_case, tmp_path, capfd):
+    """Instructions whose kept calibration is the zones: predict applies them (each voxel its zone's
+    temperature, zones from the probabilities it saves), the labels are those of --no-calibration."""
+    from autoseg.evaluation.calibration import apply_zone_temperatures
+
+    work = WorkDir(tmp_path / "zoned")
+    shutil.copytree(trained.root, work.root)
+    instructions = read_json(work.inference_instructions)
+    zones = {"far": 0.5, "outer": 3.0, "inner": 2.0, "inside": 1.0}
+    instructions["calibration"].update(kept="zones", zones={"band": 3, "temperature": zones})
+    write_json(work.inference_instructions, instructions)
+    labels, calibrated, err = _predict(work.root, one_case, tmp_path / "cal", capfd=capfd)
+    assert (
+        "probability calibration: zone temperatures (far/outer/inner/inside, band 3 voxels) 0.5/3/2/1" in err
+    )
+    raw_labels, raw, _ = _predict(work.root, one_case, tmp_path / "raw", "--no-calibration", capfd=capfd)
+    np.testing.assert_array_equal(labels, raw_labels)
+    want = apply_zone_temperatures(raw.astype(np.float32), zones)
+    np.testing.assert_allclose(calibrated.astype(np.float32), want, atol=2e-3)
+    assert not np.allclose(
+        calibrated.astype(np.float32), apply_temperature(raw, 1.5).astype(np.float32), atol=2e-3
+    )
+
+
 def test_old_instructions_and_bundles_predict_as_identity_with_a_note(trained, one_case, tmp_path, capfd):
     work = WorkDir(tmp_path / "old")
     shutil.copytree(trained.root, work.root)
