@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -1045,17 +1045,28 @@ def find_best(
     return _find_best(work, configs, workers, mirror_tolerance)
 
 
-def compare(workdir: str | Path, write: bool = True):
+def compare(workdir: str | Path, write: bool = True, folds: str | Sequence[int] | None = None):
     """Every trained configuration of ``workdir`` side by side (cost, cross-validation Dice / HD95 / NSD per
     structure, a paired Wilcoxon test of each against the best), written to ``WORK/compare/compare.{md,csv,png}``
-    with ``write``. Returns an :class:`autoseg.compare.Comparison`; see :mod:`autoseg.compare` for the rules.
-    :class:`AutosegError` naming WORK when it has no plans or no trained configuration."""
+    with ``write``. ``folds`` (``"0,1"`` or a sequence of fold numbers): compare on those folds only, e.g. when
+    only fold 0 of each configuration is trained (written to ``WORK/compare/folds_0/``). Returns an
+    :class:`autoseg.compare.Comparison`; see :mod:`autoseg.compare` for the rules. :class:`AutosegError` naming
+    WORK when it has no plans or no trained configuration, or naming ``--folds`` when it is not a list of
+    fold numbers of ``splits.json``."""
     from autoseg.compare import compare as _compare
 
     work = WorkDir(Path(workdir))
     if not work.plans.is_file():
         raise AutosegError(f"{work.root}: no plans.json (not a WORK folder made by 'autoseg plan')")
-    return _compare(work, write=write)
+    return _compare(work, write=write, folds=parse_fold_list(folds) if isinstance(folds, str) else folds)
+
+
+def parse_fold_list(text: str) -> list[int]:
+    """``--folds 0,2``: fold numbers, comma-separated; :class:`AutosegError` naming the option otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise AutosegError(f"--folds {text!r}: expected fold numbers separated by commas, such as 0 or 0,1")
+    return [int(p) for p in parts]
 
 
 def compare_tables(result) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:

@@ -715,10 +715,18 @@ def variant(
 @app.command()
 def compare(
     workdir: Annotated[Path, typer.Argument(help="WORK folder with trained configurations")],
+    folds: Annotated[
+        str | None,
+        typer.Option(
+            "--folds",
+            help="compare on these folds only, e.g. 0 or 0,1 (when not every fold is trained); "
+            "writes WORK/compare/folds_0/",
+        ),
+    ] = None,
 ) -> None:
     """Every trained configuration side by side: cost, cross-validation Dice / HD95 / NSD per structure, and a
     paired Wilcoxon test of each against the best; writes WORK/compare/compare.md, .csv and .png."""
-    result = api.compare(workdir)
+    result = api.compare(workdir, folds=folds)
     for title, columns, rows in api.compare_tables(result):
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)  # no column rules: fits 80 columns
         for col in columns:
@@ -733,7 +741,11 @@ def compare(
     out.print(
         f"best: {best.name} (mean Dice {best.mean_dice:.4f})"
         if best
-        else "best: none (no configuration has every fold validated)"
+        else "best: none (no configuration has every "
+        + ("compared " if folds else "")
+        + "fold validated"
+        + ("" if folds else "; --folds compares on the folds that are")
+        + ")"
     )
     out.print(f"written: {', '.join(str(p) for p in result.files.values())}", soft_wrap=True)
 

@@ -112,17 +112,24 @@ class Comparison:
     rows: list[Row]
     best: str | None
     structures: list[str]
-    num_folds: int
+    num_folds: int  # the folds compared (all of splits.json, or those of ``folds``)
     files: dict[str, Path] = field(default_factory=dict)
+    fold_ids: tuple[int, ...] = ()  # which folds were compared
+    total_folds: int = 0  # folds in splits.json
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
 
-def compare(work: WorkDir | str | os.PathLike, write: bool = True) -> Comparison:
+def compare(
+    work: WorkDir | str | os.PathLike, write: bool = True, folds: Sequence[int] | None = None
+) -> Comparison:
     """Compare every trained configuration of ``work`` (see the module docstring) and, with ``write``, write
-    ``WORK/compare/compare.{md,csv,png}``. :class:`AutosegError` naming WORK when no configuration has a
-    trained fold; :class:`PlansError` for missing or invalid plans or splits."""
+    ``WORK/compare/compare.{md,csv,png}``. With ``folds`` (fold numbers of ``splits.json``) only those folds
+    count: a configuration is complete when they are validated, and the cases are theirs; the files then go
+    to ``WORK/compare/folds_<k>_<k>/`` so the full comparison is not overwritten. :class:`AutosegError`
+    naming WORK when no configuration has a trained fold, or a fold that ``splits.json`` does not have;
+    :class:`PlansError` for missing or invalid plans or splits."""
     work = work if isinstance(work, WorkDir) else WorkDir(Path(work))
     plans = Plans.load(work.plans)
     names = [n for n in plans.configurations if work.fold_dir(n, 0).parent.is_dir() and _fold_dirs(work, n)]
@@ -132,16 +139,38 @@ def compare(work: WorkDir | str | os.PathLike, write: bool = True) -> Comparison
             f"train with 'autoseg train {work.root} CONFIG FOLD'"
         )
     splits = _load_splits(work)
-    rows = [_row(work, plans, name, splits) for name in names]
+    fold_ids = _fold_ids(work, folds, len(splits))
+    rows = [_row(work, plans, name, splits, fold_ids) for name in names]
     complete = [r for r in rows if r.complete and r.mean_dice is not None]
     best = max(complete, key=lambda r: r.mean_dice, default=None)  # max keeps the first of equal scores
     if best is not None:
         rows = [_tested(r, best) if r.complete and r is not best else r for r in rows]
     structures = list(dict.fromkeys(s for r in rows for s in r.scores))
-    result = Comparison(rows, best.name if best else None, structures, len(splits))
+    result = Comparison(
+        rows,
+        best.name if best else None,
+        structures,
+        len(fold_ids),
+        fold_ids=fold_ids,
+        total_folds=len(splits),
+    )
     if write:
-        result.files.update(write_comparison(result, work.compare_dir))
+        subset = len(fold_ids) < len(splits)
+        folder = work.compare_dir / ("folds_" + "_".join(map(str, fold_ids))) if subset else work.compare_dir
+        result.files.update(write_comparison(result, folder))
     return result
+
+
+def _fold_ids(work: WorkDir, folds: Sequence[int] | None, total: int) -> tuple[int, ...]:
+    """The folds to compare: every fold of ``splits.json``, or ``folds`` (sorted, each once), checked."""
+    if folds is None:
+        return tuple(range(total))
+    chosen = tuple(sorted(set(folds)))
+    bad = [k for k in chosen if not isinstance(k, int) or not 0 <= k < total]
+    if not chosen or bad:
+        what = "no fold" if not chosen else f"fold {bad[0]}"
+        raise AutosegError(f"--folds: {what}: {work.splits} has {total} folds, numbered 0 to {total - 1}")
+    return chosen
 
 
 def _load_splits(work: WorkDir) -> list[list[str]]:
@@ -196,11 +225,12 @@ def _recipe(work: WorkDir, name: str, folds: Sequence[int]) -> str:
     return ""
 
 
-def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]]) -> Row:
-    """Cost, scores and per-case Dice of configuration ``name`` (scores only if every fold is validated)."""
+def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]], fold_ids: Sequence[int]) -> Row:
+    """Cost, scores and per-case Dice of configuration ``name`` (scores only if every fold of ``fold_ids`` is
+    validated)."""
     cfg = plans.configuration(name)
-    validated = [k for k in range(len(splits)) if (work.validation(name, k) / WorkDir.SUMMARY).is_file()]
-    missing = [k for k in range(len(splits)) if k not in validated]
+    validated = [k for k in fold_ids if (work.validation(name, k) / WorkDir.SUMMARY).is_file()]
+    missing = [k for k in fold_ids if k not in validated]
     problem = None
     if missing:
         trained = [k for k in missing if work.checkpoint(name, k).is_file()]
@@ -222,8 +252,8 @@ def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]]) -> Row
     )
     if problem is not None:
         return row
-    per_case, fold_of, structures = _per_case(work, name, splits)
-    scores = {s: {m: _score(per_case, fold_of, s, m, len(splits)) for m in METRICS} for s in structures}
+    per_case, fold_of, structures = _per_case(work, name, fold_ids)
+    scores = {s: {m: _score(per_case, fold_of, s, m, fold_ids) for m in METRICS} for s in structures}
     dice = [scores[s]["dice"].mean for s in structures if scores[s]["dice"].mean is not None]
     return replace(
         row,
@@ -234,14 +264,14 @@ def _row(work: WorkDir, plans: Plans, name: str, splits: list[list[str]]) -> Row
 
 
 def _per_case(
-    work: WorkDir, name: str, splits: list[list[str]]
+    work: WorkDir, name: str, fold_ids: Sequence[int]
 ) -> tuple[dict[str, dict[str, dict]], dict[str, int], list[str]]:
     """(``{case: {structure: metrics}}``, ``{case: fold}``, structures) from the folds' validation summaries;
     a case validated by several folds is taken from the lowest."""
     per_case: dict[str, dict[str, dict]] = {}
     fold_of: dict[str, int] = {}
     structures: list[str] = []
-    for k in range(len(splits)):
+    for k in fold_ids:
         path = work.validation(name, k) / WorkDir.SUMMARY
         try:
             summary = _read(path)
@@ -264,12 +294,14 @@ def _value(metrics: Mapping | None, metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _score(per_case: dict, fold_of: dict[str, int], structure: str, metric: str, num_folds: int) -> Score:
+def _score(
+    per_case: dict, fold_of: dict[str, int], structure: str, metric: str, fold_ids: Sequence[int]
+) -> Score:
     """``metric`` of ``structure``: mean over the cases where defined, per-fold means and their SD."""
     values = {c: _value(m.get(structure), metric) for c, m in per_case.items()}
     defined = [v for v in values.values() if v is not None]
     fold_means = []
-    for k in range(num_folds):
+    for k in fold_ids:
         vs = [v for c, v in values.items() if v is not None and fold_of.get(c) == k]
         fold_means.append(float(np.mean(vs)) if vs else None)
     present = [v for v in fold_means if v is not None]
@@ -537,8 +569,13 @@ def markdown(result: Comparison) -> str:
     lines = [
         "# autoseg compare",
         "",
-        f"{len(result.rows)} trained configuration(s), {len(complete)} with all {result.num_folds} folds "
-        "validated; best: "
+        f"{len(result.rows)} trained configuration(s), {len(complete)} with all {result.num_folds} "
+        + (
+            f"compared folds ({', '.join(map(str, result.fold_ids))} of {result.total_folds}) "
+            if result.fold_ids and len(result.fold_ids) < result.total_folds
+            else "folds "
+        )
+        + "validated; best: "
         + (
             f"**{best.name}** (mean Dice {best.mean_dice:.4f})"
             if best

@@ -257,3 +257,25 @@ def test_cli_refuses_a_broken_validation_summary_in_one_line(work, tmp_path, cap
     broken.write_text("{not json")
     line = _error_line(main(["compare", str(copy.root)]), capfd.readouterr().err)
     assert str(broken) in line
+
+
+def test_folds_compares_on_those_folds_only_and_writes_beside_the_full_comparison(work, capfd):
+    """--folds 1,0: only folds 0 and 1 count, so FCN-8s (fold 2 not validated) is complete and tested; the
+    cases and fold means are those of the two folds; the files go to compare/folds_0_1/."""
+    sub = compare(work, folds=[1, 0])
+    assert sub.fold_ids == (0, 1) and sub.num_folds == 2 and sub.total_folds == 3
+    unet = sub.row("3d_fullres")
+    assert unet.scores["liver"]["dice"].mean == pytest.approx((0.90 + 0.80 + 0.85 + 0.95) / 4)
+    assert unet.scores["liver"]["dice"].fold_means == pytest.approx((0.85, 0.90))
+    assert set(unet.case_dice) == {"c0", "c1", "c2", "c3"}
+    fcn = sub.row("3d_fullres_fcn8s")  # the same per-case rows as U-Net: a tie, U-Net first in plans order
+    assert fcn.complete and fcn.mean_dice == pytest.approx(unet.mean_dice)
+    assert sub.best == "3d_fullres" and fcn.p_value == 1.0 and fcn.n_pairs == 4
+    folder = work.compare_dir / "folds_0_1"
+    assert set(sub.files.values()) == {folder / "compare.md", folder / "compare.csv", folder / "compare.png"}
+    assert "with all 2 compared folds (0, 1 of 3) validated" in (folder / "compare.md").read_text()
+    assert main(["compare", str(work.root), "--folds", "0"]) == 0
+    assert "best: 3d_fullres" in capfd.readouterr().out
+    for bad, expected in (("3", "has 3 folds, numbered 0 to 2"), ("0,x", "expected fold numbers")):
+        line = _error_line(main(["compare", str(work.root), "--folds", bad]), capfd.readouterr().err)
+        assert "--folds" in line and expected in line
