@@ -407,6 +407,14 @@ _PredictBackend = Annotated[
         "'autoseg\\[onnx]' or 'autoseg\\[openvino]')",
     ),
 ]
+_PredictExportCache = Annotated[
+    str,
+    typer.Option(
+        "--export-cache",
+        help="Folder keeping the networks --backend onnxruntime/openvino exports, so later runs skip the "
+        'export; "" exports every time',
+    ),
+]
 _PredictNoHeapReuse = Annotated[
     bool,
     typer.Option(
@@ -446,6 +454,12 @@ _PredictChannel = Annotated[
 ]
 
 
+def _case_progress(bar, what: str):
+    """A ``progress(case, done, total)`` callback that moves one new task of ``bar`` named ``what``."""
+    task = bar.add_task(what, total=None, info="")
+    return lambda case, done, total: bar.update(task, completed=done, total=total, info=case)
+
+
 @app.command()
 def predict(
     paths: _PredictPaths,
@@ -465,6 +479,7 @@ def predict(
     compile_: _PredictCompile = INFER.compile,
     precision: _PredictPrecision = INFER.precision,
     backend: _PredictBackend = INFER.backend,
+    export_cache: _PredictExportCache = INFER.export_cache,
     no_heap_reuse: _PredictNoHeapReuse = False,
     no_calibration: _PredictNoCalibration = False,
     output_format: _PredictOutputFormat = None,
@@ -479,6 +494,7 @@ def predict(
         compile=compile_,
         precision=precision,
         backend=backend,
+        export_cache=export_cache,
         reuse_heap=False if no_heap_reuse else None,
         fix_nonfinite=True if fix_nonfinite else None,
         save_uncertainty=True if save_uncertainty else None,
@@ -487,7 +503,6 @@ def predict(
         unetpp_prune_depth=prune_depth,
     )
     with _progress() as bar:
-        task = bar.add_task("predict", total=None, info="")
         written = api.predict_paths(
             paths,
             model=model,
@@ -502,7 +517,7 @@ def predict(
             overwrite=overwrite,
             save_probabilities=save_probabilities,
             postprocessing=not no_postprocessing,
-            progress=lambda case, done, total: bar.update(task, completed=done, total=total, info=case),
+            progress=_case_progress(bar, "predict"),
             announce=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True),
         )
     out.print(f"{len(written)} prediction(s) written to {paths[-1]}")

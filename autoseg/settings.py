@@ -333,6 +333,10 @@ class InferenceSettings:
     "openvino": each fold's network exported to ONNX once and run by that engine on the CPU in float32 (the
     optional extras ``autoseg[onnx]``, ``autoseg[openvino]``; ``compile`` and ``precision`` do not apply).
     See docs/inference.md."""
+    export_cache: str = "~/.cache/autoseg/onnx"
+    """Folder where ``onnxruntime`` / ``openvino`` keep each exported network, keyed by its weights, topology,
+    tile shape and torch version, so a later predict with the same fold skips the export; "" exports to a
+    temporary folder every time (docs/inference.md)."""
 
     def tiles_per_pass(self, device_type: str) -> int:
         """``tile_batch``, or when it is 0: two tiles per forward pass on CUDA, one elsewhere."""

@@ -300,18 +300,26 @@ def test_predict_with_an_onnx_engine_writes_the_torch_labels(
     trained, one_case, tmp_path, capfd, config, engine
 ):
     """``predict --backend`` end to end (the fold's network exported at the tile batch, mirrored tiles, a 2D
-    network's slices): the same label file as torch, and nothing written into WORK or beside the inputs."""
+    network's slices): the same label file as torch, and nothing written into WORK or beside the inputs; a
+    second run loads the export from the cache folder and writes the same labels."""
     pytest.importorskip(engine)
     pytest.importorskip("onnx")
     before = sorted(p.relative_to(trained.root) for p in trained.root.rglob("*"))
     inputs = sorted(one_case.iterdir())
     outs = {}
-    for backend in ("torch", engine):
+    cache = tmp_path / "export_cache"
+    for backend in ("torch", engine, "again"):
         out = tmp_path / backend
         args = ["predict", str(trained.root), str(one_case), str(out), "-c", config, "--device", "cpu"]
-        assert main([*args, "--backend", backend, "--mirror-axes", "0,1"]) == 0
+        used = engine if backend == "again" else backend
+        assert main([*args, "--backend", used, "--mirror-axes", "0,1", "--export-cache", str(cache)]) == 0
         (outs[backend],) = sorted(out.glob("*.nii.gz"))
-        assert (f"loaded in {engine}" in capfd.readouterr().err) == (backend == engine)  # it ran the engine
+        err = capfd.readouterr().err
+        assert (f"loaded in {engine}" in err) == (backend != "torch")  # it ran the engine
+        # the second engine run takes the fold's network from the export cache instead of exporting it
+        assert ("taken from the export cache" in err) == (backend == "again")
+    assert len(list(cache.glob("*.onnx"))) == 1 and not list(cache.glob("*.tmp"))
+    assert (_labels(outs["again"]) == _labels(outs[engine])).all()
     ref, got = _labels(outs["torch"]), _labels(outs[engine])
     assert (ref > 0).any()  # trained enough to segment something
     assert (ref == got).mean() >= 0.995

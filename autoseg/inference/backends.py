@@ -6,15 +6,18 @@ instead of torch. The network is exported once per fold, when the predictor load
 the sliding window uses (``(tile_batch, C, *patch)``: a fixed shape lets every network export, also those
 whose graph bakes in the batch size, such as swin_unetr, and lets the engine plan its memory once). A
 smaller last batch is topped up with repeats of its last tile and cut back. Only the full-resolution output
-is exported (deep supervision is off in eval mode). The model is written to a temporary folder of the
-operating system, loaded by the engine and deleted at once: nothing is written beside the user's inputs or
-into WORK. Both engines are optional extras (``pip install 'autoseg[onnx]'`` or ``'autoseg[openvino]'``);
+is exported (deep supervision is off in eval mode). The model is kept in an export cache folder
+(``InferenceSettings.export_cache``, by default ``~/.cache/autoseg/onnx``) under a key made of everything
+that shapes the graph (:func:`export_key`), so a later run with the same fold loads it without exporting;
+with no cache folder it is written to a temporary folder and deleted once loaded. Nothing is written beside
+the user's inputs or into WORK. Both engines are optional extras (``pip install 'autoseg[onnx]'`` or ``'autoseg[openvino]'``);
 the ``torch`` backend needs nothing more.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import logging
 import os
@@ -122,17 +125,30 @@ class OnnxRunner:
     is_compiled = False
 
     def __init__(
-        self, network: torch.nn.Module, tile_shape: tuple[int, ...], threads: int, engine: str = "onnxruntime"
+        self,
+        network: torch.nn.Module,
+        tile_shape: tuple[int, ...],
+        threads: int,
+        engine: str = "onnxruntime",
+        cache: Path | None = None,
+        description: str = "",
     ):
         self.tile_shape = tuple(int(s) for s in tile_shape)
         threads = max(1, int(threads))
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="autoseg-onnx-") as folder:
-            path = Path(folder) / "network.onnx"
-            write_onnx(network.eval(), torch.zeros(self.tile_shape), path, dynamic_batch=False)
-            self._run = _ENGINES[engine](path, threads)
+        self.cached = False
+        if cache is not None:
+            self._run, self.cached = _cached_engine(
+                network, self.tile_shape, threads, engine, cache, description
+            )
+        else:
+            with tempfile.TemporaryDirectory(prefix="autoseg-onnx-") as folder:
+                path = Path(folder) / "network.onnx"
+                write_onnx(network.eval(), torch.zeros(self.tile_shape), path, dynamic_batch=False)
+                self._run = _ENGINES[engine](path, threads)
         _log.info(
-            "network exported to ONNX for a %s tile batch and loaded in %s (%d thread(s), %.0f s)",
+            "network %s for a %s tile batch and loaded in %s (%d thread(s), %.1f s)",
+            "taken from the export cache" if self.cached else "exported to ONNX",
             "x".join(map(str, self.tile_shape)),
             engine,
             threads,
@@ -150,6 +166,64 @@ class OnnxRunner:
             x = torch.cat([x, x[-1:].expand(self.tile_shape[0] - n, *x.shape[1:])])
         logits = self._run(x.detach().to("cpu", torch.float32).contiguous().numpy())
         return torch.from_numpy(np.ascontiguousarray(logits[:n], dtype=np.float32))
+
+
+EXPORT_CACHE_FILES = 40
+"""The export cache keeps this many models, the most recently used (each is about the size of its weights)."""
+
+
+def export_key(network: torch.nn.Module, tile_shape: tuple[int, ...], description: str = "") -> str:
+    """What the exported graph depends on, hashed: the network's class, every parameter and buffer (name,
+    dtype, shape, bytes), the tile shape, ``description`` (the caller's topology, for what holds no weight,
+    such as strides or a window size) and the torch and exporter versions. 32 hex digits."""
+    h = hashlib.sha256()
+    kind = type(network)
+    h.update(
+        repr((kind.__module__, kind.__qualname__, tuple(tile_shape), description, torch.__version__)).encode()
+    )
+    for name, tensor in network.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _cached_engine(network, tile_shape, threads: int, engine: str, cache: Path, description: str):
+    """``(run, taken from the cache)``: the engine on ``cache/<export_key>.onnx``, exported there first (to a
+    temporary name, then renamed) when missing. A cached file the engine cannot load is exported again; a
+    cache folder that cannot be written falls back to a temporary export, with a warning."""
+    path = Path(cache).expanduser() / f"{export_key(network, tile_shape, description)}.onnx"
+    if path.is_file():
+        try:
+            run = _ENGINES[engine](path, threads)
+            os.utime(path)  # most recently used
+            return run, True
+        except Exception as exc:  # a truncated or foreign file: export it again
+            _log.warning("%s: cached ONNX model not loadable (%s); exporting again", path, type(exc).__name__)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as fh:
+            tmp = Path(fh.name)
+    except OSError as exc:
+        _log.warning("%s: export cache not writable (%s); exporting to a temporary folder", path.parent, exc)
+        with tempfile.TemporaryDirectory(prefix="autoseg-onnx-") as folder:
+            tmp = Path(folder) / "network.onnx"
+            write_onnx(network.eval(), torch.zeros(tile_shape), tmp, dynamic_batch=False)
+            return _ENGINES[engine](tmp, threads), False
+    try:
+        write_onnx(network.eval(), torch.zeros(tile_shape), tmp, dynamic_batch=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _prune(path.parent)
+    return _ENGINES[engine](path, threads), False
+
+
+def _prune(folder: Path, keep: int = EXPORT_CACHE_FILES) -> None:
+    """Delete all but the ``keep`` most recently used ``*.onnx`` files of ``folder``."""
+    files = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def _onnxruntime(path: Path, threads: int):

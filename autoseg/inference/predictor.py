@@ -7,6 +7,7 @@ reading, inference and writing in overlapping stages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -154,7 +155,9 @@ class Predictor:
             _log.info("--backend %s runs in float32 (not %s)", settings.backend, str(dtype).split(".")[-1])
         tiles = settings.tiles_per_pass(device.type)
         tile = (tiles, self.in_channels, *self.config.patch_size)
-        return OnnxRunner(network, tile, torch.get_num_threads(), settings.backend)
+        cache = Path(settings.export_cache) if settings.export_cache else None
+        description = json.dumps(dataclasses.asdict(self.config.network), sort_keys=True, default=str)
+        return OnnxRunner(network, tile, torch.get_num_threads(), settings.backend, cache, description)
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:

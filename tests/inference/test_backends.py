@@ -4,6 +4,7 @@ each engine, and its agreement with the torch path on a real case (labels >= 99.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -186,3 +187,43 @@ def test_every_architecture_exports_at_its_tile_batch_and_agrees(arch):
     runner = OnnxRunner(net, (2, 2, 32, 32, 32), threads=1)
     torch.testing.assert_close(runner(x), ref, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(runner(x[1:]), ref[1:], rtol=1e-3, atol=1e-4)
+
+
+def test_the_export_cache_reuses_a_fold_export_and_recovers_from_a_broken_file(tmp_path, caplog):
+    """cache=FOLDER: the first runner exports into it, a second one with the same network and tile loads the
+    file without exporting; other weights or another tile shape are another key; a truncated cached file is
+    exported again (one warning); only the most recently used files are kept."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from autoseg.inference import backends
+    from autoseg.inference.backends import OnnxRunner, export_key
+
+    net = _DeepSupervised().eval()
+    tile = (1, 2, 8, 12, 16)
+    x = torch.randn(*tile)
+    first = OnnxRunner(net, tile, threads=1, cache=tmp_path, description="topology A")
+    assert not first.cached
+    (cached,) = tmp_path.glob("*.onnx")
+    assert cached.name == f"{export_key(net, tile, 'topology A')}.onnx"
+    second = OnnxRunner(net, tile, threads=1, cache=tmp_path, description="topology A")
+    assert second.cached
+    torch.testing.assert_close(second(x), first(x))
+    other = _DeepSupervised().eval()
+    with torch.no_grad():
+        other.body[0].weight.add_(0.01)
+    keys = {
+        export_key(other, tile, "topology A"),
+        export_key(net, (2, *tile[1:]), "topology A"),
+        export_key(net, tile, "topology B"),
+    }
+    assert len(keys | {export_key(net, tile, "topology A")}) == 4
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING", logger="autoseg"):
+        third = OnnxRunner(net, tile, threads=1, cache=tmp_path, description="topology A")
+    assert not third.cached and "not loadable" in caplog.text
+    torch.testing.assert_close(third(x), first(x))
+    for k in range(3):  # older files beyond the limit are deleted, the newest kept
+        (tmp_path / f"old{k}.onnx").write_bytes(b"x")
+        os.utime(tmp_path / f"old{k}.onnx", (k, k))
+    backends._prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted([cached.name, "old2.onnx"])
