@@ -1069,6 +1069,13 @@ def parse_fold_list(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def calibration_line(calibration: dict) -> str:
+    """``find-best``'s one line about the calibration it kept (:func:`autoseg.selection.calibration_line`)."""
+    from autoseg.selection import calibration_line as _line
+
+    return _line(calibration)
+
+
 def compare_tables(result) -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
     """``(title, columns, rows)`` of the tables ``autoseg compare`` prints for ``result`` (:func:`compare`)."""
     from autoseg.compare import terminal_tables

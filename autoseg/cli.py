@@ -691,6 +691,7 @@ def find_best(
         + f" → {_num(result['mean_dice_postprocessed'])}",
         soft_wrap=True,
     )
+    out.print(api.calibration_line(result["calibration"]), soft_wrap=True)
     out.print(f"predict with: {result['predict']}", soft_wrap=True)
 
 

@@ -244,6 +244,47 @@ def check_calibration(calibration) -> dict:
     return dict(calibration)
 
 
+def calibration_line(calibration: dict) -> str:
+    """One line for find-best's output: the calibration kept, and mean ECE over the structures before and
+    after (held-out cases where there were some), or why there is none."""
+    if not calibration:
+        return "calibration: none (no validation probabilities)"
+    kept = calibration.get("kept", "temperature")
+    held = calibration.get("ece_held_out") is not None
+    where = "held-out cases" if held else "the fitted cases"
+    key = "ece_held_out" if held else "ece_after"
+
+    def mean(ece) -> str:
+        values = [v for v in (ece or {}).values() if v is not None]
+        return f"{sum(values) / len(values):.3f}" if values else "n/a"
+
+    before = mean(calibration.get("ece_before"))
+    cands = calibration.get("candidates", {})
+    if kept == "identity":
+        others = ", ".join(f"{c} {mean(cands[c].get(key))}" for c in ("temperature", "zones") if c in cands)
+        return (
+            f"calibration: none kept: every fit raised ECE on a structure on {where} (ECE {before}; {others})"
+        )
+    if kept == "zones":
+        z = calibration["zones"]["temperature"]
+
+        def zone_text(temps: dict) -> str:
+            return "/".join(f"{float(t):.3g}" for t in temps.values())
+
+        per_region = all(isinstance(v, dict) for v in z.values())
+        what = "zone temperatures (far/outer/inner/inside) " + (
+            ", ".join(f"{k} {zone_text(v)}" for k, v in z.items()) if per_region else zone_text(z)
+        )
+    else:
+        t = calibration["temperature"]
+        what = "temperature " + (
+            ", ".join(f"{k} {float(v):.3g}" for k, v in t.items())
+            if isinstance(t, dict)
+            else f"{float(t):.3g}"
+        )
+    return f"calibration: {what}; mean ECE {before} -> {mean(calibration.get(key))} on {where}"
+
+
 def load_instructions(work: WorkDir) -> InferenceInstructions:
     """Read ``WORK/inference_instructions.json``; :class:`PlansError` naming the file if missing or invalid."""
     path = instructions_path(work)

@@ -38,8 +38,12 @@ def work(tmp_path) -> WorkDir:
     return _make_work(tmp_path / "work", {"2d": ALL, "3d_fullres": ALL})
 
 
+def out_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()]
+
+
 def test_find_best_writes_the_calibration(work, capfd):
-    code, _, err = _run(capfd, "find-best", work.root, "-c", "3d_fullres", "-j", "1")
+    code, capfd_out, err = _run(capfd, "find-best", work.root, "-c", "3d_fullres", "-j", "1")
     assert code == 0, err
     written = read_json(work.inference_instructions)
     cal = written["calibration"]
@@ -54,6 +58,39 @@ def test_find_best_writes_the_calibration(work, capfd):
         assert cal["ece_after"][name] <= cal["ece_before"][name] + 1e-9
     assert cal["voxels"] > 0 and "NLL" in cal["method"]
     assert load_instructions(work).calibration == cal
+    # find-best says in one line what it kept, and the mean ECE before and after on held-out cases
+    assert cal["chosen_on"] == "held-out cases"
+    line = next(x for x in out_lines(capfd_out) if x.startswith("calibration: "))
+    before = np.mean(list(cal["ece_before"].values()))
+    if cal["kept"] == "identity":
+        assert line.startswith("calibration: none kept: every fit raised ECE") and f"ECE {before:.3f}" in line
+    else:
+        after = np.mean(list(cal["ece_held_out"].values()))
+        assert f"mean ECE {before:.3f} -> {after:.3f} on held-out cases" in line
+
+
+def test_the_calibration_line_by_hand():
+    from autoseg.selection import calibration_line
+
+    base = {"ece_before": {"a": 0.10, "b": 0.06}, "ece_after": {"a": 0.04, "b": 0.02}}
+    held = {"ece_held_out": {"a": 0.06, "b": 0.04}}
+    assert calibration_line({}) == "calibration: none (no validation probabilities)"
+    assert calibration_line({**base, **held, "kept": "temperature", "temperature": 1.5}) == (
+        "calibration: temperature 1.5; mean ECE 0.080 -> 0.050 on held-out cases"
+    )
+    zones = {"band": 3, "temperature": {"far": 0.5, "outer": 2, "inner": 3, "inside": 1}}
+    assert calibration_line({**base, "kept": "zones", "zones": zones, "ece_held_out": None}) == (
+        "calibration: zone temperatures (far/outer/inner/inside) 0.5/2/3/1; mean ECE 0.080 -> 0.030 on the "
+        "fitted cases"
+    )
+    cands = {
+        "temperature": {"ece_held_out": {"a": 0.2, "b": 0.0}},
+        "zones": {"ece_held_out": {"a": 0.1, "b": 0.3}},
+    }
+    assert calibration_line({**base, **held, "kept": "identity", "candidates": cands}) == (
+        "calibration: none kept: every fit raised ECE on a structure on held-out cases (ECE 0.080; "
+        "temperature 0.100, zones 0.200)"
+    )
 
 
 def test_find_best_fits_the_temperature_that_the_probabilities_need(work):
