@@ -143,6 +143,9 @@ class CalibrationCard:
     ece_after: dict[str, float] = field(default_factory=dict)
     voxels: int | None = None
     kept: str | None = None  # "identity", "temperature" or "zones" (cards before zones: None)
+    ece_held_out: dict[str, float] | None = (
+        None  # the kept calibration on held-out cases (None: not measured)
+    )
     zones: dict[str, float] | dict[str, dict[str, float]] | None = None  # zone temperatures, when kept
 
 
@@ -476,6 +479,11 @@ def calibration(instructions: dict | None) -> CalibrationCard:
         temperature=temperature,
         ece_before={str(k): float(v) for k, v in cal.get("ece_before", {}).items()},
         ece_after={str(k): float(v) for k, v in cal.get("ece_after", {}).items()},
+        ece_held_out=(
+            {str(k): float(v) for k, v in cal["ece_held_out"].items() if v is not None}
+            if isinstance(cal.get("ece_held_out"), dict)
+            else None
+        ),
         voxels=int(cal["voxels"]) if cal.get("voxels") is not None else None,
         kept=str(cal["kept"]) if cal.get("kept") is not None else None,
         zones=cal["zones"]["temperature"] if isinstance(cal.get("zones"), dict) else None,
@@ -801,9 +809,21 @@ def _md_calibration(card: ModelCard) -> list[str]:
     out = [f"- Method: {c.method}", what]
     if c.voxels is not None:
         out.append(f"- Fitted on {c.voxels:,} validation voxels")
-    out += ["", "| structure | ECE before | ECE after |", "|---|---|---|"]
+    if c.ece_held_out is None:
+        out += ["", "| structure | ECE before | ECE after |", "|---|---|---|"]
+        for k in dict.fromkeys([*c.ece_before, *c.ece_after]):
+            out.append(f"| {k} | {_num(c.ece_before.get(k), 4)} | {_num(c.ece_after.get(k), 4)} |")
+        return out
+    out += [
+        "",
+        "| structure | ECE before | ECE after (fitted cases) | ECE after (held-out cases) |",
+        "|---|---|---|---|",
+    ]
     for k in dict.fromkeys([*c.ece_before, *c.ece_after]):
-        out.append(f"| {k} | {_num(c.ece_before.get(k), 4)} | {_num(c.ece_after.get(k), 4)} |")
+        out.append(
+            f"| {k} | {_num(c.ece_before.get(k), 4)} | {_num(c.ece_after.get(k), 4)} | "
+            f"{_num(c.ece_held_out.get(k), 4)} |"
+        )
     return out
 
 

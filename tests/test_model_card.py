@@ -55,6 +55,7 @@ CALIBRATION = {
     "method": "temperature scaling (NLL)",
     "kept": "zones",
     "zones": {"band": 3, "temperature": {"far": 0.9, "outer": 2.5, "inner": 3.25, "inside": 1.5}},
+    "ece_held_out": {"organ": 0.02, "lesion": 0.031},
 }
 
 
@@ -149,6 +150,7 @@ def test_card_lists_the_fold_validation_numbers(hand_work, tmp_path):
         "voxels": None,
         "kept": None,
         "zones": None,
+        "ece_held_out": None,
     }
     assert card["benchmark"]["measured"] is False and "--no-benchmark" in card["benchmark"]["note"]
     # the rest comes from the WORK as well
@@ -240,6 +242,7 @@ def test_markdown_has_every_section_and_the_numbers(hand_work, tmp_path):
     assert f"| organ | {np.mean(inner):.4f} ± {np.std(inner):.4f} (n 3) |" in md
     assert "| organ | 0.0810 | 0.0120 |" in md  # ECE before / after
     assert "- Zone temperatures (far/outer/inner/inside): 0.9/2.5/3.25/1.5" in md
+    assert "| organ | 0.0810 | 0.0120 | 0.0200 |" in md  # before, fitted cases, held-out cases
     # generated: the Markdown is the renderer's output for the card in the bundle
     assert md == render_markdown(read_card_from(bundle, tmp_path))
 
