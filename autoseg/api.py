@@ -25,7 +25,7 @@ from autoseg.io.dataset import check_training_labels, discover_cases, discover_i
 from autoseg.jsonio import DiskFullError, read_json, write_json
 from autoseg.layout import MAX_FOLDS, WorkDir, fold_names, fold_range
 from autoseg.loss_spec import LossSpecError, check_for_plans, parse_loss
-from autoseg.planning.budget import BudgetRequest
+from autoseg.planning.budget import MIN_STEPS, BudgetRequest
 from autoseg.planning.device import DeviceTimer, device_available
 from autoseg.planning.device import default_cache as default_step_cache
 from autoseg.planning.planner import make_plans
@@ -70,11 +70,13 @@ def plan(
     fix_nonfinite: bool = False,
     time_budget: float | None = None,
     step_cache: str | Path | None = None,
+    min_steps: int | None = None,
 ) -> Plans:
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
     With ``time_budget`` (minutes of training), also ``3d_budget``, sized for it on ``device`` (default: the
-    best here), timed there and cached in ``step_cache`` (``planning.device``). Nothing is written inside
+    best here), timed there and cached in ``step_cache`` (``planning.device``), so that it buys ``min_steps``
+    optimisation steps (default :data:`autoseg.planning.budget.MIN_STEPS`; fewer buys a finer spacing). Nothing is written inside
     ``dataset_dir``. The fingerprint is reused when the dataset has not changed (same files, sizes, mtimes)
     unless ``clean``; preprocessing resumes where it stopped. ``architecture`` (a name of :func:`architectures`;
     several: a tuple or ``"unet,unetpp"``, a configuration per resolution and architecture,
@@ -83,7 +85,7 @@ def plan(
     """
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
     architecture = parse_architectures(architecture)
-    timing = _budget_options(time_budget, device, step_cache)
+    timing = _budget_options(time_budget, device, step_cache, min_steps)
     if timing is not None and device == "cuda" and not timing.present:
         device = None  # planned for a GPU that is not here: its memory budget is the default one
     _check_plan_options(gpu_memory_gb, device, resample_device, workers)
@@ -242,18 +244,24 @@ class _BudgetTiming:
     device: str
     cache: Path
     present: bool
+    min_steps: int = MIN_STEPS
 
     def request(self, spec) -> BudgetRequest:
         outputs = len(spec.regions) if spec.region_based else spec.num_classes
         timer = DeviceTimer(self.device, spec.num_channels, outputs, spec.region_based, self.cache)
-        return BudgetRequest(self.minutes, self.device, timer)
+        return BudgetRequest(self.minutes, self.device, timer, self.min_steps)
 
 
-def _budget_options(minutes, device, cache) -> _BudgetTiming | None:
+def _budget_options(minutes, device, cache, min_steps=None) -> _BudgetTiming | None:
     if minutes is None:
-        if cache is not None:
-            raise AutosegError("--step-cache is only used with --time-budget")
+        for option, value in (("--step-cache", cache), ("--min-steps", min_steps)):
+            if value is not None:
+                raise AutosegError(f"{option} is only used with --time-budget")
         return None
+    if min_steps is not None and (
+        isinstance(min_steps, bool) or not isinstance(min_steps, int) or not 10 <= min_steps <= 1_000_000
+    ):
+        raise AutosegError(f"--min-steps {min_steps!r}: must be a whole number of steps from 10 to 1000000")
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= 1e6:
         raise AutosegError(f"--time-budget {minutes!r}: must be a number of minutes in (0, 1e6]")
     if device in (None, "auto"):
@@ -261,7 +269,8 @@ def _budget_options(minutes, device, cache) -> _BudgetTiming | None:
     if device not in ("cpu", "cuda", "mps"):
         raise AutosegError(f"--device {device}: use cpu, cuda, mps or auto")
     cache = Path(cache) if cache is not None else default_step_cache()
-    return _BudgetTiming(float(minutes), device, cache, device_available(device))
+    steps = MIN_STEPS if min_steps is None else min_steps
+    return _BudgetTiming(float(minutes), device, cache, device_available(device), steps)
 
 
 def _cached_fingerprint(work: WorkDir, cases, spec) -> Fingerprint | None:

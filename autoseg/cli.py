@@ -95,6 +95,14 @@ _PlanStepCache = Annotated[
         "--step-cache", help="JSON file of timed training steps (default ~/.cache/autoseg/step_times.json)"
     ),
 ]
+_PlanMinSteps = Annotated[
+    int | None,
+    typer.Option(
+        "--min-steps",
+        help="with --time-budget: optimisation steps the budget must buy (default 400; fewer buys a finer "
+        "spacing, see docs/planning.md)",
+    ),
+]
 _PlanResampleDevice = Annotated[
     str | None,
     typer.Option("--resample-device", help="cpu or cuda: resample with torch (faster) instead of scipy"),
@@ -130,6 +138,7 @@ def plan(
     fix_nonfinite: _PlanFixNonfinite = False,
     time_budget: _PlanTimeBudget = None,
     step_cache: _PlanStepCache = None,
+    min_steps: _PlanMinSteps = None,
 ) -> None:
     """Fingerprint the dataset, write plans.json and preprocess every case."""
     with _progress() as bar:
@@ -146,6 +155,7 @@ def plan(
             fix_nonfinite=fix_nonfinite,
             time_budget=time_budget,
             step_cache=step_cache,
+            min_steps=min_steps,
         )
     table = Table(
         title=f"plans for {plans.dataset_name or dataset_dir.name} ({plans.gpu_memory_gb:g} GB budget)"

@@ -75,11 +75,13 @@ class BudgetRequest:
     minutes: float
     device: str
     timer: StepTimer
+    min_steps: int = MIN_STEPS
+    """Optimisation steps the budget must buy (``plan --min-steps``; default :data:`MIN_STEPS`)."""
 
     @property
     def seconds_per_step(self) -> float:
-        """The longest training step that still buys :data:`MIN_STEPS` steps within the budget."""
-        return self.minutes * 60 * (1 - OVERHEAD) / MIN_STEPS
+        """The longest training step that still buys ``min_steps`` steps within the budget."""
+        return self.minutes * 60 * (1 - OVERHEAD) / self.min_steps
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,11 @@ def plan_budget(
             return _with_budget(config, request, step)
     if step.how == "estimated":  # the smallest budget that would do is named from a timed step
         step = request.timer(config, math.inf)
-    need = math.ceil(step.seconds * MIN_STEPS / (1 - OVERHEAD) / 60)
+    need = math.ceil(step.seconds * request.min_steps / (1 - OVERHEAD) / 60)
     raise AutosegError(
         f"--time-budget {request.minutes:g}: too short for any sensible network on {request.device}: the "
         f"cheapest plan ({rung.describe()}, patch {'x'.join(map(str, config.patch_size))}) takes "
-        f"{step.seconds:.3g} s per training step, and {MIN_STEPS} steps need at least {need} minutes"
+        f"{step.seconds:.3g} s per training step, and {request.min_steps} steps need at least {need} minutes"
     )
 
 
@@ -179,7 +181,7 @@ def _with_budget(config: Configuration, request: BudgetRequest, step: StepTime) 
 def _reason(request, rung, config, step, why, tried) -> str:
     return (
         f"3d_budget: {request.minutes:g} min on {request.device}, so a training step may take at most "
-        f"{request.seconds_per_step:.3g} s ({MIN_STEPS} steps in {1 - OVERHEAD:.0%} of the budget); {why}; "
+        f"{request.seconds_per_step:.3g} s ({request.min_steps} steps in {1 - OVERHEAD:.0%} of the budget); {why}; "
         f"tried in order: {'; '.join(tried)}. Chosen: {rung.describe()}, spacing "
         f"{'x'.join(f'{s:.3g}' for s in config.spacing)} mm, patch {'x'.join(map(str, config.patch_size))}, "
         f"batch {config.batch_size}: about {int(request.minutes * 60 * (1 - OVERHEAD) / step.seconds)} steps"

@@ -22,7 +22,14 @@ from autoseg.planning.plans import Plans
 def _fingerprint(spacing, shape, thickness_mm, n=3) -> Fingerprint:
     cases = [
         CaseFingerprint(
-            f"c{i}", tuple(map(float, spacing)), tuple(shape), tuple(shape), 1.0, {"a": 1000}, {"a": 1}, "RAS",
+            f"c{i}",
+            tuple(map(float, spacing)),
+            tuple(shape),
+            tuple(shape),
+            1.0,
+            {"a": 1000},
+            {"a": 1},
+            "RAS",
             {"a": thickness_mm},
         )  # fmt: skip
         for i in range(n)
@@ -92,6 +99,35 @@ def test_isotropic_slow_device_narrows_then_coarsens_until_a_step_fits():
     assert config.budget.planned_steps == 512 and config.budget.iters_per_epoch == 20
 
 
+def test_fewer_minimum_steps_buy_a_finer_spacing():
+    # The slow device above with min_steps 250: a step may take 540 / 250 = 2.16 s, so the 1.25 mm rung
+    # (1.675 s) fits, where 400 steps (1.35 s) needed 1.5 mm; the reason says which minimum was asked for.
+    fp = _fingerprint((1, 1, 1), (64, 64, 64), thickness_mm=8.0)
+    log: list = []
+    request = BudgetRequest(10, "cpu", proxy_timer(10.0, 64**3, log), min_steps=250)
+    assert request.seconds_per_step == pytest.approx(2.16)
+    plans = make_plans(_spec(), fp, budget=request)
+    config = plans.configurations["3d_budget"]
+    assert config.spacing == [1.25, 1.25, 1.25] and config.patch_size == [56, 56, 56]
+    assert config.budget.planned_steps == int(540 / (10 * 0.25 * 56**3 / 64**3)) == 322
+    assert any("250 steps in 90% of the budget" in r for r in plans.reasons)
+
+
+def test_min_steps_is_checked_and_needs_a_time_budget(phantom_dataset, tmp_path, capfd):
+    from tests.test_bad_input import _error_line, _run
+
+    for args, expected in (
+        (["--min-steps", "250"], "--min-steps is only used with --time-budget"),
+        (
+            ["--time-budget", "2", "--min-steps", "5"],
+            "--min-steps 5: must be a whole number of steps from 10",
+        ),
+    ):
+        code, _, err = _run(capfd, "plan", phantom_dataset, "--workdir", tmp_path / "w", *args)
+        assert expected in _error_line(code, err)
+    assert not (tmp_path / "w").exists()
+
+
 def test_anisotropic_data_coarsens_only_the_fine_axes_and_stops_at_the_thinnest_structure():
     # 5 x 1 x 1 mm (the coarse axis first), 20 x 128 x 128 voxels, thinnest structure 3 mm: the in-plane spacing
     # may reach 3/2 = 1.5 mm, so the ladder stops at 1.5x (no 2x rung), and the 5 mm axis is never touched.
@@ -137,7 +173,9 @@ def test_budget_plans_round_trip_and_standard_configurations_carry_no_budget(tmp
     raw = json.loads((tmp_path / "plans.json").read_text())
     assert "budget" not in raw["configurations"]["3d_fullres"]
     assert raw["configurations"]["3d_budget"]["budget"]["planned_steps"] == 512
-    assert Plans.load(tmp_path / "plans.json").configurations["3d_budget"] == plans.configurations["3d_budget"]
+    assert (
+        Plans.load(tmp_path / "plans.json").configurations["3d_budget"] == plans.configurations["3d_budget"]
+    )
     raw["configurations"]["3d_budget"]["budget"]["device"] = "tpu"
     (tmp_path / "plans.json").write_text(json.dumps(raw))
     with pytest.raises(AutosegError, match="budget device 'tpu' must be cpu, cuda or mps"):
