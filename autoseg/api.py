@@ -75,14 +75,12 @@ def plan(
     """Validate the dataset, fingerprint it, write plans and preprocess every case into ``workdir``.
 
     With ``time_budget`` (minutes of training), also ``3d_budget``, sized for it on ``device`` (default: the
-    best here), timed there and cached in ``step_cache`` (``planning.device``), so that it buys ``min_steps``
-    optimisation steps (default :data:`autoseg.planning.budget.MIN_STEPS`; fewer buys a finer spacing). Nothing is written inside
-    ``dataset_dir``. The fingerprint is reused when the dataset has not changed (same files, sizes, mtimes)
-    unless ``clean``; preprocessing resumes where it stopped. ``architecture`` (a name of :func:`architectures`;
-    several: a tuple or ``"unet,unetpp"``, a configuration per resolution and architecture,
-    :func:`autoseg.planning.planner.configuration_suffix`) is what each is sized for. NaN/Inf intensities are
-    an error naming the file, unless ``fix_nonfinite`` (then the finite min/max, warned).
-    """
+    best here) to buy ``min_steps`` steps (default ``budget.MIN_STEPS``), timed there, cached in ``step_cache``.
+    Nothing is written inside ``dataset_dir``. The fingerprint is reused when the dataset has not changed (same
+    files, sizes, mtimes) unless ``clean``; preprocessing resumes where it stopped. ``architecture`` (a name of
+    :func:`architectures`; several: a tuple or ``"unet,unetpp"``, a configuration per resolution and
+    architecture, :func:`autoseg.planning.planner.configuration_suffix`) is what each is sized for. NaN/Inf
+    intensities are an error naming the file, unless ``fix_nonfinite`` (then the finite min/max, warned)."""
     dataset_dir, work = Path(dataset_dir), WorkDir(Path(workdir))
     architecture = parse_architectures(architecture)
     timing = _budget_options(time_budget, device, step_cache, min_steps)
