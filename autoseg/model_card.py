@@ -53,6 +53,7 @@ import numpy as np
 from autoseg import __version__
 from autoseg.errors import PlansError
 from autoseg.evaluation.calibration import ZONES as _ZONE_NAMES
+from autoseg.evaluation.calibration import describe_zones
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
 
@@ -217,23 +218,12 @@ def _calibration_text(c: CalibrationCard) -> str:
     if c.kept == "identity":
         return "calibrated (identity: no fit lowered ECE on every structure)"
     if c.zones is not None:
-        return f"calibrated (zone T {_zone_text(c.zones)})"
+        return f"calibrated (zone T {describe_zones(c.zones)})"
     if isinstance(c.temperature, dict):
         t = ", ".join(f"{k} {v:.3g}" for k, v in c.temperature.items())
     else:
         t = _num(c.temperature, 3)
     return f"calibrated (T {t})"
-
-
-def _zone_text(zones: dict) -> str:
-    """``far/outer/inner/inside`` temperatures, per region when ``zones`` is ``{region: {zone: T}}``."""
-
-    def one(z: dict) -> str:
-        return "/".join(f"{float(v):.3g}" for v in z.values())
-
-    if all(isinstance(v, dict) for v in zones.values()):
-        return ", ".join(f"{k} {one(v)}" for k, v in zones.items())
-    return one(zones)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -801,7 +791,7 @@ def _md_calibration(card: ModelCard) -> list[str]:
             "Not calibrated: predicted probabilities are the networks' softmax/sigmoid outputs as they are."
         ]
     if c.zones is not None:
-        what = f"- Zone temperatures ({'/'.join(_ZONE_NAMES)}): {_zone_text(c.zones)}"
+        what = f"- Zone temperatures ({'/'.join(_ZONE_NAMES)}): {describe_zones(c.zones)}"
     elif c.kept == "identity":
         what = "- Kept: the identity (no fitted calibration lowered ECE on every structure)"
     else:

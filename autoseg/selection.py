@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, PlansError
-from autoseg.evaluation.calibration import RELEVANT_BAND, zone_temperatures
+from autoseg.evaluation.calibration import RELEVANT_BAND, describe_zones, zone_temperatures
 from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.evaluation.probabilities import fit_calibration
 from autoseg.inference.export import probabilities_to_labels
@@ -266,14 +266,8 @@ def calibration_line(calibration: dict) -> str:
             f"calibration: none kept: every fit raised ECE on a structure on {where} (ECE {before}; {others})"
         )
     if kept == "zones":
-        z = calibration["zones"]["temperature"]
-
-        def zone_text(temps: dict) -> str:
-            return "/".join(f"{float(t):.3g}" for t in temps.values())
-
-        per_region = all(isinstance(v, dict) for v in z.values())
-        what = "zone temperatures (far/outer/inner/inside) " + (
-            ", ".join(f"{k} {zone_text(v)}" for k, v in z.items()) if per_region else zone_text(z)
+        what = "zone temperatures (far/outer/inner/inside) " + describe_zones(
+            calibration["zones"]["temperature"]
         )
     else:
         t = calibration["temperature"]

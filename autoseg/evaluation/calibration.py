@@ -400,6 +400,18 @@ def zone_temperatures(temperatures, region_based: bool, regions: Sequence[str] =
     return [_zone_temps(temperatures[r]) for r in regions]
 
 
+def describe_zones(temperatures: Mapping) -> str:
+    """Zone temperatures as text, in the order stored (:data:`ZONES`' when find-best wrote them): ``0.5/2/3/1``,
+    or per region ``wt 0.5/2/3/1, tc ...`` for ``{region: {zone: T}}``."""
+
+    def one(temps: Mapping) -> str:
+        return "/".join(f"{float(t):.3g}" for t in temps.values())
+
+    if temperatures and all(isinstance(v, Mapping) for v in temperatures.values()):
+        return ", ".join(f"{k} {one(v)}" for k, v in temperatures.items())
+    return one(temperatures)
+
+
 def fit_temperature(
     probs: np.ndarray, labels: np.ndarray, sigmoid: bool = False, weights: np.ndarray | None = None
 ) -> float:

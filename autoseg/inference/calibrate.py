@@ -20,6 +20,7 @@ from autoseg.evaluation.calibration import (
     apply_temperature,
     apply_zone_temperatures,
     channel_temperatures,
+    describe_zones,
     zone_temperatures,
 )
 
@@ -58,17 +59,8 @@ def describe(calibration: Mapping | None) -> str:
     """One line for the predict log: the temperature(s), or why none is applied."""
     if calibration and calibration.get("zones"):
         zones = calibration["zones"]
-        t = zones["temperature"]
-
-        def one(z: Mapping) -> str:
-            return "/".join(f"{float(z[k]):.3g}" for k in ZONES)
-
-        per = (
-            ", ".join(f"{k} {one(v)}" for k, v in t.items())
-            if isinstance(t.get(ZONES[0]), Mapping)
-            else one(t)
-        )
-        return f"zone temperatures ({'/'.join(ZONES)}, band {zones.get('band', RELEVANT_BAND)} voxels) {per}"
+        band = zones.get("band", RELEVANT_BAND)
+        return f"zone temperatures ({'/'.join(ZONES)}, band {band} voxels) {describe_zones(zones['temperature'])}"
     if not calibration or "temperature" not in calibration:
         return "none"
     t = calibration["temperature"]

@@ -263,8 +263,10 @@ def test_calibrator_applies_stored_zones_and_describes_them():
     assert "zone temperatures (far/outer/inner/inside, band 3 voxels) 1/2/2/1" in describe(
         {"temperature": 1.5, "zones": zones}
     )
-    g = calibrator({"zones": {"band": 3, "temperature": {"wt": zones["temperature"]}}}, True, ["wt"])
-    assert g(probs[1:])[0, 5, 5, 5] < 0.97
+    regional = {"band": 3, "temperature": {"wt": zones["temperature"], "tc": zones["temperature"]}}
+    g = calibrator({"zones": regional}, True, ["wt", "tc"])
+    assert g(np.concatenate([probs[1:]] * 2))[0, 5, 5, 5] < 0.97
+    assert describe({"zones": regional}).endswith("band 3 voxels) wt 1/2/2/1, tc 1/2/2/1")
     with pytest.raises(ValueError, match=r"no temperatures for region\(s\) \['et'\]"):
         calibrator({"zones": {"temperature": {"wt": zones["temperature"]}}}, True, ["wt", "et"])
 
