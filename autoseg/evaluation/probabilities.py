@@ -204,28 +204,39 @@ def fit_calibration(
     ece_before = {n: s.ece() for n, s in before.items()}
 
     groups = [i % min(HELD_OUT_GROUPS, len(items)) for i in range(len(items))]
-    held: dict[str, dict] | None = None
-    if len(set(groups)) > 1:
-        pairs = []
-        for g in sorted(set(groups)):
-            fits = _fit_candidates([cs for cs, h in zip(case_samples, groups) if h != g], spec)
-            pairs += [(items[i], fits) for i, h in enumerate(groups) if h == g]
-        held = {"identity": ece_before} | _pooled_ece(pairs, spec)
     fits = _fit_candidates(case_samples, spec)
-    in_sample = {"identity": ece_before} | _pooled_ece([(item, fits) for item in items], spec)
+    per_case = [{"in": fits} for _ in items]  # what each case is scored under: the fit on every case, and
+    if len(set(groups)) > 1:  # the fit on the other groups' cases
+        for g in set(groups):
+            held_fits = _fit_candidates([cs for cs, h in zip(case_samples, groups) if h != g], spec)
+            for i in (i for i, h in enumerate(groups) if h == g):
+                per_case[i]["held"] = held_fits
+    scores = _pooled_ece(items, per_case, spec)
+    in_sample = {"identity": ece_before} | scores["in"]
+    held = ({"identity": ece_before} | scores["held"]) if "held" in scores else None
     kept = choose_calibration(ece_before, held if held is not None else in_sample)
     voxels = int(sum(y.size for cs in case_samples for _, y, _, _ in cs.values()))
     return _calibration_entry(kept, fits, ece_before, in_sample, held, voxels, spec)
 
 
-def _pooled_ece(pairs: Sequence[tuple[Item, dict]], spec: DatasetSpec) -> dict[str, dict[str, float | None]]:
-    """ECE per structure of each candidate over ``(case, fits)`` pairs, relevant voxels pooled."""
-    stats: dict[str, dict[str, CalibrationStats]] = {}
-    for item, fits in pairs:
-        for c, per in _score_case(item, fits, spec, structures_of(spec)).items():
-            for name, st in per.items():
-                stats.setdefault(c, {}).setdefault(name, CalibrationStats()).merge(st)
-    return {c: {n: st.ece() for n, st in per.items()} for c, per in stats.items()}
+def _pooled_ece(
+    items: Sequence[Item], fit_sets: Sequence[dict[str, dict]], spec: DatasetSpec
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """ECE per structure, relevant voxels pooled over the cases, of each candidate of each fit set:
+    ``fit_sets[i]`` (``{set name: candidates' fits}``) is what case ``i`` is scored under, each case read once.
+    ``{set name: {candidate: {structure: ECE}}}``."""
+    structures = structures_of(spec)
+    stats: dict[str, dict[str, dict[str, CalibrationStats]]] = {}
+    for item, sets in zip(items, fit_sets):
+        reference, probs = load_item(item, spec)
+        for set_name, fits in sets.items():
+            for c, per in _score_case(reference, probs, fits, spec, structures).items():
+                for name, st in per.items():
+                    pooled = stats.setdefault(set_name, {}).setdefault(c, {})
+                    pooled.setdefault(name, CalibrationStats()).merge(st)
+    return {
+        k: {c: {n: st.ece() for n, st in per.items()} for c, per in by_c.items()} for k, by_c in stats.items()
+    }
 
 
 def _calibration_entry(
@@ -277,9 +288,8 @@ def _calibration_entry(
     return out
 
 
-def _score_case(item: Item, fits: dict, spec: DatasetSpec, structures) -> dict[str, dict]:
+def _score_case(reference, probs, fits: dict, spec: DatasetSpec, structures) -> dict[str, dict]:
     """One case's :class:`CalibrationStats` per structure under each candidate of ``fits``."""
-    reference, probs = load_item(item, spec)
     regions = list(spec.regions)
     return {
         c: case_statistics(
