@@ -306,8 +306,7 @@ def apply_temperature(
     out = np.empty_like(probs)
     if region_based:
         for k, t in enumerate(temps):
-            p = np.clip(probs[k].astype(np.float32), EPS, 1 - EPS)
-            out[k] = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) / t))
+            out[k] = _sigmoid_scaled(probs[k], 1.0 / t)
         return out
     return _softmax_scaled(probs, 1.0 / temps[0], out)
 
@@ -327,9 +326,7 @@ def apply_zone_temperatures(
     out = np.empty_like(probs)
     if region_based:
         for k, temps in enumerate(per_channel):
-            inv_t = (1.0 / temps)[zone_map(probs[k] > 0.5, band)]
-            p = np.clip(probs[k].astype(np.float32), EPS, 1 - EPS)
-            out[k] = 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) * inv_t))
+            out[k] = _sigmoid_scaled(probs[k], (1.0 / temps)[zone_map(probs[k] > 0.5, band)])
         return out
     return _softmax_scaled(probs, (1.0 / per_channel[0])[zone_map(predicted_foreground(probs), band)], out)
 
@@ -348,6 +345,12 @@ def _zone_temps(temps) -> np.ndarray:
             f"zone temperatures must be {len(ZONES)} positive numbers ({', '.join(ZONES)}), got {temps!r}"
         )
     return np.asarray(values, dtype=np.float32)
+
+
+def _sigmoid_scaled(p: np.ndarray, inv_t: float | np.ndarray) -> np.ndarray:
+    """``sigmoid(logit(p) / T)`` in float32 (``inv_t``: ``1/T``, a number or one per voxel)."""
+    q = np.clip(p.astype(np.float32), EPS, 1 - EPS)
+    return 1.0 / (1.0 + np.exp(-(np.log(q) - np.log1p(-q)) * inv_t))
 
 
 def _softmax_scaled(probs: np.ndarray, inv_t: float | np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -142,10 +142,7 @@ class OnnxRunner:
                 network, self.tile_shape, threads, engine, cache, description
             )
         else:
-            with tempfile.TemporaryDirectory(prefix="autoseg-onnx-") as folder:
-                path = Path(folder) / "network.onnx"
-                write_onnx(network.eval(), torch.zeros(self.tile_shape), path, dynamic_batch=False)
-                self._run = _ENGINES[engine](path, threads)
+            self._run = _temporary_engine(network, self.tile_shape, threads, engine)
         _log.info(
             "network %s for a %s tile batch and loaded in %s (%d thread(s), %.1f s)",
             "taken from the export cache" if self.cached else "exported to ONNX",
@@ -206,10 +203,7 @@ def _cached_engine(network, tile_shape, threads: int, engine: str, cache: Path, 
             tmp = Path(fh.name)
     except OSError as exc:
         _log.warning("%s: export cache not writable (%s); exporting to a temporary folder", path.parent, exc)
-        with tempfile.TemporaryDirectory(prefix="autoseg-onnx-") as folder:
-            tmp = Path(folder) / "network.onnx"
-            write_onnx(network.eval(), torch.zeros(tile_shape), tmp, dynamic_batch=False)
-            return _ENGINES[engine](tmp, threads), False
+        return _temporary_engine(network, tile_shape, threads, engine), False
     try:
         write_onnx(network.eval(), torch.zeros(tile_shape), tmp, dynamic_batch=False)
         os.replace(tmp, path)
@@ -217,6 +211,14 @@ def _cached_engine(network, tile_shape, threads: int, engine: str, cache: Path, 
         tmp.unlink(missing_ok=True)
     _prune(path.parent)
     return _ENGINES[engine](path, threads), False
+
+
+def _temporary_engine(network, tile_shape, threads: int, engine: str):
+    """The engine on the network exported to a temporary folder, deleted once the engine has loaded it."""
+    with tempfile.TemporaryDirectory(prefix="autoseg-onnx-") as folder:
+        path = Path(folder) / "network.onnx"
+        write_onnx(network.eval(), torch.zeros(tile_shape), path, dynamic_batch=False)
+        return _ENGINES[engine](path, threads)
 
 
 def _prune(folder: Path, keep: int = EXPORT_CACHE_FILES) -> None:
