@@ -1071,7 +1071,7 @@ def compare(workdir: str | Path, write: bool = True, folds: str | Sequence[int] 
 def parse_fold_list(text: str) -> list[int]:
     """``--folds 0,2``: fold numbers, comma-separated; :class:`AutosegError` naming the option otherwise."""
     parts = [p.strip() for p in text.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
+    if not all(p.isdigit() for p in parts):  # "" and " " fail too
         raise AutosegError(f"--folds {text!r}: expected fold numbers separated by commas, such as 0 or 0,1")
     return [int(p) for p in parts]
 
