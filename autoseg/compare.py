@@ -49,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError, PlansError
+from autoseg.errors import AutosegError
 from autoseg.jsonio import JSONFileError, read_json, temp_path_for, write_text
 from autoseg.layout import WorkDir
 from autoseg.planning.plans import Plans
+from autoseg.selection import load_splits
 
 METRICS = ("dice", "hd95", "nsd")
 """The metrics compared per structure (their units: ratio, mm, ratio)."""
@@ -138,7 +139,7 @@ def compare(
             f"{work.root}: no trained configuration to compare (no results/<config>/fold_<k> folder); "
             f"train with 'autoseg train {work.root} CONFIG FOLD'"
         )
-    splits = _load_splits(work)
+    splits = [[str(c) for c in f["val"]] for f in load_splits(work)]
     fold_ids = _fold_ids(work, folds, len(splits))
     rows = [_row(work, plans, name, splits, fold_ids) for name in names]
     complete = [r for r in rows if r.complete and r.mean_dice is not None]
@@ -171,21 +172,6 @@ def _fold_ids(work: WorkDir, folds: Sequence[int] | None, total: int) -> tuple[i
         what = "no fold" if not chosen else f"fold {bad[0]}"
         raise AutosegError(f"--folds: {what}: {work.splits} has {total} folds, numbered 0 to {total - 1}")
     return chosen
-
-
-def _load_splits(work: WorkDir) -> list[list[str]]:
-    """The validation cases of each fold of ``splits.json``."""
-    path = work.splits
-    if not path.is_file():
-        raise AutosegError(f"{path}: not found, so no fold was trained; nothing to compare")
-    splits = _read(path)
-    if (
-        not isinstance(splits, list)
-        or not splits
-        or not all(isinstance(f, dict) and isinstance(f.get("val"), list) for f in splits)
-    ):
-        raise PlansError(f"{path}: expected a list of folds like {{'train': [...], 'val': [...]}}")
-    return [[str(c) for c in f["val"]] for f in splits]
 
 
 def _read(path: Path):

@@ -360,6 +360,8 @@ def run_autoseg(args, work: Path, inp: Path, out: Path, scratch: Path) -> dict:
     cli += ["--step", str(args.step_size), "--device", args.device]
     if args.no_mirroring:
         cli.append("--no-mirroring")
+    elif args.autoseg_mirror_axes is not None:
+        cli += ["--mirror-axes", args.autoseg_mirror_axes] if args.autoseg_mirror_axes else ["--no-mirroring"]
     cli += ["--compile", args.autoseg_compile]
     threads = args.threads if args.device == "cpu" else 0
     cmd = [args.autoseg_python, "-c", AUTOSEG_LAUNCH, str(threads), *cli]
@@ -492,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=4, help="predict the first N cases of imagesTr (default 4)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring (both frameworks)")
+    ap.add_argument(
+        "--autoseg-mirror-axes",
+        default=None,
+        help="autoseg mirrors only these patch axes (e.g. '2'; '' = none), as find-best's "
+        "inference_instructions.json records for a dataset; nnU-Net keeps its 8 passes",
+    )
     ap.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch")
     ap.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch threads on CPU, both (default: all cores)"
@@ -695,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     mirror = "off" if args.no_mirroring else "on (3 axes, 8 passes per tile)"
+    if not args.no_mirroring and args.autoseg_mirror_axes is not None:
+        mirror += f" in nnU-Net; autoseg mirrors axes [{args.autoseg_mirror_axes}] only"
     print(
         f"\n{args.dataset}: {len(cases)} case(s) {cases}; device {args.device}; {args.threads} torch thread(s); "
         f"step {args.step_size}; mirroring {mirror}; {os.cpu_count()} CPU core(s) here "
@@ -738,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_size": args.step_size,
             "mirroring": not args.no_mirroring,
             "autoseg_compile": args.autoseg_compile,
+            "autoseg_mirror_axes": args.autoseg_mirror_axes,
             "earlier": str(args.earlier) if args.earlier else None,
             "cpu_count": os.cpu_count(),
             "loadavg_1min_before": load_before,
