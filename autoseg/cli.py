@@ -13,6 +13,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -164,7 +165,7 @@ def plan(
         table.add_column(col, no_wrap=i == 0, overflow="fold")
     for row in api.plan_rows(plans):
         table.add_row(*row)
-    out.print(table)
+    _print_table(table)
     if explain:
         for r in plans.reasons:
             out.print(f"• {r}")
@@ -690,7 +691,7 @@ def find_best(
             _num(s["mean_dice"]),
             *(_num(s["dice"].get(n)) for n in names),
         )
-    out.print(table)
+    _print_table(table)
     for s in result["skipped"]:
         out.print(f"skipped {s['name']}: {s['reason']}")
     pp = result["postprocessing"]
@@ -759,7 +760,7 @@ def compare(
             table.add_column(col, no_wrap=True)
         for row in rows:
             table.add_row(*row)
-        out.print(table)
+        _print_table(table)
     for r in result.rows:
         if not r.complete:
             out.print(f"left out of the tests: {r.name}: {r.problem}", soft_wrap=True)
@@ -776,6 +777,17 @@ def compare(
     out.print(f"written: {', '.join(str(p) for p in result.files.values())}", soft_wrap=True)
 
 
+def _print_table(table: Table) -> None:
+    """``table`` on stdout. Redirected to a file or a pipe (a log), stdout has no width, so the table gets
+    the width it needs rather than rich's default 80 columns, which cut configuration names to "3d_bud…";
+    in a terminal it fits the terminal."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(file=out.file, width=max(out.width, natural)).print(table)  # print(width=) caps at out.width
+
+
 def _num(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
@@ -787,7 +799,7 @@ def _print_summary(report) -> None:
         table.add_column(col)
     for row in report.rows:
         table.add_row(*row)
-    out.print(table)
+    _print_table(table)
     if report.cases is not None:
         out.print(report.cases, soft_wrap=True)
     out.print(f"summary: {report.path}", soft_wrap=True)

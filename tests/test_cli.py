@@ -181,3 +181,21 @@ def test_spinal_cord_train_predict_keeps_every_orientation(tmp_path, capsys):
         np.testing.assert_allclose(pred.GetSpacing(), src.GetSpacing(), rtol=1e-6)
         np.testing.assert_allclose(pred.GetOrigin(), src.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(pred.GetDirection(), src.GetDirection(), atol=1e-7)
+
+
+def test_tables_written_to_a_log_keep_whole_configuration_names(capsys):
+    """Redirected stdout (a log file, a pipe) has no width: rich's default 80 columns cut find-best's names to
+    "ensemble__3…", so a log could not tell the configurations apart. The table gets the width it needs."""
+    from rich.table import Table
+
+    from autoseg.cli import _print_table
+
+    name = "ensemble__3d_budget__3d_budget_resse_unet"
+    table = Table(title="cross-validation (mean Dice over cases)")
+    for col in ("configuration", "mean Dice", "edema", "enhancing", "necrosis", "non_enhancing", "whole_tumor"):
+        table.add_column(col)
+    table.add_row(name + " *", *["0.2711"] * 6)
+    _print_table(table)
+    printed = capsys.readouterr().out
+    assert name + " *" in printed and "non_enhancing" in printed and "…" not in printed
+    assert max(len(line) for line in printed.splitlines()) > 80
