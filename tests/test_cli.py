@@ -192,7 +192,15 @@ def test_tables_written_to_a_log_keep_whole_configuration_names(capsys):
 
     name = "ensemble__3d_budget__3d_budget_resse_unet"
     table = Table(title="cross-validation (mean Dice over cases)")
-    for col in ("configuration", "mean Dice", "edema", "enhancing", "necrosis", "non_enhancing", "whole_tumor"):
+    for col in (
+        "configuration",
+        "mean Dice",
+        "edema",
+        "enhancing",
+        "necrosis",
+        "non_enhancing",
+        "whole_tumor",
+    ):
         table.add_column(col)
     table.add_row(name + " *", *["0.2711"] * 6)
     _print_table(table)
