@@ -193,10 +193,12 @@ def _cached_engine(network, tile_shape, threads: int, engine: str, cache: Path, 
     if path.is_file():
         try:
             run = _ENGINES[engine](path, threads)
-            os.utime(path)  # most recently used
-            return run, True
         except Exception as exc:  # a truncated or foreign file: export it again
             _log.warning("%s: cached ONNX model not loadable (%s); exporting again", path, type(exc).__name__)
+        else:
+            with contextlib.suppress(OSError):  # a read-only shared cache still serves
+                os.utime(path)  # most recently used
+            return run, True
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as fh:
@@ -223,9 +225,13 @@ def _temporary_engine(network, tile_shape, threads: int, engine: str):
 
 def _prune(folder: Path, keep: int = EXPORT_CACHE_FILES) -> None:
     """Delete all but the ``keep`` most recently used ``*.onnx`` files of ``folder``."""
-    files = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in files[keep:]:
-        old.unlink(missing_ok=True)
+    used = []
+    for f in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):  # another predict may prune the same folder
+            used.append((f.stat().st_mtime, f))
+    for _, old in sorted(used, reverse=True)[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _onnxruntime(path: Path, threads: int):

@@ -227,3 +227,37 @@ def test_the_export_cache_reuses_a_fold_export_and_recovers_from_a_broken_file(t
         os.utime(tmp_path / f"old{k}.onnx", (k, k))
     backends._prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted([cached.name, "old2.onnx"])
+
+
+def test_a_read_only_export_cache_still_serves_its_files(tmp_path, caplog, monkeypatch):
+    """A shared cache the user may read but not touch: the cached model is used as it is (no 'not loadable'
+    warning, no second export); a file that vanishes while the folder is pruned is not an error."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from autoseg.inference import backends
+    from autoseg.inference.backends import OnnxRunner
+
+    net = _DeepSupervised().eval()
+    tile = (1, 2, 8, 12, 16)
+    OnnxRunner(net, tile, threads=1, cache=tmp_path)
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(backends.os, "utime", refuse)
+    monkeypatch.setattr(backends, "write_onnx", lambda *a, **k: pytest.fail("exported again"))
+    with caplog.at_level("WARNING", logger="autoseg"):
+        again = OnnxRunner(net, tile, threads=1, cache=tmp_path)
+    assert again.cached and caplog.text == ""
+    monkeypatch.undo()
+    gone = tmp_path / "gone.onnx"
+    gone.write_bytes(b"x")
+    real_stat = type(gone).stat
+
+    def vanishing(path, *args, **kwargs):
+        if path.name == "gone.onnx":
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(gone), "stat", vanishing)
+    backends._prune(tmp_path, keep=1)  # no FileNotFoundError
