@@ -567,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
                 earlier_runs[name] = {**r, "from": str(args.earlier), "cases": earlier["cases"]}
         if not earlier_runs:
             raise SystemExit(f"{args.earlier}: holds no successful run")
+        axes = earlier.get("autoseg_mirror_axes")
+        if "autoseg" in earlier_runs and axes != args.autoseg_mirror_axes:
+            raise SystemExit(
+                f"{args.earlier}: autoseg ran with --autoseg-mirror-axes {axes!r}, not {args.autoseg_mirror_axes!r}"
+            )
         args.skip_autoseg = args.skip_autoseg or "autoseg" in earlier_runs
         args.skip_nnunet = args.skip_nnunet or "nnU-Net v2" in earlier_runs
 
