@@ -29,7 +29,7 @@ from autoseg.training import distributed
 from autoseg.training.augmentation import augmentation_patch_size
 from autoseg.training.class_weights import class_weights, output_prior
 from autoseg.training.dataloader import LoaderSpec, default_workers
-from autoseg.training.splits import fold_cases, load_or_create_splits
+from autoseg.training.splits import fold_cases, load_or_create_splits, repeated_split_note
 
 _log = logging.getLogger("autoseg")
 
@@ -176,6 +176,9 @@ def _fold_cases(
     if str(fold) == "all":
         return list(case_ids), []
     splits = load_or_create_splits(work.splits, case_ids, settings.num_folds, settings.seed)
+    repeated = repeated_split_note(splits, fold)
+    if repeated and distributed.world().is_main:
+        _log.warning("%s", repeated)
     return fold_cases(splits, fold, case_ids)
 
 

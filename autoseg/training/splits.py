@@ -65,6 +65,24 @@ def load_or_create_splits(
     return splits
 
 
+def repeated_split_note(splits: list[dict], fold: int | str) -> str | None:
+    """A line saying that ``fold`` validates on exactly the cases of an earlier fold (a dataset with fewer
+    cases than folds, see :func:`make_splits`), naming the lowest such fold; None for a fold of its own or
+    ``all``."""
+    if str(fold) == "all" or not 0 <= int(fold) < len(splits):
+        return None
+    k = int(fold)
+    val = sorted(splits[k]["val"])
+    earlier = next((j for j in range(k) if sorted(splits[j]["val"]) == val), None)
+    if earlier is None:
+        return None
+    return (
+        f"fold {k} validates on the same case(s) as fold {earlier} ({', '.join(val)}): splits.json has "
+        f"{len(splits)} folds for {len({c for f in splits for c in f['val']})} validation cases, so this fold "
+        f"trains fold {earlier}'s split again; find-best and compare score each case from fold {earlier}"
+    )
+
+
 def fold_cases(splits: list[dict], fold: int | str, case_ids: list[str]) -> tuple[list[str], list[str]]:
     """(train ids, validation ids) for ``fold``; fold ``all`` trains on every case and validates on none."""
     if str(fold) == "all":

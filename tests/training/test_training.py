@@ -18,7 +18,7 @@ from autoseg.networks.losses import DeepSupervisionLoss, DiceCELoss, deep_superv
 from autoseg.settings import InferenceSettings, TrainSettings
 from autoseg.training.sampling import CaseStore, PatchSampler
 from autoseg.training.schedule import poly_lr
-from autoseg.training.splits import fold_cases, make_splits
+from autoseg.training.splits import fold_cases, make_splits, repeated_split_note
 
 
 def test_splits_are_seeded_and_cover_every_case_once():
@@ -35,6 +35,47 @@ def test_splits_are_seeded_and_cover_every_case_once():
 def test_fewer_cases_than_folds_still_gives_five_folds():
     splits = make_splits(["a", "b", "c"], 5)
     assert len(splits) == 5 and all(len(f["val"]) == 1 and len(f["train"]) == 2 for f in splits)
+
+
+def test_a_fold_that_repeats_an_earlier_split_is_named():
+    """Four cases, five folds: fold 4 validates on fold 0's case, and the line says so; every other fold,
+    fold 'all', and any fold of a dataset with enough cases gets no line."""
+    splits = make_splits(["a", "b", "c", "d"], 5)
+    notes = [repeated_split_note(splits, k) for k in range(5)]
+    assert notes[:4] == [None] * 4
+    assert notes[4] == (
+        f"fold 4 validates on the same case(s) as fold 0 ({splits[0]['val'][0]}): splits.json has 5 folds "
+        "for 4 validation cases, so this fold trains fold 0's split again; find-best and compare score each "
+        "case from fold 0"
+    )
+    assert repeated_split_note(splits, "all") is None
+    many = make_splits([f"c{i}" for i in range(7)], 5)
+    assert [repeated_split_note(many, k) for k in range(5)] == [None] * 5
+    two = make_splits(["a", "b"], 5)  # folds 2 and 4 repeat fold 0, fold 3 repeats fold 1
+    assert [(n or "")[:46] for n in (repeated_split_note(two, k) for k in range(5))] == [
+        "", "", "fold 2 validates on the same case(s) as fold 0", "fold 3 validates on the same case(s) as fold 1",
+        "fold 4 validates on the same case(s) as fold 0",
+    ]  # fmt: skip
+
+
+def test_training_a_repeated_fold_warns_once_naming_the_earlier_fold(tmp_path, caplog):
+    """What ``autoseg train`` shows: the warning comes from the fold's case lookup, for fold 4 only."""
+    from autoseg.training.run import _fold_cases
+
+    data = tmp_path / "preprocessed"
+    data.mkdir()
+    for case in "abcd":
+        (data / f"{case}.json").write_text("{}")
+    work = WorkDir(tmp_path)
+    with caplog.at_level("WARNING", logger="autoseg"):
+        for fold in ("0", "3", "all"):
+            _fold_cases(work, data, fold, TrainSettings())
+        assert caplog.records == []
+        train, val = _fold_cases(work, data, "4", TrainSettings())
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith(
+        f"fold 4 validates on the same case(s) as fold 0 ({val[0]})"
+    )
+    assert (train, val) == _fold_cases(work, data, "0", TrainSettings())
 
 
 def test_deep_supervision_weights():
