@@ -6,7 +6,8 @@ exactly), then ``val_iters`` unaugmented batches from the validation cases for a
 (:mod:`autoseg.training.patch_validation`), a line in ``log.jsonl``, ``progress.png`` and an atomic
 ``checkpoint_latest.pt``. With a time budget (:class:`autoseg.training.budget.TimeBudget`) the poly schedule
 runs on the clock (the fraction of the budget used when an epoch starts), the number of epochs is re-estimated
-from the mean epoch time so far, and the epoch during which the budget runs out is cut there. After the last
+from the mean epoch time so far, and the epoch during which the budget runs out is cut there (its patch
+validation cut to the same share of ``val_iters``). After the last
 epoch: ``checkpoint_final.pt``. Predicting and scoring the fold's validation cases is the next stage,
 :func:`autoseg.validation.validate_fold`, which the API runs after this one.
 
@@ -33,7 +34,7 @@ from autoseg.settings import TrainSettings
 from autoseg.training import distributed
 from autoseg.training.augmentation import axis_augmentation_note
 from autoseg.training.dataloader import BatchLoader
-from autoseg.training.patch_validation import output_structures, validate_patches
+from autoseg.training.patch_validation import cut_epoch_val_iters, output_structures, validate_patches
 from autoseg.training.progress import plot_progress, read_log
 from autoseg.training.run import (
     TrainingRun,
@@ -212,7 +213,10 @@ def _run_epoch(
     train_seconds = time.perf_counter() - t_train
     peak_gb, peak_of = peak_memory_gb(run.device)
 
-    val_loss, dice = validate_patches(run, model, val_store, state.epoch)
+    val_iters = run.settings.val_iters
+    if done.out_of_time:
+        val_iters = cut_epoch_val_iters(val_iters, len(done.losses), run.settings.iters_per_epoch)
+    val_loss, dice = validate_patches(run, model, val_store, state.epoch, val_iters)
     train_loss = distributed.mean_over_ranks(float(np.mean(done.losses)), run.world)
     _refuse_non_finite(run, train_loss, state.epoch)
     state.update_ema(float(np.nanmean(list(dice.values()))) if dice else None)
@@ -222,7 +226,7 @@ def _run_epoch(
     started_at = state.budget.used_s
     state.budget.add(seconds)  # this epoch's logging and checkpoints are added below
     if state.budget.limited:
-        _replan(run, state, seconds, done.out_of_time)
+        _replan(run, state, seconds, done)
     report = EpochReport(
         epoch=state.epoch,
         epochs=state.planned,
@@ -323,10 +327,13 @@ def _train_iterations(
             out_of_time = it + 1 < total
             if out_of_time:
                 _log.warning(
-                    "time budget used up after %d of %d iterations of epoch %d: training ends here",
+                    "time budget used up after %d of %d iterations of epoch %d: training ends here "
+                    "(its patch validation: %d of %d batches)",
                     it + 1,
                     total,
                     state.epoch + 1,
+                    cut_epoch_val_iters(run.settings.val_iters, it + 1, total),
+                    run.settings.val_iters,
                 )
             return _Iterations(losses, wait, out_of_time)
     return _Iterations(losses, wait, out_of_time=False)
@@ -359,17 +366,18 @@ def _refuse_non_finite(run: TrainingRun, train_loss: float, epoch: int) -> None:
         )
 
 
-def _replan(run: TrainingRun, state: RunState, epoch_seconds: float, out_of_time: bool) -> None:
+def _replan(run: TrainingRun, state: RunState, epoch_seconds: float, done: _Iterations) -> None:
     """With a time budget: the epochs that still fit (rank 0's estimate on every rank); none after an epoch
     cut by the budget. Warns once when one epoch takes more than a quarter of the budget."""
     planned = state.budget.epochs_that_fit(state.epoch, run.settings.epochs)
-    state.planned = state.epoch if out_of_time else distributed.from_main(planned, run.world)
+    state.planned = state.epoch if done.out_of_time else distributed.from_main(planned, run.world)
     first = state.epoch == state.start_epoch + 1
     if first and state.budget.too_coarse_for(epoch_seconds) and run.world.is_main:
+        total = run.settings.iters_per_epoch
         _log.warning(
-            "one epoch (%d iterations) took %.0f s of the %.0f s budget: the schedule has few "
+            "one epoch (%s iterations) took %.0f s of the %.0f s budget: the schedule has few "
             "steps; use fewer --iters-per-epoch for short budgets",
-            run.settings.iters_per_epoch,
+            f"{len(done.losses)} of {total}" if done.out_of_time else total,
             epoch_seconds,
             state.budget.limit_s,
         )

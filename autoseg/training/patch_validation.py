@@ -3,6 +3,8 @@ validation cases (not the final validation, which predicts whole cases: :mod:`au
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -42,14 +44,29 @@ def pseudo_dice_counts(logits: torch.Tensor, target: torch.Tensor, plans: Plans)
     return np.array(rows, dtype=np.float64)
 
 
+def cut_epoch_val_iters(val_iters: int, done: int, total: int) -> int:
+    """Validation batches of an epoch the time budget cut after ``done`` of ``total`` iterations: the same
+    share of ``val_iters``, at least one (none stays none), so a cut epoch's validation costs no more of the
+    clock than its training did relative to a whole epoch (50 full-size batches of a CPU run once took as
+    long as the 30-minute budget itself)."""
+    if val_iters <= 0:
+        return 0
+    return max(1, math.ceil(val_iters * done / max(total, 1)))
+
+
 def validate_patches(
-    run: TrainingRun, model: torch.nn.Module, val_store: CaseStore | None, epoch: int
+    run: TrainingRun,
+    model: torch.nn.Module,
+    val_store: CaseStore | None,
+    epoch: int,
+    iterations: int | None = None,
 ) -> tuple[float | None, dict[str, float]]:
-    """``(loss, pseudo-Dice per output structure)`` of ``model`` on ``val_iters`` unaugmented patches
-    (foreground-oversampled like training); ``(None, {})`` without validation cases or iterations. Under DDP
-    each rank scores its share and the counts are summed."""
+    """``(loss, pseudo-Dice per output structure)`` of ``model`` on ``iterations`` (default ``val_iters``)
+    batches of unaugmented patches (foreground-oversampled like training); ``(None, {})`` without validation
+    cases or iterations. Under DDP each rank scores its share and the counts are summed."""
     settings, config, w = run.settings, run.config, run.world
-    if val_store is None or settings.val_iters <= 0:
+    iterations = settings.val_iters if iterations is None else iterations
+    if val_store is None or iterations <= 0:
         return None, {}
     # a fresh generator per epoch: validation never disturbs the training random state
     rng = np.random.default_rng([settings.seed, 999, w.rank, epoch])
@@ -63,7 +80,7 @@ def validate_patches(
     losses = []
     precision = run.precision
     with torch.no_grad():
-        for _ in range(settings.val_iters):
+        for _ in range(iterations):
             batch = network_batch(center_crop(sampler.next_batch(), config.patch_size), run.plans.num_classes)
             x = torch.from_numpy(batch["data"]).to(run.device)
             y = torch.from_numpy(batch["seg"]).to(run.device)

@@ -20,7 +20,9 @@ from autoseg.api import train_and_validate
 from autoseg.checkpoint_io import load_checkpoint
 from autoseg.layout import WorkDir
 from autoseg.settings import AugmentationSettings, InferenceSettings, TrainSettings
+from autoseg.training import loop
 from autoseg.training.dataloader import BatchLoader, LoaderSpec
+from autoseg.training.patch_validation import cut_epoch_val_iters, validate_patches
 from autoseg.training.schedule import budget_epochs, poly_lr
 
 NO_TTA = InferenceSettings(mirroring=False)
@@ -108,16 +110,35 @@ def test_time_budget_ends_the_schedule_with_the_budget(work_copy):
         )
 
 
-def test_time_budget_is_a_hard_limit_inside_an_epoch(work_copy, caplog):
-    """An epoch far longer than the budget is cut when the budget is used up; the run still ends properly."""
+@pytest.mark.parametrize(
+    "val_iters, done, total, share",
+    [(50, 14, 250, 3), (50, 250, 250, 50), (50, 1, 250, 1), (0, 14, 250, 0), (25, 125, 250, 13)],
+)
+def test_a_cut_epoch_validates_the_same_share_of_its_batches(val_iters, done, total, share):
+    assert cut_epoch_val_iters(val_iters, done, total) == share  # worked out by hand: ceil(50*14/250) = 3
+
+
+def test_time_budget_is_a_hard_limit_inside_an_epoch(work_copy, caplog, monkeypatch):
+    """An epoch far longer than the budget is cut when the budget is used up, and so is its patch validation
+    (the same share of val_iters: 400 batches for a whole epoch); the run still ends properly."""
     settings = TrainSettings(
-        epochs=5, iters_per_epoch=100_000, val_iters=1, seed=3, loader_workers=0, time_budget_minutes=0.1
+        epochs=5, iters_per_epoch=100_000, val_iters=400, seed=3, loader_workers=0, time_budget_minutes=0.1
     )
+    validated = []
+
+    def counting(run, model, store, epoch, iterations=None):
+        validated.append(run.settings.val_iters if iterations is None else iterations)
+        return validate_patches(run, model, store, epoch, iterations)
+
+    monkeypatch.setattr(loop, "validate_patches", counting)
     with caplog.at_level("WARNING", logger="autoseg"):
         fold_dir = train_and_validate(work_copy, "3d_fullres", 0, settings, CPU, inference=NO_TTA)
     log = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["epochs"] == 1 and log[0]["train_seconds"] < 6 + log[0]["seconds"] / 2
     assert "time budget used up after" in caplog.text and "of 100000 iterations of epoch 1" in caplog.text
+    share = max(1, -(-400 * log[0]["iterations"] // 100_000))  # 1 unless far more than 250 steps fit in 6 s
+    assert validated == [share] and f"(its patch validation: {share} of 400 batches)" in caplog.text
+    assert f"one epoch ({log[0]['iterations']} of 100000 iterations) took" in caplog.text  # what it ran
     final = load_checkpoint(fold_dir / "checkpoint_final.pt")
     assert final["epoch"] == 1 and "optimizer" not in final  # final and best are for prediction
     assert "optimizer" in load_checkpoint(fold_dir / "checkpoint_latest.pt")
