@@ -188,6 +188,8 @@ class _Iterations:
     data_wait_seconds: float
     out_of_time: bool
     """The time budget ran out before the epoch's last iteration."""
+    val_iters: int
+    """Patch-validation batches of the epoch: ``val_iters``, or its share for an epoch cut by the budget."""
 
 
 def _run_epoch(
@@ -213,10 +215,7 @@ def _run_epoch(
     train_seconds = time.perf_counter() - t_train
     peak_gb, peak_of = peak_memory_gb(run.device)
 
-    val_iters = run.settings.val_iters
-    if done.out_of_time:
-        val_iters = cut_epoch_val_iters(val_iters, len(done.losses), run.settings.iters_per_epoch)
-    val_loss, dice = validate_patches(run, model, val_store, state.epoch, val_iters)
+    val_loss, dice = validate_patches(run, model, val_store, state.epoch, done.val_iters)
     train_loss = distributed.mean_over_ranks(float(np.mean(done.losses)), run.world)
     _refuse_non_finite(run, train_loss, state.epoch)
     state.update_ema(float(np.nanmean(list(dice.values()))) if dice else None)
@@ -323,20 +322,19 @@ def _train_iterations(
         losses.append(_train_step(run, model, batch))
         if on_iteration and run.world.is_main:
             on_iteration(it + 1, total, losses[-1])
-        if not run.world.distributed and state.budget.expired(epoch_started):
-            out_of_time = it + 1 < total
-            if out_of_time:
-                _log.warning(
-                    "time budget used up after %d of %d iterations of epoch %d: training ends here "
-                    "(its patch validation: %d of %d batches)",
-                    it + 1,
-                    total,
-                    state.epoch + 1,
-                    cut_epoch_val_iters(run.settings.val_iters, it + 1, total),
-                    run.settings.val_iters,
-                )
-            return _Iterations(losses, wait, out_of_time)
-    return _Iterations(losses, wait, out_of_time=False)
+        if not run.world.distributed and it + 1 < total and state.budget.expired(epoch_started):
+            val_iters = cut_epoch_val_iters(run.settings.val_iters, it + 1, total)
+            _log.warning(
+                "time budget used up after %d of %d iterations of epoch %d: training ends here "
+                "(its patch validation: %d of %d batches)",
+                it + 1,
+                total,
+                state.epoch + 1,
+                val_iters,
+                run.settings.val_iters,
+            )
+            return _Iterations(losses, wait, True, val_iters)
+    return _Iterations(losses, wait, False, run.settings.val_iters)
 
 
 def _train_step(run: TrainingRun, model: torch.nn.Module, batch: dict[str, np.ndarray]) -> float:
